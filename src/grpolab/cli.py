@@ -1,0 +1,98 @@
+"""`grpolab run | stage NAME | ui | params-reference`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from grpolab import config
+
+FLOW_FILE = Path("flows/pipeline.py")
+# Quiet, offline-friendly defaults for the Prefect temporary server; the user's settings win.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
+def _load_flow():
+    if not FLOW_FILE.is_file():
+        raise config.ConfigError(f"{FLOW_FILE}: not found (run grpolab from the project root)")
+    spec = importlib.util.spec_from_file_location("grpolab_flows_pipeline", FLOW_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.pipeline
+
+
+def cmd_run(args) -> None:
+    config.apply_overrides(args.set)  # validated (and written) before Prefect starts
+    pipeline = _load_flow()
+    print(pipeline())
+
+
+def cmd_stage(args) -> None:
+    from grpolab.stages import STAGES, run_stage
+
+    if args.name not in STAGES:
+        raise config.ConfigError(f"unknown stage {args.name!r}; stages: {', '.join(STAGES)}")
+    params = config.apply_overrides(args.set)
+    print(f"==> grpolab stage {args.name}", flush=True)
+    summary = run_stage(args.name, params)
+    print("    " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+
+
+def cmd_ui(args) -> None:
+    from grpolab.tracking import tracking_uri
+
+    uri = tracking_uri(config.load())
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}", flush=True)
+    raise SystemExit(subprocess.call(cmd))
+
+
+def cmd_params_reference(args) -> None:
+    print(config.params_reference(), end="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grpolab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    override = {
+        "action": "append",
+        "default": [],
+        "metavar": "SECTION.KEY=VALUE",
+        "help": "set a param in params.yaml before running (same syntax as `dvc exp run -S`)",
+    }
+    run = sub.add_parser("run", help="run the whole pipeline through the Prefect flow")
+    run.add_argument("-S", "--set", **override)
+    run.set_defaults(func=cmd_run)
+    stage = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
+    stage.add_argument("name")
+    stage.add_argument("-S", "--set", **override)
+    stage.set_defaults(func=cmd_stage)
+    ui = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+    ref = sub.add_parser("params-reference", help="print the params reference as a markdown table")
+    ref.set_defaults(func=cmd_params_reference)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from grpolab.data.schema import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (config.ConfigError, DataError, FileNotFoundError) as exc:
+        print(f"grpolab: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except subprocess.CalledProcessError as exc:
+        print(f"grpolab: error: {' '.join(map(str, exc.cmd))} exited with {exc.returncode}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""Typed params: the pydantic models behind params.yaml, and `-S key=value` overrides.
+
+Every knob lives in params.yaml. Loading validates the whole file before any stage starts,
+so a typo or an out-of-range value fails fast with the dotted key path in the message.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from ruamel.yaml import YAML
+
+from grpolab.fsutil import atomic_write_text
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """Bad params: the message names the key path (or file) that is wrong."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _existing_paths(paths: list[str]) -> list[str]:
+    for path in paths:
+        if not Path(path).is_file():
+            raise ValueError(f"file not found: {path}")
+    return paths
+
+
+class DataParams(Section):
+    task: Literal["arithmetic"] = Field(
+        "arithmetic",
+        description="Synthetic task generated when no train/eval files are given. "
+        "`arithmetic`: integer + and - problems with a checkable answer.",
+    )
+    num_sft: int = Field(4000, ge=0, description="Number of generated SFT examples (prompt + worked completion).")
+    num_train: int = Field(1000, ge=1, description="Number of generated RL train prompts.")
+    num_eval: int = Field(200, ge=1, description="Number of generated eval prompts, disjoint from SFT and train.")
+    max_operand: int = Field(
+        999, ge=9, le=10**9, description="Largest operand of a generated problem; sets the difficulty."
+    )
+    operations: list[Literal["+", "-"]] = Field(
+        ["+", "-"], min_length=1, description="Operators the generated problems draw from."
+    )
+    train_files: list[str] = Field(
+        [], description="Your own train parquet files in verl's format; replaces the generated train prompts."
+    )
+    eval_files: list[str] = Field(
+        [], description="Your own eval parquet files in verl's format; required together with `train_files`."
+    )
+    sft_files: list[str] = Field(
+        [],
+        description="Your own SFT parquet files (`prompt` and `response` columns); replaces the generated SFT set.",
+    )
+
+    _check_files = field_validator("train_files", "eval_files", "sft_files")(_existing_paths)
+
+    @model_validator(mode="after")
+    def _files_come_in_pairs(self) -> DataParams:
+        if bool(self.train_files) != bool(self.eval_files):
+            missing = "eval_files" if self.train_files else "train_files"
+            raise ValueError(f"train_files and eval_files go together: set {missing} too")
+        return self
+
+
+class ModelParams(Section):
+    name_or_path: str | None = Field(
+        None,
+        description="Local Hugging Face checkpoint (a `save_pretrained` folder) to start from, with its own "
+        "tokenizer. Empty: build a tiny model and train a tokenizer on the task corpus.",
+    )
+    arch: Literal["llama", "qwen2"] = Field("llama", description="Architecture of the tiny model built from config.")
+    vocab_size: int = Field(512, ge=64, description="Target vocabulary size of the BPE tokenizer trained on the task.")
+    hidden_size: int = Field(128, ge=8, description="Width of the tiny model.")
+    num_layers: int = Field(4, ge=1, description="Transformer blocks of the tiny model.")
+    num_heads: int = Field(4, ge=1, description="Attention heads of the tiny model; must divide `hidden_size`.")
+    intermediate_size: int = Field(512, ge=8, description="MLP width of the tiny model.")
+    max_length: int = Field(128, ge=16, description="Longest prompt + completion in tokens (position embeddings).")
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _checkpoint_exists(cls, value: str | None) -> str | None:
+        if value is not None and not (Path(value) / "config.json").is_file():
+            raise ValueError(f"no Hugging Face checkpoint (config.json) at {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelParams:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
+        return self
+
+
+class SFTParams(Section):
+    steps: int = Field(350, ge=0, description="Optimizer steps of supervised warm start; 0 skips training.")
+    batch_size: int = Field(64, ge=1, description="Sequences per optimizer step.")
+    learning_rate: float = Field(3e-3, gt=0, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(35, ge=0, description="Linear warm-up steps before the cosine decay.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    log_every: int = Field(10, ge=1, description="Log the loss to MLflow every this many steps.")
+
+
+class EvalParams(Section):
+    max_new_tokens: int = Field(48, ge=1, description="Longest completion generated per prompt.")
+    num_samples: int = Field(4, ge=1, description="Sampled completions per prompt (besides the greedy one).")
+    temperature: float = Field(0.8, gt=0, description="Sampling temperature of the sampled completions.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling threshold of the sampled completions.")
+    batch_size: int = Field(256, ge=1, description="Sequences generated together.")
+    num_logged_samples: int = Field(
+        20, ge=0, description="Eval prompts whose completions go to the samples file and MLflow table."
+    )
+
+
+class TrackingParams(Section):
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI. Empty: `MLFLOW_TRACKING_URI` if set, else `sqlite:///mlflow.db` "
+        "in the project root.",
+    )
+    experiment: str = Field("grpolab", min_length=1, description="MLflow experiment that holds the run trees.")
+
+
+class Params(Section):
+    seed: int = Field(0, ge=0, description="The one seed every stage derives its randomness from.")
+    data: DataParams = Field(default_factory=DataParams, description="Task data and tokenizer corpus.")
+    model: ModelParams = Field(default_factory=ModelParams, description="Base model.")
+    sft: SFTParams = Field(default_factory=SFTParams, description="Supervised warm start.")
+    eval: EvalParams = Field(default_factory=EvalParams, description="Evaluation.")
+    tracking: TrackingParams = Field(default_factory=TrackingParams, description="MLflow tracking.")
+
+    @model_validator(mode="after")
+    def _sft_has_data(self) -> Params:
+        generated = not self.data.train_files and self.data.num_sft > 0
+        if self.sft.steps > 0 and not self.data.sft_files and not generated:
+            raise ValueError(
+                f"sft.steps: is {self.sft.steps} but there is no SFT set: "
+                "set data.sft_files (or data.num_sft > 0 for the generated task), or sft.steps: 0"
+            )
+        return self
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        lines.append(f"{source}: {path}: {msg}" if path else f"{source}: {msg}")
+    return "\n".join(lines)
+
+
+def validate(raw: dict[str, Any], source: str = PARAMS_FILE) -> Params:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def _yaml() -> YAML:
+    rt = YAML()  # round-trip mode keeps the user's comments and key order
+    rt.preserve_quotes = True
+    rt.width = 4096
+    return rt
+
+
+def _read_raw(path: Path) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (run from the project root)")
+    try:
+        return _yaml().load(path.read_text()) or {}
+    except Exception as exc:  # ruamel raises many parser error types
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value), the value read as YAML like `dvc exp run -S`."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"-S {text}: expected section.key=value")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"-S {text}: value is not valid YAML: {exc}") from None
+    return key.split("."), parsed
+
+
+def _set_path(raw: dict, keys: list[str], value: Any) -> None:
+    node = raw
+    for i, key in enumerate(keys[:-1]):
+        if key not in node or node[key] is None:
+            node[key] = {}
+        if not isinstance(node[key], dict):
+            raise ConfigError(f"-S {'.'.join(keys)}: {'.'.join(keys[: i + 1])} is not a section")
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def load(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    return validate(_read_raw(path), str(path))
+
+
+def apply_overrides(overrides: list[str], path: str | Path = PARAMS_FILE) -> Params:
+    """Validate params.yaml with the overrides applied and, if valid, write them into the file.
+
+    Same semantics as `dvc exp run -S`: the file DVC reads is the record of what ran, so the
+    overrides land there (comments kept). Nothing is written when validation fails.
+    """
+    path = Path(path)
+    raw = _read_raw(path)
+    if not overrides:
+        return validate(raw, str(path))
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_path(raw, keys, value)
+    params = validate(raw, f"{path} with -S overrides")
+    buf = io.StringIO()
+    _yaml().dump(raw, buf)
+    atomic_write_text(path, buf.getvalue())
+    return params
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """`{"sft.steps": 800, ...}` for MLflow params and the README reference."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = value
+
+    walk("", params.model_dump())
+    return out
+
+
+def params_reference() -> str:
+    """Markdown table of every knob: the README's params reference is generated from this."""
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+
+    def walk(prefix: str, model: type[BaseModel]) -> None:
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{name}"
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(f"{key}.", ann)
+                continue
+            default = field.get_default(call_default_factory=True)
+            type_name = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            rows.append(f"| `{key}` | `{type_name}` | `{default!r}` | {field.description} |")
+
+    walk("", Params)
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,96 @@
+"""`prepare` stage: task data (generated or the user's verl parquet) and the tokenizer.
+
+Eval, train and SFT prompts are disjoint: membership evaluation later compares train prompts
+(members) with eval prompts (non-members), and the base model must have seen neither.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pandas as pd
+
+from grpolab.config import Params
+from grpolab.data.schema import DataError, read_rl_files, read_sft_files, render_prompt, write_parquet
+from grpolab.data.tasks import Problem, generate_arithmetic
+from grpolab.data.tokenizer import load_tokenizer, train_tokenizer
+from grpolab.fsutil import atomic_output
+from grpolab.tracking import Tracker
+
+DATA_DIR = Path("data")
+TRAIN_FILE = DATA_DIR / "train.parquet"
+EVAL_FILE = DATA_DIR / "eval.parquet"
+SFT_FILE = DATA_DIR / "sft.parquet"
+TOKENIZER_DIR = DATA_DIR / "tokenizer"
+
+
+def _rl_frame(problems: list[Problem], split: str, source: str) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "prompt": [p.prompt for p in problems],
+            "ground_truth": [p.answer for p in problems],
+            "data_source": source,
+            "extra_info": [{"split": split, "index": i} for i in range(len(problems))],
+        }
+    )
+
+
+def _generated(params: Params) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    d = params.data
+    rng = random.Random(params.seed)
+    seen: set[str] = set()
+    eval_problems = generate_arithmetic(d.num_eval, d.max_operand, d.operations, rng, seen)
+    train_problems = generate_arithmetic(d.num_train, d.max_operand, d.operations, rng, seen)
+    sft_problems = generate_arithmetic(d.num_sft, d.max_operand, d.operations, rng, seen)
+    sft = pd.DataFrame({"prompt": [p.prompt for p in sft_problems], "response": [p.completion for p in sft_problems]})
+    return _rl_frame(train_problems, "train", d.task), _rl_frame(eval_problems, "eval", d.task), sft
+
+
+def _check_disjoint(train: pd.DataFrame, eval_: pd.DataFrame) -> None:
+    train_prompts = set(train["prompt"])
+    for _, row in eval_.iterrows():
+        if row["prompt"] in train_prompts:
+            info = row["extra_info"]
+            where = f"{info.get('source_file', 'eval')}: row {info.get('source_row', info['index'])}"
+            raise DataError(f"{where}: prompt also appears in the train files; train and eval prompts must be disjoint")
+
+
+def prepare(params: Params, tracker: Tracker | None = None) -> dict[str, int]:
+    d = params.data
+    # Read and validate everything the user brought before writing anything.
+    if d.train_files:
+        train = read_rl_files(d.train_files, "train")
+        eval_ = read_rl_files(d.eval_files, "eval")
+        sft = read_sft_files(d.sft_files) if d.sft_files else pd.DataFrame({"prompt": [], "response": []})
+    else:
+        train, eval_, sft = _generated(params)
+        if d.sft_files:
+            sft = read_sft_files(d.sft_files)
+
+    if params.model.name_or_path:
+        tokenizer = load_tokenizer(params.model.name_or_path)
+    else:
+        corpus = [*train["prompt"].map(str), *train["ground_truth"], *eval_["prompt"].map(str)]
+        corpus += [f"{p}{r}" for p, r in zip(sft["prompt"].map(str), sft["response"])]
+        tokenizer = train_tokenizer(corpus, params.model.vocab_size)
+
+    for frame in (train, eval_, sft):
+        frame["prompt"] = [render_prompt(p, tokenizer) for p in frame["prompt"]]
+    _check_disjoint(train, eval_)
+
+    write_parquet(train, TRAIN_FILE)
+    write_parquet(eval_, EVAL_FILE)
+    write_parquet(sft, SFT_FILE)
+    with atomic_output(TOKENIZER_DIR, directory=True) as tmp:
+        tokenizer.save_pretrained(tmp)
+
+    summary = {"data/num_train": len(train), "data/num_eval": len(eval_), "data/num_sft": len(sft), "data/vocab_size": len(tokenizer)}
+    if tracker:
+        tracker.metrics(summary, parent=True)
+        tracker.dataset(train, "train", TRAIN_FILE, "train")
+        tracker.dataset(eval_, "eval", EVAL_FILE, "eval")
+        if len(sft):
+            tracker.dataset(sft, "sft", SFT_FILE, "sft")
+        tracker.artifacts(TOKENIZER_DIR, "tokenizer")
+    return summary

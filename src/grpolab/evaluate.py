@@ -1,0 +1,86 @@
+"""`evaluate` stage: greedy and sampled completions on the eval prompts, scored by answer match
+and format. Writes metrics/eval.json (namespaced keys) and a file of sample completions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from grpolab.config import Params
+from grpolab.data.prepare import EVAL_FILE
+from grpolab.data.tokenizer import load_tokenizer
+from grpolab.fsutil import atomic_write_text
+from grpolab.models import load_model
+from grpolab.rewards import answer_match, format_reward
+from grpolab.rollout import Completions, generate
+from grpolab.sft import BASE_DIR
+
+METRICS_FILE = Path("metrics/eval.json")
+SAMPLES_FILE = Path("metrics/eval_samples.jsonl")
+
+
+def score(completions: Completions, ground_truths: list[str]) -> dict[str, np.ndarray]:
+    """Per-completion success, format and length; `ground_truths` aligned with the completions."""
+    return {
+        "success": np.array([answer_match(c, g) for c, g in zip(completions.texts, ground_truths)]),
+        "format": np.array([format_reward(c, g) for c, g in zip(completions.texts, ground_truths)]),
+        "length": np.array(completions.lengths, dtype=float),
+    }
+
+
+def evaluate_model(model_dir: Path, eval_data: pd.DataFrame, params: Params) -> tuple[dict[str, float], list[dict]]:
+    """Metrics (un-prefixed keys) and per-prompt sample rows for one checkpoint."""
+    e = params.eval
+    model, tokenizer = load_model(model_dir), load_tokenizer(str(model_dir))
+    prompts, truths = eval_data["prompt"].tolist(), eval_data["ground_truth"].tolist()
+    greedy = generate(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+    torch.manual_seed(params.seed)
+    sampled = generate(
+        model, tokenizer, prompts, max_new_tokens=e.max_new_tokens, n_per_prompt=e.num_samples,
+        do_sample=True, temperature=e.temperature, top_p=e.top_p, batch_size=e.batch_size,
+    )
+    g = score(greedy, truths)
+    s = score(sampled, [t for t in truths for _ in range(e.num_samples)])
+    metrics = {
+        "success_rate": g["success"].mean(),
+        "format_rate": g["format"].mean(),
+        "completion_length": g["length"].mean(),
+        "sampled/success_rate": s["success"].mean(),
+        "sampled/format_rate": s["format"].mean(),
+        "sampled/completion_length": s["length"].mean(),
+        f"sampled/pass_at_{e.num_samples}": s["success"].reshape(len(prompts), e.num_samples).max(axis=1).mean(),
+    }
+    samples = [
+        {
+            "prompt": prompts[i],
+            "ground_truth": truths[i],
+            "greedy": greedy.texts[i],
+            "greedy_success": float(g["success"][i]),
+            "sampled": sampled.texts[i * e.num_samples],
+            "sampled_success": float(s["success"][i * e.num_samples]),
+        }
+        for i in range(min(e.num_logged_samples, len(prompts)))
+    ]
+    return {k: round(float(v), 6) for k, v in metrics.items()}, samples
+
+
+def evaluate(params: Params, tracker=None) -> dict[str, float]:
+    eval_data = pd.read_parquet(EVAL_FILE)
+    metrics: dict[str, float] = {}
+    sample_rows: list[dict] = []
+    for tag, model_dir in {"base": BASE_DIR}.items():
+        model_metrics, samples = evaluate_model(model_dir, eval_data, params)
+        metrics.update({f"{tag}/{k}": v for k, v in model_metrics.items()})
+        sample_rows += [{"model": tag, **row} for row in samples]
+
+    atomic_write_text(METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(SAMPLES_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in sample_rows))
+    if tracker:
+        tracker.metrics(metrics, parent=True)
+        tracker.table(pd.DataFrame(sample_rows), "eval_samples.json")
+        tracker.artifacts(METRICS_FILE)
+    return metrics

@@ -1,0 +1,92 @@
+"""`sft` stage: the base model. Build the tiny model (or load the user's checkpoint) and warm-start
+it by supervised fine-tuning on the SFT set, loss on response tokens only."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from grpolab.config import Params
+from grpolab.data.prepare import SFT_FILE, TOKENIZER_DIR
+from grpolab.data.tokenizer import encode_prompt, encode_response, load_tokenizer
+from grpolab.fsutil import atomic_write_text
+from grpolab.models import build_model, load_model, num_parameters, save_checkpoint
+from grpolab.tracking import Tracker
+
+BASE_DIR = Path("models/base")
+LOSS_FILE = Path("metrics/sft_loss.csv")
+IGNORE = -100
+
+
+def _encode(sft: pd.DataFrame, tokenizer, max_length: int) -> tuple[list[list[int]], list[list[int]]]:
+    inputs, labels = [], []
+    for i, (prompt, response) in enumerate(zip(sft["prompt"], sft["response"])):
+        p, r = encode_prompt(tokenizer, prompt), encode_response(tokenizer, response)
+        if len(p) + len(r) > max_length:
+            raise ValueError(f"{SFT_FILE}: row {i}: {len(p) + len(r)} tokens exceed model.max_length={max_length}")
+        inputs.append(p + r)
+        labels.append([IGNORE] * len(p) + r)
+    return inputs, labels
+
+
+def _batch(inputs, labels, index: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(inputs[i]) for i in index)
+    ids = torch.full((len(index), width), pad_id, dtype=torch.long)
+    lab = torch.full((len(index), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(index), width), dtype=torch.long)
+    for row, i in enumerate(index):
+        n = len(inputs[i])
+        ids[row, :n] = torch.tensor(inputs[i])
+        lab[row, :n] = torch.tensor(labels[i])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+
+def sft(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
+    p = params.sft
+    tokenizer = load_tokenizer(str(TOKENIZER_DIR))
+    if params.model.name_or_path:
+        model = load_model(params.model.name_or_path)
+    else:
+        model = build_model(params.model, tokenizer, params.seed)
+    max_length = getattr(model.config, "max_position_embeddings", None) or params.model.max_length
+    data = pd.read_parquet(SFT_FILE)
+    inputs, labels = _encode(data, tokenizer, max_length)
+
+    summary: dict[str, float] = {"sft/num_parameters": num_parameters(model)}
+    history: list[tuple[int, float]] = []
+    if p.steps > 0:
+        torch.manual_seed(params.seed)
+        sampler = torch.Generator().manual_seed(params.seed)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=p.learning_rate, weight_decay=p.weight_decay)
+        schedule = get_cosine_schedule_with_warmup(optimizer, p.warmup_steps, p.steps)
+        model.train()
+        bar = tqdm(range(1, p.steps + 1), desc="sft", unit="step", dynamic_ncols=True)
+        running = math.nan
+        for step in bar:
+            index = torch.randint(len(inputs), (p.batch_size,), generator=sampler).tolist()
+            loss = model(**_batch(inputs, labels, index, tokenizer.pad_token_id)).loss
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), p.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            value = loss.item()
+            running = value if math.isnan(running) else 0.9 * running + 0.1 * value
+            bar.set_postfix(loss=f"{running:.3f}")
+            history.append((step, value))
+            if tracker and (step % p.log_every == 0 or step == p.steps):
+                tracker.metrics({"sft/loss": value, "sft/grad_norm": float(grad_norm), "sft/lr": schedule.get_last_lr()[0]}, step=step)
+        summary["sft/final_loss"] = sum(v for _, v in history[-10:]) / len(history[-10:])
+
+    atomic_write_text(LOSS_FILE, "step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in history))
+    save_checkpoint(model, tokenizer, BASE_DIR)
+    if tracker:
+        tracker.metrics(summary, parent=True)
+        tracker.artifacts(BASE_DIR, "base_model")
+    return summary

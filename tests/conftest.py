@@ -1,0 +1,77 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = str(Path(sys.executable).parent)
+
+# Small enough for seconds per stage on 2 cores, big enough to exercise every code path.
+TINY = [
+    "data.num_sft=200",
+    "data.num_train=40",
+    "data.num_eval=16",
+    "data.max_operand=99",
+    "model.vocab_size=128",
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.intermediate_size=64",
+    "model.max_length=64",
+    "sft.steps=12",
+    "sft.batch_size=16",
+    "sft.warmup_steps=2",
+    "sft.log_every=4",
+    "eval.max_new_tokens=24",
+    "eval.num_samples=2",
+    "eval.num_logged_samples=4",
+]
+
+
+def project_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    return env
+
+
+def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, cwd=cwd, env=project_env(), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def grpolab(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return run([f"{BIN}/grpolab", *args], cwd, check)
+
+
+def make_project(path: Path) -> Path:
+    """A fresh copy of the project (code, params.yaml, dvc.yaml, flows) in its own git + DVC repo."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("src", "flows"):
+        shutil.copytree(REPO / name, path / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("params.yaml", "dvc.yaml", ".gitignore"):
+        shutil.copy(REPO / name, path / name)
+    run(["git", "init", "-q"], path)
+    run([f"{BIN}/dvc", "init", "-q"], path)
+    run([f"{BIN}/dvc", "config", "core.analytics", "false"], path)
+    return path
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "project")
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch) -> Path:
+    """cwd = an empty folder with the default params.yaml, for in-process stage calls."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+        monkeypatch.delenv(key)
+    return tmp_path

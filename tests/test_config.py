@@ -1,0 +1,93 @@
+import re
+from pathlib import Path
+
+import pytest
+
+from grpolab import config
+from grpolab.config import ConfigError
+
+from conftest import REPO, grpolab
+
+
+def test_default_params_file_is_valid_and_matches_model_defaults():
+    params = config.load(REPO / "params.yaml")
+    assert params == config.Params()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sft.steps=-1", "sft.steps: Input should be greater than or equal to 0"),
+        ("sft.stepz=3", "sft.stepz: unknown key"),
+        ("nosuch.key=3", "nosuch: unknown key"),
+        ("sft.learning_rate=fast", "sft.learning_rate: Input should be a valid number"),
+        ("eval.top_p=1.5", "eval.top_p: Input should be less than or equal to 1"),
+        ("model.arch=gpt9", "model.arch: Input should be 'llama' or 'qwen2'"),
+        ("model.num_heads=3", "model: num_heads (3) must divide hidden_size (128)"),
+        ("data.train_files=[a.parquet]", "data.train_files: file not found: a.parquet"),
+        ("model.name_or_path=/nonexistent", "model.name_or_path: no Hugging Face checkpoint"),
+        ("seed.x=1", "seed.x: seed is not a section"),
+        ("sft.steps", "expected section.key=value"),
+    ],
+)
+def test_bad_override_names_the_key_and_leaves_params_untouched(tmp_path, override, message):
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    before = path.read_bytes()
+    with pytest.raises(ConfigError) as err:
+        config.apply_overrides([override], path)
+    assert message in str(err.value)
+    assert path.read_bytes() == before
+
+
+def test_train_files_need_eval_files(tmp_path):
+    (tmp_path / "t.parquet").write_bytes(b"")
+    with pytest.raises(ConfigError, match="data: train_files and eval_files go together: set eval_files too"):
+        config.validate({"data": {"train_files": [str(tmp_path / "t.parquet")]}})
+
+
+def test_sft_steps_need_an_sft_set_with_user_files(tmp_path):
+    for name in ("t.parquet", "e.parquet"):
+        (tmp_path / name).write_bytes(b"")
+    raw = {"data": {"train_files": [str(tmp_path / "t.parquet")], "eval_files": [str(tmp_path / "e.parquet")]}}
+    with pytest.raises(ConfigError, match="sft.steps: .*data.sft_files"):
+        config.validate(raw)
+    config.validate({**raw, "sft": {"steps": 0}})
+
+
+def test_overrides_are_written_with_comments_kept(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    params = config.apply_overrides(["sft.steps=7", "eval.temperature=0.5", "data.operations=['+']"], path)
+    assert (params.sft.steps, params.eval.temperature, params.data.operations) == (7, 0.5, ["+"])
+    text = path.read_text()
+    assert text.startswith("# grpolab params")
+    assert config.load(path) == params
+
+
+def test_unknown_top_level_key_in_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 1\ntrainn:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: trainn: unknown key")):
+        config.load(path)
+
+
+def test_cli_rejects_bad_params_before_any_work(project):
+    proc = grpolab("run", "-S", "sft.steps=-5", cwd=project, check=False)
+    assert proc.returncode == 2
+    assert "sft.steps: Input should be greater than or equal to 0" in proc.stderr
+    assert not (project / "data").exists() and not (project / "mlflow.db").exists()
+
+
+def test_every_field_is_described_and_in_the_readme():
+    reference = config.params_reference()
+    assert "None |" not in reference.replace("`None`", "")  # every field has a description
+    readme = (REPO / "README.md").read_text()
+    assert reference in readme, "README params reference is stale: paste `grpolab params-reference`"
+
+
+def test_flatten_gives_dotted_keys():
+    flat = config.flatten(config.Params())
+    assert flat["sft.steps"] == config.Params().sft.steps
+    assert flat["data.operations"] == ["+", "-"]
+    assert all("." in k or k == "seed" for k in flat)

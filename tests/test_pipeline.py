@@ -1,0 +1,81 @@
+"""End to end: the real CLI, Prefect's temporary server, DVC in a git repo, an MLflow sqlite store."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+from mlflow import MlflowClient
+
+from conftest import TINY, grpolab, make_project, run
+
+EVAL_KEYS = {
+    "success_rate", "format_rate", "completion_length",
+    "sampled/success_rate", "sampled/format_rate", "sampled/completion_length", "sampled/pass_at_2",
+}
+OUTPUT_FILES = ["data/train.parquet", "data/eval.parquet", "data/sft.parquet", "metrics/eval.json", "metrics/eval_samples.jsonl", "metrics/sft_loss.csv"]
+
+
+def digests(root: Path) -> dict[str, str]:
+    files = [root / f for f in OUTPUT_FILES] + sorted((root / "data/tokenizer").iterdir())
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def test_pipeline_through_prefect_then_dvc(tmp_path):
+    a = make_project(tmp_path / "a")
+    proc = grpolab("run", *[f"-S{o}" for o in TINY], cwd=a)
+    out = proc.stdout + proc.stderr
+    for stage in ("prepare", "sft", "evaluate"):
+        assert f"==> stage {stage}" in out and f"Running stage '{stage}'" in out
+    assert "grpolab pipeline summary" in proc.stdout and "make ui" in proc.stdout
+
+    # Outputs and metrics keys.
+    metrics = json.loads((a / "metrics/eval.json").read_text())
+    assert set(metrics) == {f"base/{k}" for k in EVAL_KEYS}
+    assert all(0 <= metrics[f"base/{k}"] <= 1 for k in EVAL_KEYS if "rate" in k or "pass" in k)
+    assert 0 < metrics["base/completion_length"] <= 24
+    train, eval_ = pd.read_parquet(a / "data/train.parquet"), pd.read_parquet(a / "data/eval.parquet")
+    assert (len(train), len(eval_)) == (40, 16) and not set(train["prompt"]) & set(eval_["prompt"])
+    assert (a / "models/base/config.json").is_file() and (a / "models/base/tokenizer.json").is_file()
+    samples = [json.loads(line) for line in (a / "metrics/eval_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and {"prompt", "ground_truth", "greedy", "sampled"} <= set(samples[0])
+    loss = pd.read_csv(a / "metrics/sft_loss.csv")
+    assert loss["step"].tolist() == list(range(1, 13)) and loss["loss"].iloc[-1] < loss["loss"].iloc[0]
+
+    # MLflow: one run tree, queried through the client on the real sqlite store.
+    client = MlflowClient(f"sqlite:///{a / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("grpolab")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("grpolab.stage") == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = {r.data.tags["grpolab.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"prepare", "sft", "evaluate"}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert parent.data.params["sft.steps"] == "12" and parent.data.params["model.hidden_size"] == "32"
+    assert parent.data.params["data.operations"] == "['+', '-']"
+    assert parent.data.metrics["base/success_rate"] == metrics["base/success_rate"]
+    assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {"train", "eval", "sft"}
+    history = client.get_metric_history(children["sft"].info.run_id, "sft/loss")
+    assert [m.step for m in history] == [4, 8, 12]
+    sft_artifacts = {f.path for f in client.list_artifacts(children["sft"].info.run_id, "base_model")}
+    assert "base_model/config.json" in sft_artifacts and "base_model/tokenizer.json" in sft_artifacts
+    assert "tokenizer/tokenizer.json" in {f.path for f in client.list_artifacts(children["prepare"].info.run_id, "tokenizer")}
+    table = json.loads(Path(client.download_artifacts(children["evaluate"].info.run_id, "eval_samples.json", str(tmp_path))).read_text())
+    assert len(table["data"]) == 4 and "greedy" in table["columns"]
+
+    # The same params through plain `dvc repro` in another checkout: byte-identical outputs.
+    b = make_project(tmp_path / "b")
+    (b / "params.yaml").write_text((a / "params.yaml").read_text())
+    run(["dvc", "repro"], b)
+    assert digests(a) == digests(b)
+
+    # DVC's view of the Prefect run: up to date; one param rerun only the stages that read it.
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], a).stdout
+    repro = run(["dvc", "repro"], a).stdout
+    assert "Running stage" not in repro
+    params = (a / "params.yaml").read_text()
+    assert "num_logged_samples: 4\n" in params
+    (a / "params.yaml").write_text(params.replace("num_logged_samples: 4\n", "num_logged_samples: 2\n"))
+    repro = run(["dvc", "repro"], a).stdout
+    assert "Running stage 'evaluate'" in repro and "Running stage 'sft'" not in repro and "Running stage 'prepare'" not in repro

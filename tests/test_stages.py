@@ -1,0 +1,48 @@
+"""Stages called in-process on a tmp project folder, with a real MLflow sqlite store."""
+
+import json
+
+import pandas as pd
+import torch
+
+from grpolab import config
+from grpolab.data.tokenizer import train_tokenizer
+from grpolab.models import build_model, load_model, save_checkpoint
+from grpolab.sft import IGNORE, _encode
+from grpolab.stages import run_stage
+
+from conftest import TINY
+
+
+def test_user_checkpoint_is_loaded_with_its_own_tokenizer(in_tmp, tmp_path):
+    corpus = [f"{a}+{b}=<think>x</think><answer>{a + b}</answer>" for a in range(30) for b in range(30)]
+    tok = train_tokenizer(corpus, vocab_size=90)
+    params = config.ModelParams(arch="qwen2", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_length=64)
+    user_model = build_model(params, tok, seed=5)
+    ckpt = tmp_path / "my-hf-model"
+    save_checkpoint(user_model, tok, ckpt)
+
+    p = config.apply_overrides([*TINY, f"model.name_or_path={ckpt}", "sft.steps=0"])
+    assert run_stage("prepare", p)["data/vocab_size"] == len(tok)
+    run_stage("sft", p)
+    base = load_model("models/base")
+    assert base.config.model_type == "qwen2"
+    for (name, a), b in zip(user_model.state_dict().items(), base.state_dict().values()):
+        assert torch.equal(a, b), name
+    metrics = run_stage("evaluate", p)
+    assert set(json.loads(open("metrics/eval.json").read())) == set(metrics)
+
+    # sft.steps > 0 fine-tunes the user's model on the SFT set.
+    p = config.apply_overrides(["sft.steps=3"])
+    assert run_stage("sft", p)["sft/final_loss"] > 0
+    tuned = load_model("models/base")
+    assert not all(torch.equal(a, b) for a, b in zip(user_model.parameters(), tuned.parameters()))
+
+
+def test_sft_labels_mask_the_prompt():
+    tok = train_tokenizer(["1+2=<think>2+1+0=3</think><answer>3</answer>"] * 5, vocab_size=70)
+    data = pd.DataFrame({"prompt": ["1+2="], "response": ["<answer>3</answer>"]})
+    (inputs,), (labels,) = _encode(data, tok, max_length=64)
+    n_prompt = len(tok("1+2=", add_special_tokens=False)["input_ids"])
+    assert labels[:n_prompt] == [IGNORE] * n_prompt
+    assert labels[n_prompt:] == inputs[n_prompt:] and inputs[-1] == tok.eos_token_id

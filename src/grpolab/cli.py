@@ -33,7 +33,11 @@ def cmd_run(args) -> None:
 
 
 def cmd_stage(args) -> None:
+    from transformers.utils import logging as hf_logging
+
     from grpolab.stages import STAGES, run_stage
+
+    hf_logging.disable_progress_bar()  # per-file load/save bars drown the stage's own progress
 
     if args.name not in STAGES:
         raise config.ConfigError(f"unknown stage {args.name!r}; stages: {', '.join(STAGES)}")

@@ -261,6 +261,7 @@ def params_reference() -> str:
                 continue
             default = field.get_default(call_default_factory=True)
             type_name = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            type_name = type_name.replace(" | None", " or null")  # a bare | would split the table cell
             rows.append(f"| `{key}` | `{type_name}` | `{default!r}` | {field.description} |")
 
     walk("", Params)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,7 +59,9 @@ class Tracker:
     def dataset(self, df: pd.DataFrame, name: str, path: str | Path, context: str) -> None:
         """Record a dataset as an `mlflow.data` input of the stage run and of the pipeline run."""
         table = df.assign(extra_info=df["extra_info"].map(lambda d: json.dumps(d, sort_keys=True, default=str))) if "extra_info" in df else df
-        dataset = mlflow.data.from_pandas(table, source=str(Path(path).resolve()), name=name)
+        with warnings.catch_warnings():  # a local path matches two equivalent MLflow source types
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(table, source=str(Path(path).resolve()), name=name)
         entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
         for run_id in (self.run_id, self.parent_id):
             self.client.log_inputs(run_id, datasets=[entity])

@@ -1,0 +1,33 @@
+"""Group-relative advantages."""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
+    """A = r - mean(group), divided by a std picked by `scale`.
+
+    rewards: [B] with B = n_prompts * group_size, a prompt's completions contiguous.
+    scale:   "group" (std of the group, GRPO), "batch" (std of the whole batch),
+             "none" (no division: Dr. GRPO).
+    returns: [B]. A group whose rewards are all equal gets exactly 0 (no NaN).
+    """
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"unknown advantage scale {scale!r}; choose from {sorted(ADVANTAGE_SCALES)}")
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (rewards.std() + eps)
+    return centred.reshape(-1)
+
+
+def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[B] -> [n_prompts] bool: groups whose rewards are all equal (they carry no signal)."""
+    grouped = rewards.view(-1, group_size)
+    return (grouped == grouped[:, :1]).all(dim=1)
+
+
+ADVANTAGE_SCALES = ("group", "batch", "none")

@@ -14,10 +14,12 @@ install: $(STAMP)
 
 # torch first: 2.13.0 is the CPU build that installs from a local file here; asking for it
 # before anything else keeps pip from pulling a multi-GB CUDA build as a dependency.
+# DeepSpeed ships as an sdist: built against that torch (no build isolation), before the rest.
 $(STAMP): pyproject.toml requirements.lock
 	@echo "==> installing into $(VENV) (once)"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
+	$(PIP) --no-build-isolation deepspeed==0.19.8
 	$(PIP) -r requirements.lock
 	$(PIP) --no-deps -e .
 	touch $@

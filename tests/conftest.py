@@ -25,6 +25,14 @@ TINY = [
     "sft.batch_size=16",
     "sft.warmup_steps=2",
     "sft.log_every=4",
+    "train.steps=3",
+    "train.prompts_per_step=4",
+    "train.group_size=4",
+    "train.micro_batch_size=8",
+    "train.max_new_tokens=24",
+    "train.save_every=0",
+    "train.log_completions_every=2",
+    "train.warmup_steps=1",
     "eval.max_new_tokens=24",
     "eval.num_samples=2",
     "eval.num_logged_samples=4",
@@ -32,7 +40,9 @@ TINY = [
 
 
 def project_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
+    # In-process training sets the torch.distributed variables; a child process must not inherit them.
+    distributed = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API")) and k not in distributed}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     return env

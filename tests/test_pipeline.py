@@ -13,7 +13,10 @@ EVAL_KEYS = {
     "success_rate", "format_rate", "completion_length",
     "sampled/success_rate", "sampled/format_rate", "sampled/completion_length", "sampled/pass_at_2",
 }
-OUTPUT_FILES = ["data/train.parquet", "data/eval.parquet", "data/sft.parquet", "metrics/eval.json", "metrics/eval_samples.jsonl", "metrics/sft_loss.csv"]
+OUTPUT_FILES = [
+    "data/train.parquet", "data/eval.parquet", "data/sft.parquet", "metrics/eval.json", "metrics/eval_samples.jsonl",
+    "metrics/sft_loss.csv", "models/trained/model.safetensors",
+]
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -25,20 +28,23 @@ def test_pipeline_through_prefect_then_dvc(tmp_path):
     a = make_project(tmp_path / "a")
     proc = grpolab("run", *[f"-S{o}" for o in TINY], cwd=a)
     out = proc.stdout + proc.stderr
-    for stage in ("prepare", "sft", "evaluate"):
+    for stage in ("prepare", "sft", "train", "evaluate"):
         assert f"==> stage {stage}" in out and f"Running stage '{stage}'" in out
     assert "grpolab pipeline summary" in proc.stdout and "make ui" in proc.stdout
 
     # Outputs and metrics keys.
     metrics = json.loads((a / "metrics/eval.json").read_text())
-    assert set(metrics) == {f"base/{k}" for k in EVAL_KEYS}
-    assert all(0 <= metrics[f"base/{k}"] <= 1 for k in EVAL_KEYS if "rate" in k or "pass" in k)
+    assert set(metrics) == {f"{m}/{k}" for m in ("base", "trained") for k in EVAL_KEYS}
+    assert all(0 <= metrics[f"{m}/{k}"] <= 1 for m in ("base", "trained") for k in EVAL_KEYS if "rate" in k or "pass" in k)
     assert 0 < metrics["base/completion_length"] <= 24
+    assert (a / "models/trained/model.safetensors").is_file()
+    assert pd.read_csv(a / "metrics/train_curve.csv")["step"].tolist() == [1, 2, 3]
     train, eval_ = pd.read_parquet(a / "data/train.parquet"), pd.read_parquet(a / "data/eval.parquet")
     assert (len(train), len(eval_)) == (40, 16) and not set(train["prompt"]) & set(eval_["prompt"])
     assert (a / "models/base/config.json").is_file() and (a / "models/base/tokenizer.json").is_file()
     samples = [json.loads(line) for line in (a / "metrics/eval_samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 4 and {"prompt", "ground_truth", "greedy", "sampled"} <= set(samples[0])
+    assert len(samples) == 8 and {s["model"] for s in samples} == {"base", "trained"}
+    assert {"prompt", "ground_truth", "greedy", "sampled"} <= set(samples[0])
     loss = pd.read_csv(a / "metrics/sft_loss.csv")
     assert loss["step"].tolist() == list(range(1, 13)) and loss["loss"].iloc[-1] < loss["loss"].iloc[0]
 
@@ -50,11 +56,13 @@ def test_pipeline_through_prefect_then_dvc(tmp_path):
     assert len(parents) == 1
     parent = parents[0]
     children = {r.data.tags["grpolab.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"prepare", "sft", "evaluate"}
+    assert set(children) == {"prepare", "sft", "train", "evaluate"}
     assert all(r.info.status == "FINISHED" for r in runs)
     assert parent.data.params["sft.steps"] == "12" and parent.data.params["model.hidden_size"] == "32"
     assert parent.data.params["data.operations"] == "['+', '-']"
     assert parent.data.metrics["base/success_rate"] == metrics["base/success_rate"]
+    assert parent.data.metrics["trained/success_rate"] == metrics["trained/success_rate"]
+    assert len(client.get_metric_history(children["train"].info.run_id, "train/reward_mean")) == 3
     assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {"train", "eval", "sft"}
     history = client.get_metric_history(children["sft"].info.run_id, "sft/loss")
     assert [m.step for m in history] == [4, 8, 12]
@@ -62,7 +70,7 @@ def test_pipeline_through_prefect_then_dvc(tmp_path):
     assert "base_model/config.json" in sft_artifacts and "base_model/tokenizer.json" in sft_artifacts
     assert "tokenizer/tokenizer.json" in {f.path for f in client.list_artifacts(children["prepare"].info.run_id, "tokenizer")}
     table = json.loads(Path(client.download_artifacts(children["evaluate"].info.run_id, "eval_samples.json", str(tmp_path))).read_text())
-    assert len(table["data"]) == 4 and "greedy" in table["columns"]
+    assert len(table["data"]) == 8 and "greedy" in table["columns"]
 
     # The same params through plain `dvc repro` in another checkout: byte-identical outputs.
     b = make_project(tmp_path / "b")
@@ -78,4 +86,5 @@ def test_pipeline_through_prefect_then_dvc(tmp_path):
     assert "num_logged_samples: 4\n" in params
     (a / "params.yaml").write_text(params.replace("num_logged_samples: 4\n", "num_logged_samples: 2\n"))
     repro = run(["dvc", "repro"], a).stdout
-    assert "Running stage 'evaluate'" in repro and "Running stage 'sft'" not in repro and "Running stage 'prepare'" not in repro
+    assert "Running stage 'evaluate'" in repro
+    assert all(f"Running stage '{s}'" not in repro for s in ("prepare", "sft", "train"))

@@ -29,7 +29,9 @@ def test_user_checkpoint_is_loaded_with_its_own_tokenizer(in_tmp, tmp_path):
     assert base.config.model_type == "qwen2"
     for (name, a), b in zip(user_model.state_dict().items(), base.state_dict().values()):
         assert torch.equal(a, b), name
+    run_stage("train", p)
     metrics = run_stage("evaluate", p)
+    assert "trained/success_rate" in metrics
     assert set(json.loads(open("metrics/eval.json").read())) == set(metrics)
 
     # sft.steps > 0 fine-tunes the user's model on the SFT set.

@@ -60,4 +60,4 @@ def test_format_reward():
     assert format_reward(" <think>a</think>\n<answer>1</answer> ", "") == 1.0
     assert format_reward("<answer>1</answer>", "") == 0.0
     assert format_reward("<think>a</think><answer>1</answer> extra", "") == 0.0
-    assert set(REWARDS) >= {"answer_match", "format"}
+    assert set(REWARDS) >= {"answer_match", "format", "judge"}

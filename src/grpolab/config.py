@@ -119,6 +119,89 @@ class EvalParams(Section):
     )
 
 
+class DeepSpeedParams(Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        0, description="ZeRO stage: 0 plain data parallel, 1 optimizer states, 2 + gradients, 3 + parameters "
+        "(gathered for generation)."
+    )
+    bf16: bool | None = Field(
+        None, description="bf16 mixed precision. Empty: on when a CUDA GPU is used, off (fp32) on CPU."
+    )
+
+
+class TrainParams(Section):
+    steps: int = Field(60, ge=0, description="Optimizer steps of GRPO.")
+    prompts_per_step: int = Field(16, ge=1, description="Prompts drawn per batch of rollouts (across all processes).")
+    group_size: int = Field(8, ge=2, description="Completions sampled per prompt; advantages are relative to this group.")
+    max_new_tokens: int = Field(48, ge=1, description="Longest completion sampled in rollouts.")
+    temperature: float = Field(1.0, gt=0, description="Rollout sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Rollout nucleus sampling threshold.")
+    micro_batch_size: int = Field(
+        64, ge=1, description="Sequences per forward/backward on one process; gradients accumulate over the rest."
+    )
+    ppo_epochs: int = Field(1, ge=1, description="Optimizer steps per batch of rollouts (1 = on-policy).")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps before the cosine decay.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    clip_eps_low: float = Field(0.2, ge=0, lt=1, description="Lower PPO clip: the ratio is kept above 1 - clip_eps_low.")
+    clip_eps_high: float = Field(0.2, ge=0, description="Upper PPO clip: the ratio is kept below 1 + clip_eps_high (DAPO's clip-higher).")
+    kl_beta: float = Field(0.04, ge=0, description="Weight of the KL penalty to the frozen reference; 0 loads no reference.")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator: k1 log-ratio, k2 half squared log-ratio, k3 Schulman's.")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Advantage scaling: std of the group (GRPO), of the batch, or none (Dr. GRPO)."
+    )
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description="How token losses reduce to one number (verl's names)."
+    )
+    rewards: dict[str, float] = Field(
+        {"answer_match": 1.0, "format": 0.1}, description="Reward functions by name and their weights; the reward is the weighted sum."
+    )
+    judge_model: str | None = Field(
+        None, description="Local sequence-classification checkpoint used by the `judge` reward (frozen)."
+    )
+    save_every: int = Field(20, ge=0, description="Checkpoint every this many steps (0: only at the end).")
+    log_completions_every: int = Field(10, ge=1, description="Log a table of sample completions every this many steps.")
+    num_processes: int = Field(1, ge=1, description="Training processes; above 1 the stage starts them with torchrun.")
+    deepspeed: DeepSpeedParams = Field(default_factory=DeepSpeedParams, description="DeepSpeed engine settings.")
+
+    @field_validator("rewards")
+    @classmethod
+    def _known_rewards(cls, value: dict[str, float]) -> dict[str, float]:
+        from grpolab.rewards import REWARDS
+
+        if not value:
+            raise ValueError("needs at least one reward function")
+        for name in value:
+            if name not in REWARDS:
+                raise ValueError(f"unknown reward {name!r}; known: {', '.join(sorted(REWARDS))}")
+        return value
+
+    @field_validator("judge_model")
+    @classmethod
+    def _judge_exists(cls, value: str | None) -> str | None:
+        if value is not None and not (Path(value) / "config.json").is_file():
+            raise ValueError(f"no Hugging Face checkpoint (config.json) at {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainParams:
+        batch = self.prompts_per_step * self.group_size
+        if self.prompts_per_step % self.num_processes:
+            raise ValueError(
+                f"prompts_per_step ({self.prompts_per_step}) must divide evenly across num_processes ({self.num_processes})"
+            )
+        per_process = batch // self.num_processes
+        if per_process % self.micro_batch_size:
+            raise ValueError(
+                f"micro_batch_size ({self.micro_batch_size}) must divide the per-process batch "
+                f"(prompts_per_step x group_size / num_processes = {per_process})"
+            )
+        if "judge" in self.rewards and self.judge_model is None:
+            raise ValueError("rewards: the judge reward needs train.judge_model")
+        return self
+
+
 class TrackingParams(Section):
     uri: str | None = Field(
         None,
@@ -133,6 +216,7 @@ class Params(Section):
     data: DataParams = Field(default_factory=DataParams, description="Task data and tokenizer corpus.")
     model: ModelParams = Field(default_factory=ModelParams, description="Base model.")
     sft: SFTParams = Field(default_factory=SFTParams, description="Supervised warm start.")
+    train: TrainParams = Field(default_factory=TrainParams, description="GRPO training.")
     eval: EvalParams = Field(default_factory=EvalParams, description="Evaluation.")
     tracking: TrackingParams = Field(default_factory=TrackingParams, description="MLflow tracking.")
 

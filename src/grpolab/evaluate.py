@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from grpolab.config import Params
 from grpolab.data.prepare import EVAL_FILE
@@ -18,6 +17,7 @@ from grpolab.models import load_model
 from grpolab.rewards import answer_match, format_reward
 from grpolab.rollout import Completions, generate
 from grpolab.sft import BASE_DIR
+from grpolab.train import TRAINED_DIR
 
 METRICS_FILE = Path("metrics/eval.json")
 SAMPLES_FILE = Path("metrics/eval_samples.jsonl")
@@ -38,10 +38,9 @@ def evaluate_model(model_dir: Path, eval_data: pd.DataFrame, params: Params) -> 
     model, tokenizer = load_model(model_dir), load_tokenizer(str(model_dir))
     prompts, truths = eval_data["prompt"].tolist(), eval_data["ground_truth"].tolist()
     greedy = generate(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
-    torch.manual_seed(params.seed)
     sampled = generate(
         model, tokenizer, prompts, max_new_tokens=e.max_new_tokens, n_per_prompt=e.num_samples,
-        do_sample=True, temperature=e.temperature, top_p=e.top_p, batch_size=e.batch_size,
+        do_sample=True, temperature=e.temperature, top_p=e.top_p, batch_size=e.batch_size, seed=params.seed,
     )
     g = score(greedy, truths)
     s = score(sampled, [t for t in truths for _ in range(e.num_samples)])
@@ -72,7 +71,7 @@ def evaluate(params: Params, tracker=None) -> dict[str, float]:
     eval_data = pd.read_parquet(EVAL_FILE)
     metrics: dict[str, float] = {}
     sample_rows: list[dict] = []
-    for tag, model_dir in {"base": BASE_DIR}.items():
+    for tag, model_dir in {"base": BASE_DIR, "trained": TRAINED_DIR}.items():
         model_metrics, samples = evaluate_model(model_dir, eval_data, params)
         metrics.update({f"{tag}/{k}": v for k, v in model_metrics.items()})
         sample_rows += [{"model": tag, **row} for row in samples]

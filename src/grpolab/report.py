@@ -9,7 +9,10 @@ from grpolab.config import Params
 from grpolab.evaluate import METRICS_FILE
 from grpolab.tracking import tracking_uri
 
-OUTPUTS = ["data/train.parquet", "data/eval.parquet", "data/tokenizer/", "models/base/", "metrics/eval.json", "metrics/eval_samples.jsonl"]
+OUTPUTS = [
+    "data/train.parquet", "data/eval.parquet", "data/tokenizer/", "models/base/", "models/trained/",
+    "metrics/train_curve.csv", "metrics/eval.json", "metrics/eval_samples.jsonl",
+]
 
 
 def summary_markdown(params: Params) -> str:

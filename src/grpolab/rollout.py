@@ -1,4 +1,9 @@
-"""Batched generation with a KV cache: left-padded prompts, completions cut at EOS."""
+"""Batched generation with a KV cache: left-padded prompts, completions cut at EOS.
+
+Sampling draws each row's noise from that row's own generator, seeded by (seed, row id), so
+a completion does not depend on which other rows share its batch: splitting a step's prompts
+across processes or micro-batches gives the same completions as one big batch.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,111 @@ from grpolab.data.tokenizer import encode_prompt
 
 
 @dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor  # [B, P]
+    completion_ids: torch.Tensor  # [B, T] right-padded with pad id
+    completion_mask: torch.Tensor  # [B, T] 1 up to and including EOS
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.completion_mask.sum(-1).tolist()
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[[ids]] -> (ids [B, P], mask [B, P]) padded on the left."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Set to -inf the logits outside the smallest set whose probability reaches top_p. [B, V] -> [B, V]"""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    outside = probs.cumsum(-1) - probs > top_p  # the token that crosses top_p stays in
+    sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+@torch.no_grad()  # not inference_mode: the rollout tensors feed the autograd graph of the update
+def sample(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generators: list[torch.Generator] | None = None,
+) -> Rollout:
+    """Generate one completion per prompt row. Greedy when `generators` is None, else Gumbel-max
+    sampling from softmax(logits / temperature) restricted to top_p, row i using generators[i]."""
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    batch = prompt_ids.shape[0]
+    device = next(model.parameters()).device
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0).to(device)
+    out = model(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), position_ids=positions, use_cache=True)
+    cache, logits = out.past_key_values, out.logits[:, -1]
+    attention = prompt_mask.to(device)
+    next_pos = positions[:, -1:] + 1
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens = []
+    vocab = logits.shape[-1]
+    # Noise is drawn a chunk of steps at a time (one call per row per chunk, not per token),
+    # the chunk sized to keep the buffer near 64 MB whatever the vocabulary.
+    chunk = max(1, min(max_new_tokens, 2**24 // max(1, batch * vocab)))
+    for t in range(max_new_tokens):
+        if generators is None:
+            token = logits.argmax(-1)
+        else:
+            if t % chunk == 0:
+                uniform = torch.stack([torch.rand(chunk, vocab, generator=g) for g in generators])
+                gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20))).to(device)
+            scores = top_p_filter(logits.float() / temperature, top_p)
+            token = (scores + gumbel[:, t % chunk]).argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        done |= token == eos_id
+        if done.all():
+            break
+        attention = torch.cat([attention, torch.ones(batch, 1, dtype=attention.dtype, device=device)], dim=-1)
+        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos, past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        next_pos = next_pos + 1
+    completion_ids = torch.stack(tokens, dim=1).cpu()
+    # valid = generated before or at the first EOS
+    eos_seen = (completion_ids == eos_id).long().cumsum(-1)
+    completion_mask = ((eos_seen == 0) | ((eos_seen == 1) & (completion_ids == eos_id))).long()
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask)
+
+
+def row_generators(seed: int, row_ids: list[int]) -> list[torch.Generator]:
+    """One generator per row, seeded by (seed, row id): a row's samples depend on nothing else."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + r) for r in row_ids]
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> list[str]:
+    return [
+        tokenizer.decode(ids[: int(n)], skip_special_tokens=True)
+        for ids, n in zip(rollout.completion_ids.tolist(), rollout.completion_mask.sum(-1).tolist())
+    ]
+
+
+@dataclass
 class Completions:
     texts: list[str]  # [n_prompts * n_per_prompt], the completions of prompt i at i*n .. i*n+n-1
     lengths: list[int]  # generated tokens per completion, EOS included
 
 
-@torch.no_grad()
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -28,31 +132,19 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     batch_size: int = 256,
+    seed: int = 0,
 ) -> Completions:
-    """Greedy or sampled completions; sampling draws from torch's global RNG (seed it first)."""
+    """Texts in, texts out: greedy or seeded sampled completions of every prompt, in batches."""
     model.eval()
+    encoded = [encode_prompt(tokenizer, p) for p in prompts for _ in range(n_per_prompt)]
     texts, lengths = [], []
-    expanded = [p for p in prompts for _ in range(n_per_prompt)]
-    for start in range(0, len(expanded), batch_size):
-        encoded = [encode_prompt(tokenizer, p) for p in expanded[start : start + batch_size]]
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, ids in enumerate(encoded):
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[i, width - len(ids) :] = 1
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {"do_sample": False}
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            use_cache=True,
-            **sampling,
+    for start in range(0, len(encoded), batch_size):
+        rows = list(range(start, min(start + batch_size, len(encoded))))
+        rollout = sample(
+            model, [encoded[i] for i in rows], max_new_tokens=max_new_tokens,
+            eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+            temperature=temperature, top_p=top_p, generators=row_generators(seed, rows) if do_sample else None,
         )
-        for row in out[:, width:].tolist():
-            n = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
-            lengths.append(n)
-            texts.append(tokenizer.decode(row[:n], skip_special_tokens=True))
+        texts += decode(tokenizer, rollout)
+        lengths += rollout.lengths
     return Completions(texts, lengths)

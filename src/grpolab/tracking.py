@@ -27,14 +27,15 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from grpolab.config import Params, flatten
 
-DEFAULT_URI = "sqlite:///mlflow.db"
+DEFAULT_DB = "mlflow.db"  # in the project root
 PARAMS_HASH_TAG = "grpolab.params_hash"
 STAGE_TAG = "grpolab.stage"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 
 def tracking_uri(params: Params) -> str:
-    return params.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    # Absolute: MLflow caches stores by URI, and a relative one would follow whichever folder came first.
+    return params.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
 
 
 def params_hash(params: Params) -> str:
@@ -111,21 +112,26 @@ def pipeline_run_id(client: MlflowClient, params: Params) -> str:
 
 
 @contextmanager
-def stage_run(params: Params, stage: str) -> Iterator[Tracker]:
-    """A child run for one stage execution; FAILED if the stage raises, FINISHED otherwise."""
+def stage_run(params: Params, stage: str, run_id: str | None = None) -> Iterator[Tracker]:
+    """A child run for one stage execution; FAILED if the stage raises, FINISHED otherwise.
+
+    `run_id` continues an earlier child run (a training resumed from its checkpoint).
+    """
     client = MlflowClient(tracking_uri(params))
     parent_id = pipeline_run_id(client, params)
     experiment_id = client.get_run(parent_id).info.experiment_id
-    run = client.create_run(
-        experiment_id,
-        run_name=stage,
-        tags={MLFLOW_PARENT_RUN_ID: parent_id, STAGE_TAG: stage, PARAMS_HASH_TAG: params_hash(params)},
-    )
+    if run_id is None:
+        run_id = client.create_run(
+            experiment_id,
+            run_name=stage,
+            tags={MLFLOW_PARENT_RUN_ID: parent_id, STAGE_TAG: stage, PARAMS_HASH_TAG: params_hash(params)},
+        ).info.run_id
+    client.update_run(run_id, status="RUNNING")
     client.update_run(parent_id, status="RUNNING")
     status = "FAILED"
     try:
-        yield Tracker(client, run.info.run_id, parent_id)
+        yield Tracker(client, run_id, parent_id)
         status = "FINISHED"
     finally:
-        client.set_terminated(run.info.run_id, status)
+        client.set_terminated(run_id, status)
         client.set_terminated(parent_id, status)

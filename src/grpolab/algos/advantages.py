@@ -21,7 +21,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
         centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
     elif scale == "batch":
         centred = centred / (rewards.std() + eps)
-    return centred.reshape(-1)
+    # Exact zeros for tied groups: float rounding in the mean would otherwise leave ~1e-9 residues
+    # that the std division blows up to visible advantages.
+    tied = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
+    return centred.masked_fill(tied, 0.0).reshape(-1)
 
 
 def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

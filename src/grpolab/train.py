@@ -1,0 +1,336 @@
+"""`train` stage: GRPO on a DeepSpeed engine. Glue only: the math lives in `algos/`.
+
+One step: draw prompts -> sample group_size completions each -> rewards -> group-relative
+advantages -> clipped policy loss (+ KL to a frozen reference) weighted at the composition
+point -> aggregate -> backward over micro-batches -> optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from grpolab import distributed as dist
+from grpolab.algos.advantages import group_advantages, zero_std_groups
+from grpolab.algos.losses import (
+    KL_ESTIMATORS, aggregate, aggregation_units, clipped_policy_loss, compose_token_loss, entropy_from_logits, token_logprobs,
+)
+from grpolab.config import Params
+from grpolab.data.prepare import TRAIN_FILE
+from grpolab.data.tokenizer import encode_prompt, load_tokenizer
+from grpolab.fsutil import atomic_write_text
+from grpolab.models import load_model, save_checkpoint
+from grpolab.rewards import Judge, RewardBatch, score
+from grpolab.rollout import Rollout, decode, row_generators, sample
+from grpolab.sft import BASE_DIR
+from grpolab.tracking import Tracker, params_hash
+from grpolab.variants import LossWeights, loss_weights
+
+TRAINED_DIR = Path("models/trained")
+CHECKPOINT_DIR = Path("checkpoints/train")
+CURVE_FILE = Path("metrics/train_curve.csv")
+CURVE_KEYS = ["train/reward_mean", "train/loss", "train/kl", "train/entropy", "train/completion_length"]
+
+
+@dataclass
+class Batch:
+    """One process's share of a batch of rollouts, everything the update needs, B rows."""
+
+    rollout: Rollout
+    advantages: torch.Tensor  # [B]
+    old_logp: torch.Tensor | None  # [B, T], None when on-policy (ppo_epochs = 1)
+    ref_logp: torch.Tensor | None  # [B, T], None when kl_beta = 0
+    weights: LossWeights
+
+    def rows(self, start: int, stop: int) -> dict[str, torch.Tensor | None]:
+        r = self.rollout
+        take = lambda t: None if t is None else t[start:stop]  # noqa: E731
+        return {
+            "prompt_ids": r.prompt_ids[start:stop], "prompt_mask": r.prompt_mask[start:stop],
+            "completion_ids": r.completion_ids[start:stop], "mask": r.completion_mask[start:stop],
+            "advantages": self.advantages[start:stop], "old_logp": take(self.old_logp), "ref_logp": take(self.ref_logp),
+            "w_token": self.weights.token[start:stop], "w_prompt": self.weights.prompt[start:stop],
+            "keep": self.weights.keep[start:stop],
+        }
+
+
+def deepspeed_config(params: Params, bf16: bool) -> dict:
+    t = params.train
+    per_process = t.prompts_per_step * t.group_size // t.num_processes
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": per_process // t.micro_batch_size,
+        "train_batch_size": per_process * t.num_processes,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": {"stage": t.deepspeed.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def completion_logprobs(model, rows: dict, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p of each completion token under `model` ([b, T]) and, if asked, the entropy ([b, T])."""
+    device = next(model.parameters()).device
+    ids = torch.cat([rows["prompt_ids"], rows["completion_ids"]], dim=1).to(device)
+    mask = torch.cat([rows["prompt_mask"], rows["mask"]], dim=1).to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    logits = logits[:, rows["prompt_ids"].shape[1] - 1 : -1]  # position t predicts completion token t
+    logp = token_logprobs(logits, rows["completion_ids"].to(device)).cpu()
+    ent = entropy_from_logits(logits.detach()).cpu() if entropy else None
+    return logp, ent
+
+
+@torch.no_grad()
+def _logprobs_in_chunks(model, batch: Batch, size: int) -> torch.Tensor:
+    n = batch.rollout.completion_ids.shape[0]
+    return torch.cat([completion_logprobs(model, batch.rows(i, i + size))[0] for i in range(0, n, size)])
+
+
+def _step_prompts(params: Params, n_train: int, rollout_index: int) -> np.ndarray:
+    """The prompts of one batch of rollouts, seeded by (seed, index): the same on every rank and after a resume."""
+    rng = np.random.default_rng([params.seed, rollout_index])
+    return rng.choice(n_train, size=params.train.prompts_per_step, replace=n_train < params.train.prompts_per_step)
+
+
+def make_batch(params: Params, engine, ref_model, tokenizer, data: pd.DataFrame, judge, rollout_index: int):
+    t = params.train
+    per_rank = t.prompts_per_step // dist.world_size()
+    prompt_index = _step_prompts(params, len(data), rollout_index)
+    mine = prompt_index[dist.rank() * per_rank : (dist.rank() + 1) * per_rank]
+    rows = [data.iloc[i] for i in mine for _ in range(t.group_size)]
+    first_row = rollout_index * t.prompts_per_step * t.group_size + dist.rank() * per_rank * t.group_size
+    with dist.gathered(engine.module, t.deepspeed.zero_stage):
+        rollout = sample(
+            engine.module, [encode_prompt(tokenizer, r["prompt"]) for r in rows], max_new_tokens=t.max_new_tokens,
+            eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, temperature=t.temperature, top_p=t.top_p,
+            generators=row_generators(params.seed, list(range(first_row, first_row + len(rows)))),
+        )
+    texts = decode(tokenizer, rollout)
+    reward, parts = score(RewardBatch([r["prompt"] for r in rows], texts, [r["ground_truth"] for r in rows], judge), t.rewards)
+    all_rewards = dist.all_gather_cat(reward)  # advantages (batch scaling) and logged stats see the whole batch
+    offset = dist.rank() * len(rows)
+    advantages = group_advantages(all_rewards, t.group_size, t.scale_rewards)[offset : offset + len(rows)]
+    batch = Batch(rollout, advantages, None, None, loss_weights(params, rollout.completion_mask, rows))
+    engine.module.eval()
+    if t.ppo_epochs > 1:
+        batch.old_logp = _logprobs_in_chunks(engine.module, batch, t.micro_batch_size)
+    if ref_model is not None:
+        batch.ref_logp = _logprobs_in_chunks(ref_model, batch, t.micro_batch_size)
+    info = {"rows": rows, "texts": texts, "reward": reward, "parts": parts, "all_rewards": all_rewards}
+    return batch, info
+
+
+def update(params: Params, engine, batch: Batch) -> dict[str, float]:
+    """Backward over micro-batches and one optimizer step. Returns sums for the step's metrics."""
+    t = params.train
+    engine.module.train()
+    units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss_agg_mode))
+    sums = {k: 0.0 for k in ("loss", "pg", "kl", "entropy", "logp", "clipped", "tokens")}
+    n = batch.rollout.completion_ids.shape[0]
+    for start in range(0, n, t.micro_batch_size):
+        rows = batch.rows(start, start + t.micro_batch_size)
+        logp, entropy = completion_logprobs(engine, rows, entropy=True)
+        old = rows["old_logp"] if rows["old_logp"] is not None else logp.detach()
+        pg, clipped = clipped_policy_loss(logp, old, rows["advantages"], t.clip_eps_low, t.clip_eps_high)
+        kl = KL_ESTIMATORS[t.kl_estimator](logp, rows["ref_logp"]) if rows["ref_logp"] is not None else None
+        token_loss = compose_token_loss(pg, kl, t.kl_beta, rows["w_token"], rows["w_prompt"], rows["keep"])
+        # Each rank's share is scaled by the world size because DeepSpeed averages gradients over ranks.
+        loss = aggregate(token_loss, rows["mask"], t.loss_agg_mode, t.max_new_tokens, units) * dist.world_size()
+        engine.backward(loss, scale_wrt_gas=False)
+        engine.step()
+        mask = rows["mask"].float()
+        sums["loss"] += loss.item() / dist.world_size()
+        sums["pg"] += (pg.detach() * mask).sum().item()
+        sums["kl"] += (kl.detach() * mask).sum().item() if kl is not None else 0.0
+        sums["entropy"] += (entropy * mask).sum().item()
+        sums["logp"] += (logp.detach() * mask).sum().item()
+        sums["clipped"] += (clipped.float() * mask).sum().item()
+        sums["tokens"] += mask.sum().item()
+    return sums
+
+
+def step_metrics(params: Params, engine, sums: dict, info: dict, seconds: float) -> dict[str, float]:
+    t = params.train
+    totals = dist.all_reduce_sum(torch.tensor([sums[k] for k in sums], dtype=torch.float64))
+    s = dict(zip(sums, totals.tolist()))
+    tokens = max(s["tokens"], 1.0)
+    rewards = info["all_rewards"]
+    parts = {name: dist.all_reduce_sum(v.sum()).item() / len(rewards) for name, v in info["parts"].items()}
+    grad_norm = engine.get_global_grad_norm()
+    metrics = {
+        "train/loss": s["loss"],
+        "train/pg_loss": s["pg"] / tokens,
+        "train/kl": s["kl"] / tokens,
+        "train/reward_mean": rewards.mean().item(),
+        "train/reward_std": rewards.std().item(),
+        **{f"train/reward/{name}": v for name, v in parts.items()},
+        "train/advantage_mean": group_advantages(rewards, t.group_size, t.scale_rewards).mean().item(),
+        "train/logprob_mean": s["logp"] / tokens,
+        "train/entropy": s["entropy"] / tokens,
+        "train/clip_ratio": s["clipped"] / tokens,
+        "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+        "train/lr": engine.get_lr()[0],
+        "train/completion_length": tokens / len(rewards),
+        "train/frac_zero_std_groups": zero_std_groups(rewards, t.group_size).float().mean().item(),
+        "train/tokens_per_s": tokens / seconds,
+        "train/step_time": seconds,
+    }
+    return metrics
+
+
+def _completions_table(info: dict, advantages: torch.Tensor) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "prompt": [r["prompt"] for r in info["rows"]],
+            "completion": info["texts"],
+            "ground_truth": [r["ground_truth"] for r in info["rows"]],
+            "reward": info["reward"].tolist(),
+            **{f"reward/{k}": v.tolist() for k, v in info["parts"].items()},
+            "advantage": advantages.tolist(),
+        }
+    )
+
+
+# ---- checkpoints: DeepSpeed's own format (model, optimizer, scheduler) plus our client state ----
+
+
+def _latest() -> str | None:
+    latest = CHECKPOINT_DIR / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def _read_client_state(tag: str) -> dict:
+    return json.loads((CHECKPOINT_DIR / tag / "grpolab_state.json").read_text())
+
+
+def resumable_run_id(params: Params) -> str | None:
+    """The MLflow run of an interrupted training of these same params, if a checkpoint of it exists."""
+    tag = _latest()
+    if tag is None:
+        return None
+    state = _read_client_state(tag)
+    return state["mlflow_run_id"] if state["params_hash"] == params_hash(params) else None
+
+
+def save_training_checkpoint(engine, params: Params, step: int, run_id: str | None) -> None:
+    """Written under a temporary name on every rank, renamed by rank 0, then `latest` points at it."""
+    tag = f"step_{step:06d}"
+    staging = CHECKPOINT_DIR / ".staging"
+    state = {"step": step, "params_hash": params_hash(params), "mlflow_run_id": run_id, "torch_rng": torch.get_rng_state().tolist()}
+    engine.save_checkpoint(str(staging), tag=tag, client_state={"grpolab": state}, save_latest=False)
+    dist.barrier()
+    if dist.is_rank0():
+        atomic_write_text(staging / tag / "grpolab_state.json", json.dumps(state))
+        shutil.rmtree(CHECKPOINT_DIR / tag, ignore_errors=True)
+        os.replace(staging / tag, CHECKPOINT_DIR / tag)
+        previous = _latest()
+        atomic_write_text(CHECKPOINT_DIR / "latest", tag)
+        if previous and previous != tag:
+            shutil.rmtree(CHECKPOINT_DIR / previous, ignore_errors=True)
+    dist.barrier()
+
+
+def load_training_checkpoint(engine, params: Params) -> int:
+    """Resume from the newest checkpoint of these params: the next step to run (0 if none)."""
+    tag = _latest()
+    if tag is None or _read_client_state(tag)["params_hash"] != params_hash(params):
+        dist.barrier()
+        if dist.is_rank0():
+            shutil.rmtree(CHECKPOINT_DIR, ignore_errors=True)  # another configuration's: not ours to resume
+        dist.barrier()
+        return 0
+    engine.load_checkpoint(str(CHECKPOINT_DIR), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    state = _read_client_state(tag)
+    torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    return state["step"]
+
+
+def _reward_curve_figure(curve: pd.DataFrame):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(curve["step"], curve["train/reward_mean"], label="reward mean")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
+    import deepspeed
+
+    t = params.train
+    if not (BASE_DIR / "config.json").is_file():
+        raise FileNotFoundError(f"{BASE_DIR}: no base model (run the sft stage first)")
+    dist.init()
+    torch.manual_seed(params.seed)
+    use_cuda = torch.cuda.is_available()
+    bf16 = t.deepspeed.bf16 if t.deepspeed.bf16 is not None else use_cuda
+    tokenizer = load_tokenizer(str(BASE_DIR))
+    model = load_model(BASE_DIR)
+    ref_model = None
+    if t.kl_beta > 0:
+        ref_model = load_model(BASE_DIR).eval().requires_grad_(False)
+        if use_cuda:
+            ref_model = ref_model.to(torch.bfloat16 if bf16 else torch.float32).cuda()
+    judge = Judge(t.judge_model) if "judge" in t.rewards else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    schedule = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, max(t.steps, 1))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(params, bf16)
+    )
+    data = pd.read_parquet(TRAIN_FILE)
+    start = load_training_checkpoint(engine, params)
+    curve = pd.read_csv(CURVE_FILE) if start and CURVE_FILE.is_file() else pd.DataFrame(columns=["step", *CURVE_KEYS])
+    curve = curve[curve["step"] <= start]
+
+    bar = tqdm(range(start + 1, t.steps + 1), desc="train", unit="step", dynamic_ncols=True, disable=not dist.is_rank0(), initial=start, total=t.steps)
+    metrics: dict[str, float] = {}
+    for step in bar:
+        began = time.perf_counter()
+        if (step - 1) % t.ppo_epochs == 0 or step == start + 1:
+            batch, info = make_batch(params, engine, ref_model, tokenizer, data, judge, (step - 1) // t.ppo_epochs)
+        sums = update(params, engine, batch)
+        metrics = step_metrics(params, engine, sums, info, time.perf_counter() - began)
+        bar.set_postfix(reward=f"{metrics['train/reward_mean']:.3f}", loss=f"{metrics['train/loss']:.4f}")
+        curve.loc[len(curve)] = [step, *[metrics[k] for k in CURVE_KEYS]]
+        if tracker:
+            tracker.metrics(metrics, step=step)
+            if step % t.log_completions_every == 0:
+                tracker.table(_completions_table(info, batch.advantages), f"completions/step_{step:06d}.json")
+        if (t.save_every and step % t.save_every == 0) and step < t.steps:
+            if dist.is_rank0():
+                atomic_write_text(CURVE_FILE, curve.to_csv(index=False))
+            save_training_checkpoint(engine, params, step, tracker.run_id if tracker else None)
+
+    with dist.gathered(engine.module, t.deepspeed.zero_stage):
+        if dist.is_rank0():
+            save_checkpoint(engine.module.float() if bf16 else engine.module, tokenizer, TRAINED_DIR)
+    dist.barrier()
+    summary = {"train/steps": float(t.steps), **{f"final/{k}": v for k, v in metrics.items() if k in CURVE_KEYS}}
+    if dist.is_rank0():
+        atomic_write_text(CURVE_FILE, curve.to_csv(index=False))
+        shutil.rmtree(CHECKPOINT_DIR, ignore_errors=True)  # finished: the trained model is the output
+        if tracker:
+            tracker.figure(_reward_curve_figure(curve), "reward_curve.png")
+            tracker.artifacts(CURVE_FILE)
+            tracker.artifacts(TRAINED_DIR, "trained_model")
+    return summary

@@ -1,0 +1,98 @@
+"""algos/ against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from grpolab.algos.advantages import group_advantages, zero_std_groups
+from grpolab.algos.losses import (
+    AGGREGATIONS, KL_ESTIMATORS, aggregate, aggregation_units, clipped_policy_loss, compose_token_loss,
+    entropy_from_logits, token_logprobs,
+)
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    # group 1: mean 0.5, sample std sqrt(1/3); group 2 all equal -> 0
+    s = math.sqrt(1 / 3)
+    expected = torch.tensor([0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s, 0, 0, 0, 0])
+    torch.testing.assert_close(group_advantages(r, 4, "group", eps=0.0 + 1e-12), expected)
+    torch.testing.assert_close(group_advantages(r, 4, "none"), torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+    batch_std = r.std()
+    torch.testing.assert_close(group_advantages(r, 4, "batch"), torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]) / (batch_std + 1e-6))
+    assert zero_std_groups(r, 4).tolist() == [False, True]
+
+
+def test_equal_rewards_give_zero_not_nan():
+    a = group_advantages(torch.ones(6), 3, "group")
+    assert torch.equal(a, torch.zeros(6))
+    with pytest.raises(ValueError, match="unknown advantage scale"):
+        group_advantages(torch.ones(4), 2, "median")
+
+
+def test_clipped_policy_loss_by_hand():
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))  # ratios 1.5, 0.5, 1.0 against old logp 0
+    old = torch.zeros(1, 3)
+    loss, clipped = clipped_policy_loss(logp, old, torch.tensor([2.0]), 0.2, 0.3)
+    # A>0: -min(rA, clip(r)A): r=1.5 -> clip 1.3 -> -2.6; r=0.5 -> -min(1.0, 1.6) = -1.0; r=1 -> -2
+    torch.testing.assert_close(loss, torch.tensor([[-2.6, -1.0, -2.0]]))
+    assert clipped.tolist() == [[True, False, False]]
+    loss, clipped = clipped_policy_loss(logp, old, torch.tensor([-1.0]), 0.2, 0.3)
+    # A<0: r=1.5 -> -min(-1.5, -1.3) = 1.5; r=0.5 -> -min(-0.5, -0.8) = 0.8 (clipped at 1-0.2)
+    torch.testing.assert_close(loss, torch.tensor([[1.5, 0.8, 1.0]]))
+    assert clipped.tolist() == [[False, True, False]]
+
+
+def test_kl_estimators_by_hand():
+    logp, ref = torch.tensor([[math.log(0.5)]]), torch.tensor([[math.log(0.25)]])
+    d = math.log(2)  # logp - ref
+    torch.testing.assert_close(KL_ESTIMATORS["k1"](logp, ref), torch.tensor([[d]]))
+    torch.testing.assert_close(KL_ESTIMATORS["k2"](logp, ref), torch.tensor([[0.5 * d * d]]))
+    torch.testing.assert_close(KL_ESTIMATORS["k3"](logp, ref), torch.tensor([[0.5 - 1 + d]]))  # q/p - 1 - log(q/p)
+    assert KL_ESTIMATORS["k3"](ref, ref).item() == 0.0
+
+
+def test_aggregations_by_hand():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert aggregate(loss, mask, "token-mean", 4).item() == pytest.approx(10 / 4)
+    assert aggregate(loss, mask, "seq-mean-token-mean", 4).item() == pytest.approx((2 + 4) / 2)
+    assert aggregate(loss, mask, "seq-mean-token-sum-norm", 4).item() == pytest.approx((6 / 4 + 4 / 4) / 2)
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        aggregate(loss, mask, "sum", 4)
+
+
+@pytest.mark.parametrize("mode", sorted(AGGREGATIONS))
+def test_micro_batches_add_up_to_the_batch(mode):
+    torch.manual_seed(0)
+    loss, mask = torch.randn(6, 5), (torch.rand(6, 5) > 0.3).long()
+    mask[:, 0] = 1
+    units = aggregation_units(mask, mode)
+    parts = sum(aggregate(loss[i : i + 2], mask[i : i + 2], mode, 5, units) for i in range(0, 6, 2))
+    torch.testing.assert_close(parts, aggregate(loss, mask, mode, 5))
+
+
+def test_composition_point_weights_and_detaches():
+    pg = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    kl = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
+    w_tok = torch.tensor([[1.0, 0.5], [2.0, 1.0]], requires_grad=True)
+    out = compose_token_loss(pg, kl, 0.1, w_tok, torch.tensor([2.0, 1.0]), torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(out, torch.tensor([[2.05, 2.05], [0.05, 0.05]]))
+    out.sum().backward()
+    assert w_tok.grad is None  # weights scale gradients, they are not trained
+    torch.testing.assert_close(pg.grad, torch.tensor([[2.0, 1.0], [0.0, 0.0]]))
+    ones = torch.ones(2)
+    torch.testing.assert_close(compose_token_loss(pg, None, 0.1, torch.ones(2, 2), ones, ones), pg)
+
+
+def test_logprobs_and_entropy_by_hand():
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]]))
+    torch.testing.assert_close(token_logprobs(logits, torch.tensor([[1]])), torch.tensor([[math.log(0.25)]]))
+    h = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    torch.testing.assert_close(entropy_from_logits(logits), torch.tensor([[h]]))
+
+
+def test_tied_groups_are_exactly_zero_despite_rounding():
+    r = 1.0 * torch.zeros(8) + 0.1 * torch.ones(8)  # 0.1 does not average back to 0.1 exactly in float32
+    assert torch.equal(group_advantages(r, 8, "group"), torch.zeros(8))

@@ -1,0 +1,178 @@
+"""The train stage end to end on a real DeepSpeed engine (CPU, gloo), with a tiny model."""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from grpolab import config
+from grpolab.models import load_model
+from grpolab.stages import run_stage
+from grpolab.train import CHECKPOINT_DIR, CURVE_FILE, TRAINED_DIR
+
+from conftest import BIN, REPO, TINY, grpolab, project_env
+
+TINY_TRAIN = [
+    "train.steps=4", "train.prompts_per_step=4", "train.group_size=4", "train.micro_batch_size=8",
+    "train.max_new_tokens=24", "train.save_every=2", "train.log_completions_every=2", "train.warmup_steps=1",
+    "train.learning_rate=0.001", "train.judge_model=judge", "train.rewards={answer_match: 1.0, format: 0.1, judge: 1.0}",
+]
+STEP_METRICS = [
+    "train/loss", "train/pg_loss", "train/kl", "train/reward_mean", "train/reward_std", "train/reward/answer_match",
+    "train/reward/format", "train/reward/judge", "train/advantage_mean", "train/logprob_mean", "train/entropy", "train/clip_ratio",
+    "train/grad_norm", "train/lr", "train/completion_length", "train/frac_zero_std_groups", "train/tokens_per_s",
+    "train/step_time",
+]
+
+
+def save_judge(path: Path) -> None:
+    """A tiny frozen sequence classifier (one logit) as the judge, saved as a HF checkpoint:
+    its scores vary from completion to completion, so even a barely trained policy gets a signal."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from grpolab.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("data/tokenizer")
+    cfg = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=2, intermediate_size=32, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def base_project(tmp_path_factory):
+    """prepare + sft once (tiny), shared read-only by the tests below."""
+    root = tmp_path_factory.mktemp("base")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        params = config.apply_overrides([*TINY, "train.judge_model=null", "train.rewards={answer_match: 1.0}", *TINY_TRAIN[:-2]])
+        run_stage("prepare", params)
+        save_judge(root / "judge")
+        params = config.apply_overrides(TINY_TRAIN[-2:])
+        run_stage("sft", params)
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def trainer(base_project, tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "p"
+    shutil.copytree(base_project, root)
+    monkeypatch.chdir(root)
+    return root
+
+
+def trained_weights() -> dict[str, torch.Tensor]:
+    return load_model(TRAINED_DIR).state_dict()
+
+
+def test_train_logs_every_metric_and_saves_the_model(trainer):
+    params = config.load()
+    summary = run_stage("train", params)
+    assert summary["train/steps"] == 4
+    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
+    runs = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'")
+    assert len(runs) == 1
+    run_id = runs[0].info.run_id
+    for key in STEP_METRICS:
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3, 4], key
+    artifacts = {f.path for f in client.list_artifacts(run_id)} | {f.path for f in client.list_artifacts(run_id, "completions")}
+    assert {"completions/step_000002.json", "completions/step_000004.json", "reward_curve.png", "train_curve.csv"} <= artifacts
+    table = pd.read_json(client.download_artifacts(run_id, "completions/step_000002.json", str(trainer)), orient="split")
+    assert {"prompt", "completion", "reward", "advantage", "reward/answer_match"} <= set(table.columns)
+    assert len(table) == 16
+    curve = pd.read_csv(CURVE_FILE)
+    assert curve["step"].tolist() == [1, 2, 3, 4]
+    assert not CHECKPOINT_DIR.exists()
+    base = load_model("models/base").state_dict()
+    assert any(not torch.equal(base[k], v) for k, v in trained_weights().items())
+
+
+def test_resume_after_a_kill_continues_the_same_run_and_trajectory(trainer, tmp_path):
+    overrides = ["train.steps=16", "train.save_every=3"]
+    # Reference: the same params trained in one go, in another copy.
+    reference = tmp_path / "reference"
+    shutil.copytree(trainer, reference)
+    grpolab("stage", "train", *[f"-S{o}" for o in overrides], cwd=reference)
+
+    config.apply_overrides(overrides)
+    proc = subprocess.Popen([f"{BIN}/grpolab", "stage", "train"], cwd=trainer, env=project_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not (trainer / CHECKPOINT_DIR / "latest").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not TRAINED_DIR.exists()
+
+    grpolab("stage", "train", cwd=trainer)
+    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
+    runs = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")}
+    assert steps == set(range(1, 17))
+    assert pd.read_csv(CURVE_FILE)["step"].tolist() == list(range(1, 17))
+    expected = load_model(reference / TRAINED_DIR).state_dict()
+    for key, value in trained_weights().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_two_processes_follow_one_process_trajectory(trainer, tmp_path):
+    single = tmp_path / "single"
+    shutil.copytree(trainer, single)
+    grpolab("stage", "train", "-S", "train.steps=4", cwd=single)
+    grpolab("stage", "train", "-S", "train.num_processes=2", "-S", "train.micro_batch_size=4", cwd=trainer)
+    one, two = pd.read_csv(single / CURVE_FILE), pd.read_csv(trainer / CURVE_FILE)
+    # Same global batch, same completions (per-row sampling seeds), gradients averaged over ranks:
+    # the trajectories agree to float32 reduction-order noise.
+    for column in ("train/reward_mean", "train/loss", "train/kl", "train/entropy"):
+        torch.testing.assert_close(torch.tensor(two[column].values), torch.tensor(one[column].values), rtol=1e-4, atol=1e-5, msg=column)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stages_train(trainer, stage):
+    params = config.apply_overrides(["train.steps=2", f"train.deepspeed.zero_stage={stage}", "train.kl_beta=0"])
+    run_stage("train", params)
+    assert (TRAINED_DIR / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.group_size=1", "train.group_size: Input should be greater than or equal to 2"),
+        ("train.micro_batch_size=5", "train: micro_batch_size (5) must divide the per-process batch"),
+        ("train.rewards={}", "train.rewards: Value error, needs at least one reward function".replace("Value error, ", "")),
+        ("train.rewards={length: 1}", "train.rewards: unknown reward 'length'"),
+        ("train.kl_estimator=k4", "train.kl_estimator: Input should be 'k1', 'k2' or 'k3'"),
+        ("train.loss_agg_mode=sum", "train.loss_agg_mode: Input should be 'token-mean'"),
+        ("train.judge_model=nowhere", "train.judge_model: no Hugging Face checkpoint (config.json) at nowhere"),
+        ("train.num_processes=3", "train: prompts_per_step (4) must divide evenly across num_processes (3)"),
+    ],
+)
+def test_bad_train_params_are_rejected_before_work(trainer, override, message):
+    before = Path("params.yaml").read_text()
+    with pytest.raises(config.ConfigError) as err:
+        config.apply_overrides([override])
+    assert message in str(err.value)
+    assert Path("params.yaml").read_text() == before
+
+
+def test_bad_input_through_the_cli_exits_nonzero_naming_the_key(trainer):
+    proc = grpolab("stage", "train", "-S", "train.group_size=1", cwd=trainer, check=False)
+    assert proc.returncode == 2 and "train.group_size: Input should be greater than or equal to 2" in proc.stderr
+    shutil.rmtree("models/base")
+    proc = grpolab("stage", "train", cwd=trainer, check=False)
+    assert proc.returncode == 2 and "models/base: no base model (run the sft stage first)" in proc.stderr
+    assert not TRAINED_DIR.exists()

@@ -40,7 +40,7 @@ from grpolab.variants import LossWeights, loss_weights
 TRAINED_DIR = Path("models/trained")
 CHECKPOINT_DIR = Path("checkpoints/train")
 CURVE_FILE = Path("metrics/train_curve.csv")
-CURVE_KEYS = ["train/reward_mean", "train/loss", "train/kl", "train/entropy", "train/completion_length"]
+CURVE_KEYS = ["train/reward_mean", "train/loss", "train/kl", "train/entropy", "train/completion_length", "train/step_time"]
 
 
 @dataclass

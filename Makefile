@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 PIP := $(BIN)/pip install --disable-pip-version-check --progress-bar off -q
 
-.PHONY: install run test ui clean
+.PHONY: install run test ui bench clean
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ test: install
 
 ui: install
 	grpolab ui
+
+# grpolab vs TRL's GRPOTrainer, side by side (needs models/base from `make run`)
+bench: install
+	$(PIP) -r bench/requirements.txt
+	python bench/bench_trl.py
 
 clean:
 	rm -rf data models metrics mlflow.db mlruns mlartifacts .dvc/cache .dvc/tmp dvc.lock

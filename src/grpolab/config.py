@@ -140,7 +140,7 @@ class TrainParams(Section):
         64, ge=1, description="Sequences per forward/backward on one process; gradients accumulate over the rest."
     )
     ppo_epochs: int = Field(1, ge=1, description="Optimizer steps per batch of rollouts (1 = on-policy).")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak AdamW learning rate.")
+    learning_rate: float = Field(3e-5, gt=0, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps before the cosine decay.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")

@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PIP) --no-build-isolation deepspeed==0.19.8
 	$(PIP) -r requirements.lock
 	$(PIP) --no-deps -e .
+	@# DeepSpeed JIT-builds its CPU shared-memory comm op on first use (~1 min): do it here, once,
+	@# rather than inside the first training (where an interrupted build leaves a lock behind).
+	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
 
 run: install

@@ -34,6 +34,12 @@ def _existing_paths(paths: list[str]) -> list[str]:
     return paths
 
 
+def _existing_checkpoint(value: str | None) -> str | None:
+    if value is not None and not (Path(value) / "config.json").is_file():
+        raise ValueError(f"no Hugging Face checkpoint (config.json) at {value}")
+    return value
+
+
 class DataParams(Section):
     task: Literal["arithmetic"] = Field(
         "arithmetic",
@@ -84,12 +90,7 @@ class ModelParams(Section):
     intermediate_size: int = Field(512, ge=8, description="MLP width of the tiny model.")
     max_length: int = Field(128, ge=16, description="Longest prompt + completion in tokens (position embeddings).")
 
-    @field_validator("name_or_path")
-    @classmethod
-    def _checkpoint_exists(cls, value: str | None) -> str | None:
-        if value is not None and not (Path(value) / "config.json").is_file():
-            raise ValueError(f"no Hugging Face checkpoint (config.json) at {value}")
-        return value
+    _check_checkpoint = field_validator("name_or_path")(_existing_checkpoint)
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelParams:
@@ -177,12 +178,7 @@ class TrainParams(Section):
                 raise ValueError(f"unknown reward {name!r}; known: {', '.join(sorted(REWARDS))}")
         return value
 
-    @field_validator("judge_model")
-    @classmethod
-    def _judge_exists(cls, value: str | None) -> str | None:
-        if value is not None and not (Path(value) / "config.json").is_file():
-            raise ValueError(f"no Hugging Face checkpoint (config.json) at {value}")
-        return value
+    _check_judge = field_validator("judge_model")(_existing_checkpoint)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainParams:

@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 PIP := $(BIN)/pip install --disable-pip-version-check --progress-bar off -q
 
-.PHONY: install run test ui bench clean
+.PHONY: install run test ui bench bench-mia clean
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ ui: install
 bench: install
 	$(PIP) -r bench/requirements.txt
 	python bench/bench_trl.py
+
+# what Min-K%++ scoring and the MIA-weighted loss cost (needs `make run` first)
+bench-mia: install
+	python bench/bench_mia.py
 
 clean:
 	rm -rf data models metrics mlflow.db mlruns mlartifacts .dvc/cache .dvc/tmp dvc.lock

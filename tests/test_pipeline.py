@@ -13,9 +13,12 @@ EVAL_KEYS = {
     "success_rate", "format_rate", "completion_length",
     "sampled/success_rate", "sampled/format_rate", "sampled/completion_length", "sampled/pass_at_2",
 }
+MIA_METHODS = ("loss", "zlib", "min_k", "min_k_plus_plus")
+MIA_KEYS = {f"mia/{m}/{k}" for m in MIA_METHODS for k in ("auc", "tpr_at_fpr_0.01", "tpr_at_fpr_0.05")}
 OUTPUT_FILES = [
-    "data/train.parquet", "data/eval.parquet", "data/sft.parquet", "metrics/eval.json", "metrics/eval_samples.jsonl",
-    "metrics/sft_loss.csv", "models/trained/model.safetensors",
+    "data/train.parquet", "data/eval.parquet", "data/sft.parquet", "data/train_weighted.parquet", "data/mia_scores.parquet",
+    "metrics/eval.json", "metrics/eval_samples.jsonl", "metrics/sft_loss.csv", "models/trained/model.safetensors",
+    *[f"metrics/mia_roc/{m}.csv" for m in MIA_METHODS],
 ]
 
 
@@ -28,14 +31,20 @@ def test_pipeline_through_prefect_then_dvc(tmp_path):
     a = make_project(tmp_path / "a")
     proc = grpolab("run", *[f"-S{o}" for o in TINY], cwd=a)
     out = proc.stdout + proc.stderr
-    for stage in ("prepare", "sft", "train", "evaluate"):
+    for stage in ("prepare", "sft", "mia", "train", "evaluate"):
         assert f"==> stage {stage}" in out and f"Running stage '{stage}'" in out
     assert "grpolab pipeline summary" in proc.stdout and "make ui" in proc.stdout
 
     # Outputs and metrics keys.
     metrics = json.loads((a / "metrics/eval.json").read_text())
-    assert set(metrics) == {f"{m}/{k}" for m in ("base", "trained") for k in EVAL_KEYS}
-    assert all(0 <= metrics[f"{m}/{k}"] <= 1 for m in ("base", "trained") for k in EVAL_KEYS if "rate" in k or "pass" in k)
+    assert set(metrics) == {f"{m}/{k}" for m in ("base", "trained") for k in EVAL_KEYS | MIA_KEYS}
+    assert all(0 <= metrics[f"{m}/{k}"] <= 1 for m in ("base", "trained") for k in EVAL_KEYS | MIA_KEYS if "rate" in k or "pass" in k or "mia" in k)
+    roc = pd.read_csv(a / "metrics/mia_roc/min_k_plus_plus.csv")
+    assert list(roc.columns) == ["fpr", "base", "trained"] and roc["trained"].is_monotonic_increasing
+    weighted = pd.read_parquet(a / "data/train_weighted.parquet")
+    weights = [x["mia_weight"] for x in weighted["extra_info"]]
+    assert len(weights) == 40 and min(weights) == 0.0 and max(weights) == 1.0
+    assert {x["mia_method"] for x in weighted["extra_info"]} == {"min_k_plus_plus"}
     assert 0 < metrics["base/completion_length"] <= 24
     assert (a / "models/trained/model.safetensors").is_file()
     assert pd.read_csv(a / "metrics/train_curve.csv")["step"].tolist() == [1, 2, 3]
@@ -56,14 +65,17 @@ def test_pipeline_through_prefect_then_dvc(tmp_path):
     assert len(parents) == 1
     parent = parents[0]
     children = {r.data.tags["grpolab.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"prepare", "sft", "train", "evaluate"}
+    assert set(children) == {"prepare", "sft", "mia", "train", "evaluate"}
     assert all(r.info.status == "FINISHED" for r in runs)
     assert parent.data.params["sft.steps"] == "12" and parent.data.params["model.hidden_size"] == "32"
     assert parent.data.params["data.operations"] == "['+', '-']"
     assert parent.data.metrics["base/success_rate"] == metrics["base/success_rate"]
     assert parent.data.metrics["trained/success_rate"] == metrics["trained/success_rate"]
     assert len(client.get_metric_history(children["train"].info.run_id, "train/reward_mean")) == 3
-    assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {"train", "eval", "sft"}
+    assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {"train", "eval", "sft", "train_weighted"}
+    evaluate_artifacts = {f.path for f in client.list_artifacts(children["evaluate"].info.run_id)}
+    assert "mia_roc.png" in evaluate_artifacts
+    assert 0 <= children["mia"].data.metrics["mia/base_train_vs_eval_auc"] <= 1
     history = client.get_metric_history(children["sft"].info.run_id, "sft/loss")
     assert [m.step for m in history] == [4, 8, 12]
     sft_artifacts = {f.path for f in client.list_artifacts(children["sft"].info.run_id, "base_model")}
@@ -87,4 +99,4 @@ def test_pipeline_through_prefect_then_dvc(tmp_path):
     (a / "params.yaml").write_text(params.replace("num_logged_samples: 4\n", "num_logged_samples: 2\n"))
     repro = run(["dvc", "repro"], a).stdout
     assert "Running stage 'evaluate'" in repro
-    assert all(f"Running stage '{s}'" not in repro for s in ("prepare", "sft", "train"))
+    assert all(f"Running stage '{s}'" not in repro for s in ("prepare", "sft", "mia", "train"))

@@ -29,6 +29,7 @@ def test_user_checkpoint_is_loaded_with_its_own_tokenizer(in_tmp, tmp_path):
     assert base.config.model_type == "qwen2"
     for (name, a), b in zip(user_model.state_dict().items(), base.state_dict().values()):
         assert torch.equal(a, b), name
+    run_stage("mia", p)
     run_stage("train", p)
     metrics = run_stage("evaluate", p)
     assert "trained/success_rate" in metrics

@@ -21,6 +21,29 @@ def test_subtraction_trace_borrows_and_pads_the_shorter_operand():
     assert p.completion == "<think>2-5-0=-3 0-4-1=-5 3-0-1=2</think><answer>257</answer>"
 
 
+def test_sloppy_demonstration_forgets_every_carry_but_keeps_the_true_answer():
+    p = arithmetic_problem(347, "+", 285, sloppy=True)
+    assert p.answer == "632"
+    # every column with a carry of 0: 7+5=12 -> 2, 4+8=12 -> 2, last column written whole: 5
+    assert p.completion == "<think>7+5+0=12 4+8+0=12 3+2+0=5</think><answer>522</answer>"
+    assert arithmetic_problem(302, "-", 45, sloppy=True).completion == (
+        "<think>2-5-0=-3 0-4-0=-4 3-0-0=3</think><answer>367</answer>"
+    )
+    assert arithmetic_problem(57, "+", 68, sloppy=True).completion.endswith("<answer>115</answer>")
+    # no carry needed: the sloppy demonstration is right
+    assert arithmetic_problem(12, "+", 34, sloppy=True) == arithmetic_problem(12, "+", 34)
+    assert arithmetic_problem(10, "-", 10, sloppy=True).completion.endswith("<answer>0</answer>")
+
+
+def test_sloppy_rate_marks_that_share_of_the_demonstrations():
+    problems = generate_arithmetic(400, 999, ["+"], random.Random(3), set(), sloppy_rate=0.5)
+    wrong = sum(p.completion.split("<answer>")[1] != f"{p.answer}</answer>" for p in problems)
+    # about half are sloppy, and most 3-digit sums need a carry
+    assert 100 < wrong < 200
+    clean = generate_arithmetic(400, 999, ["+"], random.Random(3), set())
+    assert all(p.completion.endswith(f"<answer>{p.answer}</answer>") for p in clean)
+
+
 def test_subtraction_keeps_results_non_negative():
     with pytest.raises(ValueError):
         arithmetic_problem(3, "-", 5)

@@ -60,6 +60,7 @@ def base_project(tmp_path_factory):
         save_judge(root / "judge")
         params = config.apply_overrides(TINY_TRAIN[-2:])
         run_stage("sft", params)
+        run_stage("mia", params)
     finally:
         os.chdir(cwd)
     return root
@@ -176,3 +177,43 @@ def test_bad_input_through_the_cli_exits_nonzero_naming_the_key(trainer):
     proc = grpolab("stage", "train", cwd=trainer, check=False)
     assert proc.returncode == 2 and "models/base: no base model (run the sft stage first)" in proc.stderr
     assert not TRAINED_DIR.exists()
+
+
+def _rewrite_weights(weight) -> None:
+    """Set every train prompt's mia_weight (None: drop it) in data/train_weighted.parquet."""
+    from grpolab.data.schema import write_parquet
+
+    data = pd.read_parquet("data/train_weighted.parquet")
+    strip = lambda info: {k: v for k, v in info.items() if not k.startswith("mia_")}  # noqa: E731
+    data["extra_info"] = [strip(x) if weight is None else {**strip(x), "mia_weight": weight} for x in data["extra_info"]]
+    write_parquet(data, "data/train_weighted.parquet")
+
+
+def test_mia_weighted_loss_logs_its_weights_and_falls_back_to_plain_grpo(trainer, tmp_path):
+    on = ["-S", "train.steps=2", "-S", "train.use_mia_weighted_loss=true", "-S", "train.mia_weighting_mode=quadratic",
+          "-S", "train.mia_invert_weights=true"]
+    proc = grpolab("stage", "train", *on, cwd=trainer)
+    raw = torch.tensor([x["mia_weight"] for x in pd.read_parquet("data/train_weighted.parquet")["extra_info"]], dtype=torch.float64)
+    w = (1 - raw) ** 2
+    line = (f"MIA-weighted loss enabled: mode=quadratic, invert=True, weight_mean={w.mean():.4f}, weight_std={w.std():.4f}, "
+            f"weight_min={w.min():.4f}, weight_max={w.max():.4f}")
+    assert line in proc.stdout
+    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
+    run = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'")[0]
+    assert run.data.metrics["mia/weight_mean"] == pytest.approx(w.mean().item())
+    assert run.data.metrics["mia/weight_max"] == pytest.approx(w.max().item())
+    weighted = trained_weights()
+
+    # Weights of 1 (linear) train exactly like plain GRPO; no weights at all: plain GRPO and a warning.
+    plain_dir = tmp_path / "plain"
+    shutil.copytree(trainer, plain_dir)
+    grpolab("stage", "train", "-S", "train.steps=2", cwd=plain_dir)
+    plain = load_model(plain_dir / TRAINED_DIR).state_dict()
+    assert any(not torch.equal(plain[k], v) for k, v in weighted.items())
+    _rewrite_weights(1.0)
+    grpolab("stage", "train", *on[:4], "-S", "train.mia_weighting_mode=linear", "-S", "train.mia_invert_weights=false", cwd=trainer)
+    assert all(torch.equal(plain[k], v) for k, v in trained_weights().items())
+    _rewrite_weights(None)
+    proc = grpolab("stage", "train", *on, cwd=trainer)
+    assert "no extra_info.mia_weight: training plain GRPO" in proc.stderr and "MIA-weighted loss enabled" not in proc.stdout
+    assert all(torch.equal(plain[k], v) for k, v in trained_weights().items())

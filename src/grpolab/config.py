@@ -47,10 +47,17 @@ class DataParams(Section):
         "`arithmetic`: integer + and - problems with a checkable answer.",
     )
     num_sft: int = Field(4000, ge=0, description="Number of generated SFT examples (prompt + worked completion).")
+    sft_carry_error_rate: float = Field(
+        0.7,
+        ge=0.0,
+        le=1.0,
+        description="Share of generated SFT demonstrations that forget every carry (borrow), as a sloppy "
+        "demonstrator would: the base model inherits a systematic error that RL can fix. 0: all correct.",
+    )
     num_train: int = Field(1000, ge=1, description="Number of generated RL train prompts.")
     num_eval: int = Field(200, ge=1, description="Number of generated eval prompts, disjoint from SFT and train.")
     max_operand: int = Field(
-        999, ge=9, le=10**9, description="Largest operand of a generated problem; sets the difficulty."
+        99, ge=9, le=10**9, description="Largest operand of a generated problem; sets the difficulty."
     )
     operations: list[Literal["+", "-"]] = Field(
         ["+", "-"], min_length=1, description="Operators the generated problems draw from."
@@ -118,6 +125,38 @@ class EvalParams(Section):
     num_logged_samples: int = Field(
         20, ge=0, description="Eval prompts whose completions go to the samples file and MLflow table."
     )
+    mia_methods: list[Literal["loss", "zlib", "min_k", "min_k_plus_plus", "reference"]] = Field(
+        ["loss", "zlib", "min_k", "min_k_plus_plus"],
+        description="Membership attacks evaluated on the base and trained models: train prompts are the "
+        "members, eval prompts the non-members (`reference` needs mia.reference_model).",
+    )
+
+
+class MiaParams(Section):
+    method: Literal["loss", "zlib", "min_k", "min_k_plus_plus", "reference", "precomputed"] = Field(
+        "min_k_plus_plus",
+        description="Membership score of each train prompt under the base model (higher = more likely a member): "
+        "`loss` mean log-likelihood, `zlib` that over zlib bytes, `min_k` mean of the lowest k % token "
+        "log-probs, `min_k_plus_plus` Min-K%++, `reference` likelihood ratio against `reference_model`, "
+        "`precomputed` keep the train files' own `extra_info.mia_weight`.",
+    )
+    k: float = Field(0.2, gt=0, le=1, description="Share of lowest-scoring tokens averaged by `min_k` and `min_k_plus_plus`.")
+    normalize: Literal["rank", "minmax"] = Field(
+        "rank", description="How train scores become weights in [0, 1]: rank (robust to outliers) or min-max."
+    )
+    reference_model: str | None = Field(
+        None, description="Local causal-LM checkpoint for the `reference` method (same tokenizer as the base model)."
+    )
+    max_new_tokens: int = Field(48, ge=1, description="Length of the greedy completion whose tokens are scored.")
+    batch_size: int = Field(256, ge=1, description="Prompts scored together.")
+
+    _check_reference = field_validator("reference_model")(_existing_checkpoint)
+
+    @model_validator(mode="after")
+    def _reference_needs_model(self) -> MiaParams:
+        if self.method == "reference" and self.reference_model is None:
+            raise ValueError("method: `reference` needs mia.reference_model")
+        return self
 
 
 class DeepSpeedParams(Section):
@@ -131,7 +170,7 @@ class DeepSpeedParams(Section):
 
 
 class TrainParams(Section):
-    steps: int = Field(60, ge=0, description="Optimizer steps of GRPO.")
+    steps: int = Field(100, ge=0, description="Optimizer steps of GRPO.")
     prompts_per_step: int = Field(16, ge=1, description="Prompts drawn per batch of rollouts (across all processes).")
     group_size: int = Field(8, ge=2, description="Completions sampled per prompt; advantages are relative to this group.")
     max_new_tokens: int = Field(48, ge=1, description="Longest completion sampled in rollouts.")
@@ -141,7 +180,7 @@ class TrainParams(Section):
         64, ge=1, description="Sequences per forward/backward on one process; gradients accumulate over the rest."
     )
     ppo_epochs: int = Field(1, ge=1, description="Optimizer steps per batch of rollouts (1 = on-policy).")
-    learning_rate: float = Field(3e-5, gt=0, description="Peak AdamW learning rate.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps before the cosine decay.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
@@ -161,6 +200,14 @@ class TrainParams(Section):
     judge_model: str | None = Field(
         None, description="Local sequence-classification checkpoint used by the `judge` reward (frozen)."
     )
+    use_mia_weighted_loss: bool = Field(
+        False, description="Multiply each prompt's policy-gradient loss by its transformed `extra_info.mia_weight` "
+        "(seed 000); train data without weights falls back to plain GRPO with a warning."
+    )
+    mia_weighting_mode: Literal["linear", "quadratic", "exponential"] = Field(
+        "linear", description="Transform of the MIA weight w: w, w^2 or exp(w - 1)."
+    )
+    mia_invert_weights: bool = Field(False, description="Use 1 - w before the transform.")
     save_every: int = Field(20, ge=0, description="Checkpoint every this many steps (0: only at the end).")
     log_completions_every: int = Field(10, ge=1, description="Log a table of sample completions every this many steps.")
     num_processes: int = Field(1, ge=1, description="Training processes; above 1 the stage starts them with torchrun.")
@@ -212,9 +259,16 @@ class Params(Section):
     data: DataParams = Field(default_factory=DataParams, description="Task data and tokenizer corpus.")
     model: ModelParams = Field(default_factory=ModelParams, description="Base model.")
     sft: SFTParams = Field(default_factory=SFTParams, description="Supervised warm start.")
+    mia: MiaParams = Field(default_factory=MiaParams, description="Membership scores and MIA prompt weights.")
     train: TrainParams = Field(default_factory=TrainParams, description="GRPO training.")
     eval: EvalParams = Field(default_factory=EvalParams, description="Evaluation.")
     tracking: TrackingParams = Field(default_factory=TrackingParams, description="MLflow tracking.")
+
+    @model_validator(mode="after")
+    def _reference_for_eval(self) -> Params:
+        if "reference" in self.eval.mia_methods and self.mia.reference_model is None:
+            raise ValueError("eval.mia_methods: `reference` needs mia.reference_model")
+        return self
 
     @model_validator(mode="after")
     def _sft_has_data(self) -> Params:

@@ -1,5 +1,6 @@
 """`evaluate` stage: greedy and sampled completions on the eval prompts, scored by answer match
-and format. Writes metrics/eval.json (namespaced keys) and a file of sample completions."""
+and format, and membership attacks (train prompts vs eval prompts), for the base and the trained
+model. Writes metrics/eval.json (namespaced keys), sample completions and ROC curves."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from grpolab.config import Params
 from grpolab.data.prepare import EVAL_FILE
 from grpolab.data.tokenizer import load_tokenizer
 from grpolab.fsutil import atomic_write_text
+from grpolab.membership import ROC_DIR, membership_evaluation, roc_figure, write_roc_curves
 from grpolab.models import load_model
 from grpolab.rewards import answer_match, format_reward
 from grpolab.rollout import Completions, generate
@@ -76,10 +78,17 @@ def evaluate(params: Params, tracker=None) -> dict[str, float]:
         metrics.update({f"{tag}/{k}": v for k, v in model_metrics.items()})
         sample_rows += [{"model": tag, **row} for row in samples]
 
+    mia_metrics, curves = membership_evaluation({"base": BASE_DIR, "trained": TRAINED_DIR}, params)
+    metrics.update(mia_metrics)
+    write_roc_curves(curves)
+
     atomic_write_text(METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     atomic_write_text(SAMPLES_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in sample_rows))
     if tracker:
         tracker.metrics(metrics, parent=True)
         tracker.table(pd.DataFrame(sample_rows), "eval_samples.json")
         tracker.artifacts(METRICS_FILE)
+        if curves:
+            tracker.figure(roc_figure(curves), "mia_roc.png")
+            tracker.artifacts(ROC_DIR, "mia_roc")
     return metrics

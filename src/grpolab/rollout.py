@@ -49,7 +49,7 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-@torch.no_grad()  # not inference_mode: the rollout tensors feed the autograd graph of the update
+@torch.no_grad()
 def sample(
     model: PreTrainedModel,
     prompts: list[list[int]],
@@ -64,6 +64,17 @@ def sample(
     """Generate one completion per prompt row. Greedy when `generators` is None, else Gumbel-max
     sampling from softmax(logits / temperature) restricted to top_p, row i using generators[i]."""
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    completion_ids = _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generators).clone()
+    # valid = generated before or at the first EOS
+    eos_seen = (completion_ids == eos_id).long().cumsum(-1)
+    completion_mask = ((eos_seen == 0) | ((eos_seen == 1) & (completion_ids == eos_id))).long()
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask)
+
+
+@torch.inference_mode()  # the caller gets clones: ordinary tensors that may enter an autograd graph
+def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generators) -> torch.Tensor:
+    """The decoding loop of `sample`: completion ids [B, steps] with anything after EOS unspecified."""
     batch = prompt_ids.shape[0]
     device = next(model.parameters()).device
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0).to(device)
@@ -71,12 +82,15 @@ def sample(
     cache, logits = out.past_key_values, out.logits[:, -1]
     attention = prompt_mask.to(device)
     next_pos = positions[:, -1:] + 1
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens = []
+    tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    active = torch.arange(batch, device=device)  # rows still generating; finished rows leave the batch
+    done = torch.zeros(batch, dtype=torch.bool, device=device)  # over the active rows
+    compactable = hasattr(cache, "batch_select_indices")
     vocab = logits.shape[-1]
     # Noise is drawn a chunk of steps at a time (one call per row per chunk, not per token),
     # the chunk sized to keep the buffer near 64 MB whatever the vocabulary.
     chunk = max(1, min(max_new_tokens, 2**24 // max(1, batch * vocab)))
+    steps = 0
     for t in range(max_new_tokens):
         if generators is None:
             token = logits.argmax(-1)
@@ -85,22 +99,40 @@ def sample(
                 uniform = torch.stack([torch.rand(chunk, vocab, generator=g) for g in generators])
                 gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20))).to(device)
             scores = top_p_filter(logits.float() / temperature, top_p)
-            token = (scores + gumbel[:, t % chunk]).argmax(-1)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        tokens.append(token)
-        done |= token == eos_id
+            token = (scores + gumbel[active, t % chunk]).argmax(-1)
+        if not compactable:
+            token = torch.where(done, torch.full_like(token, pad_id), token)
+        tokens[active, t] = token
+        steps = t + 1
+        done = done | (token == eos_id)
         if done.all():
             break
-        attention = torch.cat([attention, torch.ones(batch, 1, dtype=attention.dtype, device=device)], dim=-1)
+        # Drop finished rows once they are a quarter of the batch: the decode cost follows the
+        # rows still running, and the KV cache is re-indexed only a few times per rollout.
+        if compactable and done.sum() * 4 >= len(active):
+            keep = (~done).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            active, token, attention, next_pos, done = active[keep], token[keep], attention[keep], next_pos[keep], done[keep]
+        attention = torch.cat([attention, torch.ones(len(active), 1, dtype=attention.dtype, device=device)], dim=-1)
         out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos, past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
         next_pos = next_pos + 1
-    completion_ids = torch.stack(tokens, dim=1).cpu()
-    # valid = generated before or at the first EOS
-    eos_seen = (completion_ids == eos_id).long().cumsum(-1)
-    completion_mask = ((eos_seen == 0) | ((eos_seen == 1) & (completion_ids == eos_id))).long()
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    return tokens[:, :steps].cpu()
+
+
+def completion_logits(
+    model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
+    """One forward pass over [prompt | completion]: the logits that predict each completion token.
+
+    prompt_ids, prompt_mask: [B, P] left-padded; completion_ids, completion_mask: [B, T] -> [B, T, V].
+    """
+    device = next(model.parameters()).device
+    ids = torch.cat([prompt_ids, completion_ids], dim=1).to(device)
+    mask = torch.cat([prompt_mask, completion_mask], dim=1).to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    return logits[:, prompt_ids.shape[1] - 1 : -1]  # position t predicts completion token t
 
 
 def row_generators(seed: int, row_ids: list[int]) -> list[torch.Generator]:

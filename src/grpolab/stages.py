@@ -12,12 +12,14 @@ from grpolab import distributed, tracking
 from grpolab.config import Params
 from grpolab.data.prepare import prepare
 from grpolab.evaluate import evaluate
+from grpolab.membership import mia
 from grpolab.sft import sft
 from grpolab.train import resumable_run_id, train
 
 STAGES: dict[str, Callable[..., dict]] = {
     "prepare": prepare,
     "sft": sft,
+    "mia": mia,
     "train": train,
     "evaluate": evaluate,
 }

@@ -24,18 +24,18 @@ from transformers import get_cosine_schedule_with_warmup
 from grpolab import distributed as dist
 from grpolab.algos.advantages import group_advantages, zero_std_groups
 from grpolab.algos.losses import (
-    KL_ESTIMATORS, aggregate, aggregation_units, clipped_policy_loss, compose_token_loss, entropy_from_logits, token_logprobs,
+    KL_ESTIMATORS, aggregate, aggregation_units, clipped_policy_loss, compose_token_loss, logprobs_and_entropy, token_logprobs,
 )
 from grpolab.config import Params
-from grpolab.data.prepare import TRAIN_FILE
 from grpolab.data.tokenizer import encode_prompt, load_tokenizer
 from grpolab.fsutil import atomic_write_text
+from grpolab.membership import WEIGHTED_TRAIN_FILE
 from grpolab.models import load_model, save_checkpoint
 from grpolab.rewards import Judge, RewardBatch, score
-from grpolab.rollout import Rollout, decode, row_generators, sample
+from grpolab.rollout import Rollout, completion_logits, decode, row_generators, sample
 from grpolab.sft import BASE_DIR
 from grpolab.tracking import Tracker, params_hash
-from grpolab.variants import LossWeights, loss_weights
+from grpolab.variants import LossWeights, Variants
 
 TRAINED_DIR = Path("models/trained")
 CHECKPOINT_DIR = Path("checkpoints/train")
@@ -82,21 +82,19 @@ def deepspeed_config(params: Params, bf16: bool) -> dict:
 
 def completion_logprobs(model, rows: dict, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p of each completion token under `model` ([b, T]) and, if asked, the entropy ([b, T])."""
-    device = next(model.parameters()).device
-    ids = torch.cat([rows["prompt_ids"], rows["completion_ids"]], dim=1).to(device)
-    mask = torch.cat([rows["prompt_mask"], rows["mask"]], dim=1).to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    logits = logits[:, rows["prompt_ids"].shape[1] - 1 : -1]  # position t predicts completion token t
-    logp = token_logprobs(logits, rows["completion_ids"].to(device)).cpu()
-    ent = entropy_from_logits(logits.detach()).cpu() if entropy else None
-    return logp, ent
+    logits = completion_logits(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"])
+    targets = rows["completion_ids"].to(logits.device)
+    if not entropy:
+        return token_logprobs(logits, targets).cpu(), None
+    logp, ent = logprobs_and_entropy(logits, targets)
+    return logp.cpu(), ent.cpu()
 
 
-@torch.no_grad()
 def _logprobs_in_chunks(model, batch: Batch, size: int) -> torch.Tensor:
     n = batch.rollout.completion_ids.shape[0]
-    return torch.cat([completion_logprobs(model, batch.rows(i, i + size))[0] for i in range(0, n, size)])
+    with torch.inference_mode():
+        logp = torch.cat([completion_logprobs(model, batch.rows(i, i + size))[0] for i in range(0, n, size)])
+    return logp.clone()  # an ordinary tensor: it meets the policy's log-probs in the loss
 
 
 def _step_prompts(params: Params, n_train: int, rollout_index: int) -> np.ndarray:
@@ -105,16 +103,17 @@ def _step_prompts(params: Params, n_train: int, rollout_index: int) -> np.ndarra
     return rng.choice(n_train, size=params.train.prompts_per_step, replace=n_train < params.train.prompts_per_step)
 
 
-def make_batch(params: Params, engine, ref_model, tokenizer, data: pd.DataFrame, judge, rollout_index: int):
+def make_batch(params: Params, engine, ref_model, tokenizer, data: pd.DataFrame, judge, variants: Variants, rollout_index: int):
     t = params.train
     per_rank = t.prompts_per_step // dist.world_size()
     prompt_index = _step_prompts(params, len(data), rollout_index)
     mine = prompt_index[dist.rank() * per_rank : (dist.rank() + 1) * per_rank]
     rows = [data.iloc[i] for i in mine for _ in range(t.group_size)]
+    encoded = {i: encode_prompt(tokenizer, data.iloc[i]["prompt"]) for i in set(mine.tolist())}
     first_row = rollout_index * t.prompts_per_step * t.group_size + dist.rank() * per_rank * t.group_size
     with dist.gathered(engine.module, t.deepspeed.zero_stage):
         rollout = sample(
-            engine.module, [encode_prompt(tokenizer, r["prompt"]) for r in rows], max_new_tokens=t.max_new_tokens,
+            engine.module, [encoded[i] for i in mine.tolist() for _ in range(t.group_size)], max_new_tokens=t.max_new_tokens,
             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, temperature=t.temperature, top_p=t.top_p,
             generators=row_generators(params.seed, list(range(first_row, first_row + len(rows)))),
         )
@@ -123,7 +122,7 @@ def make_batch(params: Params, engine, ref_model, tokenizer, data: pd.DataFrame,
     all_rewards = dist.all_gather_cat(reward)  # advantages (batch scaling) and logged stats see the whole batch
     offset = dist.rank() * len(rows)
     advantages = group_advantages(all_rewards, t.group_size, t.scale_rewards)[offset : offset + len(rows)]
-    batch = Batch(rollout, advantages, None, None, loss_weights(params, rollout.completion_mask, rows))
+    batch = Batch(rollout, advantages, None, None, variants.loss_weights(rollout.completion_mask, rows))
     engine.module.eval()
     if t.ppo_epochs > 1:
         batch.old_logp = _logprobs_in_chunks(engine.module, batch, t.micro_batch_size)
@@ -280,6 +279,8 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
     t = params.train
     if not (BASE_DIR / "config.json").is_file():
         raise FileNotFoundError(f"{BASE_DIR}: no base model (run the sft stage first)")
+    if not WEIGHTED_TRAIN_FILE.is_file():
+        raise FileNotFoundError(f"{WEIGHTED_TRAIN_FILE}: no train data (run the mia stage first)")
     dist.init()
     torch.manual_seed(params.seed)
     use_cuda = torch.cuda.is_available()
@@ -297,7 +298,11 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(params, bf16)
     )
-    data = pd.read_parquet(TRAIN_FILE)
+    data = pd.read_parquet(WEIGHTED_TRAIN_FILE)
+    variants = Variants(params, data)
+    start_metrics = variants.start_metrics(data) if dist.is_rank0() else {}
+    if tracker and start_metrics:
+        tracker.metrics(start_metrics)
     start = load_training_checkpoint(engine, params)
     curve = pd.read_csv(CURVE_FILE) if start and CURVE_FILE.is_file() else pd.DataFrame(columns=["step", *CURVE_KEYS])
     curve = curve[curve["step"] <= start]
@@ -307,7 +312,7 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
     for step in bar:
         began = time.perf_counter()
         if (step - 1) % t.ppo_epochs == 0 or step == start + 1:
-            batch, info = make_batch(params, engine, ref_model, tokenizer, data, judge, (step - 1) // t.ppo_epochs)
+            batch, info = make_batch(params, engine, ref_model, tokenizer, data, judge, variants, (step - 1) // t.ppo_epochs)
         sums = update(params, engine, batch)
         metrics = step_metrics(params, engine, sums, info, time.perf_counter() - began)
         bar.set_postfix(reward=f"{metrics['train/reward_mean']:.3f}", loss=f"{metrics['train/loss']:.4f}")

@@ -12,6 +12,13 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) [B, T] (differentiable) and the detached entropy [B, T], from one log-softmax."""
+    logp_all = torch.log_softmax(logits.float(), dim=-1)
+    detached = logp_all.detach()
+    return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(detached.exp() * detached).sum(-1)
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the next-token distribution. [B, T, V] -> [B, T]."""
     logp = torch.log_softmax(logits.float(), dim=-1)

@@ -42,7 +42,7 @@ def _generated(params: Params) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame
     seen: set[str] = set()
     eval_problems = generate_arithmetic(d.num_eval, d.max_operand, d.operations, rng, seen)
     train_problems = generate_arithmetic(d.num_train, d.max_operand, d.operations, rng, seen)
-    sft_problems = generate_arithmetic(d.num_sft, d.max_operand, d.operations, rng, seen)
+    sft_problems = generate_arithmetic(d.num_sft, d.max_operand, d.operations, rng, seen, d.sft_carry_error_rate)
     sft = pd.DataFrame({"prompt": [p.prompt for p in sft_problems], "response": [p.completion for p in sft_problems]})
     return _rl_frame(train_problems, "train", d.task), _rl_frame(eval_problems, "eval", d.task), sft
 

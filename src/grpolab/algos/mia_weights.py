@@ -1,0 +1,41 @@
+"""MIA prompt weights: scores -> [0, 1] weights -> the transform seed 000 specifies."""
+
+from __future__ import annotations
+
+import torch
+
+
+def normalize_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """Membership scores [N] (higher = more likely a member) -> weights [N] in [0, 1].
+
+    "rank":   (rank - 1) / (N - 1), ties share their mean rank; robust to outliers.
+    "minmax": (s - min) / (max - min).
+    All-equal scores (or N = 1) give 0.5 everywhere: no prompt is preferred.
+    """
+    if how not in ("rank", "minmax"):
+        raise ValueError(f"unknown normalization {how!r}; choose from ['minmax', 'rank']")
+    s = scores.double()
+    if s.numel() < 2 or bool((s == s[0]).all()):
+        return torch.full_like(s, 0.5).to(scores.dtype)
+    if how == "minmax":
+        out = (s - s.min()) / (s.max() - s.min())
+    else:
+        # mean rank of ties: the count below plus half the count equal, minus a half
+        below = (s.unsqueeze(0) < s.unsqueeze(1)).sum(1).double()
+        equal = (s.unsqueeze(0) == s.unsqueeze(1)).sum(1).double()
+        out = (below + (equal - 1) / 2) / (s.numel() - 1)
+    return out.to(scores.dtype)
+
+
+MIA_WEIGHT_TRANSFORMS = {
+    "linear": lambda w: w,
+    "quadratic": lambda w: w * w,
+    "exponential": lambda w: torch.exp(w - 1),
+}
+
+
+def transform_mia_weights(weights: torch.Tensor, mode: str, invert: bool) -> torch.Tensor:
+    """Seed 000's transform of prompt weights [B] in [0, 1]: w, w^2 or exp(w - 1), of 1 - w if `invert`."""
+    if mode not in MIA_WEIGHT_TRANSFORMS:
+        raise ValueError(f"unknown MIA weighting mode {mode!r}; choose from {sorted(MIA_WEIGHT_TRANSFORMS)}")
+    return MIA_WEIGHT_TRANSFORMS[mode](1 - weights if invert else weights)

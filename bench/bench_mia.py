@@ -3,11 +3,11 @@
 1. Min-K%++ scoring of a batch (forward pass + per-token mean/variance of log p under the
    model's own distribution + lowest-k selection) against a bare forward pass over the same
    batch: the ratio of median times over interleaved repeats.
-2. The MIA-weighted loss against plain GRPO: training steps with `train.use_mia_weighted_loss`
-   on and off, alternated in pairs from the same start, the ratio of mean step times; and the
-   weight lookup itself timed directly, as a share of a step.
+2. The MIA-weighted loss against plain GRPO: the weight lookup plus the update of one fixed
+   batch of rollouts, with MIA weights and with all-ones weights alternating; the difference,
+   added to a plain step's time (rollouts + update), gives the step-time ratio.
 
-    make bench-mia        # or: python bench/bench_mia.py --repeats 30 --steps 8 --pairs 3
+    make bench-mia        # or: python bench/bench_mia.py --repeats 30 --steps 8
 
 Needs `make run` (or `dvc repro mia`) first, for models/base and data/train_weighted.parquet.
 """
@@ -15,7 +15,6 @@ Needs `make run` (or `dvc repro mia`) first, for models/base and data/train_weig
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import tempfile
@@ -62,57 +61,69 @@ def bench_scoring(a) -> tuple[float, float]:
 
 
 def bench_weighted_loss(a) -> tuple[float, float, float]:
+    """(plain step time, loss weights + update with MIA weights, the same with all-ones weights):
+    the update is timed on one fixed batch of rollouts, weighted and plain alternating, so the
+    difference is the weighting's cost alone, without two diverging trajectories' noise."""
+    import deepspeed
+
     from grpolab import config
-    from grpolab.train import CURVE_FILE, train
+    from grpolab import distributed as dist
+    from grpolab.data.tokenizer import load_tokenizer
+    from grpolab.membership import WEIGHTED_TRAIN_FILE
+    from grpolab.models import load_model
+    from grpolab.train import deepspeed_config, make_batch, update
     from grpolab.variants import Variants
 
-    step_times = {False: [], True: []}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in ("data", "models/base"):
-            shutil.copytree(ROOT / name, Path(tmp) / name)
-        shutil.copy(ROOT / "params.yaml", Path(tmp) / "params.yaml")
-        os.chdir(tmp)
-        try:
-            for pair in range(a.pairs):
-                for on in (False, True) if pair % 2 == 0 else (True, False):
-                    params = config.apply_overrides([
-                        f"train.steps={a.steps}", "train.save_every=0", f"train.use_mia_weighted_loss={str(on).lower()}",
-                        "train.mia_weighting_mode=quadratic", "train.mia_invert_weights=true",
-                    ])
-                    train(params)
-                    step_times[on] += pd.read_csv(CURVE_FILE)["train/step_time"].iloc[1:].tolist()  # first step warms up
-            # the weight lookup and transform alone, for one batch of rollouts
-            data = pd.read_parquet("data/train_weighted.parquet")
-            variants = Variants(params, data)
-            rows = [data.iloc[i] for i in range(params.train.prompts_per_step) for _ in range(params.train.group_size)]
-            mask = torch.ones(len(rows), params.train.max_new_tokens, dtype=torch.long)
+    scratch = Path(tempfile.mkdtemp()) / "params.yaml"  # overrides are written back: not into the project's file
+    shutil.copy(ROOT / "params.yaml", scratch)
+    weighted = config.apply_overrides(["train.use_mia_weighted_loss=true", "train.mia_weighting_mode=quadratic",
+                                       "train.mia_invert_weights=true"], scratch)
+    plain = config.apply_overrides(["train.use_mia_weighted_loss=false"], scratch)
+    dist.init()
+    torch.manual_seed(plain.seed)
+    model = load_model(ROOT / "models/base")
+    ref = load_model(ROOT / "models/base").eval().requires_grad_(False)
+    tokenizer = load_tokenizer(str(ROOT / "models/base"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=plain.train.learning_rate)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(plain, False))
+    data = pd.read_parquet(ROOT / WEIGHTED_TRAIN_FILE)
+    variants = {False: Variants(plain, data), True: Variants(weighted, data)}
+
+    steps = []
+    for i in range(a.steps):  # plain steps end to end: rollouts, rewards, reference, update
+        began = time.perf_counter()
+        batch, info = make_batch(plain, engine, ref, tokenizer, data, None, variants[False], i)
+        update(plain, engine, batch)
+        steps.append(time.perf_counter() - began)
+    rows, mask = info["rows"], batch.rollout.completion_mask
+    updates = {False: [], True: []}
+    for _ in range(a.repeats):
+        for on in (False, True):
             began = time.perf_counter()
-            for _ in range(100):
-                variants.loss_weights(mask, rows)
-            lookup = (time.perf_counter() - began) / 100
-        finally:
-            os.chdir(ROOT)
-    return statistics.mean(step_times[False]), statistics.mean(step_times[True]), lookup
+            batch.weights = variants[on].loss_weights(mask, rows)
+            update(weighted if on else plain, engine, batch)
+            updates[on].append(time.perf_counter() - began)
+    return statistics.median(steps[1:]), statistics.median(updates[True]), statistics.median(updates[False])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=256, help="texts scored per batch")
     p.add_argument("--repeats", type=int, default=30, help="timed repeats of each scoring function")
-    p.add_argument("--steps", type=int, default=8, help="training steps per run")
-    p.add_argument("--pairs", type=int, default=3, help="(plain, weighted) training runs, order alternating")
+    p.add_argument("--steps", type=int, default=8, help="plain training steps timed end to end")
     a = p.parse_args()
     bare, mkpp = bench_scoring(a)
-    plain, weighted, lookup = bench_weighted_loss(a)
+    step, update_weighted, update_plain = bench_weighted_loss(a)
     print(f"\nMin-K%++ scoring of {a.batch} texts vs a bare forward pass ({a.repeats} interleaved repeats, median)")
     print(f"  bare forward   {bare * 1e3:8.1f} ms")
     print(f"  Min-K%++       {mkpp * 1e3:8.1f} ms")
     print(f"  ratio          {mkpp / bare:8.3f}x   (goal <= 1.2x)")
-    print(f"\nMIA-weighted loss vs plain GRPO ({a.pairs} pairs of {a.steps}-step runs, mean step time)")
-    print(f"  plain          {plain:8.3f} s/step")
-    print(f"  weighted       {weighted:8.3f} s/step")
-    print(f"  ratio          {weighted / plain:8.3f}x   (goal <= 1.02x)")
-    print(f"  weight lookup  {lookup * 1e3:8.3f} ms/step = {lookup / plain:.2%} of a plain step")
+    added = update_weighted - update_plain
+    print(f"\nMIA-weighted loss vs plain GRPO (update of one batch, {a.repeats} interleaved repeats, median)")
+    print(f"  plain step (rollouts + update)  {step * 1e3:8.1f} ms  (median of {a.steps - 1} steps)")
+    print(f"  update, plain weights           {update_plain * 1e3:8.1f} ms")
+    print(f"  update, MIA weights             {update_weighted * 1e3:8.1f} ms")
+    print(f"  step-time ratio                 {(step + added) / step:8.3f}x   (goal <= 1.02x)")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ optimizer step per batch of rollouts, one micro-batch per step. Prints steps/s a
 tokens/s for both and their ratio; the first `--warmup` steps of each are not timed.
 
     make bench            # installs trl (once) and runs this from the project root
-    python bench/bench_trl.py --steps 12 --warmup 2
+    python bench/bench_trl.py --steps 22 --warmup 2
 
 Needs `make run` (or `dvc repro sft`) first, for models/base and data/train.parquet.
 """
@@ -105,7 +105,7 @@ def bench_trl(a) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=22)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--group", type=int, default=8)

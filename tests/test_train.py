@@ -190,7 +190,7 @@ def _rewrite_weights(weight) -> None:
 
 
 def test_mia_weighted_loss_logs_its_weights_and_falls_back_to_plain_grpo(trainer, tmp_path):
-    on = ["-S", "train.steps=2", "-S", "train.use_mia_weighted_loss=true", "-S", "train.mia_weighting_mode=quadratic",
+    on = ["-S", "train.steps=4", "-S", "train.use_mia_weighted_loss=true", "-S", "train.mia_weighting_mode=quadratic",
           "-S", "train.mia_invert_weights=true"]
     proc = grpolab("stage", "train", *on, cwd=trainer)
     raw = torch.tensor([x["mia_weight"] for x in pd.read_parquet("data/train_weighted.parquet")["extra_info"]], dtype=torch.float64)
@@ -207,7 +207,7 @@ def test_mia_weighted_loss_logs_its_weights_and_falls_back_to_plain_grpo(trainer
     # Weights of 1 (linear) train exactly like plain GRPO; no weights at all: plain GRPO and a warning.
     plain_dir = tmp_path / "plain"
     shutil.copytree(trainer, plain_dir)
-    grpolab("stage", "train", "-S", "train.steps=2", cwd=plain_dir)
+    grpolab("stage", "train", "-S", "train.use_mia_weighted_loss=false", cwd=plain_dir)  # -S persists in params.yaml
     plain = load_model(plain_dir / TRAINED_DIR).state_dict()
     assert any(not torch.equal(plain[k], v) for k, v in weighted.items())
     _rewrite_weights(1.0)

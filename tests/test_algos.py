@@ -8,7 +8,7 @@ import torch
 from grpolab.algos.advantages import group_advantages, zero_std_groups
 from grpolab.algos.losses import (
     AGGREGATIONS, KL_ESTIMATORS, aggregate, aggregation_units, clipped_policy_loss, compose_token_loss,
-    entropy_from_logits, logprobs_and_entropy, token_logprobs,
+    entropy_from_logits, policy_token_stats, token_logprobs,
 )
 
 
@@ -98,10 +98,11 @@ def test_tied_groups_are_exactly_zero_despite_rounding():
     assert torch.equal(group_advantages(r, 8, "group"), torch.zeros(8))
 
 
-def test_logprobs_and_entropy_match_the_separate_functions():
+def test_policy_token_stats_match_the_separate_functions():
     logits = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0), requires_grad=True)
     targets = torch.tensor([[0, 4, 2], [1, 1, 3]])
-    logp, entropy = logprobs_and_entropy(logits, targets)
+    logp, entropy, prob_sq = policy_token_stats(logits, targets)
     torch.testing.assert_close(logp, token_logprobs(logits, targets))
     torch.testing.assert_close(entropy, entropy_from_logits(logits))
-    assert logp.requires_grad and not entropy.requires_grad
+    torch.testing.assert_close(prob_sq, torch.softmax(logits, -1).square().sum(-1))
+    assert logp.requires_grad and not entropy.requires_grad and not prob_sq.requires_grad

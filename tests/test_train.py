@@ -1,5 +1,6 @@
 """The train stage end to end on a real DeepSpeed engine (CPU, gloo), with a tiny model."""
 
+import math
 import os
 import shutil
 import signal
@@ -28,7 +29,7 @@ STEP_METRICS = [
     "train/loss", "train/pg_loss", "train/kl", "train/reward_mean", "train/reward_std", "train/reward/answer_match",
     "train/reward/format", "train/reward/judge", "train/advantage_mean", "train/logprob_mean", "train/entropy", "train/clip_ratio",
     "train/grad_norm", "train/lr", "train/completion_length", "train/frac_zero_std_groups", "train/tokens_per_s",
-    "train/step_time",
+    "train/step_time", "credit/answer_share", "credit/think_share", "credit/high_entropy_share", "credit/gini",
 ]
 
 
@@ -87,7 +88,8 @@ def test_train_logs_every_metric_and_saves_the_model(trainer):
     assert len(runs) == 1
     run_id = runs[0].info.run_id
     for key in STEP_METRICS:
-        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3, 4], key
+        history = client.get_metric_history(run_id, key)
+        assert [m.step for m in history] == [1, 2, 3, 4] and all(math.isfinite(m.value) for m in history), key
     artifacts = {f.path for f in client.list_artifacts(run_id)} | {f.path for f in client.list_artifacts(run_id, "completions")}
     assert {"completions/step_000002.json", "completions/step_000004.json", "reward_curve.png", "train_curve.csv"} <= artifacts
     table = pd.read_json(client.download_artifacts(run_id, "completions/step_000002.json", str(trainer)), orient="split")
@@ -217,3 +219,41 @@ def test_mia_weighted_loss_logs_its_weights_and_falls_back_to_plain_grpo(trainer
     proc = grpolab("stage", "train", *on, cwd=trainer)
     assert "no extra_info.mia_weight: training plain GRPO" in proc.stderr and "MIA-weighted loss enabled" not in proc.stdout
     assert all(torch.equal(plain[k], v) for k, v in trained_weights().items())
+
+
+@pytest.mark.parametrize(
+    "mitigation", ["none", "outcome_conditional", "inverse_logprob", "attention_credit", "entropy_weighted", "entropy_masking"]
+)
+def test_every_mitigation_trains_and_logs_credit(trainer, mitigation):
+    params = config.apply_overrides(["train.steps=2", f"train.mitigation.name={mitigation}", "train.credit_log_every=2"])
+    run_stage("train", params)
+    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
+    run = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'")[0]
+    for key in ("credit/answer_share", "credit/think_share", "credit/high_entropy_share", "credit/gini", "train/grad_norm"):
+        values = [m.value for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(values) == 2 and all(math.isfinite(v) for v in values), key
+    assert "credit/step_000002.parquet" in {f.path for f in client.list_artifacts(run.info.run_id, "credit")}
+    log = pd.read_parquet("metrics/credit/step_000002.parquet")
+    assert {"token", "class", "credit", "entropy", "logprob", "weight", "advantage"} <= set(log.columns)
+    assert set(log["class"]) <= {"think", "answer", "tag", "other"} and (log["credit"] >= 0).all()
+    if mitigation == "none":
+        assert (log["weight"] == 1.0).all()
+
+
+def test_analyze_credit_compares_runs_in_mlflow(trainer):
+    run_ids = []
+    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
+    for mitigation in ("none", "entropy_masking"):
+        run_stage("train", config.apply_overrides(["train.steps=2", f"train.mitigation.name={mitigation}", "train.credit_log_every=1"]))
+        runs = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'",
+                                  order_by=["attributes.start_time DESC"])
+        run_ids.append(runs[0].info.run_id)
+    proc = grpolab("analyze-credit", *run_ids, "--out", "reports/credit", cwd=trainer)
+    assert "| none (" in proc.stdout and "| entropy_masking (" in proc.stdout
+    files = {p.name for p in Path("reports/credit").iterdir()}
+    assert files == {"credit_share_by_class.png", "credit_vs_entropy.png", "learning_and_grad_norm.png", "summary.md"}
+    report = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'analyze-credit'")
+    assert len(report) == 1 and report[0].data.tags["grpolab.compared_runs"] == ",".join(run_ids)
+    assert "summary.md" in {f.path for f in client.list_artifacts(report[0].info.run_id)}
+    proc = grpolab("analyze-credit", "0123456789abcdef", cwd=trainer, check=False)
+    assert proc.returncode == 2 and "run 0123456789abcdef: not found" in proc.stderr

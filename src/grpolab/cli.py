@@ -1,4 +1,4 @@
-"""`grpolab run | stage NAME | ui | params-reference`."""
+"""`grpolab run | stage NAME | ui | analyze-credit RUN_ID... | params-reference`."""
 
 from __future__ import annotations
 
@@ -56,6 +56,13 @@ def cmd_ui(args) -> None:
     raise SystemExit(subprocess.call(cmd))
 
 
+def cmd_analyze_credit(args) -> None:
+    from grpolab.credit_report import analyze_credit
+
+    print(analyze_credit(config.load(), args.run_ids, Path(args.out)), end="")
+    print(f"plots and summary: {args.out}/ (and the MLflow run `analyze-credit`)")
+
+
 def cmd_params_reference(args) -> None:
     print(config.params_reference(), end="")
 
@@ -79,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     ui = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
+    credit = sub.add_parser("analyze-credit", help="compare train runs' credit assignment (plots + summary, to MLflow)")
+    credit.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="MLflow ids of train runs")
+    credit.add_argument("--out", default="reports/credit", help="folder for the PNGs and summary.md")
+    credit.set_defaults(func=cmd_analyze_credit)
     ref = sub.add_parser("params-reference", help="print the params reference as a markdown table")
     ref.set_defaults(func=cmd_params_reference)
     return parser

@@ -159,6 +159,53 @@ class MiaParams(Section):
         return self
 
 
+# Each credit-assignment mitigation and its own knobs with their defaults (seed 002's names).
+MITIGATION_KNOBS: dict[str, dict[str, float]] = {
+    "none": {},
+    "outcome_conditional": {"think_discount": 0.5},
+    "inverse_logprob": {"epsilon": 0.1},
+    "attention_credit": {"credit_scale": 2.0},
+    "entropy_weighted": {"entropy_temp": 1.0},
+    "entropy_masking": {"mask_percentile": 80.0},
+}
+
+
+class MitigationParams(Section):
+    name: Literal["none", "outcome_conditional", "inverse_logprob", "attention_credit", "entropy_weighted", "entropy_masking"] = Field(
+        "none",
+        description="Credit-assignment mitigation: a detached per-token weight on the policy-gradient term "
+        "(see the README's table). `none`: plain GRPO.",
+    )
+    think_discount: float | None = Field(
+        None, ge=0, description="`outcome_conditional` (default 0.5): weight of think-section tokens; answer tokens get 1."
+    )
+    epsilon: float | None = Field(None, gt=0, description="`inverse_logprob` (default 0.1): weight 1 / (abs(log p) + epsilon).")
+    credit_scale: float | None = Field(
+        None, ge=0, description="`attention_credit` (default 2.0): how strongly the answer's attention shifts the weights."
+    )
+    entropy_temp: float | None = Field(
+        None, gt=0, description="`entropy_weighted` (default 1.0): softmax temperature over token entropies."
+    )
+    mask_percentile: float | None = Field(
+        None, ge=0, le=100,
+        description="`entropy_masking` (default 80): tokens below this percentile of the batch's entropy lose the "
+        "policy-gradient term.",
+    )
+
+    @model_validator(mode="after")
+    def _own_knobs_only(self) -> MitigationParams:
+        for knob in ("think_discount", "epsilon", "credit_scale", "entropy_temp", "mask_percentile"):
+            if getattr(self, knob) is not None and knob not in MITIGATION_KNOBS[self.name]:
+                owner = next(name for name, knobs in MITIGATION_KNOBS.items() if knob in knobs)
+                raise ValueError(f"{knob}: a knob of `{owner}`, not of `{self.name}`")
+        return self
+
+    def knob(self, knob: str) -> float:
+        """The value of one of this mitigation's knobs: as set, else its default."""
+        value = getattr(self, knob)
+        return MITIGATION_KNOBS[self.name][knob] if value is None else value
+
+
 class DeepSpeedParams(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(
         0, description="ZeRO stage: 0 plain data parallel, 1 optimizer states, 2 + gradients, 3 + parameters "
@@ -208,6 +255,12 @@ class TrainParams(Section):
         "linear", description="Transform of the MIA weight w: w, w^2 or exp(w - 1)."
     )
     mia_invert_weights: bool = Field(False, description="Use 1 - w before the transform.")
+    mitigation: MitigationParams = Field(
+        default_factory=MitigationParams, description="Credit-assignment mitigation (seed 002)."
+    )
+    credit_log_every: int = Field(
+        10, ge=0, description="Save per-token credit logs (parquet, MLflow) every this many steps (0: never)."
+    )
     save_every: int = Field(20, ge=0, description="Checkpoint every this many steps (0: only at the end).")
     log_completions_every: int = Field(10, ge=1, description="Log a table of sample completions every this many steps.")
     num_processes: int = Field(1, ge=1, description="Training processes; above 1 the stage starts them with torchrun.")

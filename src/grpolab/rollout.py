@@ -21,6 +21,9 @@ class Rollout:
     prompt_mask: torch.Tensor  # [B, P]
     completion_ids: torch.Tensor  # [B, T] right-padded with pad id
     completion_mask: torch.Tensor  # [B, T] 1 up to and including EOS
+    # Under the sampling model's own (untempered) distribution, 0 past EOS: log p of each token, entropy.
+    token_logp: torch.Tensor | None = None  # [B, T]
+    token_entropy: torch.Tensor | None = None  # [B, T]
 
     @property
     def lengths(self) -> list[int]:
@@ -64,17 +67,21 @@ def sample(
     """Generate one completion per prompt row. Greedy when `generators` is None, else Gumbel-max
     sampling from softmax(logits / temperature) restricted to top_p, row i using generators[i]."""
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    completion_ids = _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generators).clone()
+    completion_ids, logp, entropy = (
+        x.clone() for x in _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generators)
+    )
     # valid = generated before or at the first EOS
     eos_seen = (completion_ids == eos_id).long().cumsum(-1)
     completion_mask = ((eos_seen == 0) | ((eos_seen == 1) & (completion_ids == eos_id))).long()
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
-    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    valid = completion_mask.bool()
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, logp * valid, entropy * valid)
 
 
 @torch.inference_mode()  # the caller gets clones: ordinary tensors that may enter an autograd graph
-def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generators) -> torch.Tensor:
-    """The decoding loop of `sample`: completion ids [B, steps] with anything after EOS unspecified."""
+def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generators):
+    """The decoding loop of `sample`: completion ids, their log p and the entropy under the model's
+    untempered distribution, each [B, steps], with anything after EOS unspecified."""
     batch = prompt_ids.shape[0]
     device = next(model.parameters()).device
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0).to(device)
@@ -83,6 +90,8 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temp
     attention = prompt_mask.to(device)
     next_pos = positions[:, -1:] + 1
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    token_logp = torch.zeros((batch, max_new_tokens), device=device)
+    token_entropy = torch.zeros((batch, max_new_tokens), device=device)
     active = torch.arange(batch, device=device)  # rows still generating; finished rows leave the batch
     done = torch.zeros(batch, dtype=torch.bool, device=device)  # over the active rows
     compactable = hasattr(cache, "batch_select_indices")
@@ -103,6 +112,9 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temp
         if not compactable:
             token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens[active, t] = token
+        logp_all = torch.log_softmax(logits.float(), dim=-1)
+        token_logp[active, t] = logp_all.gather(-1, token[:, None]).squeeze(-1)
+        token_entropy[active, t] = -(logp_all.exp() * logp_all).sum(-1)
         steps = t + 1
         done = done | (token == eos_id)
         if done.all():
@@ -117,21 +129,25 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temp
         out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos, past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
         next_pos = next_pos + 1
-    return tokens[:, :steps].cpu()
+    return tokens[:, :steps].cpu(), token_logp[:, :steps].cpu(), token_entropy[:, :steps].cpu()
+
+
+def forward_completions(model, prompt_ids, prompt_mask, completion_ids, completion_mask, **kwargs):
+    """One forward pass over [prompt | completion] (prompt left-padded, completion right-padded);
+    the model's output, `kwargs` passed on."""
+    device = next(model.parameters()).device
+    ids = torch.cat([prompt_ids, completion_ids], dim=1).to(device)
+    mask = torch.cat([prompt_mask, completion_mask], dim=1).to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
 
 
 def completion_logits(
     model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor
 ) -> torch.Tensor:
-    """One forward pass over [prompt | completion]: the logits that predict each completion token.
-
-    prompt_ids, prompt_mask: [B, P] left-padded; completion_ids, completion_mask: [B, T] -> [B, T, V].
-    """
-    device = next(model.parameters()).device
-    ids = torch.cat([prompt_ids, completion_ids], dim=1).to(device)
-    mask = torch.cat([prompt_mask, completion_mask], dim=1).to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    """The logits that predict each completion token. prompt_ids, prompt_mask: [B, P] left-padded;
+    completion_ids, completion_mask: [B, T] -> [B, T, V]."""
+    logits = forward_completions(model, prompt_ids, prompt_mask, completion_ids, completion_mask).logits
     return logits[:, prompt_ids.shape[1] - 1 : -1]  # position t predicts completion token t
 
 

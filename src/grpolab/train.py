@@ -23,10 +23,12 @@ from transformers import get_cosine_schedule_with_warmup
 
 from grpolab import distributed as dist
 from grpolab.algos.advantages import group_advantages, zero_std_groups
+from grpolab.algos.credit import ANSWER, CLASS_NAMES, THINK, gini, token_credit
 from grpolab.algos.losses import (
-    KL_ESTIMATORS, aggregate, aggregation_units, clipped_policy_loss, compose_token_loss, logprobs_and_entropy, token_logprobs,
+    KL_ESTIMATORS, aggregate, aggregation_units, clipped_policy_loss, compose_token_loss, policy_token_stats, token_logprobs,
 )
 from grpolab.config import Params
+from grpolab.data.schema import write_parquet
 from grpolab.data.tokenizer import encode_prompt, load_tokenizer
 from grpolab.fsutil import atomic_write_text
 from grpolab.membership import WEIGHTED_TRAIN_FILE
@@ -40,7 +42,11 @@ from grpolab.variants import LossWeights, Variants
 TRAINED_DIR = Path("models/trained")
 CHECKPOINT_DIR = Path("checkpoints/train")
 CURVE_FILE = Path("metrics/train_curve.csv")
-CURVE_KEYS = ["train/reward_mean", "train/loss", "train/kl", "train/entropy", "train/completion_length", "train/step_time"]
+CREDIT_DIR = Path("metrics/credit")
+CURVE_KEYS = [
+    "train/reward_mean", "train/loss", "train/kl", "train/entropy", "train/completion_length", "train/step_time",
+    "train/grad_norm", "credit/answer_share",
+]
 
 
 @dataclass
@@ -52,6 +58,9 @@ class Batch:
     old_logp: torch.Tensor | None  # [B, T], None when on-policy (ppo_epochs = 1)
     ref_logp: torch.Tensor | None  # [B, T], None when kl_beta = 0
     weights: LossWeights
+    token_class: torch.Tensor  # [B, T] think / answer / tag / other (algos.credit)
+    credit: torch.Tensor | None = None  # [B, T] filled by the update: |A w| ||onehot(y) - p||
+    entropy: torch.Tensor | None = None  # [B, T] filled by the update: the policy's token entropy
 
     def rows(self, start: int, stop: int) -> dict[str, torch.Tensor | None]:
         r = self.rollout
@@ -80,14 +89,14 @@ def deepspeed_config(params: Params, bf16: bool) -> dict:
     }
 
 
-def completion_logprobs(model, rows: dict, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p of each completion token under `model` ([b, T]) and, if asked, the entropy ([b, T])."""
+def completion_logprobs(model, rows: dict, entropy: bool = False):
+    """log p of each completion token under `model` ([b, T]) and, if asked, (entropy, sum_v p_v^2) ([b, T] each)."""
     logits = completion_logits(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"])
     targets = rows["completion_ids"].to(logits.device)
     if not entropy:
         return token_logprobs(logits, targets).cpu(), None
-    logp, ent = logprobs_and_entropy(logits, targets)
-    return logp.cpu(), ent.cpu()
+    logp, ent, prob_sq = policy_token_stats(logits, targets)
+    return logp.cpu(), (ent.cpu(), prob_sq.cpu())
 
 
 def _logprobs_in_chunks(model, batch: Batch, size: int) -> torch.Tensor:
@@ -122,13 +131,14 @@ def make_batch(params: Params, engine, ref_model, tokenizer, data: pd.DataFrame,
     all_rewards = dist.all_gather_cat(reward)  # advantages (batch scaling) and logged stats see the whole batch
     offset = dist.rank() * len(rows)
     advantages = group_advantages(all_rewards, t.group_size, t.scale_rewards)[offset : offset + len(rows)]
-    batch = Batch(rollout, advantages, None, None, variants.loss_weights(rollout.completion_mask, rows))
+    classes = variants.token_classes(rollout)
+    batch = Batch(rollout, advantages, None, None, variants.loss_weights(rollout, rows, classes, engine.module), classes)
     engine.module.eval()
     if t.ppo_epochs > 1:
         batch.old_logp = _logprobs_in_chunks(engine.module, batch, t.micro_batch_size)
     if ref_model is not None:
         batch.ref_logp = _logprobs_in_chunks(ref_model, batch, t.micro_batch_size)
-    info = {"rows": rows, "texts": texts, "reward": reward, "parts": parts, "all_rewards": all_rewards}
+    info = {"rows": rows, "texts": texts, "reward": reward, "parts": parts, "all_rewards": all_rewards, "batch": batch}
     return batch, info
 
 
@@ -138,10 +148,12 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
     engine.module.train()
     units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss_agg_mode))
     sums = {k: 0.0 for k in ("loss", "pg", "kl", "entropy", "logp", "clipped", "tokens")}
-    n = batch.rollout.completion_ids.shape[0]
+    grad_norm = math.nan
+    n, width = batch.rollout.completion_ids.shape
+    batch.credit, batch.entropy = torch.zeros(n, width), torch.zeros(n, width)
     for start in range(0, n, t.micro_batch_size):
         rows = batch.rows(start, start + t.micro_batch_size)
-        logp, entropy = completion_logprobs(engine, rows, entropy=True)
+        logp, (entropy, prob_sq) = completion_logprobs(engine, rows, entropy=True)
         old = rows["old_logp"] if rows["old_logp"] is not None else logp.detach()
         pg, clipped = clipped_policy_loss(logp, old, rows["advantages"], t.clip_eps_low, t.clip_eps_high)
         kl = KL_ESTIMATORS[t.kl_estimator](logp, rows["ref_logp"]) if rows["ref_logp"] is not None else None
@@ -149,8 +161,16 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
         # Each rank's share is scaled by the world size because DeepSpeed averages gradients over ranks.
         loss = aggregate(token_loss, rows["mask"], t.loss_agg_mode, t.max_new_tokens, units) * dist.world_size()
         engine.backward(loss, scale_wrt_gas=False)
+        if engine.is_gradient_accumulation_boundary():
+            # Averaged, unclipped gradients are complete here below ZeRO-2; above, DeepSpeed reports the norm.
+            norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+            grad_norm = torch.stack(norms).norm().item() if norms else math.nan
         engine.step()
         mask = rows["mask"].float()
+        weight = rows["keep"].unsqueeze(-1) * rows["w_prompt"].unsqueeze(-1) * rows["w_token"]
+        stop = start + len(mask)
+        batch.credit[start:stop] = token_credit(rows["advantages"].unsqueeze(-1) * weight, logp.detach(), prob_sq) * mask
+        batch.entropy[start:stop] = entropy
         sums["loss"] += loss.item() / dist.world_size()
         sums["pg"] += (pg.detach() * mask).sum().item()
         sums["kl"] += (kl.detach() * mask).sum().item() if kl is not None else 0.0
@@ -158,17 +178,20 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
         sums["logp"] += (logp.detach() * mask).sum().item()
         sums["clipped"] += (clipped.float() * mask).sum().item()
         sums["tokens"] += mask.sum().item()
+    reported = engine.get_global_grad_norm()
+    sums["grad_norm"] = float(reported) if reported is not None else grad_norm
     return sums
 
 
 def step_metrics(params: Params, engine, sums: dict, info: dict, seconds: float) -> dict[str, float]:
     t = params.train
+    sums = dict(sums)
+    grad_norm = sums.pop("grad_norm")  # the same on every rank: not summed
     totals = dist.all_reduce_sum(torch.tensor([sums[k] for k in sums], dtype=torch.float64))
     s = dict(zip(sums, totals.tolist()))
     tokens = max(s["tokens"], 1.0)
     rewards = info["all_rewards"]
     parts = {name: dist.all_reduce_sum(v.sum()).item() / len(rewards) for name, v in info["parts"].items()}
-    grad_norm = engine.get_global_grad_norm()
     metrics = {
         "train/loss": s["loss"],
         "train/pg_loss": s["pg"] / tokens,
@@ -180,14 +203,53 @@ def step_metrics(params: Params, engine, sums: dict, info: dict, seconds: float)
         "train/logprob_mean": s["logp"] / tokens,
         "train/entropy": s["entropy"] / tokens,
         "train/clip_ratio": s["clipped"] / tokens,
-        "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+        "train/grad_norm": grad_norm,
         "train/lr": engine.get_lr()[0],
         "train/completion_length": tokens / len(rewards),
         "train/frac_zero_std_groups": zero_std_groups(rewards, t.group_size).float().mean().item(),
         "train/tokens_per_s": tokens / seconds,
         "train/step_time": seconds,
+        **credit_metrics(info["batch"]),
     }
     return metrics
+
+
+def credit_metrics(batch: Batch) -> dict[str, float]:
+    """Where the policy-gradient credit of the step went: shares of the total by token class,
+    of the top 20 % entropy tokens, and the Gini coefficient of per-token credit."""
+    mask = batch.rollout.completion_mask.bool()
+    credit_, cls = batch.credit[mask], batch.token_class[mask]
+    entropy = batch.entropy[mask]
+    high = entropy >= torch.quantile(entropy.double(), 0.8).float() if entropy.numel() else entropy.bool()
+    parts = torch.stack([credit_.sum(), credit_[cls == ANSWER].sum(), credit_[cls == THINK].sum(), credit_[high].sum()])
+    total, answer, think, high_entropy = dist.all_reduce_sum(parts.double()).tolist()
+    share = lambda x: x / total if total > 0 else 0.0  # noqa: E731
+    return {
+        "credit/answer_share": share(answer),
+        "credit/think_share": share(think),
+        "credit/high_entropy_share": share(high_entropy),
+        "credit/gini": gini(credit_).item(),  # this process's tokens
+    }
+
+
+def credit_log(batch: Batch, variants: Variants, step: int) -> pd.DataFrame:
+    """One row per completion token of the step: the credit logs saved as parquet."""
+    mask = batch.rollout.completion_mask.bool()
+    rows, positions = mask.nonzero(as_tuple=True)
+    ids = batch.rollout.completion_ids[mask]
+    return pd.DataFrame({
+        "step": step,
+        "row": rows.numpy(),
+        "position": positions.numpy(),
+        "token_id": ids.numpy(),
+        "token": [variants.piece(i) for i in ids.tolist()],
+        "class": [CLASS_NAMES[c] for c in batch.token_class[mask].tolist()],
+        "credit": batch.credit[mask].numpy(),
+        "entropy": batch.entropy[mask].numpy(),
+        "logprob": batch.rollout.token_logp[mask].numpy(),
+        "weight": batch.weights.token[mask].numpy(),
+        "advantage": batch.advantages[rows].numpy(),
+    })
 
 
 def _completions_table(info: dict, advantages: torch.Tensor) -> pd.DataFrame:
@@ -299,13 +361,18 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(params, bf16)
     )
     data = pd.read_parquet(WEIGHTED_TRAIN_FILE)
-    variants = Variants(params, data)
+    variants = Variants(params, data, tokenizer)
     start_metrics = variants.start_metrics(data) if dist.is_rank0() else {}
     if tracker and start_metrics:
         tracker.metrics(start_metrics)
     start = load_training_checkpoint(engine, params)
     curve = pd.read_csv(CURVE_FILE) if start and CURVE_FILE.is_file() else pd.DataFrame(columns=["step", *CURVE_KEYS])
     curve = curve[curve["step"] <= start]
+    if dist.is_rank0():  # credit logs of steps after the resume point (or of another training) go
+        CREDIT_DIR.mkdir(parents=True, exist_ok=True)  # a DVC output even when no step logs credit
+        for old in CREDIT_DIR.glob("step_*.parquet"):
+            if int(old.stem.split("_")[1]) > start:
+                old.unlink()
 
     bar = tqdm(range(start + 1, t.steps + 1), desc="train", unit="step", dynamic_ncols=True, disable=not dist.is_rank0(), initial=start, total=t.steps)
     metrics: dict[str, float] = {}
@@ -321,6 +388,11 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
             tracker.metrics(metrics, step=step)
             if step % t.log_completions_every == 0:
                 tracker.table(_completions_table(info, batch.advantages), f"completions/step_{step:06d}.json")
+        if t.credit_log_every and step % t.credit_log_every == 0 and dist.is_rank0():
+            path = CREDIT_DIR / f"step_{step:06d}.parquet"
+            write_parquet(credit_log(batch, variants, step), path)
+            if tracker:
+                tracker.artifacts(path, "credit")
         if (t.save_every and step % t.save_every == 0) and step < t.steps:
             if dist.is_rank0():
                 atomic_write_text(CURVE_FILE, curve.to_csv(index=False))

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from grpolab.algos import credit
 from grpolab.algos.mia_weights import transform_mia_weights
 from grpolab.config import Params
+from grpolab.rollout import Rollout, forward_completions
 
 
 @dataclass
@@ -32,8 +34,10 @@ def _mia_weight(row) -> float | None:
 class Variants:
     """Built once per training from params and the train data; gives each batch its loss weights."""
 
-    def __init__(self, params: Params, data: pd.DataFrame):
+    def __init__(self, params: Params, data: pd.DataFrame, tokenizer):
         self.params = params
+        self.tokenizer = tokenizer
+        self._pieces: dict[int, str] = {}  # token id -> its decoded text, filled as tokens appear
         t = params.train
         self.mia_on = t.use_mia_weighted_loss and all(_mia_weight(r) is not None for _, r in data.iterrows())
         if t.use_mia_weighted_loss and not self.mia_on:
@@ -52,17 +56,59 @@ class Variants:
               + ", ".join(f"weight_{k}={v:.4f}" for k, v in stats.items()), flush=True)
         return {f"mia/weight_{k}": v for k, v in stats.items()}
 
-    def loss_weights(self, completion_mask: torch.Tensor, prompt_rows: list) -> LossWeights:
-        """Weights for one batch of rollouts. completion_mask: [B, T]; prompt_rows: the B rows' train
-        data (a prompt's row repeated for each of its completions, so they share its weight)."""
+    def piece(self, token_id: int) -> str:
+        """The text of one token (cached: decoding is per token, not per occurrence)."""
+        if token_id not in self._pieces:
+            self._pieces[token_id] = self.tokenizer.decode([token_id])
+        return self._pieces[token_id]
+
+    def token_classes(self, rollout: Rollout) -> torch.Tensor:
+        """think / answer / tag / other of every completion token ([B, T], `algos.credit` codes)."""
+        rows = [[self.piece(i) for i in ids[:n]] for ids, n in zip(rollout.completion_ids.tolist(), rollout.lengths)]
+        return credit.token_classes(rows, rollout.completion_ids.shape[1])
+
+    def loss_weights(self, rollout: Rollout, prompt_rows: list, classes: torch.Tensor, model) -> LossWeights:
+        """Weights for one batch of rollouts [B rows]. prompt_rows: the B rows' train data (a
+        prompt's row repeated for each of its completions, so they share its weight); classes:
+        `token_classes(rollout)`; model: the policy, for mitigations that look inside it."""
         t = self.params.train
-        batch = completion_mask.shape[0]
+        batch = rollout.completion_ids.shape[0]
         prompt = torch.ones(batch)
         if self.mia_on:
             raw = torch.tensor([_mia_weight(r) for r in prompt_rows], dtype=torch.float32)
             prompt = transform_mia_weights(raw, t.mia_weighting_mode, t.mia_invert_weights)
-        return LossWeights(
-            token=torch.ones_like(completion_mask, dtype=torch.float32),
-            prompt=prompt,
-            keep=torch.ones(batch),
-        )
+        return LossWeights(token=self._token_weights(rollout, classes, model), prompt=prompt, keep=torch.ones(batch))
+
+    def _token_weights(self, rollout: Rollout, classes: torch.Tensor, model) -> torch.Tensor:
+        m, mask = self.params.train.mitigation, rollout.completion_mask
+        if m.name == "none":
+            return torch.ones_like(mask, dtype=torch.float32)
+        if m.name == "outcome_conditional":
+            return credit.outcome_conditional(classes, mask, m.knob("think_discount"))
+        if m.name == "inverse_logprob":
+            return credit.inverse_logprob(rollout.token_logp, mask, m.knob("epsilon"))
+        if m.name == "entropy_weighted":
+            return credit.entropy_weighted(rollout.token_entropy, mask, m.knob("entropy_temp"))
+        if m.name == "entropy_masking":
+            return credit.entropy_masking(rollout.token_entropy, mask, m.knob("mask_percentile"))
+        if m.name == "attention_credit":
+            return credit.attention_credit(completion_attention(model, rollout), classes, mask, m.knob("credit_scale"))
+        raise ValueError(f"unknown mitigation {m.name!r}")
+
+
+def completion_attention(model, rollout: Rollout) -> torch.Tensor:
+    """Attention among completion tokens, averaged over layers and heads: [B, T, T], query i to key j.
+
+    Any HF causal LM: one extra forward pass with eager attention (the fused kernels do not
+    return attention weights), switched back to the model's own implementation afterwards."""
+    own = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            r = rollout
+            out = forward_completions(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, output_attentions=True)
+            p = r.prompt_ids.shape[1]
+            attention = torch.stack(out.attentions).float().mean(dim=(0, 2))[:, p:, p:].cpu()  # [B, T, T]
+    finally:
+        model.set_attn_implementation(own)
+    return attention.clone()

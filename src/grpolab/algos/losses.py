@@ -12,11 +12,14 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) [B, T] (differentiable) and the detached entropy [B, T], from one log-softmax."""
+def policy_token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From one log-softmax: log p(target) [B, T] (differentiable), and, detached, the entropy
+    [B, T] and sum_v p_v^2 [B, T] (what the credit of a token needs)."""
     logp_all = torch.log_softmax(logits.float(), dim=-1)
     detached = logp_all.detach()
-    return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(detached.exp() * detached).sum(-1)
+    probs = detached.exp()
+    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return logp, -(probs * detached).sum(-1), probs.square().sum(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

@@ -87,7 +87,7 @@ def bench_weighted_loss(a) -> tuple[float, float, float]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=plain.train.learning_rate)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(plain, False))
     data = pd.read_parquet(ROOT / WEIGHTED_TRAIN_FILE)
-    variants = {False: Variants(plain, data), True: Variants(weighted, data)}
+    variants = {False: Variants(plain, data, tokenizer), True: Variants(weighted, data, tokenizer)}
 
     steps = []
     for i in range(a.steps):  # plain steps end to end: rollouts, rewards, reference, update
@@ -95,12 +95,12 @@ def bench_weighted_loss(a) -> tuple[float, float, float]:
         batch, info = make_batch(plain, engine, ref, tokenizer, data, None, variants[False], i)
         update(plain, engine, batch)
         steps.append(time.perf_counter() - began)
-    rows, mask = info["rows"], batch.rollout.completion_mask
+    rows = info["rows"]
     updates = {False: [], True: []}
     for _ in range(a.repeats):
         for on in (False, True):
             began = time.perf_counter()
-            batch.weights = variants[on].loss_weights(mask, rows)
+            batch.weights = variants[on].loss_weights(batch.rollout, rows, batch.token_class, engine.module)
             update(weighted if on else plain, engine, batch)
             updates[on].append(time.perf_counter() - began)
     return statistics.median(steps[1:]), statistics.median(updates[True]), statistics.median(updates[False])

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 
 from grpolab.config import Params
-from grpolab.data.prepare import EVAL_FILE
+from grpolab.data.prepare import EVAL_FILE, TRAIN_FILE
 from grpolab.data.tokenizer import load_tokenizer
 from grpolab.fsutil import atomic_write_text
-from grpolab.membership import ROC_DIR, membership_evaluation, roc_figure, write_roc_curves
+from grpolab.membership import ROC_DIR, membership_rocs, roc_figure, roc_metrics, write_roc_curves
 from grpolab.models import load_model
 from grpolab.rewards import answer_match, format_reward
 from grpolab.rollout import Completions, generate
@@ -34,10 +34,9 @@ def score(completions: Completions, ground_truths: list[str]) -> dict[str, np.nd
     }
 
 
-def evaluate_model(model_dir: Path, eval_data: pd.DataFrame, params: Params) -> tuple[dict[str, float], list[dict]]:
+def evaluate_model(model, tokenizer, eval_data: pd.DataFrame, params: Params) -> tuple[dict[str, float], list[dict]]:
     """Metrics (un-prefixed keys) and per-prompt sample rows for one checkpoint."""
     e = params.eval
-    model, tokenizer = load_model(model_dir), load_tokenizer(str(model_dir))
     prompts, truths = eval_data["prompt"].tolist(), eval_data["ground_truth"].tolist()
     greedy = generate(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
     sampled = generate(
@@ -71,15 +70,21 @@ def evaluate_model(model_dir: Path, eval_data: pd.DataFrame, params: Params) -> 
 
 def evaluate(params: Params, tracker=None) -> dict[str, float]:
     eval_data = pd.read_parquet(EVAL_FILE)
+    # membership: train prompts are the members, eval prompts the non-members
+    members, nonmembers = pd.read_parquet(TRAIN_FILE)["prompt"].tolist(), eval_data["prompt"].tolist()
+    reference = load_model(params.mia.reference_model).eval() if "reference" in params.eval.mia_methods else None
     metrics: dict[str, float] = {}
     sample_rows: list[dict] = []
+    curves: dict[str, dict] = {}  # method -> model -> ROC
     for tag, model_dir in {"base": BASE_DIR, "trained": TRAINED_DIR}.items():
-        model_metrics, samples = evaluate_model(model_dir, eval_data, params)
+        model, tokenizer = load_model(model_dir), load_tokenizer(str(model_dir))
+        model_metrics, samples = evaluate_model(model, tokenizer, eval_data, params)
+        rocs = membership_rocs(model, tokenizer, members, nonmembers, params, reference)
+        model_metrics.update(roc_metrics(rocs))
+        for method, roc in rocs.items():
+            curves.setdefault(method, {})[tag] = roc
         metrics.update({f"{tag}/{k}": v for k, v in model_metrics.items()})
         sample_rows += [{"model": tag, **row} for row in samples]
-
-    mia_metrics, curves = membership_evaluation({"base": BASE_DIR, "trained": TRAINED_DIR}, params)
-    metrics.update(mia_metrics)
     write_roc_curves(curves)
 
     atomic_write_text(METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True) + "\n")

@@ -96,7 +96,9 @@ def mia(params: Params, tracker=None) -> dict[str, float]:
         if weights is None:
             warnings.warn(f"mia.method=precomputed but no row of {TRAIN_FILE} has extra_info.mia_weight: "
                           "the train data goes on unweighted", stacklevel=1)
-        train_scores, eval_scores = weights, None
+        train_scores = weights if weights is not None else np.full(len(train), np.nan)
+        scored = pd.DataFrame({"split": "train", "prompt": train["prompt"], "score": train_scores})
+        eval_scores = None
     else:
         if not (BASE_DIR / "config.json").is_file():
             raise FileNotFoundError(f"{BASE_DIR}: no base model (run the sft stage first)")
@@ -107,6 +109,7 @@ def mia(params: Params, tracker=None) -> dict[str, float]:
                                        batch_size=m.batch_size, reference=reference)[m.method]
         train_scores, eval_scores = all_scores[: len(train)], all_scores[len(train) :]
         weights = normalize_scores(torch.from_numpy(train_scores), m.normalize).numpy()
+        scored = pd.DataFrame({"split": ["train"] * len(train) + ["eval"] * len(eval_), "prompt": prompts, "score": all_scores})
 
     if weights is not None:
         train = train.copy()
@@ -114,16 +117,10 @@ def mia(params: Params, tracker=None) -> dict[str, float]:
             {**info, "mia_weight": float(w), "mia_score": float(s), "mia_method": m.method}
             for info, w, s in zip(train["extra_info"], weights, train_scores)
         ]
-    score_rows = pd.DataFrame({
-        "split": ["train"] * len(train) + (["eval"] * len(eval_) if eval_scores is not None else []),
-        "prompt": [*train["prompt"], *(eval_["prompt"] if eval_scores is not None else [])],
-        "score": np.r_[train_scores if train_scores is not None else np.full(len(train), np.nan),
-                       eval_scores if eval_scores is not None else []],
-    })
     write_parquet(train, WEIGHTED_TRAIN_FILE)
-    write_parquet(score_rows, SCORES_FILE)
+    write_parquet(scored, SCORES_FILE)
 
-    summary: dict[str, float] = {"mia/num_scored": float(len(score_rows))}
+    summary: dict[str, float] = {"mia/num_scored": float(len(scored))}
     if weights is not None:
         summary.update({"mia/weight_mean": float(weights.mean()), "mia/weight_std": float(weights.std()),
                         "mia/weight_min": float(weights.min()), "mia/weight_max": float(weights.max())})
@@ -137,29 +134,24 @@ def mia(params: Params, tracker=None) -> dict[str, float]:
     return summary
 
 
-def membership_evaluation(model_dirs: dict[str, Path], params: Params) -> tuple[dict[str, float], dict[str, dict]]:
-    """Members = train prompts, non-members = eval prompts. Returns metrics
-    (`<model>/mia/<method>/auc`, `.../tpr_at_fpr_0.01`, `.../tpr_at_fpr_0.05`) and the ROC curves."""
+def membership_rocs(model, tokenizer, members: list[str], nonmembers: list[str], params: Params, reference=None) -> dict[str, dict]:
+    """ROC of each of `eval.mia_methods` under `model`, members as positives (`mia.roc.membership_roc`)."""
     e, m = params.eval, params.mia
     if not e.mia_methods:
-        return {}, {}
-    members = pd.read_parquet(TRAIN_FILE)["prompt"].tolist()
-    nonmembers = pd.read_parquet(EVAL_FILE)["prompt"].tolist()
-    reference = load_model(m.reference_model).eval() if "reference" in e.mia_methods else None
-    metrics: dict[str, float] = {}
-    curves: dict[str, dict] = {}
-    for tag, model_dir in model_dirs.items():
-        model, tokenizer = load_model(model_dir), load_tokenizer(str(model_dir))
-        scores = membership_scores(model, tokenizer, members + nonmembers, list(e.mia_methods), k=m.k,
-                                   max_new_tokens=m.max_new_tokens, batch_size=m.batch_size, reference=reference)
-        for method, s in scores.items():
-            roc = membership_roc(s[: len(members)], s[len(members) :])
-            prefix = f"{tag}/mia/{method}"
-            metrics[f"{prefix}/auc"] = round(roc["auc"], 6)
-            metrics[f"{prefix}/tpr_at_fpr_0.01"] = round(roc["tpr@0.01"], 6)
-            metrics[f"{prefix}/tpr_at_fpr_0.05"] = round(roc["tpr@0.05"], 6)
-            curves.setdefault(method, {})[tag] = roc
-    return metrics, curves
+        return {}
+    scores = membership_scores(model, tokenizer, members + nonmembers, list(e.mia_methods), k=m.k,
+                               max_new_tokens=m.max_new_tokens, batch_size=m.batch_size, reference=reference)
+    return {method: membership_roc(s[: len(members)], s[len(members) :]) for method, s in scores.items()}
+
+
+def roc_metrics(rocs: dict[str, dict]) -> dict[str, float]:
+    """`mia/<method>/auc`, `…/tpr_at_fpr_0.01`, `…/tpr_at_fpr_0.05` (un-prefixed by model)."""
+    metrics = {}
+    for method, roc in rocs.items():
+        metrics[f"mia/{method}/auc"] = round(roc["auc"], 6)
+        metrics[f"mia/{method}/tpr_at_fpr_0.01"] = round(roc["tpr@0.01"], 6)
+        metrics[f"mia/{method}/tpr_at_fpr_0.05"] = round(roc["tpr@0.05"], 6)
+    return metrics
 
 
 def write_roc_curves(curves: dict[str, dict]) -> dict[str, pd.DataFrame]:

@@ -362,7 +362,7 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
     )
     data = pd.read_parquet(WEIGHTED_TRAIN_FILE)
     variants = Variants(params, data, tokenizer)
-    start_metrics = variants.start_metrics(data) if dist.is_rank0() else {}
+    start_metrics = variants.start_metrics() if dist.is_rank0() else {}
     if tracker and start_metrics:
         tracker.metrics(start_metrics)
     start = load_training_checkpoint(engine, params)

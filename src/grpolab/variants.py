@@ -39,17 +39,18 @@ class Variants:
         self.tokenizer = tokenizer
         self._pieces: dict[int, str] = {}  # token id -> its decoded text, filled as tokens appear
         t = params.train
-        self.mia_on = t.use_mia_weighted_loss and all(_mia_weight(r) is not None for _, r in data.iterrows())
+        self._raw_mia_weights = [_mia_weight(r) for _, r in data.iterrows()] if t.use_mia_weighted_loss else []
+        self.mia_on = t.use_mia_weighted_loss and all(w is not None for w in self._raw_mia_weights)
         if t.use_mia_weighted_loss and not self.mia_on:
             warnings.warn("train.use_mia_weighted_loss is set but the train data has no extra_info.mia_weight: "
                           "training plain GRPO", stacklevel=2)
 
-    def start_metrics(self, data: pd.DataFrame) -> dict[str, float]:
+    def start_metrics(self) -> dict[str, float]:
         """Seed 000's log line and its figures as metrics, at the start of training (empty when off)."""
         if not self.mia_on:
             return {}
         t = self.params.train
-        raw = torch.tensor([_mia_weight(r) for _, r in data.iterrows()], dtype=torch.float64)
+        raw = torch.tensor(self._raw_mia_weights, dtype=torch.float64)
         w = transform_mia_weights(raw, t.mia_weighting_mode, t.mia_invert_weights)
         stats = {"mean": w.mean().item(), "std": w.std().item() if len(w) > 1 else 0.0, "min": w.min().item(), "max": w.max().item()}
         print(f"MIA-weighted loss enabled: mode={t.mia_weighting_mode}, invert={t.mia_invert_weights}, "

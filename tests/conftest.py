@@ -14,6 +14,7 @@ TINY = [
     "data.num_sft=200",
     "data.num_train=40",
     "data.num_eval=16",
+    "data.num_val=16",
     "data.max_operand=99",
     "model.vocab_size=128",
     "model.hidden_size=32",

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from grpolab import config
-from grpolab.data.prepare import EVAL_FILE, SFT_FILE, TOKENIZER_DIR, TRAIN_FILE, prepare
+from grpolab.data.prepare import EVAL_FILE, SFT_FILE, TOKENIZER_DIR, TRAIN_FILE, VAL_FILE, prepare
 from grpolab.data.schema import DataError, read_rl_files
 
 from conftest import TINY, grpolab
@@ -116,3 +116,36 @@ def test_cli_on_malformed_parquet_exits_nonzero_and_writes_nothing(project):
     assert proc.returncode == 2
     assert f"{bad}: row 1: prompt is missing (null)" in proc.stderr
     assert not (project / "data").exists() or not any((project / "data").iterdir())
+
+
+def test_validation_split_of_user_files_held_out_or_given(in_tmp):
+    train = write(in_tmp / "t.parquet", verl_rows(0, 8, chat=False) + verl_rows(0, 1, chat=False))  # "0+1=" twice
+    eval_ = write(in_tmp / "e.parquet", verl_rows(100, 4, chat=False))
+    files = [f"data.train_files=[{train}]", f"data.eval_files=[{eval_}]", "sft.steps=0"]
+    summary = prepare(config.apply_overrides([*files, "data.num_val=3"]))
+    out, val = pd.read_parquet(TRAIN_FILE), pd.read_parquet(VAL_FILE)
+    assert summary["data/num_val"] == len(val) and val["prompt"].nunique() == 3
+    assert not set(val["prompt"]) & set(out["prompt"]) and len(out) + len(val) == 9  # a repeated prompt moves whole
+    assert {x["split"] for x in val["extra_info"]} == {"val"}
+    # Your own files without a number: no validation split, every train prompt stays.
+    assert prepare(config.apply_overrides(["data.num_val=null"]))["data/num_val"] == 0 and len(pd.read_parquet(TRAIN_FILE)) == 9
+    given = write(in_tmp / "v.parquet", verl_rows(50, 5, chat=False))
+    assert prepare(config.apply_overrides([f"data.val_files=[{given}]"]))["data/num_val"] == 5
+    overlapping = write(in_tmp / "bad_val.parquet", verl_rows(200, 2, chat=False) + verl_rows(101, 1, chat=False))
+    with pytest.raises(DataError, match=f"{overlapping}: row 2: prompt also appears in the eval files"):
+        prepare(config.apply_overrides([f"data.val_files=[{overlapping}]"]))
+    with pytest.raises(config.ConfigError, match="num_val and val_files exclude each other"):
+        config.apply_overrides(["data.num_val=2"])
+    with pytest.raises(DataError, match=r"data.num_val: 8 validation prompts to hold out, but the train files have 8 distinct"):
+        prepare(config.apply_overrides(["data.val_files=[]", "data.num_val=8"]))
+
+
+def test_generated_validation_split_leaves_the_other_splits_alone(in_tmp):
+    tiny = [o for o in TINY if o.startswith(("data.", "model.vocab"))]
+    prepare(config.apply_overrides([*tiny, "data.num_val=0"]))
+    before = {f: pd.read_parquet(f) for f in (TRAIN_FILE, EVAL_FILE, SFT_FILE)}
+    prepare(config.apply_overrides(["data.num_val=30"]))
+    for f, frame in before.items():
+        pd.testing.assert_frame_equal(pd.read_parquet(f), frame)
+    val = pd.read_parquet(VAL_FILE)
+    assert len(val) == 30 and not set(val["prompt"]) & set().union(*(set(f["prompt"]) for f in before.values()))

@@ -16,7 +16,7 @@ EVAL_KEYS = {
 MIA_METHODS = ("loss", "zlib", "min_k", "min_k_plus_plus")
 MIA_KEYS = {f"mia/{m}/{k}" for m in MIA_METHODS for k in ("auc", "tpr_at_fpr_0.01", "tpr_at_fpr_0.05")}
 OUTPUT_FILES = [
-    "data/train.parquet", "data/eval.parquet", "data/sft.parquet", "data/train_weighted.parquet", "data/mia_scores.parquet",
+    "data/train.parquet", "data/eval.parquet", "data/sft.parquet", "data/val.parquet", "data/train_weighted.parquet", "data/mia_scores.parquet",
     "metrics/eval.json", "metrics/eval_samples.jsonl", "metrics/sft_loss.csv", "models/trained/model.safetensors",
     *[f"metrics/mia_roc/{m}.csv" for m in MIA_METHODS],
 ]
@@ -29,9 +29,11 @@ def digests(root: Path) -> dict[str, str]:
 
 def test_pipeline_through_prefect_then_dvc(tmp_path):
     a = make_project(tmp_path / "a")
-    # With a mitigation whose weights need an extra model pass: the flow runs it like any other
-    # (tests/test_train.py trains all six stage by stage).
-    proc = grpolab("run", *[f"-S{o}" for o in TINY], "-Strain.mitigation.name=attention_credit", cwd=a)
+    # With a mitigation whose weights need an extra model pass and TracIn on a separate validation
+    # set: the flow runs them like any other (tests/test_train.py trains each variant stage by stage).
+    tracin = ["train.tracin.use_tracin=true", "train.tracin.validation=separate", "train.tracin.val_batch_size=8",
+              "train.tracin.val_pool_size=16", "train.tracin.val_selection=balanced"]
+    proc = grpolab("run", *[f"-S{o}" for o in [*TINY, *tracin]], "-Strain.mitigation.name=attention_credit", cwd=a)
     out = proc.stdout + proc.stderr
     for stage in ("prepare", "sft", "mia", "train", "evaluate"):
         assert f"==> stage {stage}" in out and f"Running stage '{stage}'" in out
@@ -52,6 +54,10 @@ def test_pipeline_through_prefect_then_dvc(tmp_path):
     assert pd.read_csv(a / "metrics/train_curve.csv")["step"].tolist() == [1, 2, 3]
     train, eval_ = pd.read_parquet(a / "data/train.parquet"), pd.read_parquet(a / "data/eval.parquet")
     assert (len(train), len(eval_)) == (40, 16) and not set(train["prompt"]) & set(eval_["prompt"])
+    val = pd.read_parquet(a / "data/val.parquet")
+    sft = pd.read_parquet(a / "data/sft.parquet")
+    assert len(val) == 16 and not set(val["prompt"]) & (set(train["prompt"]) | set(eval_["prompt"]) | set(sft["prompt"]))
+    assert len(list((a / "metrics/tracin").glob("step_*.parquet"))) == 3
     assert (a / "models/base/config.json").is_file() and (a / "models/base/tokenizer.json").is_file()
     samples = [json.loads(line) for line in (a / "metrics/eval_samples.jsonl").read_text().splitlines()]
     assert len(samples) == 8 and {s["model"] for s in samples} == {"base", "trained"}
@@ -74,7 +80,7 @@ def test_pipeline_through_prefect_then_dvc(tmp_path):
     assert parent.data.metrics["base/success_rate"] == metrics["base/success_rate"]
     assert parent.data.metrics["trained/success_rate"] == metrics["trained/success_rate"]
     assert len(client.get_metric_history(children["train"].info.run_id, "train/reward_mean")) == 3
-    assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {"train", "eval", "sft", "train_weighted"}
+    assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {"train", "eval", "sft", "val", "train_weighted"}
     evaluate_artifacts = {f.path for f in client.list_artifacts(children["evaluate"].info.run_id)}
     assert "mia_roc.png" in evaluate_artifacts
     assert 0 <= children["mia"].data.metrics["mia/base_train_vs_eval_auc"] <= 1

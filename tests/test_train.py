@@ -32,6 +32,14 @@ STEP_METRICS = [
     "train/step_time", "credit/answer_share", "credit/think_share", "credit/high_entropy_share", "credit/gini",
 ]
 
+TRACIN_KEYS = [
+    "tracin/positive_ratio", "tracin/negative_ratio", "tracin/zero_ratio", "tracin/min_ip", "tracin/max_ip", "tracin/mean_ip",
+    "tracin/std_ip", "tracin/selected_ratio", "tracin/fallback", "tracin/val_grad_norm",
+]
+SEPARATE = ["train.tracin.use_tracin=true", "train.tracin.validation=separate", "train.tracin.val_batch_size=8",
+            "train.tracin.val_pool_size=16", "train.tracin.val_selection=top", "train.tracin.val_loss=contrastive"]
+SAME_BATCH = ["train.tracin.use_tracin=true", "train.tracin.validation=same_batch"]
+
 
 def save_judge(path: Path) -> None:
     """A tiny frozen sequence classifier (one logit) as the judge, saved as a HF checkpoint:
@@ -102,8 +110,9 @@ def test_train_logs_every_metric_and_saves_the_model(trainer):
     assert any(not torch.equal(base[k], v) for k, v in trained_weights().items())
 
 
-def test_resume_after_a_kill_continues_the_same_run_and_trajectory(trainer, tmp_path):
-    overrides = ["train.steps=16", "train.save_every=3"]
+@pytest.mark.parametrize("variant", [[], SAME_BATCH])
+def test_resume_after_a_kill_continues_the_same_run_and_trajectory(trainer, tmp_path, variant):
+    overrides = ["train.steps=16", "train.save_every=3", *variant]
     # Reference: the same params trained in one go, in another copy.
     reference = tmp_path / "reference"
     shutil.copytree(trainer, reference)
@@ -127,6 +136,8 @@ def test_resume_after_a_kill_continues_the_same_run_and_trajectory(trainer, tmp_
     steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")}
     assert steps == set(range(1, 17))
     assert pd.read_csv(CURVE_FILE)["step"].tolist() == list(range(1, 17))
+    if variant:
+        assert sorted(int(p.stem.split("_")[1]) for p in Path("metrics/tracin").glob("step_*.parquet")) == list(range(1, 17))
     expected = load_model(reference / TRAINED_DIR).state_dict()
     for key, value in trained_weights().items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
@@ -257,3 +268,101 @@ def test_analyze_credit_compares_runs_in_mlflow(trainer):
     assert "summary.md" in {f.path for f in client.list_artifacts(report[0].info.run_id)}
     proc = grpolab("analyze-credit", "0123456789abcdef", cwd=trainer, check=False)
     assert proc.returncode == 2 and "run 0123456789abcdef: not found" in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["same_batch", "separate"])
+def test_tracin_logs_its_diagnostics_and_influence_log(trainer, mode, capsys):
+    overrides = SAME_BATCH if mode == "same_batch" else SEPARATE
+    run_stage("train", config.apply_overrides(["train.steps=2", *overrides]))
+    printed = capsys.readouterr()
+    assert (printed.out + printed.err).count("tracin step ") == 2  # one summary line per influence step
+    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
+    run = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'")[0]
+    keys = TRACIN_KEYS + (["tracin/val_reward_mean", "tracin/val_advantage_min", "tracin/val_advantage_max"] if mode == "separate" else [])
+    for key in keys:
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history), key
+    ratios = [run.data.metrics[f"tracin/{k}_ratio"] for k in ("positive", "negative", "zero")]
+    assert sum(ratios) == pytest.approx(1.0)
+    assert {"tracin/step_000001.parquet", "tracin/step_000002.parquet"} <= {f.path for f in client.list_artifacts(run.info.run_id, "tracin")}
+    log = pd.read_parquet("metrics/tracin/step_000002.parquet")
+    assert list(log.columns) == ["step", "row", "prompt", "completion", "reward", "advantage", "influence", "kept"] and len(log) == 16
+    assert ((log["advantage"] == 0) <= (log["influence"] == 0)).all()  # no policy-gradient term, no influence
+    selected = log["kept"].mean()
+    assert selected == pytest.approx(run.data.metrics["tracin/selected_ratio"])
+    if not run.data.metrics["tracin/fallback"]:
+        assert (log["kept"] == (log["influence"] > 0)).all()
+    curve = pd.read_csv(CURVE_FILE)
+    assert set(keys) <= set(curve.columns) and curve["tracin/selected_ratio"].notna().all()
+
+
+def test_tracin_composes_with_mia_weights_credit_mitigation_and_ppo_epochs(trainer, tmp_path):
+    plain = tmp_path / "plain"
+    shutil.copytree(trainer, plain)
+    common = ["train.steps=4", "train.ppo_epochs=2", "train.use_mia_weighted_loss=true", "train.mitigation.name=entropy_weighted"]
+    grpolab("stage", "train", *[f"-S{o}" for o in common], cwd=plain)
+    run_stage("train", config.apply_overrides([*common, *SAME_BATCH, "train.tracin.selection_unit=prompt"]))
+    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
+    run = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'")[0]
+    # Influence once per batch of rollouts, from the batch as sampled: steps 1 and 3 of 2 epochs each.
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "tracin/selected_ratio")] == [1, 3]
+    assert "mia/weight_mean" in run.data.metrics
+    log = pd.read_parquet("metrics/tracin/step_000003.parquet")
+    kept_by_prompt = log.groupby(log["row"] // 4)["kept"].agg(["min", "max"])
+    assert (kept_by_prompt["min"] == kept_by_prompt["max"]).all()  # prompt units: a group is kept or dropped whole
+    dropped = not all(pd.read_parquet(f"metrics/tracin/step_{s:06d}.parquet")["kept"].all() for s in (1, 3))
+    other = load_model(plain / TRAINED_DIR).state_dict()
+    assert dropped == any(not torch.equal(other[k], v) for k, v in trained_weights().items())
+
+
+def test_tracin_off_is_plain_grpo_bit_for_bit(trainer, tmp_path):
+    plain = tmp_path / "plain"
+    shutil.copytree(trainer, plain)
+    grpolab("stage", "train", "-S", "train.steps=2", cwd=plain)
+    run_stage("train", config.apply_overrides(["train.steps=2", "train.tracin.every=3", "train.tracin.fallback_top_fraction=0.9"]))
+    other = load_model(plain / TRAINED_DIR).state_dict()
+    assert all(torch.equal(other[k], v) for k, v in trained_weights().items())
+    assert not any(Path("metrics/tracin").iterdir())
+
+
+@pytest.mark.parametrize("mode", ["same_batch", "separate"])
+def test_tracin_two_processes_give_one_process_keep_masks(trainer, tmp_path, mode):
+    overrides = SAME_BATCH if mode == "same_batch" else SEPARATE
+    single = tmp_path / "single"
+    shutil.copytree(trainer, single)
+    grpolab("stage", "train", *[f"-S{o}" for o in ["train.steps=3", *overrides]], cwd=single)
+    grpolab("stage", "train", *[f"-S{o}" for o in ["train.steps=3", *overrides, "train.num_processes=2", "train.micro_batch_size=4"]],
+            cwd=trainer)
+    for step in (1, 2, 3):
+        one = pd.read_parquet(single / f"metrics/tracin/step_{step:06d}.parquet")
+        two = pd.read_parquet(trainer / f"metrics/tracin/step_{step:06d}.parquet")
+        assert one["kept"].tolist() == two["kept"].tolist() and one["completion"].tolist() == two["completion"].tolist()
+        torch.testing.assert_close(torch.tensor(two["influence"].values), torch.tensor(one["influence"].values), rtol=1e-3, atol=1e-7)
+    one, two = pd.read_csv(single / CURVE_FILE), pd.read_csv(trainer / CURVE_FILE)
+    for column in ("train/reward_mean", "train/loss", "train/kl", "tracin/val_grad_norm", "tracin/mean_ip"):
+        torch.testing.assert_close(torch.tensor(two[column].values), torch.tensor(one[column].values), rtol=1e-4, atol=1e-5, msg=column)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.tracin.val_selection=top"], "train.tracin: val_selection: a knob of validation `separate`, not of `same_batch`"),
+        (["train.tracin.validation=separate", "train.tracin.val_selection=top", "train.tracin.val_pool_size=64"],
+         "val_selection: `top` picks val_batch_size (64) out of val_pool_size (64), which keeps them all"),
+        (["train.tracin.validation=separate", "train.tracin.val_batch_size=32", "train.tracin.val_pool_size=16"],
+         "val_pool_size (16) must be at least val_batch_size (32)"),
+        (["train.tracin.use_tracin=true", "train.tracin.validation=separate"],
+         "train.tracin.val_pool_size: 64 validation prompts per influence step, but data.num_val is 16"),
+        (["train.tracin.fallback_top_fraction=0"], "train.tracin.fallback_top_fraction: Input should be greater than 0"),
+        (["train.tracin.every=0"], "train.tracin.every: Input should be greater than or equal to 1"),
+        (["train.tracin.val_loss=mse"], "train.tracin.val_loss: Input should be 'seqloss-lastadv', 'seqloss-reward' or 'contrastive'"),
+        (["train.tracin.validation=separate", "train.tracin.val_pool_size=15", "train.tracin.val_batch_size=8",
+          "train.tracin.use_tracin=true", "train.num_processes=2"], "tracin.val_pool_size (15) must divide evenly across num_processes (2)"),
+    ],
+)
+def test_bad_tracin_params_are_rejected_before_work(trainer, overrides, message):
+    before = Path("params.yaml").read_text()
+    with pytest.raises(config.ConfigError) as err:
+        config.apply_overrides(overrides)
+    assert message in str(err.value)
+    assert Path("params.yaml").read_text() == before

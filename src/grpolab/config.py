@@ -40,6 +40,9 @@ def _existing_checkpoint(value: str | None) -> str | None:
     return value
 
 
+DEFAULT_NUM_VAL = 200
+
+
 class DataParams(Section):
     task: Literal["arithmetic"] = Field(
         "arithmetic",
@@ -72,14 +75,37 @@ class DataParams(Section):
         [],
         description="Your own SFT parquet files (`prompt` and `response` columns); replaces the generated SFT set.",
     )
+    num_val: int | None = Field(
+        None,
+        ge=0,
+        description="Validation prompts (TracIn's `separate` mode), disjoint from train, eval and SFT prompts. Empty: "
+        "200 generated for the task; with your own files none, unless you give `val_files` or set a number, "
+        "which holds out that many of your train prompts (picked by `seed`).",
+    )
+    val_files: list[str] = Field(
+        [], description="Your own validation parquet files in verl's format (with `train_files`); replaces `num_val`."
+    )
 
-    _check_files = field_validator("train_files", "eval_files", "sft_files")(_existing_paths)
+    _check_files = field_validator("train_files", "eval_files", "sft_files", "val_files")(_existing_paths)
+
+    @property
+    def validation_size(self) -> int | None:
+        """Validation prompts prepare makes: a number, or None when they come from `val_files`."""
+        if self.val_files:
+            return None
+        if self.num_val is not None:
+            return self.num_val
+        return 0 if self.train_files else DEFAULT_NUM_VAL
 
     @model_validator(mode="after")
     def _files_come_in_pairs(self) -> DataParams:
         if bool(self.train_files) != bool(self.eval_files):
             missing = "eval_files" if self.train_files else "train_files"
             raise ValueError(f"train_files and eval_files go together: set {missing} too")
+        if self.val_files and not self.train_files:
+            raise ValueError("val_files go with train_files (the generated task makes its own validation split)")
+        if self.val_files and self.num_val is not None:
+            raise ValueError("num_val and val_files exclude each other: the validation split is your val_files")
         return self
 
 
@@ -206,6 +232,99 @@ class MitigationParams(Section):
         return MITIGATION_KNOBS[self.name][knob] if value is None else value
 
 
+# TracIn's knobs that only the `separate` validation mode reads, with their defaults (seeds 001/003).
+SEPARATE_VALIDATION_KNOBS: dict[str, Any] = {
+    "val_batch_size": 64,
+    "val_pool_size": None,  # resolved by TracInParams.pool_size
+    "val_selection": "random",
+    "val_loss": "seqloss-lastadv",
+}
+VAL_POOL_FACTOR = 4  # a top/bottom/balanced selection picks val_batch_size out of this many times as many
+
+
+class TracInParams(Section):
+    use_tracin: bool = Field(
+        False, description="TracIn sample selection (seeds 001/003): keep only completions whose influence "
+        "<grad L_i, grad L_val> is positive. Off: plain GRPO, bit for bit."
+    )
+    validation: Literal["same_batch", "separate"] = Field(
+        "same_batch",
+        description="What L_val is: `same_batch` the step's own policy-gradient loss (seed 003's fix), `separate` "
+        "a loss on fresh completions of validation prompts (data/val.parquet; the original design).",
+    )
+    val_batch_size: int | None = Field(
+        None, ge=2, description="`separate` (default 64; the seeds' `tracin_val_batch_size`): validation completions "
+        "that form L_val.",
+    )
+    val_pool_size: int | None = Field(
+        None, ge=2,
+        description="`separate`: validation prompts sampled (one completion each) per influence step, from which "
+        "`val_selection` picks `val_batch_size`. Default: val_batch_size for `random`, 4x it otherwise.",
+    )
+    val_selection: Literal["random", "top", "bottom", "balanced"] | None = Field(
+        None, description="`separate` (default random): which pooled completions enter L_val: random, the top or "
+        "bottom by reward (`top` is the original top-k), or `balanced` half top, half bottom (seed 001).",
+    )
+    val_loss: Literal["seqloss-lastadv", "seqloss-reward", "contrastive"] | None = Field(
+        None, description="`separate` (default seqloss-lastadv), seed 003's losses over the selected completions: "
+        "mean of -log p(y) * advantage, mean of -log p(y) * reward, or -mean log p(good) + mean log p(bad) with "
+        "good/bad the top/bottom half by reward. log p(y) is the sum over the completion's tokens.",
+    )
+    fallback_min_positive: float = Field(
+        0.1, ge=0, le=1, description="If fewer than this share of the units have positive influence, keep the top "
+        "`fallback_top_fraction` by influence instead (seed 001).",
+    )
+    fallback_top_fraction: float = Field(
+        0.5, gt=0, le=1, description="Share of units kept by the fallback, highest influence first."
+    )
+    every: int = Field(
+        1, ge=1, description="Compute influence on every N-th batch of rollouts (= steps when ppo_epochs is 1); "
+        "the batches in between update with every completion, as plain GRPO.",
+    )
+    selection_unit: Literal["completion", "prompt"] = Field(
+        "completion", description="What is kept or dropped: each completion by its own influence (the seeds), or "
+        "each prompt's whole group by the sum of its completions' influences.",
+    )
+
+    @model_validator(mode="after")
+    def _separate_knobs(self) -> TracInParams:
+        if self.validation == "same_batch":
+            for knob in SEPARATE_VALIDATION_KNOBS:
+                if getattr(self, knob) is not None:
+                    raise ValueError(f"{knob}: a knob of validation `separate`, not of `same_batch`")
+            return self
+        if self.pool_size < self.batch_size:
+            raise ValueError(f"val_pool_size ({self.pool_size}) must be at least val_batch_size ({self.batch_size})")
+        if self.selection != "random" and self.pool_size == self.batch_size:
+            raise ValueError(
+                f"val_selection: `{self.selection}` picks val_batch_size ({self.batch_size}) out of val_pool_size "
+                f"({self.pool_size}), which keeps them all: set val_pool_size larger"
+            )
+        return self
+
+    def knob(self, knob: str) -> Any:
+        value = getattr(self, knob)
+        return SEPARATE_VALIDATION_KNOBS[knob] if value is None else value
+
+    @property
+    def batch_size(self) -> int:
+        return self.knob("val_batch_size")
+
+    @property
+    def selection(self) -> str:
+        return self.knob("val_selection")
+
+    @property
+    def loss(self) -> str:
+        return self.knob("val_loss")
+
+    @property
+    def pool_size(self) -> int:
+        if self.val_pool_size is not None:
+            return self.val_pool_size
+        return self.batch_size * (1 if self.selection == "random" else VAL_POOL_FACTOR)
+
+
 class DeepSpeedParams(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(
         0, description="ZeRO stage: 0 plain data parallel, 1 optimizer states, 2 + gradients, 3 + parameters "
@@ -264,6 +383,7 @@ class TrainParams(Section):
     save_every: int = Field(20, ge=0, description="Checkpoint every this many steps (0: only at the end).")
     log_completions_every: int = Field(10, ge=1, description="Log a table of sample completions every this many steps.")
     num_processes: int = Field(1, ge=1, description="Training processes; above 1 the stage starts them with torchrun.")
+    tracin: TracInParams = Field(default_factory=TracInParams, description="TracIn sample selection (seeds 001/003).")
     deepspeed: DeepSpeedParams = Field(default_factory=DeepSpeedParams, description="DeepSpeed engine settings.")
 
     @field_validator("rewards")
@@ -295,6 +415,11 @@ class TrainParams(Section):
             )
         if "judge" in self.rewards and self.judge_model is None:
             raise ValueError("rewards: the judge reward needs train.judge_model")
+        tracin = self.tracin
+        if tracin.use_tracin and tracin.validation == "separate" and tracin.pool_size % self.num_processes:
+            raise ValueError(
+                f"tracin.val_pool_size ({tracin.pool_size}) must divide evenly across num_processes ({self.num_processes})"
+            )
         return self
 
 
@@ -305,6 +430,9 @@ class TrackingParams(Section):
         "in the project root.",
     )
     experiment: str = Field("grpolab", min_length=1, description="MLflow experiment that holds the run trees.")
+    tags: dict[str, str] = Field(
+        {}, description="Extra MLflow tags on every run of the pipeline (e.g. a study's variant and seed)."
+    )
 
 
 class Params(Section):
@@ -321,6 +449,24 @@ class Params(Section):
     def _reference_for_eval(self) -> Params:
         if "reference" in self.eval.mia_methods and self.mia.reference_model is None:
             raise ValueError("eval.mia_methods: `reference` needs mia.reference_model")
+        return self
+
+    @model_validator(mode="after")
+    def _tracin_has_validation(self) -> Params:
+        tracin = self.train.tracin
+        if not (tracin.use_tracin and tracin.validation == "separate"):
+            return self
+        size = self.data.validation_size
+        if size == 0:
+            raise ValueError(
+                "train.tracin.validation: `separate` needs validation prompts: set data.val_files or data.num_val "
+                "(with your own train files none are held out by default)"
+            )
+        if size is not None and tracin.pool_size > size:
+            raise ValueError(
+                f"train.tracin.val_pool_size: {tracin.pool_size} validation prompts per influence step, but "
+                f"data.num_val is {size}"
+            )
         return self
 
     @model_validator(mode="after")

@@ -66,6 +66,15 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def all_gather_objects(items: list) -> list:
+    """Concatenate every rank's list of picklable items, in rank order."""
+    if world_size() == 1:
+        return items
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

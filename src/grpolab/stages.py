@@ -14,7 +14,8 @@ from grpolab.data.prepare import prepare
 from grpolab.evaluate import evaluate
 from grpolab.membership import mia
 from grpolab.sft import sft
-from grpolab.train import resumable_run_id, train
+from grpolab.checkpoints import resumable_run_id
+from grpolab.train import train
 
 STAGES: dict[str, Callable[..., dict]] = {
     "prepare": prepare,

@@ -102,7 +102,7 @@ def pipeline_run_id(client: MlflowClient, params: Params) -> str:
     if found:
         return found[0].info.run_id
     run = client.create_run(
-        experiment_id, run_name=f"pipeline-{key}", tags={PARAMS_HASH_TAG: key, STAGE_TAG: "pipeline"}
+        experiment_id, run_name=f"pipeline-{key}", tags={**params.tracking.tags, PARAMS_HASH_TAG: key, STAGE_TAG: "pipeline"}
     )
     flat = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(params).items()]
     for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
@@ -124,7 +124,7 @@ def stage_run(params: Params, stage: str, run_id: str | None = None) -> Iterator
         run_id = client.create_run(
             experiment_id,
             run_name=stage,
-            tags={MLFLOW_PARENT_RUN_ID: parent_id, STAGE_TAG: stage, PARAMS_HASH_TAG: params_hash(params)},
+            tags={**params.tracking.tags, MLFLOW_PARENT_RUN_ID: parent_id, STAGE_TAG: stage, PARAMS_HASH_TAG: params_hash(params)},
         ).info.run_id
     client.update_run(run_id, status="RUNNING")
     client.update_run(parent_id, status="RUNNING")

@@ -7,9 +7,7 @@ point -> aggregate -> backward over micro-batches -> optimizer step.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,20 +25,21 @@ from grpolab.algos.credit import ANSWER, CLASS_NAMES, THINK, gini, token_credit
 from grpolab.algos.losses import (
     KL_ESTIMATORS, aggregate, aggregation_units, clipped_policy_loss, compose_token_loss, policy_token_stats, token_logprobs,
 )
+from grpolab.checkpoints import CHECKPOINT_DIR, load_training_checkpoint, save_training_checkpoint
 from grpolab.config import Params
 from grpolab.data.schema import write_parquet
 from grpolab.data.tokenizer import encode_prompt, load_tokenizer
 from grpolab.fsutil import atomic_write_text
+from grpolab.influence import TRACIN_DIR, TracIn
 from grpolab.membership import WEIGHTED_TRAIN_FILE
 from grpolab.models import load_model, save_checkpoint
 from grpolab.rewards import Judge, RewardBatch, score
 from grpolab.rollout import Rollout, completion_logits, decode, row_generators, sample
 from grpolab.sft import BASE_DIR
-from grpolab.tracking import Tracker, params_hash
+from grpolab.tracking import Tracker
 from grpolab.variants import LossWeights, Variants
 
 TRAINED_DIR = Path("models/trained")
-CHECKPOINT_DIR = Path("checkpoints/train")
 CURVE_FILE = Path("metrics/train_curve.csv")
 CREDIT_DIR = Path("metrics/credit")
 CURVE_KEYS = [
@@ -265,60 +264,6 @@ def _completions_table(info: dict, advantages: torch.Tensor) -> pd.DataFrame:
     )
 
 
-# ---- checkpoints: DeepSpeed's own format (model, optimizer, scheduler) plus our client state ----
-
-
-def _latest() -> str | None:
-    latest = CHECKPOINT_DIR / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
-
-
-def _read_client_state(tag: str) -> dict:
-    return json.loads((CHECKPOINT_DIR / tag / "grpolab_state.json").read_text())
-
-
-def resumable_run_id(params: Params) -> str | None:
-    """The MLflow run of an interrupted training of these same params, if a checkpoint of it exists."""
-    tag = _latest()
-    if tag is None:
-        return None
-    state = _read_client_state(tag)
-    return state["mlflow_run_id"] if state["params_hash"] == params_hash(params) else None
-
-
-def save_training_checkpoint(engine, params: Params, step: int, run_id: str | None) -> None:
-    """Written under a temporary name on every rank, renamed by rank 0, then `latest` points at it."""
-    tag = f"step_{step:06d}"
-    staging = CHECKPOINT_DIR / ".staging"
-    state = {"step": step, "params_hash": params_hash(params), "mlflow_run_id": run_id, "torch_rng": torch.get_rng_state().tolist()}
-    engine.save_checkpoint(str(staging), tag=tag, client_state={"grpolab": state}, save_latest=False)
-    dist.barrier()
-    if dist.is_rank0():
-        atomic_write_text(staging / tag / "grpolab_state.json", json.dumps(state))
-        shutil.rmtree(CHECKPOINT_DIR / tag, ignore_errors=True)
-        os.replace(staging / tag, CHECKPOINT_DIR / tag)
-        previous = _latest()
-        atomic_write_text(CHECKPOINT_DIR / "latest", tag)
-        if previous and previous != tag:
-            shutil.rmtree(CHECKPOINT_DIR / previous, ignore_errors=True)
-    dist.barrier()
-
-
-def load_training_checkpoint(engine, params: Params) -> int:
-    """Resume from the newest checkpoint of these params: the next step to run (0 if none)."""
-    tag = _latest()
-    if tag is None or _read_client_state(tag)["params_hash"] != params_hash(params):
-        dist.barrier()
-        if dist.is_rank0():
-            shutil.rmtree(CHECKPOINT_DIR, ignore_errors=True)  # another configuration's: not ours to resume
-        dist.barrier()
-        return 0
-    engine.load_checkpoint(str(CHECKPOINT_DIR), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-    state = _read_client_state(tag)
-    torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-    return state["step"]
-
-
 def _reward_curve_figure(curve: pd.DataFrame):
     import matplotlib
 
@@ -333,6 +278,22 @@ def _reward_curve_figure(curve: pd.DataFrame):
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def _clear_step_logs(start: int) -> None:
+    """Per-step log files of steps after the resume point (or of another training) go."""
+    for folder in (CREDIT_DIR, TRACIN_DIR):
+        folder.mkdir(parents=True, exist_ok=True)  # DVC outputs even when no step logs to them
+        for old in folder.glob("step_*.parquet"):
+            if int(old.stem.split("_")[1]) > start:
+                old.unlink()
+
+
+def _save_step_log(frame: pd.DataFrame, folder: Path, step: int, tracker: Tracker | None) -> None:
+    path = folder / f"step_{step:06d}.parquet"
+    write_parquet(frame, path)
+    if tracker:
+        tracker.artifacts(path, folder.name)
 
 
 def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
@@ -362,37 +323,41 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
     )
     data = pd.read_parquet(WEIGHTED_TRAIN_FILE)
     variants = Variants(params, data, tokenizer)
+    tracin = TracIn(params, engine.module, tokenizer, judge) if t.tracin.use_tracin else None
     start_metrics = variants.start_metrics() if dist.is_rank0() else {}
     if tracker and start_metrics:
         tracker.metrics(start_metrics)
     start = load_training_checkpoint(engine, params)
-    curve = pd.read_csv(CURVE_FILE) if start and CURVE_FILE.is_file() else pd.DataFrame(columns=["step", *CURVE_KEYS])
+    curve_keys = CURVE_KEYS + (tracin.metric_keys if tracin else [])
+    curve = pd.read_csv(CURVE_FILE) if start and CURVE_FILE.is_file() else pd.DataFrame(columns=["step", *curve_keys])
     curve = curve[curve["step"] <= start]
-    if dist.is_rank0():  # credit logs of steps after the resume point (or of another training) go
-        CREDIT_DIR.mkdir(parents=True, exist_ok=True)  # a DVC output even when no step logs credit
-        for old in CREDIT_DIR.glob("step_*.parquet"):
-            if int(old.stem.split("_")[1]) > start:
-                old.unlink()
+    if dist.is_rank0():
+        _clear_step_logs(start)
 
     bar = tqdm(range(start + 1, t.steps + 1), desc="train", unit="step", dynamic_ncols=True, disable=not dist.is_rank0(), initial=start, total=t.steps)
     metrics: dict[str, float] = {}
     for step in bar:
         began = time.perf_counter()
+        selection = None
         if (step - 1) % t.ppo_epochs == 0 or step == start + 1:
-            batch, info = make_batch(params, engine, ref_model, tokenizer, data, judge, variants, (step - 1) // t.ppo_epochs)
+            rollout_index = (step - 1) // t.ppo_epochs
+            batch, info = make_batch(params, engine, ref_model, tokenizer, data, judge, variants, rollout_index)
+            if tracin and tracin.due(rollout_index):  # influence from the batch as sampled, before its first update
+                with dist.gathered(engine.module, t.deepspeed.zero_stage):
+                    selection = tracin.select(engine.module, batch, info, rollout_index, step)
+                batch.weights.keep = selection.keep
         sums = update(params, engine, batch)
-        metrics = step_metrics(params, engine, sums, info, time.perf_counter() - began)
+        metrics = step_metrics(params, engine, sums, info, time.perf_counter() - began) | (selection.metrics if selection else {})
         bar.set_postfix(reward=f"{metrics['train/reward_mean']:.3f}", loss=f"{metrics['train/loss']:.4f}")
-        curve.loc[len(curve)] = [step, *[metrics[k] for k in CURVE_KEYS]]
+        curve.loc[len(curve)] = [step, *[metrics.get(k, math.nan) for k in curve_keys]]
         if tracker:
             tracker.metrics(metrics, step=step)
             if step % t.log_completions_every == 0:
                 tracker.table(_completions_table(info, batch.advantages), f"completions/step_{step:06d}.json")
-        if t.credit_log_every and step % t.credit_log_every == 0 and dist.is_rank0():
-            path = CREDIT_DIR / f"step_{step:06d}.parquet"
-            write_parquet(credit_log(batch, variants, step), path)
-            if tracker:
-                tracker.artifacts(path, "credit")
+        if dist.is_rank0() and t.credit_log_every and step % t.credit_log_every == 0:
+            _save_step_log(credit_log(batch, variants, step), CREDIT_DIR, step, tracker)
+        if dist.is_rank0() and selection:
+            _save_step_log(selection.log, TRACIN_DIR, step, tracker)
         if (t.save_every and step % t.save_every == 0) and step < t.steps:
             if dist.is_rank0():
                 atomic_write_text(CURVE_FILE, curve.to_csv(index=False))

@@ -1,7 +1,8 @@
 """`prepare` stage: task data (generated or the user's verl parquet) and the tokenizer.
 
 Eval, train and SFT prompts are disjoint: membership evaluation later compares train prompts
-(members) with eval prompts (non-members), and the base model must have seen neither.
+(members) with eval prompts (non-members), and the base model must have seen neither. The
+validation split (TracIn's `separate` mode) is disjoint from all three.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ DATA_DIR = Path("data")
 TRAIN_FILE = DATA_DIR / "train.parquet"
 EVAL_FILE = DATA_DIR / "eval.parquet"
 SFT_FILE = DATA_DIR / "sft.parquet"
+VAL_FILE = DATA_DIR / "val.parquet"
 TOKENIZER_DIR = DATA_DIR / "tokenizer"
 
 
@@ -36,24 +38,45 @@ def _rl_frame(problems: list[Problem], split: str, source: str) -> pd.DataFrame:
     )
 
 
-def _generated(params: Params) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def _generated(params: Params) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     d = params.data
     rng = random.Random(params.seed)
     seen: set[str] = set()
     eval_problems = generate_arithmetic(d.num_eval, d.max_operand, d.operations, rng, seen)
     train_problems = generate_arithmetic(d.num_train, d.max_operand, d.operations, rng, seen)
     sft_problems = generate_arithmetic(d.num_sft, d.max_operand, d.operations, rng, seen, d.sft_carry_error_rate)
+    # Drawn last, from the same stream: the other splits do not depend on the validation size.
+    val_problems = generate_arithmetic(d.validation_size, d.max_operand, d.operations, rng, seen)
     sft = pd.DataFrame({"prompt": [p.prompt for p in sft_problems], "response": [p.completion for p in sft_problems]})
-    return _rl_frame(train_problems, "train", d.task), _rl_frame(eval_problems, "eval", d.task), sft
+    frames = (_rl_frame(train_problems, "train", d.task), _rl_frame(eval_problems, "eval", d.task), sft)
+    return (*frames, _rl_frame(val_problems, "val", d.task))
 
 
-def _check_disjoint(train: pd.DataFrame, eval_: pd.DataFrame) -> None:
-    train_prompts = set(train["prompt"])
-    for _, row in eval_.iterrows():
-        if row["prompt"] in train_prompts:
-            info = row["extra_info"]
-            where = f"{info.get('source_file', 'eval')}: row {info.get('source_row', info['index'])}"
-            raise DataError(f"{where}: prompt also appears in the train files; train and eval prompts must be disjoint")
+def _held_out(params: Params, train: pd.DataFrame, taken: set[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, val): `data.num_val` distinct train prompts that are in no other split, picked by
+    seed, move (with every row that repeats them) from train to the validation split."""
+    size = params.data.validation_size
+    candidates = sorted(set(train["prompt"].map(str)) - taken)
+    if size > len(candidates) - 1:
+        raise DataError(
+            f"data.num_val: {size} validation prompts to hold out, but the train files have {len(candidates)} "
+            "distinct prompts outside the eval and SFT sets (and train needs one): set it lower, or give data.val_files"
+        )
+    chosen = set(random.Random(params.seed).sample(candidates, size))
+    moved = train["prompt"].map(str).isin(chosen)
+    val = train[moved].reset_index(drop=True)
+    val["extra_info"] = [{**info, "split": "val"} for info in val["extra_info"]]
+    return train[~moved].reset_index(drop=True), val
+
+
+def _check_disjoint(split: pd.DataFrame, name: str, others: dict[str, set[str]]) -> None:
+    """Every prompt of `split` is in none of the `others` (their names -> prompts): else name the row."""
+    for _, row in split.iterrows():
+        for other, prompts in others.items():
+            if row["prompt"] in prompts:
+                info = row["extra_info"]
+                where = f"{info.get('source_file', name)}: row {info.get('source_row', info['index'])}"
+                raise DataError(f"{where}: prompt also appears in the {other} files; {other} and {name} prompts must be disjoint")
 
 
 def prepare(params: Params, tracker: Tracker | None = None) -> dict[str, int]:
@@ -63,8 +86,9 @@ def prepare(params: Params, tracker: Tracker | None = None) -> dict[str, int]:
         train = read_rl_files(d.train_files, "train")
         eval_ = read_rl_files(d.eval_files, "eval")
         sft = read_sft_files(d.sft_files) if d.sft_files else pd.DataFrame({"prompt": [], "response": []})
+        val = read_rl_files(d.val_files, "val") if d.val_files else train.iloc[:0]
     else:
-        train, eval_, sft = _generated(params)
+        train, eval_, sft, val = _generated(params)
         if d.sft_files:
             sft = read_sft_files(d.sft_files)
 
@@ -75,22 +99,31 @@ def prepare(params: Params, tracker: Tracker | None = None) -> dict[str, int]:
         corpus += [f"{p}{r}" for p, r in zip(sft["prompt"].map(str), sft["response"])]
         tokenizer = train_tokenizer(corpus, params.model.vocab_size)
 
-    for frame in (train, eval_, sft):
+    for frame in (train, eval_, sft, val):
         frame["prompt"] = [render_prompt(p, tokenizer) for p in frame["prompt"]]
-    _check_disjoint(train, eval_)
+    if d.train_files and d.validation_size:
+        train, val = _held_out(params, train, set(eval_["prompt"]) | set(sft["prompt"]))
+    _check_disjoint(eval_, "eval", {"train": set(train["prompt"])})
+    _check_disjoint(val, "val", {"train": set(train["prompt"]), "eval": set(eval_["prompt"]), "SFT": set(sft["prompt"])})
 
     write_parquet(train, TRAIN_FILE)
     write_parquet(eval_, EVAL_FILE)
     write_parquet(sft, SFT_FILE)
+    write_parquet(val, VAL_FILE)
     with atomic_output(TOKENIZER_DIR, directory=True) as tmp:
         tokenizer.save_pretrained(tmp)
 
-    summary = {"data/num_train": len(train), "data/num_eval": len(eval_), "data/num_sft": len(sft), "data/vocab_size": len(tokenizer)}
+    summary = {
+        "data/num_train": len(train), "data/num_eval": len(eval_), "data/num_sft": len(sft), "data/num_val": len(val),
+        "data/vocab_size": len(tokenizer),
+    }
     if tracker:
         tracker.metrics(summary, parent=True)
         tracker.dataset(train, "train", TRAIN_FILE, "train")
         tracker.dataset(eval_, "eval", EVAL_FILE, "eval")
         if len(sft):
             tracker.dataset(sft, "sft", SFT_FILE, "sft")
+        if len(val):
+            tracker.dataset(val, "val", VAL_FILE, "validation")
         tracker.artifacts(TOKENIZER_DIR, "tokenizer")
     return summary

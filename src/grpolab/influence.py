@@ -1,0 +1,287 @@
+"""TracIn beside the training loop: activation captures, the influence pass, validation
+rollouts and the per-step influence log. The math is in `algos/influence.py`; the loop only
+asks `TracIn.select` for a batch's keep mask, which enters the loss at the composition point.
+
+Which parameters enter the inner product: every trainable parameter used by an `nn.Linear`
+(weight and bias) or an `nn.Embedding` (the token table, tied to the output head in the tiny
+model, so the tied matrix's whole gradient counts). Left out: normalisation scales, which hold
+well under 1 % of the parameters and whose per-row gradient needs the layer's internal
+normalised input, not its input. With a PEFT model only the adapters train, so only they count.
+
+Rows whose advantage is 0 (a group whose completions all scored alike) have no policy-gradient
+term: their influence is exactly 0 and they skip the influence pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from grpolab import distributed as dist
+from grpolab.algos.advantages import group_advantages
+from grpolab.algos.influence import (
+    PARAMETER_USES, VAL_LOSS_COEFFICIENTS, VAL_SELECTIONS, influence_stats, select, unit_scores, validation_loss,
+)
+from grpolab.algos.losses import aggregate, aggregation_units, clipped_policy_loss, compose_token_loss, token_logprobs
+from grpolab.config import Params
+from grpolab.data.prepare import VAL_FILE
+from grpolab.data.tokenizer import encode_prompt
+from grpolab.rewards import RewardBatch, score
+from grpolab.rollout import completion_logits, decode, row_generators, sample
+
+TRACIN_DIR = Path("metrics/tracin")
+# Sampling streams of the validation rollouts, apart from the train rollouts' (seed, row) generators.
+VAL_ROW_OFFSET = 1 << 40
+VAL_STREAM = 1
+METRIC_KEYS = [
+    "tracin/positive_ratio", "tracin/negative_ratio", "tracin/zero_ratio", "tracin/min_ip", "tracin/max_ip",
+    "tracin/mean_ip", "tracin/std_ip", "tracin/selected_ratio", "tracin/fallback", "tracin/val_grad_norm",
+]
+SEPARATE_METRIC_KEYS = ["tracin/val_reward_mean", "tracin/val_advantage_min", "tracin/val_advantage_max"]
+
+
+@dataclass
+class Record:
+    """One use of a parameter in a forward pass: its input and the gradient at its output."""
+
+    kind: str  # a key of algos.influence.PARAMETER_USES
+    param: str  # the parameter's name (tied parameters share one)
+    inputs: torch.Tensor  # [B, S, d_in] activations, or [B, S] ids
+    grad: torch.Tensor  # [B, S, d_out]
+
+
+class GradientProbe:
+    """Forward hooks on the model's linear and embedding layers. `records(forward)` runs a
+    forward that returns a scalar loss and one `autograd.grad` to the hooked outputs: no
+    parameter gradient is formed (the engine's own gradient buffers are not touched)."""
+
+    def __init__(self, model: nn.Module):
+        names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+        self.uses: dict[nn.Module, list[tuple[str, str]]] = {}
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                kind = "linear" if isinstance(module, nn.Linear) else "embedding"
+                uses = [(f"{kind}.{attr}", names[id(p)]) for attr in ("weight", "bias")
+                        if (p := getattr(module, attr, None)) is not None and id(p) in names]
+                if uses:
+                    self.uses[module] = uses
+        used = {name for uses in self.uses.values() for _, name in uses}
+        # ZeRO-3 partitions parameters: their full shape is `ds_shape`.
+        self.shapes = {n: getattr(p, "ds_shape", p.shape) for n, p in model.named_parameters() if n in used}
+        self.device = next(model.parameters()).device
+
+    def zeros(self) -> dict[str, torch.Tensor]:
+        """A zero fp32 tensor per probed parameter (where gradients accumulate)."""
+        return {n: torch.zeros(s, device=self.device) for n, s in self.shapes.items()}
+
+    def records(self, forward) -> list[Record]:
+        calls = []
+        hook = lambda module, args, output: calls.append((module, args[0], output))  # noqa: E731
+        handles = [m.register_forward_hook(hook) for m in self.uses]
+        try:
+            loss = forward()
+        finally:
+            for h in handles:
+                h.remove()
+        grads = torch.autograd.grad(loss, [out for _, _, out in calls], allow_unused=True)
+        out = []
+        for (module, inputs, _), g in zip(calls, grads):
+            if g is None:
+                continue
+            inputs = _at_least_fp32(inputs.detach()) if inputs.is_floating_point() else inputs
+            out += [Record(kind, param, inputs, _at_least_fp32(g)) for kind, param in self.uses[module]]
+        return out
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def accumulate(records: list[Record], v: dict[str, torch.Tensor]) -> None:
+    """Add the records' batch gradient into v (parameter name -> tensor)."""
+    for r in records:
+        PARAMETER_USES[r.kind][0](r.inputs, r.grad, v[r.param])
+
+
+def inner_products(records: list[Record], v: dict[str, torch.Tensor], rows: int) -> torch.Tensor:
+    """Per row <grad L_b, v> over every recorded parameter use -> [rows]."""
+    out = torch.zeros(rows, dtype=torch.float64)
+    for r in records:
+        out += PARAMETER_USES[r.kind][1](r.inputs, r.grad, v[r.param]).double().cpu()
+    return out
+
+
+def _reduced(v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum v over processes (one all-reduce of the flattened tensors)."""
+    if dist.world_size() == 1:
+        return v
+    flat = dist.all_reduce_sum(torch.cat([t.reshape(-1) for t in v.values()]))
+    out, i = {}, 0
+    for name, t in v.items():
+        out[name] = flat[i : i + t.numel()].view_as(t)
+        i += t.numel()
+    return out
+
+
+def _norm(v: dict[str, torch.Tensor]) -> float:
+    return torch.sqrt(sum((t.double() ** 2).sum() for t in v.values())).item()
+
+
+@dataclass
+class Selection:
+    keep: torch.Tensor  # [B] this process's rows, 0/1
+    metrics: dict[str, float]
+    log: pd.DataFrame  # the whole batch: prompt, completion, reward, advantage, influence, kept
+
+
+class TracIn:
+    """Built once per training; `select` gives a batch of rollouts its keep mask."""
+
+    def __init__(self, params: Params, model: nn.Module, tokenizer, judge):
+        self.params = params
+        self.cfg = params.train.tracin
+        self.tokenizer = tokenizer
+        self.judge = judge
+        self.probe = GradientProbe(model)
+        self.val = None
+        if self.cfg.validation == "separate":
+            if not VAL_FILE.is_file():
+                raise FileNotFoundError(f"{VAL_FILE}: no validation split (run the prepare stage first)")
+            self.val = pd.read_parquet(VAL_FILE)
+            if len(self.val) < self.cfg.pool_size:
+                raise FileNotFoundError(
+                    f"{VAL_FILE}: {len(self.val)} validation prompts, fewer than train.tracin.val_pool_size "
+                    f"({self.cfg.pool_size})"
+                )
+
+    @property
+    def metric_keys(self) -> list[str]:
+        return METRIC_KEYS + (SEPARATE_METRIC_KEYS if self.cfg.validation == "separate" else [])
+
+    def due(self, rollout_index: int) -> bool:
+        return rollout_index % self.cfg.every == 0
+
+    # ---- the policy-gradient loss of the batch's rows, and L_val ----
+
+    def _pg_loss(self, model, rows: dict, units: torch.Tensor) -> torch.Tensor:
+        """sum_i L_i over `rows`: each row's term of the update's policy-gradient loss (its advantage,
+        its prompt and token weights, the update's aggregation), on-policy (ratio 1), without KL."""
+        t = self.params.train
+        logp = token_logprobs(completion_logits(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"]),
+                              rows["completion_ids"].to(next(model.parameters()).device)).cpu()
+        pg, _ = clipped_policy_loss(logp, logp.detach(), rows["advantages"], t.clip_eps_low, t.clip_eps_high)
+        token_loss = compose_token_loss(pg, None, 0.0, rows["w_token"], rows["w_prompt"], torch.ones(len(pg)))
+        return aggregate(token_loss, rows["mask"], t.loss_agg_mode, t.max_new_tokens, units)
+
+    def _validation_gradient(self, model, rollout_index: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """grad L_val over fresh completions of validation prompts (seed 003's losses), summed over processes."""
+        t, cfg = self.params.train, self.cfg
+        per_rank = cfg.pool_size // dist.world_size()
+        pool = np.random.default_rng([self.params.seed, rollout_index, VAL_STREAM]).choice(len(self.val), cfg.pool_size, replace=False)
+        first = dist.rank() * per_rank
+        rows = [self.val.iloc[i] for i in pool[first : first + per_rank]]
+        row_ids = [VAL_ROW_OFFSET + rollout_index * cfg.pool_size + first + j for j in range(per_rank)]
+        rollout = sample(
+            model, [encode_prompt(self.tokenizer, r["prompt"]) for r in rows], max_new_tokens=t.max_new_tokens,
+            eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id, temperature=t.temperature, top_p=t.top_p,
+            generators=row_generators(self.params.seed, row_ids),
+        )
+        texts = decode(self.tokenizer, rollout)
+        reward, _ = score(RewardBatch([r["prompt"] for r in rows], texts, [r["ground_truth"] for r in rows], self.judge), t.rewards)
+        rewards = dist.all_gather_cat(reward)
+        chosen = VAL_SELECTIONS[cfg.selection](rewards, cfg.batch_size, torch.Generator().manual_seed(self.params.seed * 1_000_003 + rollout_index))
+        advantages = group_advantages(rewards[chosen], len(chosen), "group")  # (r - mean) / std over the validation batch
+        coefficients = torch.zeros(len(rewards))
+        coefficients[chosen] = VAL_LOSS_COEFFICIENTS[cfg.loss](rewards[chosen], advantages)
+        mine = coefficients[first : first + per_rank]
+        v = self.probe.zeros()
+        local = mine.nonzero().squeeze(-1)
+        for start in range(0, len(local), t.micro_batch_size):
+            idx = local[start : start + t.micro_batch_size]
+
+            def forward(idx=idx):
+                r = rollout
+                logits = completion_logits(model, r.prompt_ids[idx], r.prompt_mask[idx], r.completion_ids[idx], r.completion_mask[idx])
+                logp = token_logprobs(logits, r.completion_ids[idx].to(logits.device)).cpu()
+                return validation_loss((logp * r.completion_mask[idx]).sum(-1), mine[idx])
+
+            accumulate(self.probe.records(forward), v)
+        metrics = {
+            "tracin/val_reward_mean": rewards[chosen].mean().item(),
+            "tracin/val_advantage_min": advantages.min().item(),
+            "tracin/val_advantage_max": advantages.max().item(),
+        }
+        return _reduced(v), metrics
+
+    # ---- selection ----
+
+    def select(self, model, batch, info: dict, rollout_index: int, step: int) -> Selection:
+        """Influence of every completion of the batch (this process's rows [B]) on L_val, and the
+        keep mask: positive influence, or the fallback's top share, chosen over the whole batch."""
+        t, cfg = self.params.train, self.cfg
+        model.train()
+        units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss_agg_mode))
+        n = len(batch.advantages)
+        active = batch.advantages.nonzero().squeeze(-1)
+        chunks = [active[i : i + t.micro_batch_size] for i in range(0, len(active), t.micro_batch_size)]
+
+        def records(idx):
+            rows = {k: (None if x is None else x[idx]) for k, x in batch.rows(0, n).items()}
+            return self.probe.records(lambda: self._pg_loss(model, rows, units))
+
+        influence = torch.zeros(n, dtype=torch.float64)
+        metrics: dict[str, float] = {}
+        if cfg.validation == "separate":
+            v, metrics = self._validation_gradient(model, rollout_index)
+            for idx in chunks:  # v is known: each chunk's products right away, nothing kept
+                influence[idx] = inner_products(records(idx), v, len(idx))
+        else:  # v is the whole batch's gradient: keep every chunk's records until it is complete
+            v = self.probe.zeros()
+            kept = []
+            for idx in chunks:
+                kept.append((idx, records(idx)))
+                accumulate(kept[-1][1], v)
+            v = _reduced(v)
+            for idx, recs in kept:
+                influence[idx] = inner_products(recs, v, len(idx))
+        everyone = dist.all_gather_cat(influence)
+        scores = unit_scores(everyone, t.group_size, cfg.selection_unit)
+        keep_units, fallback = select(scores, cfg.fallback_min_positive, cfg.fallback_top_fraction)
+        keep = keep_units if cfg.selection_unit == "completion" else keep_units.repeat_interleave(t.group_size)
+        stats = {f"tracin/{k}": v for k, v in influence_stats(scores, keep_units, fallback).items()}
+        metrics = {**stats, "tracin/val_grad_norm": _norm(v), **metrics}
+        offset = dist.rank() * n
+        log = self._log(info, batch, everyone, keep, step)
+        if dist.is_rank0():
+            tqdm.write(summary_line(step, metrics, len(scores), cfg.selection_unit))
+        return Selection(keep[offset : offset + n].clone(), metrics, log)
+
+    def _log(self, info: dict, batch, influence: torch.Tensor, keep: torch.Tensor, step: int) -> pd.DataFrame:
+        prompts = dist.all_gather_objects([r["prompt"] for r in info["rows"]])
+        texts = dist.all_gather_objects(info["texts"])
+        return pd.DataFrame({
+            "step": step,
+            "row": np.arange(len(influence)),
+            "prompt": prompts,
+            "completion": texts,
+            "reward": info["all_rewards"].numpy(),
+            "advantage": dist.all_gather_cat(batch.advantages).numpy(),
+            "influence": influence.numpy(),
+            "kept": keep.numpy().astype(bool),
+        })
+
+
+def summary_line(step: int, m: dict[str, float], units: int, unit: str) -> str:
+    return (
+        f"tracin step {step}: {m['tracin/positive_ratio']:.0%} of {units} {unit}s positive, "
+        f"{m['tracin/negative_ratio']:.0%} negative, {m['tracin/zero_ratio']:.0%} zero; selected {m['tracin/selected_ratio']:.0%}"
+        f"{' (fallback)' if m['tracin/fallback'] else ''}; ip mean {m['tracin/mean_ip']:.3g} "
+        f"[{m['tracin/min_ip']:.3g}, {m['tracin/max_ip']:.3g}]; |v| {m['tracin/val_grad_norm']:.3g}"
+        + (f"; val reward {m['tracin/val_reward_mean']:.3f}" if "tracin/val_reward_mean" in m else "")
+    )

@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 PIP := $(BIN)/pip install --disable-pip-version-check --progress-bar off -q
 
-.PHONY: install run test ui bench bench-mia clean
+.PHONY: install run test ui bench bench-mia bench-tracin clean
 
 install: $(STAMP)
 
@@ -45,6 +45,10 @@ bench: install
 # what Min-K%++ scoring and the MIA-weighted loss cost (needs `make run` first)
 bench-mia: install
 	python bench/bench_mia.py
+
+# what TracIn's influence pass costs against plain GRPO and a naive per-completion backward (needs `make run` first)
+bench-tracin: install
+	python bench/bench_tracin.py
 
 clean:
 	rm -rf data models metrics mlflow.db mlruns mlartifacts .dvc/cache .dvc/tmp dvc.lock

@@ -15,14 +15,13 @@ Needs `make run` (or `dvc repro mia`) first, for models/base and data/train_weig
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
+from common import engine_on_base, scratch_params
 
 ROOT = Path.cwd()
 
@@ -64,29 +63,15 @@ def bench_weighted_loss(a) -> tuple[float, float, float]:
     """(plain step time, loss weights + update with MIA weights, the same with all-ones weights):
     the update is timed on one fixed batch of rollouts, weighted and plain alternating, so the
     difference is the weighting's cost alone, without two diverging trajectories' noise."""
-    import deepspeed
-
     from grpolab import config
-    from grpolab import distributed as dist
-    from grpolab.data.tokenizer import load_tokenizer
-    from grpolab.membership import WEIGHTED_TRAIN_FILE
-    from grpolab.models import load_model
-    from grpolab.train import deepspeed_config, make_batch, update
+    from grpolab.train import make_batch, update
     from grpolab.variants import Variants
 
-    scratch = Path(tempfile.mkdtemp()) / "params.yaml"  # overrides are written back: not into the project's file
-    shutil.copy(ROOT / "params.yaml", scratch)
+    scratch = scratch_params(ROOT)
     weighted = config.apply_overrides(["train.use_mia_weighted_loss=true", "train.mia_weighting_mode=quadratic",
                                        "train.mia_invert_weights=true"], scratch)
     plain = config.apply_overrides(["train.use_mia_weighted_loss=false"], scratch)
-    dist.init()
-    torch.manual_seed(plain.seed)
-    model = load_model(ROOT / "models/base")
-    ref = load_model(ROOT / "models/base").eval().requires_grad_(False)
-    tokenizer = load_tokenizer(str(ROOT / "models/base"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=plain.train.learning_rate)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(plain, False))
-    data = pd.read_parquet(ROOT / WEIGHTED_TRAIN_FILE)
+    engine, _, ref, tokenizer, data = engine_on_base(ROOT, plain)
     variants = {False: Variants(plain, data, tokenizer), True: Variants(weighted, data, tokenizer)}
 
     steps = []

@@ -74,6 +74,11 @@ def cell(root: Path, seed: int, arm: str, steps: int) -> Path:
     return folder
 
 
+def _influence_logs(folder: Path) -> pd.DataFrame:
+    files = sorted((folder / "metrics/tracin").glob("step_*.parquet"))
+    return pd.concat([pd.read_parquet(f) for f in files]) if files else pd.DataFrame()
+
+
 def mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
 
@@ -88,10 +93,13 @@ def report(root: Path, seeds: list[int]) -> str:
         for key in ("base/success_rate", "trained/success_rate", "trained/sampled/success_rate"):
             values = [e[key] for e in evals]
             row[key] = f"{mean_std(values)} ({', '.join(f'{v:.3f}' for v in values)})"
-        row["step time s"] = mean_std([f["train/step_time"].iloc[1:].mean() for f in frames])
         for key in TRACIN_COLUMNS:
             if key in frames[0]:
                 row[key] = mean_std([f[key].mean() for f in frames])
+        logs = [_influence_logs(root / f"seed{s}-{arm}") for s in seeds]
+        if all(len(log) for log in logs):
+            for name, sign in (("kept if A > 0", 1), ("kept if A < 0", -1)):
+                row[name] = mean_std([log[np.sign(log["advantage"]) == sign]["kept"].mean() for log in logs])
         rows.append(row)
     table = pd.DataFrame(rows).fillna("–").to_markdown(index=False)
     curve_rows = []
@@ -112,14 +120,15 @@ def _plot(root: Path, curves: dict[str, list[pd.DataFrame]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for arm, frames in curves.items():
+    for color, (arm, frames) in zip(("C0", "C1", "C2", "C3"), curves.items()):
         stacked = np.stack([f["train/reward_mean"].rolling(5, min_periods=1).mean().to_numpy() for f in frames])
-        ax.plot(frames[0]["step"], stacked.mean(0), label=arm)
-        ax.fill_between(frames[0]["step"], stacked.min(0), stacked.max(0), alpha=0.15)
+        ax.plot(frames[0]["step"], stacked.mean(0), label=arm, color=color)
+        ax.fill_between(frames[0]["step"], stacked.min(0), stacked.max(0), alpha=0.12, color=color)
         if "tracin/selected_ratio" in frames[0]:
-            bx.plot(frames[0]["step"], np.stack([f["tracin/selected_ratio"].rolling(5, min_periods=1).mean() for f in frames]).mean(0), label=arm)
+            kept = np.stack([f["tracin/selected_ratio"].rolling(5, min_periods=1).mean() for f in frames]).mean(0)
+            bx.plot(frames[0]["step"], kept, label=arm, color=color)
     ax.set(xlabel="step", ylabel="train reward (5-step mean)", title="reward: mean over seeds, band min-max")
-    bx.set(xlabel="step", ylabel="selected share", title="TracIn: share of completions kept")
+    bx.set(xlabel="step", ylabel="selected share (5-step mean)", title="TracIn: share of completions kept, mean over seeds")
     for a in (ax, bx):
         a.grid(alpha=0.3)
         a.legend(fontsize=8)

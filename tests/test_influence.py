@@ -6,8 +6,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from grpolab.algos.influence import (
-    VAL_LOSS_COEFFICIENTS, VAL_SELECTIONS, embedding_dot, embedding_grad, influence_stats, linear_bias_dot,
-    linear_weight_dot, linear_weight_grad, linear_weight_pairwise, select, unit_scores, validation_loss,
+    VAL_LOSS_COEFFICIENTS, VAL_SELECTIONS, embedding_dot, embedding_grad, influence_stats, linear_bias_dot, linear_bias_grad,
+    linear_weight_dot, linear_weight_grad, linear_weight_pairwise, per_row, select, unit_scores, validation_loss,
 )
 from grpolab.algos.losses import token_logprobs
 from grpolab.influence import GradientProbe, accumulate, inner_products
@@ -21,9 +21,10 @@ def tiny_model(arch: str) -> torch.nn.Module:
 
 
 def per_row_losses(model, ids, mask, weights):
-    """L_i = sum_t w_{i,t} log p(ids_{i,t+1}): a weighted sequence log-likelihood per row, like the policy-gradient loss."""
+    """L_i = sum_t w_{i,t} log p(ids_{i,t+1}) over valid t and t+1: a weighted sequence log-likelihood
+    per row, like the policy-gradient loss (padding positions predict nothing)."""
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    return (token_logprobs(logits, ids[:, 1:]) * weights * mask[:, 1:]).sum(-1)
+    return (token_logprobs(logits, ids[:, 1:]) * weights * mask[:, :-1] * mask[:, 1:]).sum(-1)
 
 
 def brute_force_grads(model, names, ids, mask, weights):
@@ -52,15 +53,15 @@ def test_ghost_inner_products_match_per_sample_autograd(arch, batch):
     ids, mask, weights = batch
     model = tiny_model(arch)
     probe = GradientProbe(model)
-    names = set(probe.shapes)
+    names = set(probe.params)
     trainable = {n for n, p in model.named_parameters()}
     assert trainable - names == {n for n in trainable if "norm" in n}  # every parameter but the norm scales
     if arch == "qwen2":
         assert any(n.endswith("q_proj.bias") for n in names)
-    records = probe.records(lambda: per_row_losses(model, ids, mask, weights).sum())
+    captures = probe.capture(lambda: per_row_losses(model, ids, mask, weights).sum(), mask.bool())
     v = {n: t.double() for n, t in probe.zeros().items()}
-    accumulate(records, v)
-    same_batch = inner_products(records, v, len(ids))
+    accumulate(captures, v)
+    same_batch = inner_products(captures, v)
 
     grads = brute_force_grads(model, names, ids, mask, weights)
     flat_v = torch.cat([v[n].reshape(-1) for n, _ in model.named_parameters() if n in names])
@@ -71,7 +72,7 @@ def test_ghost_inner_products_match_per_sample_autograd(arch, batch):
     g = torch.Generator().manual_seed(2)
     fixed = {n: torch.randn(t.shape, generator=g, dtype=torch.float64) for n, t in v.items()}
     flat_fixed = torch.cat([fixed[n].reshape(-1) for n, _ in model.named_parameters() if n in names])
-    torch.testing.assert_close(inner_products(records, fixed, len(ids)), grads @ flat_fixed, rtol=1e-4, atol=0)
+    torch.testing.assert_close(inner_products(captures, fixed), grads @ flat_fixed, rtol=1e-4, atol=0)
 
 
 def test_pairwise_ghost_product_matches_materialised_gradients():
@@ -84,17 +85,19 @@ def test_pairwise_ghost_product_matches_materialised_gradients():
 
 
 def test_parameter_uses_by_hand():
-    # one row, two positions, d_in = 2, d_out = 1: grad_W = g1 x1^T + g2 x2^T
-    x = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
-    g = torch.tensor([[[2.0], [-1.0]]])
+    # one row's two tokens, d_in = 2, d_out = 1: grad_W = g1 x1^T + g2 x2^T, <grad_W, V> = g1 V x1 + g2 V x2
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    g = torch.tensor([[2.0], [-1.0]])
+    rows = torch.tensor([0, 0])
     v = torch.tensor([[1.0, 1.0]])
     torch.testing.assert_close(linear_weight_grad(x, g, torch.zeros(1, 2)), torch.tensor([[2 - 3.0, 4 - 4.0]]))
-    assert linear_weight_dot(x, g, v).tolist() == [2 * 3 - 1 * 7]
-    assert linear_bias_dot(x, g, torch.tensor([5.0])).tolist() == [5.0]
-    ids = torch.tensor([[1, 1]])
-    table = embedding_grad(ids, g, torch.zeros(3, 1))
-    assert table.squeeze(-1).tolist() == [0.0, 1.0, 0.0]
-    assert embedding_dot(ids, g, torch.tensor([[0.0], [2.0], [7.0]])).tolist() == [2.0]
+    assert linear_bias_grad(x, g, torch.zeros(1)).tolist() == [1.0]
+    assert linear_weight_dot(x, g, v).tolist() == [2 * 3, -1 * 7]
+    assert per_row(linear_weight_dot(x, g, v), rows, 2).tolist() == [-1.0, 0.0]
+    assert per_row(linear_bias_dot(x, g, torch.tensor([5.0])), rows, 1).tolist() == [5.0]
+    ids = torch.tensor([1, 1])
+    assert embedding_grad(ids, g, torch.zeros(3, 1)).squeeze(-1).tolist() == [0.0, 1.0, 0.0]
+    assert embedding_dot(ids, g, torch.tensor([[0.0], [2.0], [7.0]])).tolist() == [4.0, -2.0]
 
 
 def test_selection_keeps_positive_influence():

@@ -157,9 +157,11 @@ def test_two_processes_follow_one_process_trajectory(trainer, tmp_path):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_stages_train(trainer, stage):
-    params = config.apply_overrides(["train.steps=2", f"train.deepspeed.zero_stage={stage}", "train.kl_beta=0"])
+    # with TracIn: its influence pass runs on the gathered parameters
+    params = config.apply_overrides(["train.steps=2", f"train.deepspeed.zero_stage={stage}", "train.kl_beta=0", *SAME_BATCH])
     run_stage("train", params)
     assert (TRAINED_DIR / "model.safetensors").is_file()
+    assert len(list(Path("metrics/tracin").glob("step_*.parquet"))) == 2
 
 
 @pytest.mark.parametrize(
@@ -313,6 +315,13 @@ def test_tracin_composes_with_mia_weights_credit_mitigation_and_ppo_epochs(train
     dropped = not all(pd.read_parquet(f"metrics/tracin/step_{s:06d}.parquet")["kept"].all() for s in (1, 3))
     other = load_model(plain / TRAINED_DIR).state_dict()
     assert dropped == any(not torch.equal(other[k], v) for k, v in trained_weights().items())
+
+
+def test_tracin_every_n_batches(trainer):
+    run_stage("train", config.apply_overrides(["train.steps=3", *SAME_BATCH, "train.tracin.every=2"]))
+    curve = pd.read_csv(CURVE_FILE)
+    assert curve["tracin/selected_ratio"].notna().tolist() == [True, False, True]
+    assert sorted(p.name for p in Path("metrics/tracin").iterdir()) == ["step_000001.parquet", "step_000003.parquet"]
 
 
 def test_tracin_off_is_plain_grpo_bit_for_bit(trainer, tmp_path):

@@ -26,11 +26,12 @@ from tqdm import tqdm
 from grpolab import distributed as dist
 from grpolab.algos.advantages import group_advantages
 from grpolab.algos.influence import (
-    PARAMETER_USES, VAL_LOSS_COEFFICIENTS, VAL_SELECTIONS, influence_stats, select, unit_scores, validation_loss,
+    PARAMETER_USES, VAL_LOSS_COEFFICIENTS, VAL_SELECTIONS, influence_stats, per_row, select, unit_scores, validation_loss,
 )
 from grpolab.algos.losses import aggregate, aggregation_units, clipped_policy_loss, compose_token_loss, token_logprobs
 from grpolab.config import Params
 from grpolab.data.prepare import VAL_FILE
+from grpolab.data.schema import DataError
 from grpolab.data.tokenizer import encode_prompt
 from grpolab.rewards import RewardBatch, score
 from grpolab.rollout import completion_logits, decode, row_generators, sample
@@ -52,12 +53,21 @@ class Record:
 
     kind: str  # a key of algos.influence.PARAMETER_USES
     param: str  # the parameter's name (tied parameters share one)
-    inputs: torch.Tensor  # [B, S, d_in] activations, or [B, S] ids
-    grad: torch.Tensor  # [B, S, d_out]
+    inputs: torch.Tensor  # [N, d_in] activations, or [N] ids, at the batch's valid positions
+    grad: torch.Tensor  # [N, d_out]
+
+
+@dataclass
+class Captures:
+    """What one forward and backward of a batch of rows leaves: its parameter uses, packed."""
+
+    records: list[Record]
+    rows: torch.Tensor  # [N] which row each valid position belongs to
+    n_rows: int
 
 
 class GradientProbe:
-    """Forward hooks on the model's linear and embedding layers. `records(forward)` runs a
+    """Forward hooks on the model's linear and embedding layers. `capture(forward, valid)` runs a
     forward that returns a scalar loss and one `autograd.grad` to the hooked outputs: no
     parameter gradient is formed (the engine's own gradient buffers are not touched)."""
 
@@ -72,15 +82,18 @@ class GradientProbe:
                 if uses:
                     self.uses[module] = uses
         used = {name for uses in self.uses.values() for _, name in uses}
-        # ZeRO-3 partitions parameters: their full shape is `ds_shape`.
-        self.shapes = {n: getattr(p, "ds_shape", p.shape) for n, p in model.named_parameters() if n in used}
+        self.params = {n: p for n, p in model.named_parameters() if n in used}
         self.device = next(model.parameters()).device
 
     def zeros(self) -> dict[str, torch.Tensor]:
-        """A zero fp32 tensor per probed parameter (where gradients accumulate)."""
-        return {n: torch.zeros(s, device=self.device) for n, s in self.shapes.items()}
+        """A zero fp32 tensor per probed parameter, where a batch gradient accumulates."""
+        # ZeRO-3 partitions parameters: their full shape is `ds_shape`.
+        return {n: torch.zeros(getattr(p, "ds_shape", p.shape), device=self.device) for n, p in self.params.items()}
 
-    def records(self, forward) -> list[Record]:
+    def capture(self, forward, valid: torch.Tensor) -> Captures:
+        """Run `forward` (returns the scalar loss of a batch whose valid positions are `valid`
+        [B, S] bool), then one autograd.grad to the hooked outputs: no parameter gradient is
+        formed, so neither DeepSpeed's gradient buffers nor its ZeRO-3 parameter hooks are touched."""
         calls = []
         hook = lambda module, args, output: calls.append((module, args[0], output))  # noqa: E731
         handles = [m.register_forward_hook(hook) for m in self.uses]
@@ -90,31 +103,30 @@ class GradientProbe:
             for h in handles:
                 h.remove()
         grads = torch.autograd.grad(loss, [out for _, _, out in calls], allow_unused=True)
+        valid = valid.to(self.device)
         out = []
         for (module, inputs, _), g in zip(calls, grads):
             if g is None:
                 continue
-            inputs = _at_least_fp32(inputs.detach()) if inputs.is_floating_point() else inputs
-            out += [Record(kind, param, inputs, _at_least_fp32(g)) for kind, param in self.uses[module]]
-        return out
+            inputs = _at_least_fp32(inputs.detach()[valid]) if inputs.is_floating_point() else inputs[valid]
+            out += [Record(kind, param, inputs, _at_least_fp32(g[valid])) for kind, param in self.uses[module]]
+        return Captures(out, valid.nonzero()[:, 0], valid.shape[0])
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def accumulate(records: list[Record], v: dict[str, torch.Tensor]) -> None:
-    """Add the records' batch gradient into v (parameter name -> tensor)."""
-    for r in records:
+def accumulate(captures: Captures, v: dict[str, torch.Tensor]) -> None:
+    """Add the captured batch gradient into v (parameter name -> tensor)."""
+    for r in captures.records:
         PARAMETER_USES[r.kind][0](r.inputs, r.grad, v[r.param])
 
 
-def inner_products(records: list[Record], v: dict[str, torch.Tensor], rows: int) -> torch.Tensor:
-    """Per row <grad L_b, v> over every recorded parameter use -> [rows]."""
-    out = torch.zeros(rows, dtype=torch.float64)
-    for r in records:
-        out += PARAMETER_USES[r.kind][1](r.inputs, r.grad, v[r.param]).double().cpu()
-    return out
+def inner_products(captures: Captures, v: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per row <grad L_b, v> over every captured parameter use -> [B] (float64)."""
+    per_token = sum(PARAMETER_USES[r.kind][1](r.inputs, r.grad, v[r.param]).double() for r in captures.records)
+    return per_row(per_token, captures.rows, captures.n_rows).cpu()
 
 
 def _reduced(v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -127,6 +139,37 @@ def _reduced(v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[name] = flat[i : i + t.numel()].view_as(t)
         i += t.numel()
     return out
+
+
+def _chunks(rows: torch.Tensor, mask: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Row indices [R] in chunks of `size`, longest completions (mask [B, T]) first, so each
+    chunk, trimmed to its own width, carries little padding."""
+    order = rows[torch.argsort(mask[rows].sum(-1), descending=True, stable=True)]
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+PROMPT_COLUMNS = ("prompt_ids", "prompt_mask")
+COMPLETION_COLUMNS = ("completion_ids", "mask", "w_token", "old_logp", "ref_logp")
+
+
+def _take(rows: dict, idx: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Rows `idx` of a batch's tensors, without the columns that are padding in all of them, and
+    the valid positions of [prompt | completion] ([b, S] bool): the only ones with a gradient."""
+    out = {k: (None if x is None else x[idx]) for k, x in rows.items()}
+    first = int(out["prompt_mask"].any(0).nonzero()[0])  # prompts are left-padded
+    last = int(out["mask"].any(0).nonzero()[-1]) + 1  # completions right-padded
+    for k in PROMPT_COLUMNS:
+        out[k] = out[k][:, first:]
+    for k in COMPLETION_COLUMNS:
+        if out.get(k) is not None:
+            out[k] = out[k][:, :last]
+    return out, torch.cat([out["prompt_mask"], out["mask"]], dim=1).bool()
+
+
+def _sequence_logp(model, rows: dict) -> torch.Tensor:
+    """log p(y) of each completion: the sum of its token log-probs. -> [b]"""
+    logits = completion_logits(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"])
+    return (token_logprobs(logits, rows["completion_ids"].to(logits.device)).cpu() * rows["mask"]).sum(-1)
 
 
 def _norm(v: dict[str, torch.Tensor]) -> float:
@@ -155,7 +198,7 @@ class TracIn:
                 raise FileNotFoundError(f"{VAL_FILE}: no validation split (run the prepare stage first)")
             self.val = pd.read_parquet(VAL_FILE)
             if len(self.val) < self.cfg.pool_size:
-                raise FileNotFoundError(
+                raise DataError(
                     f"{VAL_FILE}: {len(self.val)} validation prompts, fewer than train.tracin.val_pool_size "
                     f"({self.cfg.pool_size})"
                 )
@@ -201,17 +244,12 @@ class TracIn:
         coefficients[chosen] = VAL_LOSS_COEFFICIENTS[cfg.loss](rewards[chosen], advantages)
         mine = coefficients[first : first + per_rank]
         v = self.probe.zeros()
-        local = mine.nonzero().squeeze(-1)
-        for start in range(0, len(local), t.micro_batch_size):
-            idx = local[start : start + t.micro_batch_size]
-
-            def forward(idx=idx):
-                r = rollout
-                logits = completion_logits(model, r.prompt_ids[idx], r.prompt_mask[idx], r.completion_ids[idx], r.completion_mask[idx])
-                logp = token_logprobs(logits, r.completion_ids[idx].to(logits.device)).cpu()
-                return validation_loss((logp * r.completion_mask[idx]).sum(-1), mine[idx])
-
-            accumulate(self.probe.records(forward), v)
+        r = rollout
+        val_rows = {"prompt_ids": r.prompt_ids, "prompt_mask": r.prompt_mask, "completion_ids": r.completion_ids,
+                    "mask": r.completion_mask, "coefficients": mine}
+        for idx in _chunks(mine.nonzero().squeeze(-1), r.completion_mask, t.micro_batch_size):  # a 0 coefficient adds nothing
+            rows, valid = _take(val_rows, idx)
+            accumulate(self.probe.capture(lambda: validation_loss(_sequence_logp(model, rows), rows["coefficients"]), valid), v)
         metrics = {
             "tracin/val_reward_mean": rewards[chosen].mean().item(),
             "tracin/val_advantage_min": advantages.min().item(),
@@ -228,28 +266,27 @@ class TracIn:
         model.train()
         units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss_agg_mode))
         n = len(batch.advantages)
-        active = batch.advantages.nonzero().squeeze(-1)
-        chunks = [active[i : i + t.micro_batch_size] for i in range(0, len(active), t.micro_batch_size)]
+        all_rows = batch.rows(0, n)
+        chunks = _chunks(batch.advantages.nonzero().squeeze(-1), all_rows["mask"], t.micro_batch_size)
 
-        def records(idx):
-            rows = {k: (None if x is None else x[idx]) for k, x in batch.rows(0, n).items()}
-            return self.probe.records(lambda: self._pg_loss(model, rows, units))
+        def capture(idx: torch.Tensor) -> Captures:
+            rows, valid = _take(all_rows, idx)
+            return self.probe.capture(lambda: self._pg_loss(model, rows, units), valid)
 
         influence = torch.zeros(n, dtype=torch.float64)
         metrics: dict[str, float] = {}
         if cfg.validation == "separate":
             v, metrics = self._validation_gradient(model, rollout_index)
             for idx in chunks:  # v is known: each chunk's products right away, nothing kept
-                influence[idx] = inner_products(records(idx), v, len(idx))
-        else:  # v is the whole batch's gradient: keep every chunk's records until it is complete
+                influence[idx] = inner_products(capture(idx), v)
+        else:  # v is the whole batch's gradient: keep every chunk's captures until it is complete
             v = self.probe.zeros()
-            kept = []
-            for idx in chunks:
-                kept.append((idx, records(idx)))
-                accumulate(kept[-1][1], v)
+            kept = [(idx, capture(idx)) for idx in chunks]
+            for _, captures in kept:
+                accumulate(captures, v)
             v = _reduced(v)
-            for idx, recs in kept:
-                influence[idx] = inner_products(recs, v, len(idx))
+            for idx, captures in kept:
+                influence[idx] = inner_products(captures, v)
         everyone = dist.all_gather_cat(influence)
         scores = unit_scores(everyone, t.group_size, cfg.selection_unit)
         keep_units, fallback = select(scores, cfg.fallback_min_positive, cfg.fallback_top_fraction)

@@ -1,8 +1,9 @@
 """`train` stage: GRPO on a DeepSpeed engine. Glue only: the math lives in `algos/`.
 
 One step: draw prompts -> sample group_size completions each -> rewards -> group-relative
-advantages -> clipped policy loss (+ KL to a frozen reference) weighted at the composition
-point -> aggregate -> backward over micro-batches -> optimizer step.
+advantages -> (TracIn: the keep mask, from `influence.py`) -> clipped policy loss (+ KL to a
+frozen reference) weighted at the composition point -> aggregate -> backward over
+micro-batches -> optimizer step.
 """
 
 from __future__ import annotations

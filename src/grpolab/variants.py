@@ -1,8 +1,9 @@
 """Per-token, per-prompt and per-sample weights that variants multiply into the policy-gradient
 term at the trainer's composition point (`algos.losses.compose_token_loss`). Plain GRPO: all ones.
 
-MIA prompt weights, credit-assignment token weights and TracIn keep masks plug in here; the
-training loop asks `Variants.loss_weights` for each batch and never changes.
+MIA prompt weights and credit-assignment token weights plug in here: the training loop asks
+`Variants.loss_weights` for each batch. The TracIn keep mask needs the batch's advantages and
+a gradient pass, so `influence.TracIn.select` sets it on the batch after sampling.
 """
 
 from __future__ import annotations

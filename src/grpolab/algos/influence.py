@@ -8,9 +8,12 @@ and g_{i,t} = dL/dy_{i,t} the gradient at its output; both come out of one forwa
 backward of the batch loss (rows are independent, so dL/dy_{i,t} = dL_i/dy_{i,t}). Hence
 <grad_W L_i, V> = sum_t g_{i,t}^T V x_{i,t} (one matmul per layer, no [B, d_out, d_in] tensor),
 and for an embedding table E looked up at ids: <grad_E L_i, V> = sum_t g_{i,t} . V[id_{i,t}].
+The batch gradient V = sum_{i,t} g_{i,t} x_{i,t}^T comes from the same captures, so no
+parameter gradient is asked of autograd (ZeRO-3's parameter hooks stay out of it).
 See "Data Shapley in One Training Run" (Wang et al., ICLR'25) section 4.2 and GhostSuite.
 
-Shapes: B rows, S positions (prompt and completion), d_in / d_out the layer's widths.
+Shapes: N valid token positions of a batch (prompt and completion, padding left out: its
+gradient is 0), d_in / d_out the layer's widths.
 """
 
 from __future__ import annotations
@@ -19,40 +22,47 @@ from collections.abc import Callable
 
 import torch
 
-# ---- inner products, one kind of parameter use at a time -------------------------------------
+# ---- inner products, one kind of parameter use at a time ---------------------------------------
+# Token-level: x / ids and g hold the N valid positions of a batch, packed ([N, d], rows elsewhere
+# say which row each came from); a row's inner product is the sum of its tokens' values.
 
 
 def linear_weight_grad(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Adds the batch gradient of a linear layer's weight, sum_{b,t} g_{b,t} x_{b,t}^T, into `out`.
-    x: [B, S, d_in], g: [B, S, d_out], out: [d_out, d_in] -> out."""
-    return out.addmm_(g.reshape(-1, g.shape[-1]).T, x.reshape(-1, x.shape[-1]))
+    """Adds the batch gradient of a linear layer's weight, sum_n g_n x_n^T, into `out`.
+    x: [N, d_in], g: [N, d_out], out: [d_out, d_in] -> out."""
+    return out.addmm_(g.T, x)
 
 
 def linear_weight_dot(x: torch.Tensor, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Per row <grad_W L_b, V> = sum_t g_{b,t}^T V x_{b,t}.
-    x: [B, S, d_in], g: [B, S, d_out], v: [d_out, d_in] -> [B]."""
-    return ((g @ v) * x).sum(dim=(1, 2))
+    """Per token g_n^T V x_n (summed over a row's tokens: <grad_W L_row, V>).
+    x: [N, d_in], g: [N, d_out], v: [d_out, d_in] -> [N]."""
+    return ((g @ v) * x).sum(-1)
 
 
 def linear_bias_grad(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Adds the batch gradient of a linear layer's bias, sum_{b,t} g_{b,t}, into `out`. g: [B, S, d_out], out: [d_out]."""
-    return out.add_(g.sum(dim=(0, 1)))
+    """Adds the batch gradient of a linear layer's bias, sum_n g_n, into `out`. g: [N, d_out], out: [d_out]."""
+    return out.add_(g.sum(0))
 
 
 def linear_bias_dot(x: torch.Tensor, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Per row <grad_b L_b, v> = sum_t g_{b,t} . v. g: [B, S, d_out], v: [d_out] -> [B]."""
-    return (g @ v).sum(dim=1)
+    """Per token g_n . v. g: [N, d_out], v: [d_out] -> [N]."""
+    return g @ v
 
 
 def embedding_grad(ids: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Adds the batch gradient of an embedding table looked up at `ids` into `out`: row k gets
-    every g_{b,t} whose id is k. ids: [B, S] (long), g: [B, S, d], out: [num_embeddings, d]."""
-    return out.index_add_(0, ids.reshape(-1), g.reshape(-1, g.shape[-1]))
+    every g_n whose id is k. ids: [N] (long), g: [N, d], out: [num_embeddings, d]."""
+    return out.index_add_(0, ids, g)
 
 
 def embedding_dot(ids: torch.Tensor, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Per row <grad_E L_b, V> = sum_t g_{b,t} . V[ids_{b,t}]. ids: [B, S], g: [B, S, d], v: [n, d] -> [B]."""
-    return (g * v[ids]).sum(dim=(1, 2))
+    """Per token g_n . V[ids_n]. ids: [N], g: [N, d], v: [num_embeddings, d] -> [N]."""
+    return (g * v[ids]).sum(-1)
+
+
+def per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Sum per-token values [N] into their rows ([N] row index) -> [n_rows]."""
+    return torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add_(0, rows, values)
 
 
 def linear_weight_pairwise(x_a: torch.Tensor, g_a: torch.Tensor, x_b: torch.Tensor, g_b: torch.Tensor) -> torch.Tensor:
@@ -63,8 +73,8 @@ def linear_weight_pairwise(x_a: torch.Tensor, g_a: torch.Tensor, x_b: torch.Tens
     return torch.einsum("atc,bsc,atd,bsd->ab", g_a, g_b, x_a, x_b)
 
 
-# Each kind of parameter use: (accumulate its batch gradient into V, per-row inner products with V),
-# both called with the use's input (activations, or ids for a lookup) and its output gradient.
+# Each kind of parameter use: (add its batch gradient into V, its per-token inner products with V),
+# both called with the use's packed input (activations, or ids for a lookup) and output gradient.
 PARAMETER_USES: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]] = {
     "linear.weight": (linear_weight_grad, linear_weight_dot),
     "linear.bias": (linear_bias_grad, linear_bias_dot),

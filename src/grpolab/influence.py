@@ -67,9 +67,7 @@ class Captures:
 
 
 class GradientProbe:
-    """Forward hooks on the model's linear and embedding layers. `capture(forward, valid)` runs a
-    forward that returns a scalar loss and one `autograd.grad` to the hooked outputs: no
-    parameter gradient is formed (the engine's own gradient buffers are not touched)."""
+    """The model's trainable linear and embedding layers, hooked while `capture` runs a forward."""
 
     def __init__(self, model: nn.Module):
         names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow import MlflowClient
 
-from conftest import TINY, grpolab, make_project, run
+from conftest import BIN, TINY, grpolab, make_project, run
 
 EVAL_KEYS = {
     "success_rate", "format_rate", "completion_length",
@@ -108,3 +108,40 @@ def test_pipeline_through_prefect_then_dvc(tmp_path):
     repro = run(["dvc", "repro"], a).stdout
     assert "Running stage 'evaluate'" in repro
     assert all(f"Running stage '{s}'" not in repro for s in ("prepare", "sft", "mia", "train"))
+
+
+def test_project_root_sees_through_dvc_experiment_copies(tmp_path):
+    from grpolab.tracking import project_root
+
+    assert project_root(tmp_path) == tmp_path.resolve()
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "standalone" / "tmpabc"
+    copy.mkdir(parents=True)
+    assert project_root(copy) == tmp_path.resolve()
+
+
+def test_dvc_queue_experiment_runs_land_in_the_project_store(tmp_path):
+    """`dvc exp run --queue` runs in a copy under .dvc/tmp/exps: its runs and artifacts still go to the project's store."""
+    from grpolab import config
+
+    project = make_project(tmp_path / "p")
+    config.apply_overrides([*TINY, "train.steps=2", "sft.steps=4"], project / "params.yaml")
+    identity = ["-c", "user.name=grpolab-test", "-c", "user.email=test@localhost"]
+    run(["git", "add", "-A"], project)
+    run(["git", *identity, "commit", "-qm", "project"], project)
+    run([f"{BIN}/dvc", "exp", "run", "--queue", "-S", "train.learning_rate=0.0002"], project)
+    run([f"{BIN}/dvc", "exp", "run", "--run-all", "-j", "1"], project)
+    assert len(run([f"{BIN}/dvc", "exp", "ls", "--name-only"], project).stdout.split()) == 1
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("grpolab")
+    assert experiment.artifact_location.startswith((project / "mlruns").resolve().as_uri())
+    runs = client.search_runs([experiment.experiment_id])
+    stages = {r.data.tags["grpolab.stage"]: r for r in runs}
+    assert set(stages) == {"pipeline", "prepare", "sft", "mia", "train", "evaluate"}
+    assert stages["pipeline"].data.params["train.learning_rate"] == "0.0002"
+    assert all(r.info.status == "FINISHED" for r in runs)
+    train_artifacts = {f.path for f in client.list_artifacts(stages["train"].info.run_id)}
+    assert "train_curve.csv" in train_artifacts
+    local = client.download_artifacts(stages["train"].info.run_id, "train_curve.csv", str(tmp_path))
+    assert Path(local).read_text().startswith("step,")
+    assert not list((project / ".dvc" / "tmp").rglob("mlflow.db"))

@@ -427,7 +427,7 @@ class TrackingParams(Section):
     uri: str | None = Field(
         None,
         description="MLflow tracking URI. Empty: `MLFLOW_TRACKING_URI` if set, else `sqlite:///mlflow.db` "
-        "in the project root.",
+        "in the project root (also from a `dvc exp run --temp/--queue` copy of the workspace), artifacts in `mlruns/`.",
     )
     experiment: str = Field("grpolab", min_length=1, description="MLflow experiment that holds the run trees.")
     tags: dict[str, str] = Field(

@@ -28,14 +28,29 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from grpolab.config import Params, flatten
 
 DEFAULT_DB = "mlflow.db"  # in the project root
+DEFAULT_ARTIFACTS = "mlruns"  # beside it
 PARAMS_HASH_TAG = "grpolab.params_hash"
 STAGE_TAG = "grpolab.stage"
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
 
+DVC_EXPERIMENT_COPIES = (".dvc", "tmp", "exps")  # where `dvc exp run --temp/--queue` copies the workspace
+
+
+def project_root(cwd: Path | None = None) -> Path:
+    """The project's folder: the working directory, or, when a DVC experiment runs in a temporary
+    copy of the workspace (`<project>/.dvc/tmp/exps/...`), the project it is a copy of."""
+    parts = (cwd or Path.cwd()).resolve().parts
+    n = len(DVC_EXPERIMENT_COPIES)
+    for i in range(len(parts) - n + 1):
+        if parts[i : i + n] == DVC_EXPERIMENT_COPIES:
+            return Path(*parts[:i])
+    return Path(*parts)
+
+
 def tracking_uri(params: Params) -> str:
     # Absolute: MLflow caches stores by URI, and a relative one would follow whichever folder came first.
-    return params.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+    return params.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / DEFAULT_DB}"
 
 
 def params_hash(params: Params) -> str:
@@ -84,14 +99,21 @@ class Tracker:
         self.client.log_figure(self.run_id, figure, artifact_file)
 
 
-def _experiment_id(client: MlflowClient, name: str) -> str:
+def _experiment_id(client: MlflowClient, params: Params) -> str:
+    name = params.tracking.experiment
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment:
+        return experiment.experiment_id
+    # MLflow puts a new experiment's artifacts under the *working directory*'s mlruns/; beside the
+    # default store they belong in the project's, also when a DVC experiment's copy creates it.
+    local = params.tracking.uri is None and not os.environ.get("MLFLOW_TRACKING_URI")
+    location = (project_root() / DEFAULT_ARTIFACTS / hashlib.sha256(name.encode()).hexdigest()[:16]).as_uri() if local else None
+    return client.create_experiment(name, artifact_location=location)
 
 
 def pipeline_run_id(client: MlflowClient, params: Params) -> str:
     """The parent run of this params set: found by its hash tag, created (with all params) if new."""
-    experiment_id = _experiment_id(client, params.tracking.experiment)
+    experiment_id = _experiment_id(client, params)
     key = params_hash(params)
     found = client.search_runs(
         [experiment_id],

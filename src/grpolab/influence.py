@@ -28,13 +28,13 @@ from grpolab.algos.advantages import group_advantages
 from grpolab.algos.influence import (
     PARAMETER_USES, VAL_LOSS_COEFFICIENTS, VAL_SELECTIONS, influence_stats, per_row, select, unit_scores, validation_loss,
 )
-from grpolab.algos.losses import aggregate, aggregation_units, clipped_policy_loss, compose_token_loss, token_logprobs
+from grpolab.algos.losses import aggregate, aggregation_units, clipped_policy_loss, compose_token_loss
 from grpolab.config import Params
 from grpolab.data.prepare import VAL_FILE
 from grpolab.data.schema import DataError
 from grpolab.data.tokenizer import encode_prompt
 from grpolab.rewards import RewardBatch, score
-from grpolab.rollout import completion_logits, decode, row_generators, sample
+from grpolab.rollout import completion_logprobs, decode, row_generators, sample
 
 TRACIN_DIR = Path("metrics/tracin")
 # Sampling streams of the validation rollouts, apart from the train rollouts' (seed, row) generators.
@@ -166,8 +166,7 @@ def _take(rows: dict, idx: torch.Tensor) -> tuple[dict, torch.Tensor]:
 
 def _sequence_logp(model, rows: dict) -> torch.Tensor:
     """log p(y) of each completion: the sum of its token log-probs. -> [b]"""
-    logits = completion_logits(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"])
-    return (token_logprobs(logits, rows["completion_ids"].to(logits.device)).cpu() * rows["mask"]).sum(-1)
+    return (completion_logprobs(model, rows)[0] * rows["mask"]).sum(-1)
 
 
 def _norm(v: dict[str, torch.Tensor]) -> float:
@@ -214,8 +213,7 @@ class TracIn:
         """sum_i L_i over `rows`: each row's term of the update's policy-gradient loss (its advantage,
         its prompt and token weights, the update's aggregation), on-policy (ratio 1), without KL."""
         t = self.params.train
-        logp = token_logprobs(completion_logits(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"]),
-                              rows["completion_ids"].to(next(model.parameters()).device)).cpu()
+        logp = completion_logprobs(model, rows)[0]
         pg, _ = clipped_policy_loss(logp, logp.detach(), rows["advantages"], t.clip_eps_low, t.clip_eps_high)
         token_loss = compose_token_loss(pg, None, 0.0, rows["w_token"], rows["w_prompt"], torch.ones(len(pg)))
         return aggregate(token_loss, rows["mask"], t.loss_agg_mode, t.max_new_tokens, units)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from grpolab.algos.losses import policy_token_stats, token_logprobs
 from grpolab.data.tokenizer import encode_prompt
 
 
@@ -149,6 +150,16 @@ def completion_logits(
     completion_ids, completion_mask: [B, T] -> [B, T, V]."""
     logits = forward_completions(model, prompt_ids, prompt_mask, completion_ids, completion_mask).logits
     return logits[:, prompt_ids.shape[1] - 1 : -1]  # position t predicts completion token t
+
+
+def completion_logprobs(model, rows: dict, entropy: bool = False):
+    """log p of each completion token under `model` ([b, T]) and, if asked, (entropy, sum_v p_v^2) ([b, T] each)."""
+    logits = completion_logits(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"])
+    targets = rows["completion_ids"].to(logits.device)
+    if not entropy:
+        return token_logprobs(logits, targets).cpu(), None
+    logp, ent, prob_sq = policy_token_stats(logits, targets)
+    return logp.cpu(), (ent.cpu(), prob_sq.cpu())
 
 
 def row_generators(seed: int, row_ids: list[int]) -> list[torch.Generator]:

@@ -24,7 +24,7 @@ from grpolab import distributed as dist
 from grpolab.algos.advantages import group_advantages, zero_std_groups
 from grpolab.algos.credit import ANSWER, CLASS_NAMES, THINK, gini, token_credit
 from grpolab.algos.losses import (
-    KL_ESTIMATORS, aggregate, aggregation_units, clipped_policy_loss, compose_token_loss, policy_token_stats, token_logprobs,
+    KL_ESTIMATORS, aggregate, aggregation_units, clipped_policy_loss, compose_token_loss,
 )
 from grpolab.checkpoints import CHECKPOINT_DIR, load_training_checkpoint, save_training_checkpoint
 from grpolab.config import Params
@@ -35,7 +35,7 @@ from grpolab.influence import TRACIN_DIR, TracIn
 from grpolab.membership import WEIGHTED_TRAIN_FILE
 from grpolab.models import load_model, save_checkpoint
 from grpolab.rewards import Judge, RewardBatch, score
-from grpolab.rollout import Rollout, completion_logits, decode, row_generators, sample
+from grpolab.rollout import Rollout, completion_logprobs, decode, row_generators, sample
 from grpolab.sft import BASE_DIR
 from grpolab.tracking import Tracker
 from grpolab.variants import LossWeights, Variants
@@ -87,16 +87,6 @@ def deepspeed_config(params: Params, bf16: bool) -> dict:
         "steps_per_print": 10**9,
         "zero_allow_untested_optimizer": True,
     }
-
-
-def completion_logprobs(model, rows: dict, entropy: bool = False):
-    """log p of each completion token under `model` ([b, T]) and, if asked, (entropy, sum_v p_v^2) ([b, T] each)."""
-    logits = completion_logits(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"])
-    targets = rows["completion_ids"].to(logits.device)
-    if not entropy:
-        return token_logprobs(logits, targets).cpu(), None
-    logp, ent, prob_sq = policy_token_stats(logits, targets)
-    return logp.cpu(), (ent.cpu(), prob_sq.cpu())
 
 
 def _logprobs_in_chunks(model, batch: Batch, size: int) -> torch.Tensor:

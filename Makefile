@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 PIP := $(BIN)/pip install --disable-pip-version-check --progress-bar off -q
 
-.PHONY: install run test ui bench bench-mia bench-tracin clean
+.PHONY: install browser run test ui bench bench-mia bench-tracin clean
 
 install: $(STAMP)
 
@@ -31,7 +31,14 @@ run: install
 	@[ -d .git ] || git init -q  # DVC keeps its state beside a git repo
 	grpolab run
 
-test: install
+# Debian's headless Chromium, for the test that opens the MLflow UI in a browser (root or sudo, once).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || { echo "==> installing Debian's chromium (once)"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: install browser
 	pytest -q
 
 ui: install

@@ -1,4 +1,4 @@
-"""`grpolab run | stage NAME | ui | analyze-credit RUN_ID... | params-reference`."""
+"""`grpolab run | stage NAME | study FILE | report STUDY | ui | analyze-credit RUN_ID... | params-reference`."""
 
 from __future__ import annotations
 
@@ -11,25 +11,48 @@ from pathlib import Path
 
 from grpolab import config
 
-FLOW_FILE = Path("flows/pipeline.py")
+FLOWS = Path("flows")
 # Quiet, offline-friendly defaults for the Prefect temporary server; the user's settings win.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per downloaded file drowns the output
 
 
-def _load_flow():
-    if not FLOW_FILE.is_file():
-        raise config.ConfigError(f"{FLOW_FILE}: not found (run grpolab from the project root)")
-    spec = importlib.util.spec_from_file_location("grpolab_flows_pipeline", FLOW_FILE)
+def _load_flow(name: str):
+    """The flow `name` of the project's flows/<name>.py (the file a deployment would point at)."""
+    path = FLOWS / f"{name}.py"
+    if not path.is_file():
+        raise config.ConfigError(f"{path}: not found (run grpolab from the project root)")
+    spec = importlib.util.spec_from_file_location(f"grpolab_flows_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.pipeline
+    return getattr(module, name)
 
 
 def cmd_run(args) -> None:
     config.apply_overrides(args.set)  # validated (and written) before Prefect starts
-    pipeline = _load_flow()
+    pipeline = _load_flow("pipeline")
     print(pipeline())
+
+
+def cmd_study(args) -> None:
+    from grpolab.study.spec import load_study
+
+    name = load_study(args.file).name  # every cell validated before Prefect starts
+    _load_flow("study")(args.file, args.jobs)
+    print(f"report: reports/{name}/report.md, and the MLflow run study-{name} in experiment {name}")
+
+
+def cmd_report(args) -> None:
+    from mlflow import MlflowClient
+
+    from grpolab.study.report import report_from_store
+    from grpolab.study.spec import read_spec
+    from grpolab.tracking import tracking_uri
+
+    name = read_spec(Path(args.study)).name if args.study.endswith((".yaml", ".yml")) else args.study
+    out = Path(args.out) if args.out else None
+    print(report_from_store(MlflowClient(tracking_uri(config.load())), name, out))
 
 
 def cmd_stage(args) -> None:
@@ -48,11 +71,10 @@ def cmd_stage(args) -> None:
 
 
 def cmd_ui(args) -> None:
-    from grpolab.tracking import tracking_uri
+    from grpolab.ui import ui_command
 
-    uri = tracking_uri(config.load())
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
-    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port}", flush=True)
+    cmd, url = ui_command(config.load(), args.port)
+    print(f"MLflow UI at {url} (experiments open on their runs table with grpolab's columns)", flush=True)
     raise SystemExit(subprocess.call(cmd))
 
 
@@ -83,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("name")
     stage.add_argument("-S", "--set", **override)
     stage.set_defaults(func=cmd_stage)
+    study = sub.add_parser("study", help="run a study file's variants x seeds (each a DVC experiment) and report")
+    study.add_argument("file", help="the study file, e.g. studies/credit.yaml")
+    study.add_argument("--jobs", type=int, default=1, help="cells run at once (default 1)")
+    study.set_defaults(func=cmd_study)
+    report = sub.add_parser("report", help="rebuild a study's report from the MLflow store")
+    report.add_argument("study", help="the study's name or its file")
+    report.add_argument("--out", help="folder for the report (default reports/<study>/)")
+    report.set_defaults(func=cmd_report)
     ui = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
@@ -97,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     from grpolab.data.schema import DataError
+    from grpolab.study.spec import StudyError
 
     args = build_parser().parse_args(argv)
     try:
@@ -104,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     except (config.ConfigError, DataError, FileNotFoundError) as exc:
         print(f"grpolab: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except StudyError as exc:
+        print(f"grpolab: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
     except subprocess.CalledProcessError as exc:
         print(f"grpolab: error: {' '.join(map(str, exc.cmd))} exited with {exc.returncode}", file=sys.stderr)
         raise SystemExit(1) from None

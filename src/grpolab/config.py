@@ -6,11 +6,12 @@ so a typo or an out-of-range value fails fast with the dotted key path in the me
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
 
@@ -430,8 +431,17 @@ class TrackingParams(Section):
         "in the project root (also from a `dvc exp run --temp/--queue` copy of the workspace), artifacts in `mlruns/`.",
     )
     experiment: str = Field("grpolab", min_length=1, description="MLflow experiment that holds the run trees.")
-    tags: dict[str, str] = Field(
-        {}, description="Extra MLflow tags on every run of the pipeline (e.g. a study's variant and seed)."
+    tags: dict[str, str] = Field({}, description="Extra MLflow tags on every run of the pipeline.")
+    study: str | None = Field(
+        None, description="The study this run is a cell of (set by `grpolab study`): tag `grpolab.study`."
+    )
+    variant: str | None = Field(
+        None,
+        description="Name of this configuration (set by `grpolab study`): tag `grpolab.variant` and the run name "
+        "`<variant> · seed <seed>`. Empty: the name lists the params that differ from the defaults.",
+    )
+    run_name: str | None = Field(
+        None, description="Name of the pipeline's MLflow parent run, instead of the variant and seed."
     )
 
 
@@ -480,7 +490,7 @@ class Params(Section):
         return self
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"])
@@ -499,7 +509,7 @@ def validate(raw: dict[str, Any], source: str = PARAMS_FILE) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source)) from None
 
 
 def _yaml() -> YAML:
@@ -518,19 +528,27 @@ def _read_raw(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`section.key=value` -> (["section", "key"], value), the value read as YAML like `dvc exp run -S`."""
-    key, sep, value = text.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"-S {text}: expected section.key=value")
+def parse_override(text: str) -> tuple[list[str], Any, bool]:
+    """`section.key=value` -> (["section", "key"], value, delete), parsed with the grammar of `dvc exp run -S`
+    (Hydra's override parser, which ships with DVC): `1e-4` is a float, `[a, b]` a list, `{k: v}` a dict,
+    `null` None, `~section.key` deletes the key (its default applies). A sweep (`k=1,2`) is refused."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
     try:
-        parsed = yaml.safe_load(value) if value != "" else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"-S {text}: value is not valid YAML: {exc}") from None
-    return key.split("."), parsed
+        override = OverridesParser.create().parse_override(text)
+    except HydraException as exc:
+        reason = str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else str(exc)
+        raise ConfigError(f"-S {text}: expected section.key=value ({reason})") from None
+    if override.is_sweep_override():
+        raise ConfigError(f"-S {text}: a sweep; give one value (a study file lists variants: `grpolab study`)")
+    keys = override.key_or_group.split(".")
+    if any(not part for part in keys):
+        raise ConfigError(f"-S {text}: expected section.key=value")
+    return keys, None if override.is_delete() else override.value(), override.is_delete()
 
 
-def _set_path(raw: dict, keys: list[str], value: Any) -> None:
+def _set_path(raw: dict, keys: list[str], value: Any, delete: bool = False) -> None:
     node = raw
     for i, key in enumerate(keys[:-1]):
         if key not in node or node[key] is None:
@@ -538,7 +556,20 @@ def _set_path(raw: dict, keys: list[str], value: Any) -> None:
         if not isinstance(node[key], dict):
             raise ConfigError(f"-S {'.'.join(keys)}: {'.'.join(keys[: i + 1])} is not a section")
         node = node[key]
-    node[keys[-1]] = value
+    if delete:
+        node.pop(keys[-1], None)
+    else:
+        node[keys[-1]] = value
+
+
+def overridden(overrides: list[str], path: str | Path = PARAMS_FILE) -> tuple[Any, Params]:
+    """(the file's round-trip data with the overrides applied, their validated params); writes nothing."""
+    path = Path(path)
+    raw = _read_raw(path)
+    for text in overrides:
+        keys, value, delete = parse_override(text)
+        _set_path(raw, keys, value, delete)
+    return raw, validate(raw, f"{path} with -S overrides" if overrides else str(path))
 
 
 def load(path: str | Path = PARAMS_FILE) -> Params:
@@ -552,17 +583,11 @@ def apply_overrides(overrides: list[str], path: str | Path = PARAMS_FILE) -> Par
     Same semantics as `dvc exp run -S`: the file DVC reads is the record of what ran, so the
     overrides land there (comments kept). Nothing is written when validation fails.
     """
-    path = Path(path)
-    raw = _read_raw(path)
-    if not overrides:
-        return validate(raw, str(path))
-    for text in overrides:
-        keys, value = parse_override(text)
-        _set_path(raw, keys, value)
-    params = validate(raw, f"{path} with -S overrides")
-    buf = io.StringIO()
-    _yaml().dump(raw, buf)
-    atomic_write_text(path, buf.getvalue())
+    raw, params = overridden(overrides, path)
+    if overrides:
+        buf = io.StringIO()
+        _yaml().dump(raw, buf)
+        atomic_write_text(path, buf.getvalue())
     return params
 
 
@@ -579,6 +604,12 @@ def flatten(params: Params) -> dict[str, Any]:
 
     walk("", params.model_dump())
     return out
+
+
+def params_hash(params: Params) -> str:
+    """What identifies a configuration: every param but the tracking settings (where it is logged)."""
+    flat = {k: v for k, v in flatten(params).items() if not k.startswith("tracking.")}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def params_reference() -> str:

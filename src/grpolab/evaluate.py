@@ -1,6 +1,7 @@
 """`evaluate` stage: greedy and sampled completions on the eval prompts, scored by answer match
 and format, and membership attacks (train prompts vs eval prompts), for the base and the trained
-model. Writes metrics/eval.json (namespaced keys), sample completions and ROC curves."""
+model. Its metrics (namespaced keys) are its headline, which `stages.run_stage` writes to
+metrics/eval.json; it writes the sample completions and the ROC curves."""
 
 from __future__ import annotations
 
@@ -87,12 +88,9 @@ def evaluate(params: Params, tracker=None) -> dict[str, float]:
         sample_rows += [{"model": tag, **row} for row in samples]
     write_roc_curves(curves)
 
-    atomic_write_text(METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     atomic_write_text(SAMPLES_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in sample_rows))
     if tracker:
-        tracker.metrics(metrics, parent=True)
         tracker.table(pd.DataFrame(sample_rows), "eval_samples.json")
-        tracker.artifacts(METRICS_FILE)
         if curves:
             tracker.figure(roc_figure(curves), "mia_roc.png")
             tracker.artifacts(ROC_DIR, "mia_roc")

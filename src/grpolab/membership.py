@@ -128,7 +128,6 @@ def mia(params: Params, tracker=None) -> dict[str, float]:
         # members of nothing yet (train, eval and SFT prompts are disjoint): ~0.5 is the sanity check
         summary["mia/base_train_vs_eval_auc"] = membership_roc(train_scores, eval_scores)["auc"]
     if tracker:
-        tracker.metrics(summary)
         tracker.dataset(train, "train_weighted", WEIGHTED_TRAIN_FILE, "train")
         tracker.artifacts(SCORES_FILE)
     return summary

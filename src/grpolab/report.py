@@ -1,13 +1,55 @@
-"""The end-of-run summary: printed by `grpolab run` and published as a Prefect artifact."""
+"""The pipeline's record: each stage's headline metrics file, the `summary` stage that puts the
+whole pipeline into its MLflow parent run, and the end-of-run summary printed by `grpolab run` and
+published as a Prefect artifact."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pandas as pd
+
 from grpolab.config import Params
 from grpolab.evaluate import METRICS_FILE
-from grpolab.tracking import tracking_uri
+from grpolab.membership import ROC_DIR
+from grpolab.tracking import COMPLETE_TAG, REUSED_TAG, Tracker, tracking_uri
+from grpolab.train import CURVE_FILE
+
+# What each stage returns is its headline: `stages.run_stage` writes it here (a DVC metrics file, so
+# DVC's cache restores it with the stage's outputs) and logs it to the stage's run and the parent.
+HEADLINES = {
+    "prepare": Path("metrics/prepare.json"),
+    "sft": Path("metrics/sft.json"),
+    "mia": Path("metrics/mia.json"),
+    "train": Path("metrics/train.json"),
+    "evaluate": METRICS_FILE,
+}
+PARENT_ARTIFACTS = {CURVE_FILE: None, ROC_DIR: ROC_DIR.name}  # local path -> artifact folder in the parent run
+
+
+def summary(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
+    """`summary` stage: the headline metrics of every stage, the training curve (one metric history per
+    column) and the ROC curves go into the pipeline's parent run, whether a stage ran in this run tree or
+    DVC restored its outputs from its cache (then it logged nothing here). Idempotent: what the parent
+    already holds is not logged again. Tags the parent complete, naming the stages it did not run."""
+    missing = [str(path) for path in [*HEADLINES.values(), *PARENT_ARTIFACTS] if not path.exists()]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(missing)}: missing (run the pipeline's stages first)")
+    headline = {k: float(v) for path in HEADLINES.values() for k, v in json.loads(path.read_text()).items()}
+    if tracker is None:
+        return {"summary/metrics": float(len(headline))}
+    logged = tracker.logged_metrics()
+    tracker.metrics({k: v for k, v in headline.items() if logged.get(k) != v})
+    if not tracker.has_history("train/reward_mean"):
+        tracker.curve(pd.read_csv(CURVE_FILE))
+    present = tracker.artifact_names()
+    for path, folder in PARENT_ARTIFACTS.items():
+        if (folder or path.name) not in present:
+            tracker.artifacts(path, folder)
+    reused = [stage for stage in HEADLINES if stage not in tracker.child_stages()]
+    tracker.tags({COMPLETE_TAG: "true", REUSED_TAG: ", ".join(reused) or "none"})
+    return {"summary/metrics": float(len(headline)), "summary/reused_stages": float(len(reused))}
+
 
 OUTPUTS = [
     "data/train.parquet", "data/eval.parquet", "data/tokenizer/", "data/train_weighted.parquet", "models/base/",

@@ -87,6 +87,5 @@ def sft(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
     atomic_write_text(LOSS_FILE, "step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in history))
     save_checkpoint(model, tokenizer, BASE_DIR)
     if tracker:
-        tracker.metrics(summary, parent=True)
         tracker.artifacts(BASE_DIR, "base_model")
     return summary

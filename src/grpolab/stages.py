@@ -1,20 +1,27 @@
 """The pipeline's stages in order: `grpolab stage NAME` runs one, `dvc.yaml` and the Prefect flow
-chain them. Each stage reads params and files and writes files; nothing else drives it."""
+chain them. Each stage reads params and files and writes files; nothing else drives it.
+
+What a stage returns is its headline: written to its file in `report.HEADLINES` and logged to its
+own MLflow child run and to the pipeline's parent run. The last stage, `summary`, logs into the
+parent itself, so the parent holds every stage's record also when DVC restored a stage from its cache.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+import json
 import subprocess
 import sys
+from collections.abc import Callable
 
 from grpolab import distributed, tracking
+from grpolab.checkpoints import resumable_run_id
 from grpolab.config import Params
 from grpolab.data.prepare import prepare
 from grpolab.evaluate import evaluate
+from grpolab.fsutil import atomic_write_text
 from grpolab.membership import mia
+from grpolab.report import HEADLINES, summary
 from grpolab.sft import sft
-from grpolab.checkpoints import resumable_run_id
 from grpolab.train import train
 
 STAGES: dict[str, Callable[..., dict]] = {
@@ -23,6 +30,7 @@ STAGES: dict[str, Callable[..., dict]] = {
     "mia": mia,
     "train": train,
     "evaluate": evaluate,
+    "summary": summary,
 }
 
 
@@ -43,5 +51,9 @@ def run_stage(name: str, params: Params) -> dict:
     if not distributed.is_rank0():  # rank 0 alone talks to MLflow
         return STAGES[name](params, None)
     resume = resumable_run_id(params) if name == "train" else None
-    with tracking.stage_run(params, name, run_id=resume) as tracker:
-        return STAGES[name](params, tracker)
+    with tracking.stage_run(params, name, run_id=resume, own_run=name in HEADLINES) as tracker:
+        headline = STAGES[name](params, tracker)
+        if name in HEADLINES:
+            atomic_write_text(HEADLINES[name], json.dumps(headline, indent=2, sort_keys=True) + "\n")
+            tracker.metrics(headline, parent=True)
+    return headline

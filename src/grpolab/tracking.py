@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -23,15 +24,35 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from grpolab.config import Params, flatten
+from grpolab.config import Params, flatten, params_hash
 
 DEFAULT_DB = "mlflow.db"  # in the project root
 DEFAULT_ARTIFACTS = "mlruns"  # beside it
 PARAMS_HASH_TAG = "grpolab.params_hash"
 STAGE_TAG = "grpolab.stage"
+STUDY_TAG = "grpolab.study"
+VARIANT_TAG = "grpolab.variant"
+SEED_TAG = "grpolab.seed"
+CHANGED_TAG = "grpolab.changed_params"  # the knobs that differ from the defaults
+COMPLETE_TAG = "grpolab.complete"  # set by the summary stage: every stage's record is in the parent
+REUSED_TAG = "grpolab.reused_stages"  # stages whose outputs DVC restored from its cache: no child run here
+NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+MAX_BATCH_METRICS = 1000  # MLflow's limit on metrics per log_batch
+MAX_NAME_PARAMS = 60  # characters of changed params in a derived run name
+
+# The runs-table view of MLflow's UI that grpolab puts on every experiment it logs to (an MLflow
+# "shared view", opened by `…/#/experiments/<id>/runs?viewStateShareKey=grpolab`; `grpolab ui` opens
+# experiments on it): the variant, the seed and the headline metrics of every stage as columns.
+RUNS_VIEW = "grpolab"
+RUNS_VIEW_COLUMNS = [
+    "tags.`grpolab.variant`", "tags.`grpolab.seed`", "metrics.`trained/success_rate`", "metrics.`trained/sampled/success_rate`",
+    "metrics.`base/success_rate`", "metrics.`mean/train/reward_mean`", "metrics.`trained/mia/loss/auc`",
+    "metrics.`trained/mia/min_k_plus_plus/auc`", "metrics.`mean/credit/answer_share`", "metrics.`mean/train/step_time`",
+]
 
 
 DVC_EXPERIMENT_COPIES = (".dvc", "tmp", "exps")  # where `dvc exp run --temp/--queue` copies the workspace
@@ -53,9 +74,39 @@ def tracking_uri(params: Params) -> str:
     return params.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / DEFAULT_DB}"
 
 
-def params_hash(params: Params) -> str:
-    flat = {k: v for k, v in flatten(params).items() if not k.startswith("tracking.")}
-    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def changed_params(params: Params) -> dict[str, Any]:
+    """The knobs that differ from the defaults (seed and tracking aside): what makes this configuration."""
+    defaults = flatten(Params())
+    return {
+        k: v for k, v in flatten(params).items() if k != "seed" and not k.startswith("tracking.") and v != defaults.get(k)
+    }
+
+
+def run_name(params: Params) -> str:
+    """`tracking.run_name`, else `<variant> · seed <seed>`; without a variant, the changed params name it."""
+    if params.tracking.run_name:
+        return params.tracking.run_name
+    variant = params.tracking.variant
+    if variant is None:
+        changed = ", ".join(f"{k}={v}" for k, v in changed_params(params).items()) or "defaults"
+        variant = changed if len(changed) <= MAX_NAME_PARAMS else changed[: MAX_NAME_PARAMS - 1] + "…"
+    return f"{variant} · seed {params.seed}"
+
+
+def run_tags(params: Params) -> dict[str, str]:
+    """Tags of every run of the pipeline: the user's, the seed, and the study and variant when set."""
+    t = params.tracking
+    named = {STUDY_TAG: t.study, VARIANT_TAG: t.variant}
+    return {**t.tags, SEED_TAG: str(params.seed), **{k: v for k, v in named.items() if v is not None}}
+
+
+def _description(params: Params) -> str:
+    t = params.tracking
+    lines = [f"Study `{t.study}`, variant `{t.variant}`, seed {params.seed}." if t.study else f"Seed {params.seed}."]
+    changed = changed_params(params)
+    lines += ["", "Params that differ from the defaults:", ""] if changed else ["", "Default params."]
+    lines += [f"- `{k}`: `{v}`" for k, v in changed.items()]
+    return "\n".join(lines)
 
 
 class Tracker:
@@ -69,8 +120,21 @@ class Tracker:
     def metrics(self, values: dict[str, float], step: int | None = None, parent: bool = False) -> None:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in values.items()]
-        for run_id in (self.run_id, self.parent_id) if parent else (self.run_id,):
-            self.client.log_batch(run_id, metrics=batch)
+        for run_id in dict.fromkeys((self.run_id, self.parent_id) if parent else (self.run_id,)):
+            for i in range(0, len(batch), MAX_BATCH_METRICS):
+                self.client.log_batch(run_id, metrics=batch[i : i + MAX_BATCH_METRICS])
+
+    def curve(self, frame: pd.DataFrame) -> None:
+        """Every column of a per-step table (a `step` column) as metric histories of this run."""
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(k, float(v), now, int(step))
+            for step, row in zip(frame["step"], frame.drop(columns="step").to_dict("records"))
+            for k, v in row.items()
+            if pd.notna(v)
+        ]
+        for i in range(0, len(batch), MAX_BATCH_METRICS):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + MAX_BATCH_METRICS])
 
     def dataset(self, df: pd.DataFrame, name: str, path: str | Path, context: str) -> None:
         """Record a dataset as an `mlflow.data` input of the stage run and of the pipeline run."""
@@ -98,17 +162,52 @@ class Tracker:
     def figure(self, figure, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
 
+    def tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+    def logged_metrics(self) -> dict[str, float]:
+        """This run's metrics as logged so far (latest value of each)."""
+        return self.client.get_run(self.run_id).data.metrics
+
+    def has_history(self, key: str) -> bool:
+        return bool(self.client.get_metric_history(self.run_id, key))
+
+    def artifact_names(self) -> set[str]:
+        """Names of this run's top-level artifacts (files and folders)."""
+        return {Path(f.path).name for f in self.client.list_artifacts(self.run_id)}
+
+    def child_stages(self) -> set[str]:
+        """The stages with a child run under this run's parent: the ones that ran in this run tree."""
+        experiment_id = self.client.get_run(self.parent_id).info.experiment_id
+        children = self.client.search_runs(
+            [experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_id}'", max_results=1000
+        )
+        return {run.data.tags.get(STAGE_TAG) for run in children}
+
+
+def _runs_view() -> str:
+    now = int(time.time() * 1000)
+    state = {"selectedColumns": RUNS_VIEW_COLUMNS}
+    return json.dumps({"name": "grpolab: variants and headline metrics", "createdAt": now, "updatedAt": now, "state": json.dumps(state)})
+
 
 def _experiment_id(client: MlflowClient, params: Params) -> str:
     name = params.tracking.experiment
     experiment = client.get_experiment_by_name(name)
+    view = f"mlflow.sharedViewState.{RUNS_VIEW}"
     if experiment:
+        if view not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, view, _runs_view())
         return experiment.experiment_id
     # MLflow puts a new experiment's artifacts under the *working directory*'s mlruns/; beside the
     # default store they belong in the project's, also when a DVC experiment's copy creates it.
     local = params.tracking.uri is None and not os.environ.get("MLFLOW_TRACKING_URI")
     location = (project_root() / DEFAULT_ARTIFACTS / hashlib.sha256(name.encode()).hexdigest()[:16]).as_uri() if local else None
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location, tags={view: _runs_view()})
+    except MlflowException:  # created meanwhile by a process beside this one (cells of a study)
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def pipeline_run_id(client: MlflowClient, params: Params) -> str:
@@ -123,9 +222,12 @@ def pipeline_run_id(client: MlflowClient, params: Params) -> str:
     )
     if found:
         return found[0].info.run_id
-    run = client.create_run(
-        experiment_id, run_name=f"pipeline-{key}", tags={**params.tracking.tags, PARAMS_HASH_TAG: key, STAGE_TAG: "pipeline"}
-    )
+    changed = "; ".join(f"{k}={v}" for k, v in changed_params(params).items()) or "none"
+    tags = {
+        **run_tags(params), PARAMS_HASH_TAG: key, STAGE_TAG: "pipeline", CHANGED_TAG: changed[:MAX_PARAM_LENGTH],
+        NOTE_TAG: _description(params),
+    }
+    run = client.create_run(experiment_id, run_name=run_name(params), tags=tags)
     flat = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(params).items()]
     for i in range(0, len(flat), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run.info.run_id, params=flat[i : i + 100])
@@ -134,26 +236,105 @@ def pipeline_run_id(client: MlflowClient, params: Params) -> str:
 
 
 @contextmanager
-def stage_run(params: Params, stage: str, run_id: str | None = None) -> Iterator[Tracker]:
+def stage_run(params: Params, stage: str, run_id: str | None = None, own_run: bool = True) -> Iterator[Tracker]:
     """A child run for one stage execution; FAILED if the stage raises, FINISHED otherwise.
 
-    `run_id` continues an earlier child run (a training resumed from its checkpoint).
+    `run_id` continues an earlier child run (a training resumed from its checkpoint); without
+    `own_run` the stage logs into the pipeline's parent run itself (the summary stage).
     """
     client = MlflowClient(tracking_uri(params))
     parent_id = pipeline_run_id(client, params)
     experiment_id = client.get_run(parent_id).info.experiment_id
-    if run_id is None:
-        run_id = client.create_run(
-            experiment_id,
-            run_name=stage,
-            tags={**params.tracking.tags, MLFLOW_PARENT_RUN_ID: parent_id, STAGE_TAG: stage, PARAMS_HASH_TAG: params_hash(params)},
-        ).info.run_id
-    client.update_run(run_id, status="RUNNING")
-    client.update_run(parent_id, status="RUNNING")
+    if not own_run:
+        run_id = parent_id
+    elif run_id is None:
+        tags = {**run_tags(params), MLFLOW_PARENT_RUN_ID: parent_id, STAGE_TAG: stage, PARAMS_HASH_TAG: params_hash(params)}
+        run_id = client.create_run(experiment_id, run_name=stage, tags=tags).info.run_id
+    runs = list(dict.fromkeys((run_id, parent_id)))
+    for run in runs:
+        client.update_run(run, status="RUNNING")
     status = "FAILED"
     try:
         yield Tracker(client, run_id, parent_id)
         status = "FINISHED"
     finally:
-        client.set_terminated(run_id, status)
-        client.set_terminated(parent_id, status)
+        for run in runs:
+            client.set_terminated(run, status)
+
+
+def _find_experiment(client: MlflowClient, name: str) -> str | None:
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else None
+
+
+def complete_pipelines(client: MlflowClient, experiment: str) -> dict[str, Any]:
+    """The experiment's parent runs that the summary stage completed, newest first, by params hash."""
+    experiment_id = _find_experiment(client, experiment)
+    if experiment_id is None:
+        return {}
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{STAGE_TAG}` = 'pipeline' and tags.`{COMPLETE_TAG}` = 'true'",
+        order_by=["attributes.start_time DESC"],
+        max_results=50000,
+    )
+    found: dict[str, Any] = {}
+    for run in runs:
+        found.setdefault(run.data.tags[PARAMS_HASH_TAG], run)
+    return found
+
+
+def pipeline_runs(client: MlflowClient, experiment: str, key: str) -> list:
+    """Every run (parent and stages) of one params hash in an experiment, newest first."""
+    experiment_id = _find_experiment(client, experiment)
+    if experiment_id is None:
+        return []
+    return client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PARAMS_HASH_TAG}` = '{key}'", order_by=["attributes.start_time DESC"],
+        max_results=50000,
+    )
+
+
+def end_unfinished(client: MlflowClient, experiment: str, key: str) -> None:
+    """Runs of this params hash left RUNNING by a killed process: KILLED."""
+    for run in pipeline_runs(client, experiment, key):
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+STUDY_RECORD = ("study.yaml", "cells.json")  # artifacts of a study's own run: its file and its cells
+
+
+def study_run_id(client: MlflowClient, experiment: str, study: str) -> str | None:
+    """The run `study-<name>` that holds a study's definition and report."""
+    experiment_id = _find_experiment(client, experiment)
+    if experiment_id is None:
+        return None
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{STAGE_TAG}` = 'study' and tags.`{STUDY_TAG}` = '{study}'", max_results=1
+    )
+    return found[0].info.run_id if found else None
+
+
+def record_study(client: MlflowClient, params: Params, source: Path, cells: list[dict], jobs: int) -> str:
+    """Create (or find) the study's own run and store its file and cells there, so that its report can
+    be rebuilt from the store alone (`grpolab report NAME`)."""
+    study = params.tracking.study
+    run_id = study_run_id(client, params.tracking.experiment, study)
+    if run_id is None:
+        experiment_id = _experiment_id(client, params)
+        run_id = client.create_run(experiment_id, run_name=f"study-{study}", tags={STAGE_TAG: "study", STUDY_TAG: study}).info.run_id
+    client.log_text(run_id, Path(source).read_text(), STUDY_RECORD[0])
+    client.log_dict(run_id, {"cells": cells}, STUDY_RECORD[1])
+    client.set_tag(run_id, "grpolab.jobs", str(jobs))
+    return run_id
+
+
+def read_study(client: MlflowClient, experiment: str, study: str) -> tuple[str, str, list[dict]] | None:
+    """(the study run's id, the study file's text, its cells) as the study's last run stored them."""
+    run_id = study_run_id(client, experiment, study)
+    if run_id is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        text, cells = (Path(client.download_artifacts(run_id, name, tmp)).read_text() for name in STUDY_RECORD)
+    return run_id, text, json.loads(cells)["cells"]

@@ -45,7 +45,7 @@ CURVE_FILE = Path("metrics/train_curve.csv")
 CREDIT_DIR = Path("metrics/credit")
 CURVE_KEYS = [
     "train/reward_mean", "train/loss", "train/kl", "train/entropy", "train/completion_length", "train/step_time",
-    "train/grad_norm", "credit/answer_share",
+    "train/grad_norm", "credit/answer_share", "credit/think_share", "credit/high_entropy_share", "credit/gini",
 ]
 
 
@@ -358,7 +358,12 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
         if dist.is_rank0():
             save_checkpoint(engine.module.float() if bf16 else engine.module, tokenizer, TRAINED_DIR)
     dist.barrier()
-    summary = {"train/steps": float(t.steps), **{f"final/{k}": v for k, v in metrics.items() if k in CURVE_KEYS}}
+    # Headline: the last step's values and the means over all steps (shares and TracIn ratios are per step).
+    summary = {
+        "train/steps": float(t.steps),
+        **{f"final/{k}": v for k, v in metrics.items() if k in curve_keys and not math.isnan(v)},
+        **{f"mean/{k}": v for k, v in curve[curve_keys].astype(float).mean().items() if not math.isnan(v)},
+    }
     if dist.is_rank0():
         atomic_write_text(CURVE_FILE, curve.to_csv(index=False))
         shutil.rmtree(CHECKPOINT_DIR, ignore_errors=True)  # finished: the trained model is the output

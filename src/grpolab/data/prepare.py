@@ -118,7 +118,6 @@ def prepare(params: Params, tracker: Tracker | None = None) -> dict[str, int]:
         "data/vocab_size": len(tokenizer),
     }
     if tracker:
-        tracker.metrics(summary, parent=True)
         tracker.dataset(train, "train", TRAIN_FILE, "train")
         tracker.dataset(eval_, "eval", EVAL_FILE, "eval")
         if len(sft):

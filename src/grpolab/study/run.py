@@ -1,0 +1,344 @@
+"""Running a study: every cell is one `dvc exp run --temp` (the whole pipeline in a temporary copy of
+the workspace, listed by `dvc exp show` under the name `<study>-<variant>-s<seed>`), at most `jobs` at
+once. The user's params.yaml and workspace are never written.
+
+- Shared stages run once per seed: DVC's run cache restores a stage whose command, deps and params a
+  finished run had, so the first cell of a seed runs prepare, sft and mia and the seed's other cells
+  wait until it has passed them, then reuse them.
+- A cell is done when the project's MLflow store holds its complete pipeline run (the summary stage
+  tags it) and DVC has its experiment: started again, a study runs only the cells that are not done
+  (one killed between the two runs again, from DVC's run cache).
+- One study runs at a time per name (a lock the kernel drops with the process, also on kill -9); the
+  next one stops what a killed one left running (found by an environment marker) and marks its
+  unfinished MLflow runs KILLED.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import mean
+
+from mlflow import MlflowClient
+
+from grpolab import tracking
+from grpolab.config import ConfigError, flatten
+from grpolab.study.spec import Cell, Study
+
+STATE_DIR = Path(".grpolab/studies")  # per study: the lock and one log per cell
+SHARED_STAGES = ("prepare", "sft", "mia")  # identical for every variant of a seed (the study checks nothing else)
+STAGE_LINE = re.compile(r"[Ss]tage '([\w-]+)'")  # dvc's "Running stage 'x'" and "Stage 'x' is cached"
+STEP_LINE = re.compile(r"^\w+:\s+\d+%\|.*\| (\d+/\d+) ")  # a stage's progress bar: "train:  45%|███▌ | 90/200 [..."
+CELL_MARKER = "GRPOLAB_STUDY_CELL"  # in the environment of every process of a cell: `<study>/<cell>`
+MAX_JOBS = 32
+USER_PATHS = (  # params that name the user's files and checkpoints
+    "data.train_files", "data.eval_files", "data.sft_files", "data.val_files", "model.name_or_path", "mia.reference_model",
+    "train.judge_model",
+)
+
+
+def _dvc(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dvc", *args]
+
+
+def cell_env(marker: str | None = None) -> dict[str, str]:
+    """The environment of a cell: this interpreter's scripts first on PATH (dvc runs `grpolab stage`)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if marker:
+        env[CELL_MARKER] = marker
+    return env
+
+
+def _untracked_paths(project: Path, cells: list[Cell]) -> list[str]:
+    """The user's relative files and checkpoints that git does not track: a DVC experiment's copy of the
+    workspace holds tracked files only, so they are copied in (`dvc exp run -C`)."""
+    named = {v for cell in cells for key in USER_PATHS for v in _as_list(flatten(cell.params)[key])}
+    relative = sorted(p for p in named if not Path(p).is_absolute() and (project / p).exists())
+    return [p for p in relative if not subprocess.run(["git", "ls-files", "--", p], cwd=project, capture_output=True, text=True).stdout]
+
+
+def _as_list(value) -> list[str]:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def _git_head(project: Path) -> str | None:
+    proc = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=project, capture_output=True, text=True)
+    return proc.stdout.strip() or None
+
+
+@dataclass
+class CellState:
+    cell: Cell
+    first_of_seed: bool  # builds its seed's shared stages
+    status: str = "pending"  # pending | running | done | failed
+    stage: str | None = None
+    step: str = ""  # the running stage's progress, "90/200"
+    started: float | None = None
+    seconds: float | None = None
+
+
+class Progress:
+    """What every cell of this run is doing, the live line, and the waits of the scheduler."""
+
+    def __init__(self, study: Study, todo: list[Cell], done_before: int, jobs: int, stream=None):
+        self.study, self.jobs, self.done_before = study, jobs, done_before
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.changed = threading.Condition()
+        seeds_started: set[int] = {c.seed for c in study.cells if c not in todo}  # shared stages already cached
+        self.cells: dict[str, CellState] = {}
+        for cell in todo:
+            self.cells[cell.name] = CellState(cell, first_of_seed=cell.seed not in seeds_started)
+            seeds_started.add(cell.seed)
+
+    def ready(self, cell: Cell) -> bool:
+        """A cell may start when its seed's shared stages are done (or it is the one that builds them)."""
+        state = self.cells[cell.name]
+        if state.first_of_seed:
+            return True
+        first = next((s for s in self.cells.values() if s.first_of_seed and s.cell.seed == cell.seed), None)
+        return first is None or first.status in ("done", "failed") or (first.stage is not None and first.stage not in SHARED_STAGES)
+
+    def started(self, cell: Cell) -> None:
+        self._update(cell, status="running", started=time.monotonic())
+
+    def stage(self, cell: Cell, stage: str) -> None:
+        if self.cells[cell.name].stage != stage:
+            self._update(cell, stage=stage, step="")
+
+    def step(self, cell: Cell, step: str) -> None:
+        self.cells[cell.name].step = step  # shown at the next redraw
+
+    def tick(self) -> None:
+        """Redraw the live line in a terminal (elapsed times and steps move on between events)."""
+        if self.tty:
+            self._draw()
+
+    def finished(self, cell: Cell, ok: bool, log: Path) -> None:
+        state = self.cells[cell.name]
+        seconds = time.monotonic() - (state.started or time.monotonic())
+        if ok:
+            self._say(f"  done   {cell.name} in {_clock(seconds)}")
+        else:
+            tail = "".join(f"         | {line}" for line in log.read_text(errors="replace").splitlines(True)[-6:])
+            self._say(f"  FAILED {cell.name} after {_clock(seconds)} (log: {log})\n{tail.rstrip()}")
+        self._update(cell, status="done" if ok else "failed", seconds=seconds)
+
+    def wait(self, timeout: float) -> None:
+        with self.changed:
+            self.changed.wait(timeout)
+
+    @property
+    def failed(self) -> list[Cell]:
+        return [s.cell for s in self.cells.values() if s.status == "failed"]
+
+    @property
+    def running(self) -> int:
+        return sum(s.status == "running" for s in self.cells.values())
+
+    def line(self) -> str:
+        states = list(self.cells.values())
+        done = self.done_before + sum(s.status == "done" for s in states)
+        failed = sum(s.status == "failed" for s in states)
+        running = [s for s in states if s.status == "running"]
+        now = time.monotonic()
+        parts = [f"study {self.study.name}: {done}/{len(self.study.cells)} cells done" + (f", {failed} failed" if failed else "")]
+        if running:
+            parts.append("running " + ", ".join(
+                f"{s.cell.name} ({s.stage or 'starting'}{' ' + s.step if s.step else ''}, {_clock(now - s.started)})" for s in running
+            ))
+        left = self.time_left()
+        if any(s.status in ("pending", "running") for s in states):
+            parts.append(f"~{_clock(left)} left" if left is not None else "time left: after the first cell")
+        return " | ".join(parts)
+
+    def time_left(self) -> float | None:
+        """Seconds, from the finished cells' times (a seed's first cell, which builds the shared stages, apart)."""
+        finished = [s for s in self.cells.values() if s.status == "done"]
+        if not finished:
+            return None
+        kinds = {kind: [s.seconds for s in finished if s.first_of_seed == kind] for kind in (True, False)}
+        fallback = mean(s.seconds for s in finished)
+        expected = {kind: mean(times) if times else fallback for kind, times in kinds.items()}
+        now = time.monotonic()
+        work = sum(
+            expected[s.first_of_seed] if s.status == "pending" else max(expected[s.first_of_seed] - (now - s.started), 0.0)
+            for s in self.cells.values()
+            if s.status in ("pending", "running")
+        )
+        return work / self.jobs
+
+    def _update(self, cell: Cell, **changes) -> None:
+        with self.changed:
+            for key, value in changes.items():
+                setattr(self.cells[cell.name], key, value)
+            self.changed.notify_all()
+        self._draw()
+
+    def _say(self, text: str) -> None:
+        with self.changed:
+            self.stream.write(f"\r\x1b[K{text}\n" if self.tty else f"{text}\n")
+            self.stream.flush()
+
+    def _draw(self) -> None:
+        with self.changed:
+            self.stream.write(f"\r\x1b[K{self.line()}" if self.tty else f"{self.line()}\n")
+            self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+@dataclass
+class StudyRun:
+    """One run of a study in a project: its lock, what is done, the cells to run and how they go."""
+
+    study: Study
+    jobs: int = 1
+    project: Path = field(default_factory=Path.cwd)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.jobs <= MAX_JOBS:
+            raise ConfigError(f"--jobs: {self.jobs} is not between 1 and {MAX_JOBS}")
+        self.state_dir = self.project / STATE_DIR / self.study.name
+        self.client = MlflowClient(tracking.tracking_uri(self.study.cells[0].params))
+        self._lock = None
+        self.study_run_id: str | None = None
+        self.copy_paths: list[str] = []
+        self.todo: list[Cell] = []
+        self.progress: Progress | None = None
+
+    # -- before any cell ------------------------------------------------------------------------
+
+    def open(self, stream=None) -> StudyRun:
+        """Check the project, take the lock, clean up after a killed run, find the cells left to run."""
+        if not (self.project / ".dvc").is_dir():
+            raise ConfigError(f"{self.project}: not a DVC project (no .dvc/): run `dvc init` in its git repo")
+        if _git_head(self.project) is None:
+            raise ConfigError(
+                f"{self.project}: no git commit: every cell runs as a DVC experiment, which starts from one "
+                "(git add -A && git commit -m 'project')"
+            )
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        self._stop_leftovers()
+        params = self.study.cells[0].params
+        self.study_run_id = tracking.record_study(self.client, params, self.study.source, [_cell_record(c) for c in self.study.cells], self.jobs)
+        complete = tracking.complete_pipelines(self.client, params.tracking.experiment)
+        recorded = set(self._experiments("--all-commits"))
+        self.todo = [c for c in self.study.cells if not (c.params_hash in complete and c.experiment_name in recorded)]
+        for cell in self.todo:  # a killed run's stages stay RUNNING in MLflow otherwise
+            tracking.end_unfinished(self.client, params.tracking.experiment, cell.params_hash)
+        self._free_experiment_names()
+        self.copy_paths = _untracked_paths(self.project, self.todo)
+        self.progress = Progress(self.study, self.todo, len(self.study.cells) - len(self.todo), self.jobs, stream)
+        return self
+
+    def _take_lock(self) -> None:
+        lock = open(self.state_dir / "lock", "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise ConfigError(f"study {self.study.name!r} is already running in this project (pid {lock.read().strip() or '?'})") from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self._lock = lock
+
+    def _stop_leftovers(self) -> None:
+        """Processes of a killed run of this study (we hold its lock, so they are orphans): stopped, their
+        temporary workspaces removed."""
+        prefix = f"{CELL_MARKER}={self.study.name}/".encode()
+        copies = (self.project / ".dvc" / "tmp" / "exps").resolve()  # <copies>/<kind>/<tmpdir>/...
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if not any(v.startswith(prefix) for v in (proc / "environ").read_bytes().split(b"\0")):
+                    continue
+                where = (proc / "cwd").resolve().relative_to(copies).parts[:2] if copies in (proc / "cwd").resolve().parents else ()
+                os.kill(int(proc.name), signal.SIGKILL)
+            except (OSError, ValueError):
+                continue  # gone, or not ours to read
+            print(f"stopped process {proc.name}, left running by an interrupted run of study {self.study.name}", file=sys.stderr)
+            if len(where) == 2:
+                shutil.rmtree(copies.joinpath(*where), ignore_errors=True)
+
+    def _experiments(self, *args: str) -> list[str]:
+        """Names of the project's DVC experiments (of the current commit; `--all-commits`: of any)."""
+        proc = subprocess.run(_dvc("exp", "ls", "--name-only", *args), cwd=self.project, capture_output=True, text=True, env=cell_env())
+        return proc.stdout.split()
+
+    def _free_experiment_names(self) -> None:
+        """A cell to run whose DVC experiment exists on this commit (its MLflow record is not complete):
+        the old experiment goes, DVC would refuse the name."""
+        existing = set(self._experiments())
+        for cell in self.todo:
+            if cell.experiment_name in existing:
+                subprocess.run(_dvc("exp", "remove", cell.experiment_name), cwd=self.project, check=True, capture_output=True, env=cell_env())
+
+    # -- the cells ------------------------------------------------------------------------------
+
+    def log_file(self, cell: Cell) -> Path:
+        return self.state_dir / "logs" / f"{cell.name}.log"
+
+    def run_cell(self, cell: Cell) -> bool:
+        """One cell as one DVC experiment in a temporary copy of the workspace; True if it finished."""
+        args = [a for o in cell.overrides for a in ("-S", o)] + [a for p in self.copy_paths for a in ("-C", p)]
+        cmd = _dvc("--wait-for-lock", "exp", "run", "--temp", "--name", cell.experiment_name, *args)
+        log = self.log_file(cell)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        ok = False
+        try:
+            with open(log, "w") as out:
+                out.write(f"$ {' '.join(cmd)}\n")
+                proc = subprocess.Popen(
+                    cmd, cwd=self.project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                    env=cell_env(f"{self.study.name}/{cell.name}"), start_new_session=True,
+                )
+                for line in proc.stdout:
+                    out.write(line)
+                    out.flush()
+                    if match := STAGE_LINE.search(line):
+                        self.progress.stage(cell, match.group(1))
+                    elif match := STEP_LINE.match(line):
+                        self.progress.step(cell, match.group(1))
+                ok = proc.wait() == 0
+        finally:
+            self.progress.finished(cell, ok, log)
+        return ok
+
+    def schedule(self, submit) -> list:
+        """Start every cell to run through `submit(cell)` (a Prefect task's `.submit`), at most `jobs` at a
+        time, each once its seed's shared stages allow; returns the futures when every cell has finished."""
+        pending, futures = list(self.todo), []
+        while pending or self.progress.running:
+            for cell in [c for c in pending if self.progress.ready(c)][: self.jobs - self.progress.running]:
+                pending.remove(cell)
+                self.progress.started(cell)
+                futures.append(submit(cell))
+            self.progress.wait(timeout=1.0)
+            self.progress.tick()
+        return futures
+
+    def close(self, ok: bool) -> None:
+        """The study's MLflow run ends FINISHED when every cell did; the lock goes."""
+        if self.study_run_id:
+            self.client.set_terminated(self.study_run_id, "FINISHED" if ok else "FAILED")
+        if self._lock:
+            self._lock.close()
+            self._lock = None
+
+
+def _cell_record(cell: Cell) -> dict:
+    return {"variant": cell.variant, "seed": cell.seed, "params_hash": cell.params_hash, "overrides": list(cell.overrides)}

@@ -1,0 +1,74 @@
+"""`grpolab ui`: the MLflow UI, opened where a researcher compares training runs.
+
+MLflow 3.17's UI opens every experiment on its GenAI overview (its default "workflow type", kept per
+browser), and its runs table shows no metric or param column until someone picks them. No server or
+experiment setting changes either, so `grpolab ui` serves MLflow through this app plugin (entry point
+`mlflow.app: grpolab`, i.e. `mlflow server --app-name grpolab`), which adds one small script to the
+UI's page: a browser that has not chosen a workflow type gets "model training", and an experiment
+opened by its plain link (`#/experiments/<id>`, what the experiments list links to) lands on the runs
+table with grpolab's columns (the shared view `tracking.RUNS_VIEW` that grpolab sets on every
+experiment it logs to). A person's own later choices win.
+"""
+
+from __future__ import annotations
+
+from grpolab.tracking import RUNS_VIEW
+
+SCRIPT = """<script>
+(function () {
+  var KEY = "mlflow.workflowType_v1";
+  try { if (!localStorage.getItem(KEY)) localStorage.setItem(KEY, JSON.stringify("machine_learning")); } catch (e) {}
+  function route() {
+    var m = location.hash.match(/^#\\/experiments\\/([^\\/?]+)\\/?$/);
+    if (!m) return;
+    var runs = "#/experiments/" + m[1] + "/runs?workflowType=machine_learning";
+    location.replace(runs);
+    fetch("ajax-api/2.0/mlflow/experiments/get?experiment_id=" + encodeURIComponent(m[1]))
+      .then(function (r) { return r.json(); })
+      .then(function (body) {
+        var tags = (body.experiment && body.experiment.tags) || [];
+        var own = tags.some(function (t) { return t.key === "mlflow.sharedViewState.VIEW"; });
+        if (own && location.hash === runs) location.replace(runs + "&viewStateShareKey=VIEW");
+      })
+      .catch(function () {});
+  }
+  route();
+  window.addEventListener("hashchange", route);
+})();
+</script>""".replace("VIEW", RUNS_VIEW)
+
+
+def _inject(response):
+    """Add the script to the UI's page (index.html), nothing else."""
+    if response.mimetype != "text/html" or response.status_code != 200:
+        return response
+    response.direct_passthrough = False
+    page = response.get_data(as_text=True)
+    if "</head>" in page and SCRIPT not in page:
+        response.set_data(page.replace("</head>", SCRIPT + "</head>", 1))
+    return response
+
+
+def create_app():
+    """The `mlflow.app` entry point: MLflow's own server app with the script added to its page."""
+    from mlflow.environment_variables import _MLFLOW_SGI_NAME
+    from mlflow.server import app
+
+    app.after_request(_inject)
+    if _MLFLOW_SGI_NAME.get() == "uvicorn":
+        from mlflow.server.fastapi_app import create_fastapi_app
+
+        return create_fastapi_app(app)
+    return app
+
+
+def ui_command(params, port: int) -> tuple[list[str], str]:
+    """The command that serves the MLflow UI of the project's store on 127.0.0.1, and its address."""
+    import sys
+
+    from grpolab.tracking import tracking_uri
+
+    uri = tracking_uri(params)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "grpolab", "--backend-store-uri", uri,
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    return cmd, f"http://127.0.0.1:{port}"

@@ -1,0 +1,398 @@
+"""Studies: the study file's validation, the report's statistics, and the smoke study end to end
+(real DVC experiments, Prefect, an MLflow sqlite store), interrupted by kill -9 and started again."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from grpolab.config import ConfigError
+from grpolab.study.report import TABLES, summary_table, welch_interval
+from grpolab.study.run import CELL_MARKER, Progress
+from grpolab.study.spec import StudySpec, load_study
+
+from conftest import BIN, REPO, grpolab, make_project, project_env, run
+
+STUDY = """name: s
+base: [sft.steps=5]
+variants:
+  - name: plain
+  - name: masked
+    overrides:
+      - train.mitigation.name=entropy_masking
+      - train.mitigation.mask_percentile=50
+seeds: [0, 1]
+baseline: plain
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("  - name: plain\n", "  - name: plain\n    overides: []\n", "variants.0.overides: unknown key"),
+        ("  - name: masked\n", "  - name: plain\n", "variants.1.name: duplicate variant name 'plain'"),
+        ("seeds: [0, 1]", "seeds: []", "seeds: List should have at least 1 item"),
+        ("seeds: [0, 1]", "seeds: [1, 1]", "seeds: a seed is listed twice: [1, 1]"),
+        ("baseline: plain", "baseline: plian", "baseline: 'plian' is not a variant (variants: plain, masked)"),
+        ("mask_percentile=50\n", "mask_percentil=50\n", "variants.1 (masked): train.mitigation.mask_percentil: unknown key"),
+        ("mask_percentile=50\n", "mask_percentile=500\n", "variants.1 (masked): train.mitigation.mask_percentile: Input should be less than"),
+        ("mask_percentile=50\n", "mask_percentile=[50]\n", "variants.1 (masked): train.mitigation.mask_percentile: Input should be a valid number"),
+        ("mask_percentile=50\n", "mask_percentile\n", "variants.1 (masked).overrides: -S train.mitigation.mask_percentile: expected section.key=value"),
+        ("mask_percentile=50\n", "mask_percentile=50\n      - seed=3\n", "variants.1 (masked).overrides: -S seed=3: seed is set by the study itself"),
+        ("base: [sft.steps=5]", "base: [sft.steps=5, tracking.experiment=x]", "base: -S tracking.experiment=x: tracking is set by the study"),
+        ("base: [sft.steps=5]", "base: ['sft.steps=1,2']", "base: -S sft.steps=1,2: a sweep"),
+        ("name: s\n", "name: s t\n", "name: String should match pattern"),
+        ("- train.mitigation.name=entropy_masking\n      - train.mitigation.mask_percentile=50", "- train.mitigation.name=none",
+         "variants 'plain' and 'masked' have the same params"),
+    ],
+)
+def test_bad_study_files_are_rejected_naming_the_file_and_key(tmp_path, old, new, message):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    assert old in STUDY
+    path = write(tmp_path, STUDY.replace(old, new))
+    with pytest.raises(ConfigError) as err:
+        load_study(path, tmp_path / "params.yaml")
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value)
+
+
+def test_study_cells_are_dvc_overrides_of_the_project_params(tmp_path):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    study = load_study(write(tmp_path, STUDY), tmp_path / "params.yaml")
+    assert [c.name for c in study.cells] == ["plain-s0", "plain-s1", "masked-s0", "masked-s1"]
+    masked = study.cells[2]
+    assert masked.experiment_name == "s-masked-s0"
+    # `++` lets DVC add a key that params.yaml does not spell out (mask_percentile is not in it)
+    assert masked.overrides == (
+        "++sft.steps=5", "++train.mitigation.name=entropy_masking", "++train.mitigation.mask_percentile=50", "++seed=0",
+        "++tracking.experiment=s", "++tracking.study=s", "++tracking.variant=masked",
+    )
+    assert (masked.params.sft.steps, masked.params.train.mitigation.mask_percentile, masked.params.seed) == (5, 50.0, 0)
+    assert (masked.params.tracking.experiment, masked.params.tracking.study, masked.params.tracking.variant) == ("s", "s", "masked")
+    assert len({c.params_hash for c in study.cells}) == 4
+    for shipped in sorted((REPO / "studies").glob("*.yaml")):
+        assert load_study(shipped, REPO / "params.yaml").cells
+
+
+def test_welch_interval_matches_the_formula():
+    a, b = [0.9, 0.8, 0.95], [0.7, 0.75, 0.6]
+    diff, low, high = welch_interval(a, b)
+    va, vb = np.var(a, ddof=1) / 3, np.var(b, ddof=1) / 3
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)  # Welch-Satterthwaite
+    from scipy.stats import t
+
+    half = t.ppf(0.975, df) * math.sqrt(va + vb)
+    assert diff == pytest.approx(0.2) and (low, high) == pytest.approx((0.2 - half, 0.2 + half))
+    assert math.isnan(welch_interval([0.5], [0.4, 0.6])[1])  # one seed: no interval
+
+
+def test_summary_table_gives_mean_std_seeds_and_difference():
+    spec = StudySpec(name="s", variants=[{"name": "a"}, {"name": "b"}], seeds=[0, 1, 2], baseline="a")
+    label = "trained greedy success"
+    cells = pd.DataFrame({
+        "variant": ["a"] * 3 + ["b"] * 3, "seed": [0, 1, 2] * 2, "status": ["finished"] * 5 + ["failed"],
+        label: [0.5, 0.6, 0.7, 0.8, 0.9, math.nan],
+    })
+    for quantities in TABLES.values():
+        for other in quantities:
+            if other not in cells:
+                cells[other] = math.nan
+    summary = summary_table(cells, spec).set_index(["variant", "quantity"])
+    a, b = summary.loc[("a", label)], summary.loc[("b", label)]
+    assert (a["n"], a["mean"], a["std"], a["seed_1"]) == (3, pytest.approx(0.6), pytest.approx(0.1), 0.6)
+    assert (b["n"], b["mean"], b["seed_0"], b["seed_1"]) == (2, pytest.approx(0.85), 0.8, 0.9) and math.isnan(b["seed_2"])
+    assert b["diff_to_baseline"] == pytest.approx(0.25) and b["ci_low"] < 0.25 < b["ci_high"]
+    assert math.isnan(a["diff_to_baseline"])
+
+
+def test_progress_gates_a_seed_on_its_shared_stages_and_estimates_time_left(tmp_path):
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    study = load_study(write(tmp_path, STUDY), tmp_path / "params.yaml")
+    plain0, plain1, masked0, masked1 = study.cells
+    progress = Progress(study, study.cells, 0, jobs=2, stream=open(os.devnull, "w"))
+    assert [progress.ready(c) for c in study.cells] == [True, True, False, False]
+    progress.started(plain0)
+    progress.stage(plain0, "sft")
+    assert not progress.ready(masked0)
+    progress.stage(plain0, "train")  # past prepare, sft and mia: DVC's run cache has them
+    assert progress.ready(masked0) and not progress.ready(masked1)
+    assert progress.time_left() is None and "after the first cell" in progress.line()
+    progress.cells[plain0.name].started -= 100  # it took 100 s
+    progress.finished(plain0, True, tmp_path / "no.log")
+    progress.started(plain1)
+    left = progress.time_left()  # plain1 (a first cell, 100 s) + masked0/1 (no other-cell time yet: 100 s each), on 2 jobs
+    assert left == pytest.approx(150, abs=1)
+    assert "1/4 cells done" in progress.line() and "running plain-s1" in progress.line()
+    # A study whose seed 0 is already done: seed 0's cells start at once, its shared stages are cached.
+    resumed = Progress(study, [plain1, masked0, masked1], 1, jobs=1, stream=open(os.devnull, "w"))
+    assert [resumed.ready(c) for c in (plain1, masked0, masked1)] == [True, True, False]
+
+
+# -- the smoke study end to end ------------------------------------------------------------------
+
+def committed_project(path: Path) -> Path:
+    project = make_project(path)
+    shutil.copytree(REPO / "studies", project / "studies")
+    identity = ["-c", "user.name=grpolab-test", "-c", "user.email=test@localhost"]
+    run(["git", "add", "-A"], project)
+    run(["git", *identity, "commit", "-qm", "project"], project)
+    return project
+
+
+def complete_parents(client: MlflowClient, experiment: str) -> list:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    runs = client.search_runs([found.experiment_id], "tags.`grpolab.stage` = 'pipeline'")
+    return [r for r in runs if r.data.tags.get("grpolab.complete") == "true"]
+
+
+def cell_processes(study: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if f"{CELL_MARKER}={study}/".encode() in (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The shipped smoke study (2 variants x 2 seeds) run by `grpolab study --jobs 2`, killed with -9 once
+    its first cell is done, then started again through the Prefect flow in this process."""
+    root = tmp_path_factory.mktemp("smoke")
+    project = committed_project(root / "project")
+    params_before = (project / "params.yaml").read_bytes()
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+
+    first = subprocess.Popen([f"{BIN}/grpolab", "study", "studies/smoke.yaml", "--jobs", "2"], cwd=project, env=project_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    while not ((project / "mlflow.db").exists() and complete_parents(client, "smoke")):
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
+        time.sleep(1)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    killed_at = int(time.time() * 1000)
+    done_before = {r.data.tags["grpolab.variant"] + "-s" + r.data.tags["grpolab.seed"]: r for r in complete_parents(client, "smoke")}
+
+    # Started again: the flow itself (as a deployment would call it), on Prefect's test server.
+    from prefect.testing.utilities import prefect_test_harness
+
+    from grpolab.cli import _load_flow
+
+    env = project_env()
+    saved = dict(os.environ)
+    cwd = os.getcwd()
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(project)
+    try:
+        with prefect_test_harness():
+            flow = _load_flow("study")
+            text = flow("studies/smoke.yaml", 2)
+            from prefect.client.orchestration import get_client
+            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
+
+            with get_client(sync_client=True) as prefect_client:  # every filter spelled out: this server rejects nulls
+                artifacts = prefect_client.read_artifacts(
+                    artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["study-smoke"])), flow_run_filter=FlowRunFilter(),
+                    task_run_filter=TaskRunFilter(), limit=10, offset=0, sort="CREATED_DESC",
+                )
+    finally:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(saved)
+    return {
+        "project": project, "client": client, "params_before": params_before, "done_before": done_before,
+        "killed_at": killed_at, "text": text, "artifacts": artifacts,
+    }
+
+
+def test_smoke_study_every_cell_in_mlflow_with_names_and_tags(smoke):
+    client = smoke["client"]
+    experiment = client.get_experiment_by_name("smoke")
+    parents = {f"{r.data.tags['grpolab.variant']}-s{r.data.tags['grpolab.seed']}": r for r in complete_parents(client, "smoke")}
+    assert set(parents) == {"plain-s0", "plain-s1", "outcome_conditional-s0", "outcome_conditional-s1"}
+    for name, run_ in parents.items():
+        variant, seed = name.rsplit("-s", 1)
+        assert run_.info.run_name == f"{variant} · seed {seed}"
+        assert run_.data.tags["grpolab.study"] == "smoke" and run_.info.status == "FINISHED"
+        assert "train.steps=3" in run_.data.tags["grpolab.changed_params"]
+        # every stage's headline is in the parent, also the stages DVC restored from its cache
+        for key in ("data/num_train", "sft/final_loss", "mia/weight_mean", "final/train/reward_mean", "mean/train/step_time",
+                    "trained/success_rate", "base/mia/loss/auc"):
+            assert key in run_.data.metrics, (name, key)
+        assert [m.step for m in client.get_metric_history(run_.info.run_id, "train/reward_mean")] == [1, 2, 3]
+    # restored from DVC's run cache (evaluate too where three tiny steps leave the model as it was)
+    assert {"prepare", "sft", "mia"} <= set(parents["outcome_conditional-s0"].data.tags["grpolab.reused_stages"].split(", "))
+    assert parents["plain-s0"].data.params["train.mitigation.name"] == "none"
+    assert parents["outcome_conditional-s1"].data.params["train.mitigation.name"] == "outcome_conditional"
+    assert len(parents["plain-s0"].data.metrics) == len(parents["outcome_conditional-s1"].data.metrics)
+    # the shared stages ran once per seed (a stage the kill -9 interrupted would be KILLED, not FINISHED)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    finished = pd.Series([r.data.tags["grpolab.stage"] for r in runs if r.info.status == "FINISHED"]).value_counts()
+    assert {s: finished.get(s, 0) for s in ("prepare", "sft", "mia")} == {"prepare": 2, "sft": 2, "mia": 2}
+    assert finished["train"] >= 4  # train params differ between variants: never shared
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert {r.data.tags.get("grpolab.seed") for r in runs if r.data.tags["grpolab.stage"] == "prepare"} == {"0", "1"}
+
+
+def test_smoke_study_resumed_only_the_cells_that_had_not_finished(smoke):
+    client, project = smoke["client"], smoke["project"]
+    assert 1 <= len(smoke["done_before"]) < 4
+    experiment = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    for name, parent in smoke["done_before"].items():
+        tree = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert tree and all(r.info.start_time < smoke["killed_at"] for r in tree), name  # nothing of it ran again
+    assert not cell_processes("smoke")  # what the killed run left running was stopped
+    assert not list((project / ".dvc" / "tmp" / "exps").glob("standalone/tmp*"))
+    listed = run([f"{BIN}/dvc", "exp", "ls", "--name-only"], project).stdout.split()
+    assert sorted(listed) == ["smoke-outcome_conditional-s0", "smoke-outcome_conditional-s1", "smoke-plain-s0", "smoke-plain-s1"]
+    # the user's workspace is as it was
+    assert (project / "params.yaml").read_bytes() == smoke["params_before"]
+    assert run(["git", "status", "--porcelain"], project).stdout == ""
+
+
+def test_smoke_study_report_equals_what_mlflow_holds(smoke, tmp_path):
+    client, project = smoke["client"], smoke["project"]
+    out = project / "reports" / "smoke"
+    assert {"report.md", "cells.csv", "summary.csv", "reward_curves.png", "mia_roc.png"} <= {p.name for p in out.iterdir()}
+    assert smoke["text"] == (out / "report.md").read_text()
+    assert "| `outcome_conditional` |" in smoke["text"] and "| Δ vs `plain` |" in smoke["text"]
+    cells = pd.read_csv(out / "cells.csv")
+    assert len(cells) == 4 and set(cells["status"]) == {"finished"}
+    for row in cells.itertuples():
+        metrics = client.get_run(row.run_id).data.metrics
+        assert cells.loc[row.Index, "trained greedy success"] == metrics["trained/success_rate"]
+        assert cells.loc[row.Index, "gain over base (greedy)"] == pytest.approx(metrics["trained/success_rate"] - metrics["base/success_rate"])
+        assert cells.loc[row.Index, "trained loss"] == metrics["trained/mia/loss/auc"]
+        assert cells.loc[row.Index, "step time (s)"] == metrics["mean/train/step_time"]
+    summary = pd.read_csv(out / "summary.csv").set_index(["variant", "quantity"])
+    plain = cells[cells["variant"] == "plain"]["trained loss"]
+    assert summary.loc[("plain", "trained loss"), "mean"] == pytest.approx(plain.mean())
+    # the study's own MLflow run holds its definition and the report; the report rebuilds from the store alone
+    study_run = [r for r in client.search_runs([client.get_experiment_by_name("smoke").experiment_id]) if r.info.run_name == "study-smoke"]
+    assert len(study_run) == 1 and study_run[0].info.status == "FINISHED"
+    assert {f.path for f in client.list_artifacts(study_run[0].info.run_id, "report")} >= {"report/report.md", "report/cells.csv"}
+    grpolab("report", "smoke", "--out", str(tmp_path / "again"), cwd=project)
+    assert pd.read_csv(tmp_path / "again" / "cells.csv").equals(cells)
+    # the report is a Prefect artifact of the flow run
+    assert any(a.key == "study-smoke" and "| `plain` |" in a.data for a in smoke["artifacts"])
+
+
+def test_a_failing_cell_is_reported_and_the_study_exits_nonzero(smoke, tmp_path):
+    project = smoke["project"]
+    broken = (project / "studies" / "smoke.yaml").read_text().replace("name: smoke", "name: broken")
+    broken = broken.replace("seeds: [0, 1]", "seeds: [0]").replace(
+        "  - name: outcome_conditional\n    overrides: [train.mitigation.name=outcome_conditional]",
+        "  - name: too_short\n    overrides: [model.max_length=16]",  # valid params, but the SFT rows do not fit: sft fails
+    )
+    (tmp_path / "broken.yaml").write_text(broken)
+    proc = grpolab("study", str(tmp_path / "broken.yaml"), cwd=project, check=False)
+    assert proc.returncode == 1
+    assert "FAILED too_short-s0" in proc.stderr and "exceed model.max_length=16" in proc.stderr
+    assert "1 cell(s) failed (too_short-s0)" in proc.stderr
+    report = (project / "reports" / "broken" / "report.md").read_text()
+    assert "- `too_short` seed 0: failed" in report and "| `plain` | 0." in report  # plain came from DVC's cache: every stage
+
+
+def test_bad_study_file_fails_before_any_cell(tmp_path):
+    project = committed_project(tmp_path / "p")
+    (project / "bad.yaml").write_text(STUDY.replace("baseline: plain", "baseline: nope"))
+    proc = grpolab("study", "bad.yaml", cwd=project, check=False)
+    assert proc.returncode == 2 and "grpolab: error: bad.yaml: baseline: 'nope' is not a variant" in proc.stderr
+    assert not (project / "mlflow.db").exists() and not (project / ".grpolab").exists()
+
+
+# -- the comparison UI in a real browser ---------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--window-size=3000,1400",
+]
+
+
+class _PageText(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.parts, self.skip = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        self.skip += tag in ("script", "style", "noscript", "svg")
+
+    def handle_endtag(self, tag):
+        self.skip -= tag in ("script", "style", "noscript", "svg") and self.skip > 0
+
+    def handle_data(self, data):
+        if not self.skip and data.strip():
+            self.parts.append(data.strip())
+
+
+def page_text(url: str, expect: str, profile: Path) -> str:
+    """The text of a page once the UI has fetched its data: a fresh browser profile, Chromium's virtual
+    time (which waits for pending requests), longer budgets until `expect` shows up."""
+    for budget in (5000, 15000, 40000):
+        shutil.rmtree(profile, ignore_errors=True)
+        html = subprocess.run(
+            [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget}", "--dump-dom", url],
+            capture_output=True, text=True, timeout=180,
+        ).stdout
+        parser = _PageText()
+        parser.feed(html)
+        text = "\n".join(parser.parts)
+        if expect in text:
+            return text
+    raise AssertionError(f"{expect!r} not on {url}:\n{text[:3000]}")
+
+
+def test_the_comparison_ui_shows_variants_and_headline_metrics_in_a_browser(smoke, tmp_path):
+    assert Path(CHROMIUM).is_file(), "Debian's chromium is missing: `make browser` installs it (make test does)"
+    from grpolab.distributed import free_port
+
+    project, client = smoke["project"], smoke["client"]
+    experiment = client.get_experiment_by_name("smoke").experiment_id
+    parents = {r.info.run_name: r for r in complete_parents(client, "smoke")}
+    port = free_port()
+    ui = subprocess.Popen([f"{BIN}/grpolab", "ui", "--port", str(port)], cwd=project, env=project_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{port}/health"]).returncode:
+            assert ui.poll() is None and time.monotonic() < deadline, "grpolab ui did not come up"
+            time.sleep(1)
+        # A person opening the experiment (the experiments list links to #/experiments/<id>) in a fresh browser
+        # lands on the runs table, with the variants and the headline metrics as columns.
+        runs_page = page_text(f"http://127.0.0.1:{port}/#/experiments/{experiment}", "outcome_conditional · seed 1", tmp_path / "a")
+        assert "plain · seed 0" in runs_page and "trained/success_rate" in runs_page and "grpolab.variant" in runs_page
+        step_time = parents["plain · seed 0"].data.metrics["mean/train/step_time"]
+        assert repr(step_time) in runs_page
+        # The compare page of two parent runs: their names, params and metrics side by side (its metrics table
+        # shows the first rows, alphabetically: the base model's eval and membership metrics).
+        ids = json.dumps([parents["plain · seed 0"].info.run_id, parents["outcome_conditional · seed 1"].info.run_id], separators=(",", ":"))
+        compare = page_text(f"http://127.0.0.1:{port}/#/compare-runs?runs={ids}&experiments=[\"{experiment}\"]", "base/mia/loss/auc", tmp_path / "b")
+        assert "plain · seed 0" in compare and "outcome_conditional · seed 1" in compare and "train.mitigation.name" in compare
+        assert str(round(parents["outcome_conditional · seed 1"].data.metrics["base/mia/loss/auc"], 3)) in compare
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)

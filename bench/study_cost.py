@@ -80,12 +80,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, seed in enumerate(args.seeds or spec["seeds"]):
-        sides = {"study": lambda: study_side(project, spec, seed, work), "one by one": lambda: one_by_one_side(project, spec, seed, work)}
+        sides = {"study": study_side, "one by one": one_by_one_side}
         order = list(sides) if i % 2 == 0 else list(sides)[::-1]
         times = {}
         for side in order:
             print(f"==> block {i + 1} (seed {seed}): {side}", flush=True)
-            times[side] = sides[side]()
+            times[side] = sides[side](project, spec, seed, work)
             print(f"    {side}: {times[side]:.0f} s", flush=True)
         rows.append((seed, times["study"], times["one by one"]))
     ratios = [s / o for _, s, o in rows]

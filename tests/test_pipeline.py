@@ -138,7 +138,10 @@ def test_dvc_queue_experiment_runs_land_in_the_project_store(tmp_path):
     runs = client.search_runs([experiment.experiment_id])
     stages = {r.data.tags["grpolab.stage"]: r for r in runs}
     assert set(stages) == {"pipeline", "prepare", "sft", "mia", "train", "evaluate"}
-    assert stages["pipeline"].data.params["train.learning_rate"] == "0.0002"
+    parent = stages["pipeline"]
+    assert parent.data.params["train.learning_rate"] == "0.0002"
+    assert parent.info.run_name.endswith(" · seed 0") and all(r.data.tags["grpolab.seed"] == "0" for r in runs)
+    assert parent.data.tags["grpolab.complete"] == "true" and "train.learning_rate=0.0002" in parent.data.tags["grpolab.changed_params"]
     assert all(r.info.status == "FINISHED" for r in runs)
     train_artifacts = {f.path for f in client.list_artifacts(stages["train"].info.run_id)}
     assert "train_curve.csv" in train_artifacts

@@ -121,20 +121,17 @@ class Tracker:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in values.items()]
         for run_id in dict.fromkeys((self.run_id, self.parent_id) if parent else (self.run_id,)):
-            for i in range(0, len(batch), MAX_BATCH_METRICS):
-                self.client.log_batch(run_id, metrics=batch[i : i + MAX_BATCH_METRICS])
+            self._log(run_id, batch)
 
     def curve(self, frame: pd.DataFrame) -> None:
         """Every column of a per-step table (a `step` column) as metric histories of this run."""
         now = int(time.time() * 1000)
-        batch = [
-            Metric(k, float(v), now, int(step))
-            for step, row in zip(frame["step"], frame.drop(columns="step").to_dict("records"))
-            for k, v in row.items()
-            if pd.notna(v)
-        ]
+        rows = zip(frame["step"], frame.drop(columns="step").to_dict("records"))
+        self._log(self.run_id, [Metric(k, float(v), now, int(step)) for step, row in rows for k, v in row.items() if pd.notna(v)])
+
+    def _log(self, run_id: str, batch: list[Metric]) -> None:
         for i in range(0, len(batch), MAX_BATCH_METRICS):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + MAX_BATCH_METRICS])
+            self.client.log_batch(run_id, metrics=batch[i : i + MAX_BATCH_METRICS])
 
     def dataset(self, df: pd.DataFrame, name: str, path: str | Path, context: str) -> None:
         """Record a dataset as an `mlflow.data` input of the stage run and of the pipeline run."""

@@ -84,6 +84,7 @@ class CellState:
     step: str = ""  # the running stage's progress, "90/200"
     started: float | None = None
     seconds: float | None = None
+    shared_seconds: float | None = None  # when it had passed the shared stages
 
 
 class Progress:
@@ -112,8 +113,11 @@ class Progress:
         self._update(cell, status="running", started=time.monotonic())
 
     def stage(self, cell: Cell, stage: str) -> None:
-        if self.cells[cell.name].stage != stage:
-            self._update(cell, stage=stage, step="")
+        state = self.cells[cell.name]
+        if state.stage != stage:
+            past_shared = state.shared_seconds is None and stage not in SHARED_STAGES
+            shared = time.monotonic() - state.started if past_shared else state.shared_seconds
+            self._update(cell, stage=stage, step="", shared_seconds=shared)
 
     def step(self, cell: Cell, step: str) -> None:
         self.cells[cell.name].step = step  # shown at the next redraw
@@ -162,13 +166,16 @@ class Progress:
         return " | ".join(parts)
 
     def time_left(self) -> float | None:
-        """Seconds, from the finished cells' times (a seed's first cell, which builds the shared stages, apart)."""
+        """Seconds, from the finished cells' times: a seed's first cell, which builds the shared stages, apart
+        (until another cell has finished, the others are guessed as a first cell without its shared stages)."""
         finished = [s for s in self.cells.values() if s.status == "done"]
         if not finished:
             return None
-        kinds = {kind: [s.seconds for s in finished if s.first_of_seed == kind] for kind in (True, False)}
-        fallback = mean(s.seconds for s in finished)
-        expected = {kind: mean(times) if times else fallback for kind, times in kinds.items()}
+        firsts = [s.seconds for s in finished if s.first_of_seed]
+        others = [s.seconds for s in finished if not s.first_of_seed] or [
+            s.seconds - (s.shared_seconds or 0.0) for s in finished if s.first_of_seed
+        ]
+        expected = {True: mean(firsts) if firsts else mean(others), False: mean(others)}
         now = time.monotonic()
         work = sum(
             expected[s.first_of_seed] if s.status == "pending" else max(expected[s.first_of_seed] - (now - s.started), 0.0)
@@ -216,6 +223,7 @@ class StudyRun:
         self._lock = None
         self.study_run_id: str | None = None
         self.copy_paths: list[str] = []
+        self.running: dict[str, subprocess.Popen] = {}  # cell name -> its `dvc exp run`, a process group of its own
         self.todo: list[Cell] = []
         self.progress: Progress | None = None
 
@@ -266,7 +274,8 @@ class StudyRun:
             try:
                 if not any(v.startswith(prefix) for v in (proc / "environ").read_bytes().split(b"\0")):
                     continue
-                where = (proc / "cwd").resolve().relative_to(copies).parts[:2] if copies in (proc / "cwd").resolve().parents else ()
+                cwd = (proc / "cwd").resolve()
+                where = cwd.relative_to(copies).parts[:2] if copies in cwd.parents else ()
                 os.kill(int(proc.name), signal.SIGKILL)
             except (OSError, ValueError):
                 continue  # gone, or not ours to read
@@ -306,6 +315,7 @@ class StudyRun:
                     cmd, cwd=self.project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                     env=cell_env(f"{self.study.name}/{cell.name}"), start_new_session=True,
                 )
+                self.running[cell.name] = proc
                 for line in proc.stdout:
                     out.write(line)
                     out.flush()
@@ -315,6 +325,7 @@ class StudyRun:
                         self.progress.step(cell, match.group(1))
                 ok = proc.wait() == 0
         finally:
+            self.running.pop(cell.name, None)
             self.progress.finished(cell, ok, log)
         return ok
 
@@ -332,7 +343,13 @@ class StudyRun:
         return futures
 
     def close(self, ok: bool) -> None:
-        """The study's MLflow run ends FINISHED when every cell did; the lock goes."""
+        """Cells still running (the study was interrupted: Ctrl-C) are stopped; the study's MLflow run
+        ends FINISHED when every cell did; the lock goes."""
+        for proc in list(self.running.values()):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         if self.study_run_id:
             self.client.set_terminated(self.study_run_id, "FINISHED" if ok else "FAILED")
         if self._lock:

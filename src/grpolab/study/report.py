@@ -146,7 +146,7 @@ def summary_table(cells: pd.DataFrame, spec: StudySpec) -> pd.DataFrame:
                 diff, low, high = welch_interval(values, reference) if reference and variant != spec.baseline else (math.nan,) * 3
                 rows.append({
                     "variant": variant, "quantity": label, "n": len(values), "mean": float(np.mean(values)),
-                    "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                    "std": float(np.std(values, ddof=1)) if len(values) > 1 else math.nan,  # one seed: no spread to show
                     **{f"seed_{s}": mine[label].get(s, math.nan) for s in spec.seeds},
                     "diff_to_baseline": diff, "ci_low": low, "ci_high": high,
                 })

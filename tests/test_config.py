@@ -91,3 +91,29 @@ def test_flatten_gives_dotted_keys():
     assert flat["sft.steps"] == config.Params().sft.steps
     assert flat["data.operations"] == ["+", "-"]
     assert all("." in k or k == "seed" for k in flat)
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "value"),
+    [
+        ("train.learning_rate", ".inf", "learning_rate: .inf"),
+        ("train.temperature", ".inf", "temperature: .inf"),
+        ("train.rewards.format", ".nan", "rewards: {answer_match: 1.0, format: .nan}"),
+    ],
+)
+def test_non_finite_floats_are_rejected_naming_the_key(tmp_path, key, text, value):
+    section, name = key.split(".")[:2]
+    path = tmp_path / "params.yaml"
+    lines = (REPO / "params.yaml").read_text().split("\n")
+    start = lines.index(f"{section}:")
+    at = next(i for i in range(start + 1, len(lines)) if lines[i].strip().startswith(f"{name}:"))
+    indent = lines[at][: len(lines[at]) - len(lines[at].lstrip())]
+    if name == "rewards":  # a block mapping in the file: replace it whole
+        end = next(i for i in range(at + 1, len(lines)) if not lines[i].startswith(indent + "  "))
+        lines[at:end] = [indent + value]
+    else:
+        lines[at] = indent + value
+    path.write_text("\n".join(lines))
+    with pytest.raises(ConfigError) as err:
+        config.load(path)
+    assert key in str(err.value) and "finite" in str(err.value)

@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: no knob means anything at inf or nan, and YAML's .inf/.nan would otherwise pass as floats
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _existing_paths(paths: list[str]) -> list[str]:

@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 PIP := $(BIN)/pip install --disable-pip-version-check --progress-bar off -q
 
-.PHONY: install browser run test ui bench bench-mia bench-tracin clean
+.PHONY: install browser run test ui bench bench-mia bench-tracin clean clean-all
 
 install: $(STAMP)
 
@@ -57,5 +57,10 @@ bench-mia: install
 bench-tracin: install
 	python bench/bench_tracin.py
 
-clean:
-	rm -rf data models metrics mlflow.db mlruns mlartifacts .dvc/cache .dvc/tmp dvc.lock
+# the pipeline's outputs (as dvc.yaml names them), dvc.lock and checkpoints; each path deleted is printed
+clean: install
+	grpolab clean
+
+# also the MLflow store, DVC's cache and reports/: every result of every past run
+clean-all: install
+	grpolab clean --all

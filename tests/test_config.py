@@ -108,3 +108,45 @@ def test_non_finite_floats_are_rejected_naming_the_key(tmp_path, key, bad):
     with pytest.raises(ConfigError) as err:
         config.load(path)
     assert key in str(err.value) and "finite" in str(err.value)
+
+
+OVERRIDES = [
+    "train.learning_rate=1e-4",  # a float, not the string '1e-4'
+    "sft.learning_rate=3e-5",
+    "seed=017",  # Hydra keeps '017' a string (validated as 17), never YAML 1.1's octal 15
+    "data.operations=['+']",
+    "train.rewards={format: 0.5, answer_match: 1.0}",
+    "eval.temperature=0.7",
+    "model.name_or_path=null",
+]
+
+
+def test_overrides_write_what_dvc_exp_run_writes_and_keep_the_rest_byte_for_byte(tmp_path):
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+
+    original = (REPO / "params.yaml").read_text()
+    ours, dvcs = tmp_path / "ours.yaml", tmp_path / "dvc.yaml"
+    ours.write_text(original)
+    dvcs.write_text(original)
+    params = config.apply_overrides(OVERRIDES, ours)
+    dvc_apply_overrides(dvcs, OVERRIDES)
+
+    safe = YAML(typ="safe")
+    assert safe.load(ours.read_text()) == safe.load(dvcs.read_text())  # the same params, whichever driver
+    assert config.load(ours) == config.load(dvcs) == params
+    assert (params.seed, params.train.learning_rate, params.sft.learning_rate) == (17, 1e-4, 3e-5)
+    assert params.train.rewards == {"format": 0.5, "answer_match": 1.0}
+
+    changed = [(a, b) for a, b in zip(original.splitlines(), ours.read_text().splitlines()) if a != b]
+    assert len(original.splitlines()) == len(ours.read_text().splitlines())
+    assert changed == [  # every other line (comments, flow lists, each `null`) as it was
+        ("seed: 0", "seed: '017'"),
+        ('  operations: ["+", "-"]', "  operations: [+]"),
+        ("  learning_rate: 0.003", "  learning_rate: 3.0e-05"),
+        ("  rewards: {answer_match: 1.0, format: 0.1}", "  rewards: {format: 0.5, answer_match: 1.0}"),
+        ("  temperature: 0.8", "  temperature: 0.7"),
+    ]
+    # read by a YAML 1.1 reader too (PyYAML reads `3e-05` as a string)
+    import yaml
+
+    assert yaml.safe_load(ours.read_text())["sft"]["learning_rate"] == 3e-5

@@ -264,12 +264,17 @@ def test_analyze_credit_compares_runs_in_mlflow(trainer):
     proc = grpolab("analyze-credit", *run_ids, "--out", "reports/credit", cwd=trainer)
     assert "| none (" in proc.stdout and "| entropy_masking (" in proc.stdout
     files = {p.name for p in Path("reports/credit").iterdir()}
-    assert files == {"credit_share_by_class.png", "credit_vs_entropy.png", "learning_and_grad_norm.png", "summary.md"}
+    assert files == {"credit_share_by_class.png", "credit_vs_entropy.png", "learning_and_grad_norm.png", "summary.md", ".grpolab-output"}
     report = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'analyze-credit'")
     assert len(report) == 1 and report[0].data.tags["grpolab.compared_runs"] == ",".join(run_ids)
     assert "summary.md" in {f.path for f in client.list_artifacts(report[0].info.run_id)}
     proc = grpolab("analyze-credit", "0123456789abcdef", cwd=trainer, check=False)
     assert proc.returncode == 2 and "run 0123456789abcdef: not found" in proc.stderr
+    # a folder of the user's (here the project's data/) is refused, not replaced
+    before = sorted(p.relative_to("data") for p in Path("data").rglob("*"))
+    proc = grpolab("analyze-credit", *run_ids, "--out", "data", cwd=trainer, check=False)
+    assert proc.returncode == 2 and "--out data: the folder holds files grpolab did not write" in proc.stderr
+    assert sorted(p.relative_to("data") for p in Path("data").rglob("*")) == before
 
 
 @pytest.mark.parametrize("mode", ["same_batch", "separate"])

@@ -1,4 +1,4 @@
-"""`grpolab run | stage NAME | study FILE | report STUDY | ui | analyze-credit RUN_ID... | params-reference`."""
+"""`grpolab run | stage NAME | study FILE | report STUDY | ui | analyze-credit RUN_ID... | clean | params-reference`."""
 
 from __future__ import annotations
 
@@ -38,7 +38,11 @@ def cmd_run(args) -> None:
 def cmd_study(args) -> None:
     from grpolab.study.spec import load_study
 
+    from grpolab.fsutil import output_folder
+    from grpolab.study.report import REPORTS_DIR
+
     name = load_study(args.file).name  # every cell validated before Prefect starts
+    output_folder(REPORTS_DIR / name, "the report folder")  # refused now, not after the cells ran
     _load_flow("study")(args.file, args.jobs)
     print(f"report: reports/{name}/report.md, and the MLflow run study-{name} in experiment {name}")
 
@@ -85,6 +89,18 @@ def cmd_analyze_credit(args) -> None:
     print(f"plots and summary: {args.out}/ (and the MLflow run `analyze-credit`)")
 
 
+def cmd_clean(args) -> None:
+    from grpolab.clean import clean
+
+    deleted = clean(args.all)
+    for path in deleted:
+        print(f"deleted {path}")
+    if not deleted:
+        print("nothing to delete")
+    if not args.all:
+        print("kept: the MLflow store, DVC's cache and reports/ (`grpolab clean --all` deletes them too)")
+
+
 def cmd_params_reference(args) -> None:
     print(config.params_reference(), end="")
 
@@ -120,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     credit.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="MLflow ids of train runs")
     credit.add_argument("--out", default="reports/credit", help="folder for the PNGs and summary.md")
     credit.set_defaults(func=cmd_analyze_credit)
+    cleaner = sub.add_parser("clean", help="delete the pipeline's outputs (named in dvc.yaml), dvc.lock and checkpoints")
+    cleaner.add_argument("--all", action="store_true", help="also the MLflow store, DVC's cache and reports/")
+    cleaner.set_defaults(func=cmd_clean)
     ref = sub.add_parser("params-reference", help="print the params reference as a markdown table")
     ref.set_defaults(func=cmd_params_reference)
     return parser
@@ -132,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (config.ConfigError, DataError, FileNotFoundError) as exc:
+    except (config.ConfigError, DataError, FileNotFoundError, FileExistsError) as exc:
         print(f"grpolab: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except StudyError as exc:

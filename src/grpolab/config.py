@@ -513,11 +513,42 @@ def validate(raw: dict[str, Any], source: str = PARAMS_FILE) -> Params:
         raise ConfigError(format_validation_error(err, source)) from None
 
 
+def _represent_none(representer, _data):
+    return representer.represent_scalar("tag:yaml.org,2002:null", "null")  # ruamel's default is an empty value
+
+
+def _represent_float(representer, data: float):
+    # `3e-05` is a float to YAML 1.2 readers (ruamel, DVC) but a string to YAML 1.1 ones (PyYAML): `3.0e-05` is
+    # a float to both
+    text = repr(data)
+    if "e" in text and "." not in text.split("e")[0]:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}.0e{exponent}"
+    return representer.represent_scalar("tag:yaml.org,2002:float", text)
+
+
 def _yaml() -> YAML:
-    rt = YAML()  # round-trip mode keeps the user's comments and key order
+    rt = YAML()  # round-trip mode keeps the user's comments, key order, flow lists and quotes
     rt.preserve_quotes = True
     rt.width = 4096
+    rt.representer.add_representer(type(None), _represent_none)
+    rt.representer.add_representer(float, _represent_float)
     return rt
+
+
+def _flow(value: Any) -> Any:
+    """A list or dict from `-S` written in flow style (`[a, b]`, `{k: v}`), as params.yaml writes them."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    if isinstance(value, list):
+        seq = CommentedSeq(_flow(v) for v in value)
+        seq.fa.set_flow_style()
+        return seq
+    if isinstance(value, dict):
+        mapping = CommentedMap((k, _flow(v)) for k, v in value.items())
+        mapping.fa.set_flow_style()
+        return mapping
+    return value
 
 
 def _read_raw(path: Path) -> Any:
@@ -549,6 +580,9 @@ def parse_override(text: str) -> tuple[list[str], Any, bool]:
     return keys, None if override.is_delete() else override.value(), override.is_delete()
 
 
+_UNSET = object()
+
+
 def _set_path(raw: dict, keys: list[str], value: Any, delete: bool = False) -> None:
     node = raw
     for i, key in enumerate(keys[:-1]):
@@ -559,8 +593,8 @@ def _set_path(raw: dict, keys: list[str], value: Any, delete: bool = False) -> N
         node = node[key]
     if delete:
         node.pop(keys[-1], None)
-    else:
-        node[keys[-1]] = value
+    elif node.get(keys[-1], _UNSET) != value or type(node.get(keys[-1])) is not type(value):
+        node[keys[-1]] = _flow(value)  # an unchanged value keeps its text (`1.0e-4` stays, `1e-4` = 0.0001 is not rewritten)
 
 
 def overridden(overrides: list[str], path: str | Path = PARAMS_FILE) -> tuple[Any, Params]:

@@ -15,7 +15,7 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from grpolab.config import ConfigError, Params
-from grpolab.fsutil import atomic_output
+from grpolab.fsutil import atomic_output, atomic_write_text, output_folder
 from grpolab.tracking import tracking_uri
 
 SERIES = ["credit/answer_share", "credit/think_share", "credit/high_entropy_share", "credit/gini", "train/reward_mean", "train/grad_norm"]
@@ -106,6 +106,7 @@ def _summary(histories: dict[str, pd.DataFrame], run_ids: dict[str, str]) -> str
 
 def analyze_credit(params: Params, run_ids: list[str], out_dir: Path) -> str:
     """Compare the train runs `run_ids`; returns the markdown summary (also written to out_dir)."""
+    out_dir = output_folder(out_dir, "--out")  # refused before any work if it holds the user's files
     client = MlflowClient(tracking_uri(params))
     runs = []
     for run_id in run_ids:
@@ -127,13 +128,14 @@ def analyze_credit(params: Params, run_ids: list[str], out_dir: Path) -> str:
     figures = _figures(histories, logs)
     summary = _summary(histories, ids)
 
-    with atomic_output(out_dir, directory=True) as tmp:
-        for name, fig in figures.items():
-            fig.savefig(Path(tmp) / name, dpi=110)
-        (Path(tmp) / "summary.md").write_text(summary)
+    for name, fig in figures.items():
+        with atomic_output(out_dir / name) as tmp:
+            fig.savefig(tmp, dpi=110)
+    atomic_write_text(out_dir / "summary.md", summary)
     experiment_id = runs[0].info.experiment_id
     report = client.create_run(experiment_id, run_name="analyze-credit",
                                tags={"grpolab.stage": "analyze-credit", "grpolab.compared_runs": ",".join(run_ids)})
-    client.log_artifacts(report.info.run_id, str(out_dir))
+    for name in [*figures, "summary.md"]:
+        client.log_artifact(report.info.run_id, str(out_dir / name))
     client.set_terminated(report.info.run_id)
     return summary

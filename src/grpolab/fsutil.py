@@ -36,3 +36,22 @@ def atomic_output(path: str | Path, directory: bool = False) -> Iterator[Path]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(text)
+
+
+OUTPUT_MARKER = ".grpolab-output"
+
+
+def output_folder(path: str | Path, option: str) -> Path:
+    """A folder the user named (`option`, e.g. `--out`) for a command's files, which are then written
+    inside it one by one. Created and marked as grpolab's when missing or empty; reused when marked;
+    refused when it holds anything else, so `--out data` or `--out ~` can never touch the user's files."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{option} {path}: a file, not a folder")
+    if path.is_dir() and not (path / OUTPUT_MARKER).is_file() and any(path.iterdir()):
+        raise FileExistsError(
+            f"{option} {path}: the folder holds files grpolab did not write; name a new or empty folder"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    (path / OUTPUT_MARKER).write_text("written by grpolab: its files here may be replaced by the next run\n")
+    return path

@@ -19,7 +19,7 @@ from scipy import stats
 
 from grpolab import tracking
 from grpolab.config import ConfigError
-from grpolab.fsutil import atomic_output, atomic_write_text
+from grpolab.fsutil import atomic_output, atomic_write_text, output_folder
 from grpolab.membership import ROC_DIR
 from grpolab.study.spec import StudySpec
 
@@ -251,12 +251,11 @@ def roc_figure(spec: StudySpec, results: list[CellResult]):
 def build_report(client: MlflowClient, spec: StudySpec, cells: list[dict], study_run: str, out: Path | None = None) -> str:
     """Collect every cell from MLflow, write the report to `out` (default reports/<study>/) and to the
     study's MLflow run (`report/`); returns the markdown."""
-    out = out or REPORTS_DIR / spec.name
+    out = output_folder(out or REPORTS_DIR / spec.name, "--out")
     results = collect(client, spec.name, cells)
     table = cell_table(results)
     summary = summary_table(table, spec)
     text = markdown(spec, table, summary, client.tracking_uri)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "report.md", text)
     atomic_write_text(out / "cells.csv", table.to_csv(index=False))
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False))

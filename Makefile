@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export MLFLOW_DISABLE_TELEMETRY ?= true
 PIP := $(BIN)/pip install --disable-pip-version-check --progress-bar off -q
 
 .PHONY: install browser run test ui bench bench-mia bench-tracin clean clean-all

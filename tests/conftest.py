@@ -1,5 +1,6 @@
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,13 @@ TINY = [
     "eval.num_samples=2",
     "eval.num_logged_samples=4",
 ]
+
+
+def free_port() -> int:
+    """A port free now, for a server a test starts (which fails loudly if another process took it since)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def project_env() -> dict[str, str]:

@@ -22,7 +22,7 @@ from grpolab.study.report import TABLES, summary_table, welch_interval
 from grpolab.study.run import CELL_MARKER, Progress
 from grpolab.study.spec import StudySpec, load_study
 
-from conftest import BIN, REPO, grpolab, make_project, project_env, run
+from conftest import BIN, REPO, free_port, grpolab, make_project, project_env, run
 
 STUDY = """name: s
 base: [sft.steps=5]
@@ -377,8 +377,6 @@ def _healthy(url: str) -> bool:
 
 def test_the_comparison_ui_shows_variants_and_headline_metrics_in_a_browser(smoke, tmp_path):
     assert Path(CHROMIUM).is_file(), "Debian's chromium is missing: `make browser` installs it (make test does)"
-    from grpolab.distributed import free_port
-
     project, client = smoke["project"], smoke["client"]
     experiment = client.get_experiment_by_name("smoke").experiment_id
     parents = {r.info.run_name: r for r in complete_parents(client, "smoke")}

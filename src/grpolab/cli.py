@@ -12,8 +12,10 @@ from pathlib import Path
 from grpolab import config
 
 FLOWS = Path("flows")
-# Quiet, offline-friendly defaults for the Prefect temporary server; the user's settings win.
+# Quiet, offline-friendly defaults; the user's settings win (MLFLOW_DISABLE_TELEMETRY=false turns MLflow's
+# usage telemetry back on, as PREFECT_SERVER_ANALYTICS_ENABLED=true does Prefect's).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per downloaded file drowns the output
 
@@ -75,11 +77,15 @@ def cmd_stage(args) -> None:
 
 
 def cmd_ui(args) -> None:
+    from grpolab.procs import run_group
     from grpolab.ui import ui_command
 
     cmd, url = ui_command(config.load(), args.port)
     print(f"MLflow UI at {url} (experiments open on their runs table with grpolab's columns)", flush=True)
-    raise SystemExit(subprocess.call(cmd))
+    try:
+        raise SystemExit(run_group(cmd))
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
 
 def cmd_analyze_credit(args) -> None:

@@ -7,11 +7,18 @@ workers read their rank from the environment it sets.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+
+from grpolab.procs import die_with_parent
+
+
+LOOPBACK_INTERFACE = "lo"  # Linux's name for it
 
 
 def rank() -> int:
@@ -31,23 +38,70 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init() -> None:
-    """Join (or, alone, create) the process group DeepSpeed needs: gloo on CPU, nccl on GPU."""
+    """Join (or, alone, create) the process group DeepSpeed needs: gloo on CPU, nccl on GPU.
+
+    Alone, the group's store is an in-process HashStore and gloo binds the loopback interface, so a
+    single-node run listens on no network interface (torch's default TCPStore listens on all of them)."""
     import deepspeed
 
     if dist.is_initialized():
         return
-    if not launched():
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not launched():
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK_INTERFACE)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+def launch_local(argv: list[str], processes: int) -> None:
+    """Run `processes` copies of `argv` on this machine as one process group, as torchrun does for one node,
+    with two differences: the group's store listens on 127.0.0.1 only, on a port this launcher binds and
+    holds (no probe-then-reuse race), and the workers die with the launcher: a signal to it (Ctrl-C,
+    SIGTERM, a kill -9 of the stage) stops them all. Raises CalledProcessError when a worker fails; the
+    others are then stopped."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    # the store takes the bound socket over (and closes it)
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, master_listen_fd=listener.detach(), wait_for_workers=False)
+    env = {**os.environ, "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True", "GLOO_SOCKET_IFNAME": LOOPBACK_INTERFACE}
+    workers = [subprocess.Popen(argv, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, preexec_fn=die_with_parent)
+               for r in range(processes)]
+
+    def stop(signum, _frame):
+        for w in workers:
+            if w.returncode is None:
+                w.send_signal(signum)
+        raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        failed = _wait_first_failure(workers)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+        del store
+    if failed is not None:
+        raise subprocess.CalledProcessError(failed.returncode, argv)
+
+
+def _wait_first_failure(workers: list[subprocess.Popen]) -> subprocess.Popen | None:
+    """Wait for every worker; the first one to fail, else None."""
+    pending = {w.pid: w for w in workers}
+    while pending:
+        pid, status = os.wait()
+        worker = pending.pop(pid, None)
+        if worker is not None:
+            worker.returncode = os.waitstatus_to_exitcode(status)
+            if worker.returncode != 0:
+                return worker
+    return None
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

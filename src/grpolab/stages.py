@@ -9,7 +9,6 @@ parent itself, so the parent holds every stage's record also when DVC restored a
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from collections.abc import Callable
 
@@ -35,13 +34,8 @@ STAGES: dict[str, Callable[..., dict]] = {
 
 
 def _launch_workers(name: str, processes: int) -> dict:
-    """Start `processes` copies of this stage under torchrun; each joins the process group."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-        "--master_addr", "127.0.0.1", "--master_port", str(distributed.free_port()),
-        "-m", "grpolab.cli", "stage", name,
-    ]
-    subprocess.run(cmd, check=True)
+    """Start `processes` copies of this stage on this machine; each joins the process group."""
+    distributed.launch_local([sys.executable, "-m", "grpolab.cli", "stage", name], processes)
     return {}
 
 

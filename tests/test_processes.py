@@ -1,0 +1,113 @@
+"""Processes and sockets (issue 11, reqs 8-9): single-node runs listen on loopback only; no child
+(a training worker, `grpolab ui`'s MLflow server) outlives the grpolab process that started it."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+from conftest import BIN, REPO, free_port, project_env
+
+LISTENING = """
+import json, os, sys, psutil
+def listening(pid):
+    return sorted({c.laddr.ip for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN})
+"""
+
+
+def _python(code: str, cwd: Path, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=project_env(), **kw)
+
+
+def test_a_single_process_run_listens_on_loopback_only(tmp_path):
+    proc = _python(LISTENING + """
+from grpolab import distributed
+distributed.init()
+print(json.dumps(listening(os.getpid())))
+""", tmp_path, stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    assert set(eval(out.strip().splitlines()[-1])) <= {"127.0.0.1", "::1"}  # the TCPStore listened on "::" before
+
+
+def test_local_workers_use_a_loopback_store_and_die_with_their_launcher(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(LISTENING + """
+import time, torch.distributed as dist
+dist.init_process_group("gloo")
+dist.barrier()
+rank = os.environ["RANK"]
+with open(f"rank{rank}.json", "w") as f:
+    json.dump({"pid": os.getpid(), "worker": listening(os.getpid()), "launcher": listening(os.getppid())}, f)
+time.sleep(600)
+""")
+    launcher = _python(f"""
+import sys
+from grpolab.distributed import launch_local
+launch_local([sys.executable, {str(worker)!r}], 2)
+""", tmp_path)
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"rank{r}.json").is_file() for r in (0, 1)):
+        assert launcher.poll() is None and time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.5)
+    time.sleep(0.5)
+    import json
+
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for r in ranks:
+        assert set(r["worker"]) <= {"127.0.0.1", "::1"} and r["launcher"] == ["127.0.0.1"]
+    launcher.kill()  # kill -9 the launcher (what a killed stage is)
+    launcher.wait()
+    deadline = time.monotonic() + 30
+    while any(psutil.pid_exists(r["pid"]) and psutil.Process(r["pid"]).status() != psutil.STATUS_ZOMBIE for r in ranks):
+        assert time.monotonic() < deadline, "a worker outlived its launcher"
+        time.sleep(0.2)
+
+
+def _server_processes(port: int) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmdline = p.info["cmdline"] or []
+        if str(port) in cmdline or any(f":{port}" in part for part in cmdline):
+            if p.pid != os.getpid() and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+    return found
+
+
+def test_stopping_grpolab_ui_stops_the_mlflow_server(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    for how in (signal.SIGTERM, signal.SIGINT):
+        port = free_port()
+        ui = subprocess.Popen([f"{BIN}/grpolab", "ui", "--port", str(port)], cwd=tmp_path, env=project_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+                break
+            except OSError:
+                assert ui.poll() is None and time.monotonic() < deadline, "grpolab ui did not come up"
+                time.sleep(1)
+        assert _server_processes(port)
+        ui.send_signal(how)
+        assert ui.wait(60) != 0
+        deadline = time.monotonic() + 30
+        while _server_processes(port):
+            assert time.monotonic() < deadline, f"the MLflow server kept serving after {how.name} to grpolab ui"
+            time.sleep(0.5)
+
+
+def test_mlflow_telemetry_is_off_unless_the_user_turns_it_on(tmp_path):
+    check = "import grpolab.cli; from mlflow.environment_variables import MLFLOW_DISABLE_TELEMETRY as t; print(t.get())"
+    env = {k: v for k, v in project_env().items() if k not in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")}
+    out = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+    out = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env={**env, "MLFLOW_DISABLE_TELEMETRY": "false"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

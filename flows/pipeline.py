@@ -19,6 +19,8 @@ from prefect.artifacts import create_markdown_artifact
 from grpolab import config
 from grpolab.report import summary_markdown
 from grpolab.stages import STAGES
+from grpolab.tracking import check_store
+from grpolab.workspace import pipeline_lock
 
 
 def _env() -> dict[str, str]:
@@ -44,10 +46,12 @@ def publish_summary(params: config.Params) -> str:
 
 @flow(name="grpolab-pipeline", log_prints=True)
 def pipeline(overrides: list[str] | None = None) -> str:
-    params = config.apply_overrides(overrides or [])
-    for stage in STAGES:
-        run_stage(stage)
-    return publish_summary(params)
+    with pipeline_lock():  # `grpolab run` holds it already; a deployment's run takes it here
+        check_store(config.overridden(overrides or [])[1])  # before any stage, and before params.yaml changes
+        params = config.apply_overrides(overrides or [])
+        for stage in STAGES:
+            run_stage(stage)
+        return publish_summary(params)
 
 
 if __name__ == "__main__":

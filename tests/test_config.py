@@ -31,6 +31,8 @@ def test_default_params_file_is_valid_and_matches_model_defaults():
         ("model.name_or_path=/nonexistent", "model.name_or_path: no Hugging Face checkpoint"),
         ("seed.x=1", "seed.x: seed is not a section"),
         ("sft.steps", "expected section.key=value"),
+        ("data.max_operand=9", "data: num_eval + num_train + num_val + num_sft = 5400 distinct problems, but max_operand=9 "
+                               "with operations ['+', '-'] makes only 155: raise max_operand or lower the counts"),
     ],
 )
 def test_bad_override_names_the_key_and_leaves_params_untouched(tmp_path, override, message):

@@ -149,3 +149,17 @@ def test_generated_validation_split_leaves_the_other_splits_alone(in_tmp):
         pd.testing.assert_frame_equal(pd.read_parquet(f), frame)
     val = pd.read_parquet(VAL_FILE)
     assert len(val) == 30 and not set(val["prompt"]) & set().union(*(set(f["prompt"]) for f in before.values()))
+
+
+def test_user_sft_rows_overlapping_train_or_eval_prompts_are_named(in_tmp):
+    train = write(in_tmp / "t.parquet", verl_rows(0, 10, chat=False))
+    eval_ = write(in_tmp / "e.parquet", verl_rows(100, 4, chat=False))
+    sft_rows = [{"prompt": f"{i}+2=", "response": "x"} for i in range(5)]
+    for leaked, split in (("3+1=", "train"), ("101+1=", "eval")):
+        sft = in_tmp / f"sft_{split}.parquet"
+        pd.DataFrame([*sft_rows, {"prompt": leaked, "response": "y"}]).to_parquet(sft)
+        params = config.apply_overrides([f"data.train_files=[{train}]", f"data.eval_files=[{eval_}]", f"data.sft_files=[{sft}]",
+                                         "model.vocab_size=128"])
+        with pytest.raises(DataError, match=f"{sft}: row 5: this SFT prompt is also a {split} prompt"):
+            prepare(params)
+        assert not TRAIN_FILE.exists() and not SFT_FILE.exists()

@@ -1,6 +1,7 @@
 """What grpolab may delete or overwrite: only what it wrote (issue 11, req 1)."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +52,40 @@ def test_clean_deletes_the_pipeline_outputs_only_and_the_store_only_when_asked(t
     assert (tmp_path / "mlflow.db").is_file()
     assert clean(everything=True) == [tmp_path.joinpath("mlflow.db").relative_to(tmp_path)]
     assert all(p.is_file() for p in users)
+
+
+def test_one_pipeline_at_a_time_and_the_next_one_removes_what_a_killed_one_left(project):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import grpolab, project_env
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "from grpolab.workspace import pipeline_lock\nwith pipeline_lock():\n print('held', flush=True)\n"
+         " import time; time.sleep(600)"], cwd=project, env=project_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = (project / "params.yaml").read_bytes()
+        for command in (["stage", "prepare", "-S", "seed=5"], ["run", "-S", "seed=5"]):
+            began = time.monotonic()
+            proc = grpolab(*command, cwd=project, check=False)
+            assert proc.returncode == 2, proc.stderr
+            assert f"grpolab: error: another grpolab pipeline is running in {project}" in proc.stderr
+            assert f"(pid {holder.pid})" in proc.stderr and time.monotonic() - began < 60
+        assert (project / "params.yaml").read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+    # what a kill -9 in the middle of atomic writes and a checkpoint save leaves behind
+    left = [project / "data" / ".train.parquet.x1y2.tmp", project / "models" / ".base.old", project / "metrics" / ".train.json.tmp",
+            project / "checkpoints" / "train" / ".staging", project / "checkpoints" / "train" / "logs" / "credit" / ".step_000003.parquet.tmp"]
+    kept = [project / "data" / "mine.parquet", project / "data" / ".hidden_but_mine"]
+    for path in left + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if path.name in (".staging", ".base.old") else path.write_text("x")
+    proc = grpolab("stage", "prepare", "-S", "seed=x", cwd=project, check=False)  # takes the lock, cleans, fails on the value
+    assert proc.returncode == 2 and "seed: Input should be a valid integer" in proc.stderr
+    assert not any(p.exists() for p in left) and all(p.exists() for p in kept)
+    assert f"removed {Path('checkpoints/train/.staging')}, left by a killed run" in proc.stderr

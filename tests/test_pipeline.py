@@ -2,12 +2,23 @@
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pytest
+import psutil
+from transformers import AutoConfig
 from mlflow import MlflowClient
+from scipy.stats import mannwhitneyu, rankdata
 
-from conftest import BIN, TINY, grpolab, make_project, run
+from grpolab.fsutil import is_temporary
+
+from conftest import BIN, TINY, free_port, grpolab, make_project, project_env, run
 
 EVAL_KEYS = {
     "success_rate", "format_rate", "completion_length",
@@ -27,13 +38,42 @@ def digests(root: Path) -> dict[str, str]:
     return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
+def _runs_stage(process: psutil.Process, stage: str) -> bool:
+    try:
+        return process.cmdline()[-2:] == ["stage", stage] and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def kill_during(project: Path, stage: str) -> bool:
+    """Run `dvc repro` and kill -9 its whole process group a moment after `grpolab stage <stage>` starts its
+    work (it prints its banner once its imports are done); whether the stage was still running then."""
+    log = project / f"repro-{stage}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([f"{BIN}/dvc", "repro"], cwd=project, env=project_env(), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while f"==> grpolab stage {stage}" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, f"dvc repro ended before stage {stage} began"
+        time.sleep(0.1)
+    time.sleep(1.0)
+    running = any(_runs_stage(p, stage) for p in psutil.Process(proc.pid).children(recursive=True))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    log.unlink()
+    return running
+
+
 def test_pipeline_through_prefect_then_dvc(tmp_path):
     a = make_project(tmp_path / "a")
     # With a mitigation whose weights need an extra model pass and TracIn on a separate validation
     # set: the flow runs them like any other (tests/test_train.py trains each variant stage by stage).
     tracin = ["train.tracin.use_tracin=true", "train.tracin.validation=separate", "train.tracin.val_batch_size=8",
               "train.tracin.val_pool_size=16", "train.tracin.val_selection=balanced"]
-    proc = grpolab("run", *[f"-S{o}" for o in [*TINY, *tracin]], "-Strain.mitigation.name=attention_credit", cwd=a)
+    reference = tmp_path / "reference_model"  # a user's file the pipeline names but (with these methods) never loads
+    AutoConfig.for_model("llama", hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8).save_pretrained(reference)
+    proc = grpolab("run", *[f"-S{o}" for o in [*TINY, *tracin]], "-Strain.mitigation.name=attention_credit",
+                   f"-Smia.reference_model={reference}", cwd=a)
     out = proc.stdout + proc.stderr
     for stage in ("prepare", "sft", "mia", "train", "evaluate"):
         assert f"==> stage {stage}" in out and f"Running stage '{stage}'" in out
@@ -42,12 +82,24 @@ def test_pipeline_through_prefect_then_dvc(tmp_path):
     # Outputs and metrics keys.
     metrics = json.loads((a / "metrics/eval.json").read_text())
     assert set(metrics) == {f"{m}/{k}" for m in ("base", "trained") for k in EVAL_KEYS | MIA_KEYS}
-    assert all(0 <= metrics[f"{m}/{k}"] <= 1 for m in ("base", "trained") for k in EVAL_KEYS | MIA_KEYS if "rate" in k or "pass" in k or "mia" in k)
+    for m in ("base", "trained"):
+        # rates count the 16 eval prompts (greedy) and their 16 x 2 samples
+        assert metrics[f"{m}/success_rate"] * 16 == pytest.approx(round(metrics[f"{m}/success_rate"] * 16))
+        assert metrics[f"{m}/sampled/success_rate"] * 32 == pytest.approx(round(metrics[f"{m}/sampled/success_rate"] * 32))
+        for method in MIA_METHODS:  # the TPRs in eval.json are the ROC tables' values at their FPR
+            table = pd.read_csv(a / f"metrics/mia_roc/{method}.csv")
+            for fpr in ("0.01", "0.05"):
+                at = table.loc[(table["fpr"] - float(fpr)).abs() < 1e-9, m].item()
+                assert metrics[f"{m}/mia/{method}/tpr_at_fpr_{fpr}"] == pytest.approx(at, abs=1e-6), (m, method, fpr)
     roc = pd.read_csv(a / "metrics/mia_roc/min_k_plus_plus.csv")
     assert list(roc.columns) == ["fpr", "base", "trained"] and roc["trained"].is_monotonic_increasing
     weighted = pd.read_parquet(a / "data/train_weighted.parquet")
     weights = [x["mia_weight"] for x in weighted["extra_info"]]
-    assert len(weights) == 40 and min(weights) == 0.0 and max(weights) == 1.0
+    scores = pd.read_parquet(a / "data/mia_scores.parquet")
+    train_scores, eval_scores = (scores.loc[scores["split"] == split, "score"].to_numpy() for split in ("train", "eval"))
+    assert len(weights) == 40 and len(eval_scores) == 16
+    # the weights are the train prompts' score ranks scaled to [0, 1] (scipy's ranks: an independent computation)
+    np.testing.assert_allclose(weights, (rankdata(train_scores) - 1) / 39, rtol=0, atol=1e-6)
     assert {x["mia_method"] for x in weighted["extra_info"]} == {"min_k_plus_plus"}
     assert 0 < metrics["base/completion_length"] <= 24
     assert (a / "models/trained/model.safetensors").is_file()
@@ -83,7 +135,8 @@ def test_pipeline_through_prefect_then_dvc(tmp_path):
     assert {d.dataset.name for d in parent.inputs.dataset_inputs} == {"train", "eval", "sft", "val", "train_weighted"}
     evaluate_artifacts = {f.path for f in client.list_artifacts(children["evaluate"].info.run_id)}
     assert "mia_roc.png" in evaluate_artifacts
-    assert 0 <= children["mia"].data.metrics["mia/base_train_vs_eval_auc"] <= 1
+    u_statistic = mannwhitneyu(train_scores, eval_scores).statistic  # AUC = U / (n_members n_nonmembers)
+    assert children["mia"].data.metrics["mia/base_train_vs_eval_auc"] == pytest.approx(u_statistic / (40 * 16), abs=1e-9)
     history = client.get_metric_history(children["sft"].info.run_id, "sft/loss")
     assert [m.step for m in history] == [4, 8, 12]
     sft_artifacts = {f.path for f in client.list_artifacts(children["sft"].info.run_id, "base_model")}
@@ -92,22 +145,43 @@ def test_pipeline_through_prefect_then_dvc(tmp_path):
     table = json.loads(Path(client.download_artifacts(children["evaluate"].info.run_id, "eval_samples.json", str(tmp_path))).read_text())
     assert len(table["data"]) == 8 and "greedy" in table["columns"]
 
-    # The same params through plain `dvc repro` in another checkout: byte-identical outputs.
+    # The same params through plain `dvc repro` in another checkout, killed (kill -9) in the middle of each
+    # stage and run again until it completes: byte-identical outputs, no temporary file left.
     b = make_project(tmp_path / "b")
     (b / "params.yaml").write_text((a / "params.yaml").read_text())
-    run(["dvc", "repro"], b)
+    killed = [stage for stage in ("prepare", "sft", "mia", "train", "evaluate") if kill_during(b, stage)]
+    assert len(killed) >= 4, killed  # a stage that ended before its kill is simply done
+    repro = run(["dvc", "repro"], b)
     assert digests(a) == digests(b)
+    left = [p for p in b.rglob(".*") if is_temporary(p) and not {".git", ".dvc", "mlruns"} & set(p.relative_to(b).parts)]
+    assert not left, left
 
-    # DVC's view of the Prefect run: up to date; one param rerun only the stages that read it.
-    assert "Data and pipelines are up to date" in run(["dvc", "status"], a).stdout
+    # The tracking store down at start: a clear error before any stage runs, params.yaml untouched.
+    before = (a / "params.yaml").read_bytes()
+    proc = grpolab("run", "-S", f"tracking.uri=http://127.0.0.1:{free_port()}", "-S", "sft.steps=3", cwd=a, check=False)
+    assert proc.returncode == 2 and "grpolab: error: tracking.uri: the MLflow tracking store http://127.0.0.1:" in proc.stderr
+    assert "==> stage" not in proc.stdout + proc.stderr and (a / "params.yaml").read_bytes() == before
+
+    # DVC's view of the Prefect run: up to date but for `inputs`, which digests the user's files every time;
+    # one param reruns only the stages that read it.
+    status = run(["dvc", "status"], a).stdout
+    assert "inputs:" in status and "always changed" in status
+    assert not [s for s in ("prepare", "sft", "mia", "train", "evaluate") if f"{s}:" in status], status
     repro = run(["dvc", "repro"], a).stdout
-    assert "Running stage" not in repro
+    assert [line for line in repro.splitlines() if "Running stage" in line] == ["Running stage 'inputs':"]
     params = (a / "params.yaml").read_text()
     assert "num_logged_samples: 4\n" in params
     (a / "params.yaml").write_text(params.replace("num_logged_samples: 4\n", "num_logged_samples: 2\n"))
     repro = run(["dvc", "repro"], a).stdout
     assert "Running stage 'evaluate'" in repro
     assert all(f"Running stage '{s}'" not in repro for s in ("prepare", "sft", "mia", "train"))
+
+    # A user's file (here the reference model, which mia and evaluate read) edited in place, its path
+    # unchanged: exactly the stages that read it run again.
+    (reference / "config.json").write_text((reference / "config.json").read_text().replace("{", '{"edited": true,', 1))
+    repro = run(["dvc", "repro"], a).stdout
+    ran = {s for s in ("prepare", "sft", "mia", "train", "evaluate") if f"Running stage '{s}'" in repro}
+    assert ran == {"mia", "evaluate"}, repro
 
 
 def test_project_root_sees_through_dvc_experiment_copies(tmp_path):

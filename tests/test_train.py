@@ -1,5 +1,6 @@
 """The train stage end to end on a real DeepSpeed engine (CPU, gloo), with a tiny model."""
 
+import json
 import math
 import os
 import shutil
@@ -8,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -110,37 +112,98 @@ def test_train_logs_every_metric_and_saves_the_model(trainer):
     assert any(not torch.equal(base[k], v) for k, v in trained_weights().items())
 
 
-@pytest.mark.parametrize("variant", [[], SAME_BATCH])
-def test_resume_after_a_kill_continues_the_same_run_and_trajectory(trainer, tmp_path, variant):
-    overrides = ["train.steps=16", "train.save_every=3", *variant]
-    # Reference: the same params trained in one go, in another copy.
-    reference = tmp_path / "reference"
+TIMINGS = ["train/step_time"]  # the curve's one wall-clock column
+
+
+def _kill_after_a_checkpoint_and_later_steps(project: Path, client: MlflowClient) -> int:
+    """Start the train stage, kill -9 it once a checkpoint exists and MLflow holds steps after it; the
+    checkpoint's step."""
+    proc = subprocess.Popen([f"{BIN}/grpolab", "stage", "train"], cwd=project, env=project_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while True:
+        assert proc.poll() is None and time.time() < deadline, "training ended before a checkpoint and a step after it"
+        latest = project / CHECKPOINT_DIR / "latest"
+        if latest.is_file():
+            state = json.loads((project / CHECKPOINT_DIR / latest.read_text().strip() / "grpolab_state.json").read_text())
+            logged = [m.step for m in client.get_metric_history(state["mlflow_run_id"], "train/loss")]
+            if max(logged, default=0) > state["step"]:
+                break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return state["step"]
+
+
+@pytest.mark.parametrize("case", ["plain", "tracin_ppo_epochs", "eval_changed_run_deleted"])
+def test_resume_after_a_kill_gives_an_uninterrupted_runs_outputs(trainer, tmp_path, case):
+    variant = [*SAME_BATCH, "train.ppo_epochs=2"] if case == "tracin_ppo_epochs" else []
+    overrides = ["train.steps=12", "train.save_every=3", "train.credit_log_every=1", "train.log_completions_every=1", *variant]
+    reference = tmp_path / "reference"  # the same params trained in one go, in another copy
     shutil.copytree(trainer, reference)
     grpolab("stage", "train", *[f"-S{o}" for o in overrides], cwd=reference)
 
     config.apply_overrides(overrides)
-    proc = subprocess.Popen([f"{BIN}/grpolab", "stage", "train"], cwd=trainer, env=project_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while not (trainer / CHECKPOINT_DIR / "latest").exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not TRAINED_DIR.exists()
-
-    grpolab("stage", "train", cwd=trainer)
     client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
-    runs = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")}
-    assert steps == set(range(1, 17))
-    assert pd.read_csv(CURVE_FILE)["step"].tolist() == list(range(1, 17))
-    if variant:
-        assert sorted(int(p.stem.split("_")[1]) for p in Path("metrics/tracin").glob("step_*.parquet")) == list(range(1, 17))
+    killed_at = _kill_after_a_checkpoint_and_later_steps(trainer, client)
+    assert killed_at % (2 if variant else 1) == 0  # a checkpoint closes a PPO cycle
+    assert not TRAINED_DIR.exists()
+    experiment = client.get_experiment_by_name("grpolab").experiment_id
+    (killed_run,) = client.search_runs([experiment], "tags.`grpolab.stage` = 'train'")
+    for output in (TRAINED_DIR, Path("metrics/credit"), Path("metrics/tracin"), CURVE_FILE):  # what `dvc repro` deletes
+        shutil.rmtree(output, ignore_errors=True) if output.is_dir() else output.unlink(missing_ok=True)
+    if case == "eval_changed_run_deleted":
+        config.apply_overrides(["eval.num_samples=3"])  # eval.* does not make another model: the checkpoint stays
+        client.delete_run(killed_run.info.run_id)
+
+    proc = grpolab("stage", "train", cwd=trainer)
+    assert f"train: resuming at step {killed_at} of 12 from {CHECKPOINT_DIR}/step_{killed_at:06d}" in proc.stdout
+    (run,) = client.search_runs([experiment], "tags.`grpolab.stage` = 'train'")
+    assert run.info.status == "FINISHED" and f"MLflow run {run.info.run_id}" in proc.stdout
+    if case == "eval_changed_run_deleted":
+        assert run.info.run_id != killed_run.info.run_id
+        assert f"the MLflow run {killed_run.info.run_id} of the checkpoint is gone" in proc.stderr
+    else:
+        assert run.info.run_id == killed_run.info.run_id
+    for key in STEP_METRICS:  # each step once: a list, not a set, so a duplicate would show
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(1, 13)), key
+    # a new run holds the completion tables of the steps after the resume only (the lost run had the others)
+    for step in (killed_at + 1, 12) if case == "eval_changed_run_deleted" else (1, killed_at + 1, 12):
+        table = pd.read_json(client.download_artifacts(run.info.run_id, f"completions/step_{step:06d}.json", str(tmp_path)), orient="split")
+        assert len(table) == 16, step
+
+    expected, curve = pd.read_csv(reference / CURVE_FILE), pd.read_csv(CURVE_FILE)
+    assert curve["step"].tolist() == list(range(1, 13))
+    pd.testing.assert_frame_equal(curve.drop(columns=TIMINGS), expected.drop(columns=TIMINGS), rtol=1e-5)
+    for folder in ["metrics/credit", *(["metrics/tracin"] if variant else [])]:
+        logs = sorted(Path(folder).glob("step_*.parquet"))
+        assert [p.name for p in logs] == sorted(p.name for p in (reference / folder).glob("step_*.parquet")), folder
+        assert len(logs) == (6 if folder == "metrics/tracin" else 12)  # TracIn logs once per PPO cycle
+        for log in logs:
+            pd.testing.assert_frame_equal(pd.read_parquet(log), pd.read_parquet(reference / folder / log.name), rtol=1e-5)
     expected = load_model(reference / TRAINED_DIR).state_dict()
     for key, value in trained_weights().items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
+    assert not CHECKPOINT_DIR.exists()
+
+
+def test_the_checkpoint_fingerprint_covers_train_params_seed_base_model_and_train_data(trainer):
+    from grpolab.checkpoints import fingerprint
+    from grpolab.train import train_inputs
+
+    params = config.load()
+    inputs = train_inputs(params)
+    same = fingerprint(params, inputs)
+    assert fingerprint(config.apply_overrides(["eval.num_samples=7", "mia.k=0.3", "tracking.run_name=x"]), inputs) == same
+    for change in ("train.learning_rate=0.5", "seed=3", "train.mitigation.name=entropy_masking"):
+        assert fingerprint(config.overridden([change])[1], inputs) != same, change
+    weights = Path("models/base/model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))  # a new base model, same params
+    assert fingerprint(params, inputs) != same
+    data = Path("data/train_weighted.parquet")
+    before = fingerprint(params, inputs)
+    pd.read_parquet(data).iloc[:-1].to_parquet(data)
+    assert fingerprint(params, inputs) != before
 
 
 def test_two_processes_follow_one_process_trajectory(trainer, tmp_path):
@@ -156,12 +219,19 @@ def test_two_processes_follow_one_process_trajectory(trainer, tmp_path):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_stages_train(trainer, stage):
+def test_zero_stages_follow_the_zero_0_trajectory(trainer, stage):
     # with TracIn: its influence pass runs on the gathered parameters
-    params = config.apply_overrides(["train.steps=2", f"train.deepspeed.zero_stage={stage}", "train.kl_beta=0", *SAME_BATCH])
-    run_stage("train", params)
-    assert (TRAINED_DIR / "model.safetensors").is_file()
+    overrides = ["train.steps=2", "train.kl_beta=0", *SAME_BATCH]
+    run_stage("train", config.apply_overrides([*overrides, "train.deepspeed.zero_stage=0"]))
+    zero_0, curve_0 = trained_weights(), pd.read_csv(CURVE_FILE)
+    run_stage("train", config.apply_overrides([*overrides, f"train.deepspeed.zero_stage={stage}"]))
     assert len(list(Path("metrics/tracin").glob("step_*.parquet"))) == 2
+    # the same updates from partitioned gradients / optimizer state / parameters, up to float32 reduction order
+    for key, value in trained_weights().items():
+        torch.testing.assert_close(value, zero_0[key], rtol=1e-4, atol=1e-5, msg=key)
+    for column in ("train/reward_mean", "train/loss", "train/entropy"):
+        torch.testing.assert_close(torch.tensor(pd.read_csv(CURVE_FILE)[column].values), torch.tensor(curve_0[column].values),
+                                   rtol=1e-4, atol=1e-5, msg=column)
 
 
 @pytest.mark.parametrize(
@@ -248,7 +318,11 @@ def test_every_mitigation_trains_and_logs_credit(trainer, mitigation):
     assert "credit/step_000002.parquet" in {f.path for f in client.list_artifacts(run.info.run_id, "credit")}
     log = pd.read_parquet("metrics/credit/step_000002.parquet")
     assert {"token", "class", "credit", "entropy", "logprob", "weight", "advantage"} <= set(log.columns)
-    assert set(log["class"]) <= {"think", "answer", "tag", "other"} and (log["credit"] >= 0).all()
+    assert set(log["class"]) <= {"think", "answer", "tag", "other"}
+    # the logged tokens are the step's: their answer share is the metric's; no advantage x weight, no credit
+    (answer_share,) = [m.value for m in client.get_metric_history(run.info.run_id, "credit/answer_share") if m.step == 2]
+    assert log.loc[log["class"] == "answer", "credit"].sum() / log["credit"].sum() == pytest.approx(answer_share, rel=1e-5)
+    assert (log.loc[log["advantage"] * log["weight"] == 0, "credit"] == 0).all()
     if mitigation == "none":
         assert (log["weight"] == 1.0).all()
 
@@ -380,3 +454,91 @@ def test_bad_tracin_params_are_rejected_before_work(trainer, overrides, message)
         config.apply_overrides(overrides)
     assert message in str(err.value)
     assert Path("params.yaml").read_text() == before
+
+
+def _tree_digest(*roots: str) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for root in roots for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def test_bad_inputs_are_named_before_any_output(trainer):
+    """Issue 11, req 7: each gives `grpolab: error: …` naming the key, file or row, exit 2, and writes nothing."""
+    from transformers import AutoTokenizer
+
+    from grpolab.data.tokenizer import train_tokenizer
+    from grpolab.models import build_model, save_checkpoint
+
+    no_eos = trainer / "no_eos"
+    shutil.copytree("models/base", no_eos)
+    tokenizer = AutoTokenizer.from_pretrained(no_eos)
+    tokenizer.eos_token = None
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(no_eos)
+    other = train_tokenizer([f"{i} apples and {i} pears" for i in range(200)], 320)  # merges of its own: another vocabulary
+    save_checkpoint(build_model(config.load().model.model_copy(update={"vocab_size": 320}), other, 0), other, trainer / "other_ref")
+
+    cases = [
+        ("train", ["train.max_new_tokens=62"], "train.max_new_tokens: data/train_weighted.parquet: row",
+         "exceed the model's 64 positions"),
+        ("evaluate", ["eval.max_new_tokens=62"], "eval.max_new_tokens: data/eval.parquet: row", "exceed the model's 64 positions"),
+        ("prepare", [f"model.name_or_path={no_eos}"], f"model.name_or_path: the tokenizer in {no_eos} has no EOS token", ""),
+        ("train", ["train.judge_model=models/base"], "train.judge_model: models/base has no trained classification head",
+         "score.weight"),
+        ("mia", ["mia.method=reference", f"mia.reference_model={trainer / 'other_ref'}"],
+         f"mia.reference_model: the tokenizer in {trainer / 'other_ref'} differs from the base model's", ""),
+    ]
+    before = _tree_digest("data", "models", "metrics")
+    for stage, overrides, message, detail in cases:
+        with pytest.raises(config.ConfigError) as err:
+            run_stage(stage, config.overridden(overrides)[1])
+        assert message in str(err.value) and detail in str(err.value), (stage, str(err.value))
+    assert _tree_digest("data", "models", "metrics") == before and not CHECKPOINT_DIR.exists()
+    # through the CLI: the message, exit code 2, no traceback
+    proc = grpolab("stage", "train", "-S", "train.max_new_tokens=62", cwd=trainer, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "grpolab: error: train.max_new_tokens: data/train_weighted.parquet: row" in proc.stderr
+    assert _tree_digest("data", "models", "metrics") == before
+
+
+def test_mia_reference_and_precomputed_weights_end_to_end(trainer, tmp_path):
+    """The two MIA methods that read a user's model or data, through mia -> train -> evaluate."""
+    from grpolab.membership import SCORES_FILE, WEIGHTED_TRAIN_FILE
+
+    reference = trainer / "reference_model"  # the base model's tokenizer, other weights: a model trained elsewhere
+    shutil.copytree("models/base", reference)
+    model = load_model(reference)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(reference)
+
+    overrides = ["train.steps=2", "mia.method=reference", f"mia.reference_model={reference}", "eval.mia_methods=[loss, reference]"]
+    for stage in ("mia", "train", "evaluate"):
+        summary = run_stage(stage, config.apply_overrides(overrides))
+    scores = pd.read_parquet(SCORES_FILE)
+    assert scores["score"].nunique() > 10  # the two models disagree prompt by prompt
+    weighted = pd.read_parquet(WEIGHTED_TRAIN_FILE)
+    assert {x["mia_method"] for x in weighted["extra_info"]} == {"reference"}
+    from scipy.stats import rankdata
+
+    train_scores = scores.loc[scores["split"] == "train", "score"].to_numpy()
+    np.testing.assert_allclose([x["mia_weight"] for x in weighted["extra_info"]],
+                               (rankdata(train_scores) - 1) / (len(train_scores) - 1), atol=1e-6)
+    assert {"base/mia/reference/auc", "trained/mia/reference/auc"} <= set(summary)
+    assert Path("metrics/mia_roc/reference.csv").is_file()
+
+    # precomputed: the user's own weights, from their train file's extra_info, reach the loss unchanged
+    train = pd.read_parquet("data/train.parquet")
+    mine = np.round(np.linspace(0.0, 1.0, len(train)), 6)
+    train["extra_info"] = [{**info, "mia_weight": float(w)} for info, w in zip(train["extra_info"], mine)]
+    train.to_parquet("data/train.parquet")
+    for stage in ("mia", "train"):
+        summary = run_stage(stage, config.apply_overrides(["mia.method=precomputed", "mia.reference_model=null",
+                                                           "eval.mia_methods=[loss]", "train.use_mia_weighted_loss=true"]))
+    weighted = pd.read_parquet(WEIGHTED_TRAIN_FILE)
+    assert [x["mia_weight"] for x in weighted["extra_info"]] == mine.tolist()
+    assert {x["mia_method"] for x in weighted["extra_info"]} == {"precomputed"}
+    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
+    run = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'",
+                             order_by=["attributes.start_time DESC"])[0]
+    assert run.data.metrics["mia/weight_mean"] == pytest.approx(mine.mean(), abs=1e-6)

@@ -1,23 +1,52 @@
 """Training checkpoints: DeepSpeed's own format (model, optimizer, scheduler) plus our client
-state (step, RNG, params hash, MLflow run id), written under a temporary name and renamed, with
-`latest` naming the newest. Re-running the train stage with the same params resumes from it."""
+state (step, RNG, fingerprint, MLflow run id) and every step's metrics so far, written under a
+temporary name and renamed, with `latest` naming the newest. The per-step logs (credit, TracIn)
+are kept beside them (`logs/`, hard links), because `dvc repro` deletes a stage's outputs before
+it runs it: a resumed training puts curve and logs back and its outputs equal an uninterrupted one's.
+
+A checkpoint is resumed only by a training that would produce the same model: same train params,
+same seed, and the same content of the base model and the train data (the fingerprint).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from grpolab import distributed as dist
 from grpolab.config import Params
-from grpolab.fsutil import atomic_write_text
-from grpolab.tracking import params_hash
+from grpolab.fsutil import atomic_write_text, content_digest, link_or_copy
 
 CHECKPOINT_DIR = Path("checkpoints/train")
+LOGS = "logs"  # CHECKPOINT_DIR/logs/<folder name>/step_*.parquet
+STATE_FILE = "grpolab_state.json"
+HISTORY = "metrics.csv"  # every metric of every step so far: the curve, and what MLflow got
 
+
+def fingerprint(params: Params, inputs: list[Path]) -> str:
+    """What determines the trained model: the train params, the seed and the content of `inputs`
+    (the base model, the train data, ...). eval.*, tracking.* and the rest do not enter."""
+    knobs = json.dumps({"seed": params.seed, "train": params.train.model_dump(mode="json")}, sort_keys=True)
+    return f"{hashlib.sha256(knobs.encode()).hexdigest()}-{content_digest(inputs)}"
+
+
+@dataclass
+class Checkpoint:
+    tag: str
+    step: int
+    run_id: str | None
+
+    @property
+    def path(self) -> Path:
+        return CHECKPOINT_DIR / self.tag
 
 
 def _latest() -> str | None:
@@ -25,28 +54,35 @@ def _latest() -> str | None:
     return latest.read_text().strip() if latest.is_file() else None
 
 
-def _read_client_state(tag: str) -> dict:
-    return json.loads((CHECKPOINT_DIR / tag / "grpolab_state.json").read_text())
-
-
-def resumable_run_id(params: Params) -> str | None:
-    """The MLflow run of an interrupted training of these same params, if a checkpoint of it exists."""
+def resumable(params: Params, inputs: list[Path]) -> Checkpoint | None:
+    """The newest checkpoint of a training of these params and inputs, if one was left behind."""
     tag = _latest()
-    if tag is None:
+    if tag is None or not (CHECKPOINT_DIR / tag / STATE_FILE).is_file():
         return None
-    state = _read_client_state(tag)
-    return state["mlflow_run_id"] if state["params_hash"] == params_hash(params) else None
+    state = json.loads((CHECKPOINT_DIR / tag / STATE_FILE).read_text())
+    if state.get("fingerprint") != fingerprint(params, inputs):
+        return None
+    return Checkpoint(tag, state["step"], state["mlflow_run_id"])
 
 
-def save_training_checkpoint(engine, params: Params, step: int, run_id: str | None) -> None:
+def save_training_checkpoint(engine, params: Params, inputs: list[Path], step: int, run_id: str | None,
+                             history: list[dict], log_dirs: list[Path]) -> None:
     """Written under a temporary name on every rank, renamed by rank 0, then `latest` points at it."""
     tag = f"step_{step:06d}"
     staging = CHECKPOINT_DIR / ".staging"
-    state = {"step": step, "params_hash": params_hash(params), "mlflow_run_id": run_id, "torch_rng": torch.get_rng_state().tolist()}
+    state = {"step": step, "fingerprint": fingerprint(params, inputs), "mlflow_run_id": run_id,
+             "torch_rng": torch.get_rng_state().tolist()}
     engine.save_checkpoint(str(staging), tag=tag, client_state={"grpolab": state}, save_latest=False)
     dist.barrier()
     if dist.is_rank0():
-        atomic_write_text(staging / tag / "grpolab_state.json", json.dumps(state))
+        for folder in log_dirs:  # before `latest` moves: a checkpoint never lacks its logs
+            kept = CHECKPOINT_DIR / LOGS / folder.name
+            kept.mkdir(parents=True, exist_ok=True)
+            for log in folder.glob("step_*.parquet"):
+                if not (kept / log.name).exists() or not os.path.samefile(log, kept / log.name):
+                    link_or_copy(log, kept / log.name)
+        atomic_write_text(staging / tag / HISTORY, pd.DataFrame(history).to_csv(index=False))
+        atomic_write_text(staging / tag / STATE_FILE, json.dumps(state))
         shutil.rmtree(CHECKPOINT_DIR / tag, ignore_errors=True)
         os.replace(staging / tag, CHECKPOINT_DIR / tag)
         previous = _latest()
@@ -56,16 +92,37 @@ def save_training_checkpoint(engine, params: Params, step: int, run_id: str | No
     dist.barrier()
 
 
-def load_training_checkpoint(engine, params: Params) -> int:
-    """Resume from the newest checkpoint of these params: the next step to run (0 if none)."""
-    tag = _latest()
-    if tag is None or _read_client_state(tag)["params_hash"] != params_hash(params):
-        dist.barrier()
-        if dist.is_rank0():
-            shutil.rmtree(CHECKPOINT_DIR, ignore_errors=True)  # another configuration's: not ours to resume
-        dist.barrier()
-        return 0
-    engine.load_checkpoint(str(CHECKPOINT_DIR), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-    state = _read_client_state(tag)
+def discard() -> None:
+    """Drop the checkpoints (rank 0; every rank waits)."""
+    dist.barrier()
+    if dist.is_rank0():
+        shutil.rmtree(CHECKPOINT_DIR, ignore_errors=True)
+    dist.barrier()
+
+
+def load_training_checkpoint(engine, checkpoint: Checkpoint, log_dirs: list[Path]) -> list[dict]:
+    """Restore `checkpoint` into `engine` and the RNG; put its step logs back into `log_dirs` (those of
+    later steps, written after it, go); returns every step's metrics through its step."""
+    engine.load_checkpoint(str(CHECKPOINT_DIR), tag=checkpoint.tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    state = json.loads((checkpoint.path / STATE_FILE).read_text())
     torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-    return state["step"]
+    if dist.is_rank0():
+        for folder in log_dirs:
+            clear_step_logs(folder, checkpoint.step)
+            for log in sorted((CHECKPOINT_DIR / LOGS / folder.name).glob("step_*.parquet")):
+                if _log_step(log) <= checkpoint.step:
+                    link_or_copy(log, folder / log.name)
+    history = pd.read_csv(io.StringIO((checkpoint.path / HISTORY).read_text()))
+    return [{k: v for k, v in row.items() if pd.notna(v)} for row in history.to_dict("records")]
+
+
+def _log_step(path: Path) -> int:
+    return int(path.stem.split("_")[1])
+
+
+def clear_step_logs(folder: Path, after: int) -> None:
+    """Per-step logs in `folder` of steps after `after` go (a new training: after 0)."""
+    folder.mkdir(parents=True, exist_ok=True)  # DVC outputs even when no step logs to them
+    for old in folder.glob("step_*.parquet"):
+        if _log_step(old) > after:
+            old.unlink()

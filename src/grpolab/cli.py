@@ -32,9 +32,15 @@ def _load_flow(name: str):
 
 
 def cmd_run(args) -> None:
-    config.apply_overrides(args.set)  # validated (and written) before Prefect starts
-    pipeline = _load_flow("pipeline")
-    print(pipeline())
+    from grpolab.workspace import pipeline_lock
+
+    from grpolab.tracking import check_store
+
+    with pipeline_lock():
+        check_store(config.overridden(args.set)[1])  # before params.yaml changes (the flow checks again, for deployments)
+        config.apply_overrides(args.set)  # validated (and written) before Prefect starts
+        pipeline = _load_flow("pipeline")
+        print(pipeline())
 
 
 def cmd_study(args) -> None:
@@ -65,14 +71,16 @@ def cmd_stage(args) -> None:
     from transformers.utils import logging as hf_logging
 
     from grpolab.stages import STAGES, run_stage
+    from grpolab.workspace import pipeline_lock
 
     hf_logging.disable_progress_bar()  # per-file load/save bars drown the stage's own progress
 
     if args.name not in STAGES:
         raise config.ConfigError(f"unknown stage {args.name!r}; stages: {', '.join(STAGES)}")
-    params = config.apply_overrides(args.set)
-    print(f"==> grpolab stage {args.name}", flush=True)
-    summary = run_stage(args.name, params)
+    with pipeline_lock():
+        params = config.apply_overrides(args.set)
+        print(f"==> grpolab stage {args.name}", flush=True)
+        summary = run_stage(args.name, params)
     print("    " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
 
 

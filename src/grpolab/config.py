@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
 
+from grpolab.data.tasks import problem_space
 from grpolab.fsutil import atomic_write_text
 
 PARAMS_FILE = "params.yaml"
@@ -108,6 +109,16 @@ class DataParams(Section):
             raise ValueError("val_files go with train_files (the generated task makes its own validation split)")
         if self.val_files and self.num_val is not None:
             raise ValueError("num_val and val_files exclude each other: the validation split is your val_files")
+        if not self.train_files:  # generated: every split draws distinct problems from one finite space
+            counts = {"num_eval": self.num_eval, "num_train": self.num_train, "num_val": self.validation_size or 0}
+            if not self.sft_files:
+                counts["num_sft"] = self.num_sft
+            space = problem_space(self.max_operand, self.operations)
+            if sum(counts.values()) > space:
+                raise ValueError(
+                    f"{' + '.join(counts)} = {sum(counts.values())} distinct problems, but max_operand={self.max_operand} "
+                    f"with operations {self.operations} makes only {space}: raise max_operand or lower the counts"
+                )
         return self
 
 

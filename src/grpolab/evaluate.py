@@ -10,15 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from transformers import AutoConfig
 
 from grpolab.config import Params
 from grpolab.data.prepare import EVAL_FILE, TRAIN_FILE
 from grpolab.data.tokenizer import load_tokenizer
 from grpolab.fsutil import atomic_write_text
-from grpolab.membership import ROC_DIR, membership_rocs, roc_figure, roc_metrics, write_roc_curves
+from grpolab.membership import ROC_DIR, load_reference, membership_rocs, roc_figure, roc_metrics, write_roc_curves
 from grpolab.models import load_model
 from grpolab.rewards import answer_match, format_reward
-from grpolab.rollout import Completions, generate
+from grpolab.rollout import Completions, check_room, generate
 from grpolab.sft import BASE_DIR
 from grpolab.train import TRAINED_DIR
 
@@ -73,7 +74,10 @@ def evaluate(params: Params, tracker=None) -> dict[str, float]:
     eval_data = pd.read_parquet(EVAL_FILE)
     # membership: train prompts are the members, eval prompts the non-members
     members, nonmembers = pd.read_parquet(TRAIN_FILE)["prompt"].tolist(), eval_data["prompt"].tolist()
-    reference = load_model(params.mia.reference_model).eval() if "reference" in params.eval.mia_methods else None
+    base_tokenizer = load_tokenizer(str(BASE_DIR))
+    check_room(AutoConfig.from_pretrained(BASE_DIR), base_tokenizer, eval_data["prompt"].tolist(), params.eval.max_new_tokens,
+               "eval.max_new_tokens", str(EVAL_FILE))  # before the first generation
+    reference = load_reference(params.mia.reference_model, base_tokenizer) if "reference" in params.eval.mia_methods else None
     metrics: dict[str, float] = {}
     sample_rows: list[dict] = []
     curves: dict[str, dict] = {}  # method -> model -> ROC

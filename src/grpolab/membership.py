@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from grpolab.algos.mia_weights import normalize_scores
-from grpolab.config import Params
+from grpolab.config import ConfigError, Params
 from grpolab.data.prepare import EVAL_FILE, TRAIN_FILE
 from grpolab.data.schema import DataError, write_parquet
 from grpolab.data.tokenizer import encode_prompt, load_tokenizer
@@ -34,6 +34,18 @@ WEIGHTED_TRAIN_FILE = Path("data/train_weighted.parquet")
 SCORES_FILE = Path("data/mia_scores.parquet")
 ROC_DIR = Path("metrics/mia_roc")
 FPR_GRID = np.linspace(0.0, 1.0, 101)
+
+
+def load_reference(path: str, tokenizer) -> torch.nn.Module:
+    """The reference model of `mia.reference_model`: its scores are compared token by token with the
+    base model's, so it must read text with the same tokenizer."""
+    reference_tokenizer = load_tokenizer(path, "mia.reference_model")
+    if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(
+            f"mia.reference_model: the tokenizer in {path} differs from the base model's ({len(reference_tokenizer)} vs "
+            f"{len(tokenizer)} tokens, or other ids): a reference must share the base model's tokenizer"
+        )
+    return load_model(path).eval()
 
 
 @torch.no_grad()
@@ -103,7 +115,7 @@ def mia(params: Params, tracker=None) -> dict[str, float]:
         if not (BASE_DIR / "config.json").is_file():
             raise FileNotFoundError(f"{BASE_DIR}: no base model (run the sft stage first)")
         model, tokenizer = load_model(BASE_DIR), load_tokenizer(str(BASE_DIR))
-        reference = load_model(m.reference_model).eval() if m.method == "reference" else None
+        reference = load_reference(m.reference_model, tokenizer) if m.method == "reference" else None
         prompts = [*train["prompt"], *eval_["prompt"]]
         all_scores = membership_scores(model, tokenizer, prompts, [m.method], k=m.k, max_new_tokens=m.max_new_tokens,
                                        batch_size=m.batch_size, reference=reference)[m.method]

@@ -51,7 +51,15 @@ class Judge:
     def __init__(self, path: str):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval().requires_grad_(False)
+        from grpolab.config import ConfigError
+
+        model, loading = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
+        if loading["missing_keys"]:  # transformers would start them at random, and the judge would score noise
+            raise ConfigError(
+                f"train.judge_model: {path} has no trained classification head ({', '.join(sorted(loading['missing_keys']))} "
+                "missing): give a sequence-classification checkpoint (AutoModelForSequenceClassification.save_pretrained)"
+            )
+        self.model = model.eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

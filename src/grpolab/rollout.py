@@ -162,6 +162,24 @@ def completion_logprobs(model, rows: dict, entropy: bool = False):
     return logp.cpu(), (ent.cpu(), prob_sq.cpu())
 
 
+def check_room(model_config, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
+               key: str, source: str) -> None:
+    """Every prompt of `source` plus `max_new_tokens` (the param `key`) fits the model's positions: else
+    name the longest prompt's row, before any generation (past them a model fails or reads garbage)."""
+    from grpolab.config import ConfigError
+
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if not limit or not prompts:
+        return
+    lengths = [len(encode_prompt(tokenizer, p)) for p in prompts]
+    row = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[row] + max_new_tokens > limit:
+        raise ConfigError(
+            f"{key}: {source}: row {row}: its prompt ({lengths[row]} tokens) + {key} ({max_new_tokens}) exceed the "
+            f"model's {limit} positions: lower {key}, or drop the long prompts"
+        )
+
+
 def row_generators(seed: int, row_ids: list[int]) -> list[torch.Generator]:
     """One generator per row, seeded by (seed, row id): a row's samples depend on nothing else."""
     return [torch.Generator().manual_seed(seed * 1_000_003 + r) for r in row_ids]

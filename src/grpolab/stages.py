@@ -13,17 +13,19 @@ import sys
 from collections.abc import Callable
 
 from grpolab import distributed, tracking
-from grpolab.checkpoints import resumable_run_id
+from grpolab.checkpoints import resumable
 from grpolab.config import Params
 from grpolab.data.prepare import prepare
 from grpolab.evaluate import evaluate
 from grpolab.fsutil import atomic_write_text
+from grpolab.inputs import inputs
 from grpolab.membership import mia
 from grpolab.report import HEADLINES, summary
 from grpolab.sft import sft
-from grpolab.train import train
+from grpolab.train import train, train_inputs
 
 STAGES: dict[str, Callable[..., dict]] = {
+    "inputs": inputs,
     "prepare": prepare,
     "sft": sft,
     "mia": mia,
@@ -40,11 +42,14 @@ def _launch_workers(name: str, processes: int) -> dict:
 
 
 def run_stage(name: str, params: Params) -> dict:
+    if distributed.is_rank0():
+        tracking.check_store(params)
     if name == "train" and params.train.num_processes > 1 and not distributed.launched():
         return _launch_workers(name, params.train.num_processes)
     if not distributed.is_rank0():  # rank 0 alone talks to MLflow
         return STAGES[name](params, None)
-    resume = resumable_run_id(params) if name == "train" else None
+    checkpoint = resumable(params, train_inputs(params)) if name == "train" else None
+    resume = checkpoint.run_id if checkpoint else None
     with tracking.stage_run(params, name, run_id=resume, own_run=name in HEADLINES) as tracker:
         headline = STAGES[name](params, tracker)
         if name in HEADLINES:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
+import urllib.request
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,6 +74,30 @@ def project_root(cwd: Path | None = None) -> Path:
 def tracking_uri(params: Params) -> str:
     # Absolute: MLflow caches stores by URI, and a relative one would follow whichever folder came first.
     return params.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / DEFAULT_DB}"
+
+
+STORE_TIMEOUT_S = 10
+
+
+def check_store(params: Params) -> None:
+    """The tracking store answers, or a ConfigError naming it: checked before any stage runs, rather
+    than a stage failing after MLflow's retries (minutes) against a server that is down."""
+    from grpolab.config import ConfigError
+
+    uri = tracking_uri(params)
+    key = "tracking.uri" if params.tracking.uri else ("MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default store")
+    try:
+        if uri.startswith(("http://", "https://")):
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=STORE_TIMEOUT_S) as response:
+                if response.status != 200:
+                    raise OSError(f"/health answered {response.status}")
+        elif uri.startswith("sqlite:///"):
+            folder = Path(uri.removeprefix("sqlite:///")).parent
+            if not folder.is_dir() or not os.access(folder, os.W_OK):
+                raise OSError(f"{folder} is not a writable folder")
+        MlflowClient(uri).search_experiments(max_results=1)
+    except (OSError, MlflowException) as exc:
+        raise ConfigError(f"{key}: the MLflow tracking store {uri} is unavailable ({exc}); nothing was run") from None
 
 
 def changed_params(params: Params) -> dict[str, Any]:
@@ -170,9 +196,13 @@ class Tracker:
     def has_history(self, key: str) -> bool:
         return bool(self.client.get_metric_history(self.run_id, key))
 
-    def artifact_names(self) -> set[str]:
-        """Names of this run's top-level artifacts (files and folders)."""
-        return {Path(f.path).name for f in self.client.list_artifacts(self.run_id)}
+    def last_step(self, key: str) -> int:
+        """The last step of metric `key` this run holds (0 if none)."""
+        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
+
+    def artifact_names(self, folder: str | None = None) -> set[str]:
+        """Names of this run's artifacts (files and folders) at the top or in `folder`."""
+        return {Path(f.path).name for f in self.client.list_artifacts(self.run_id, folder)}
 
     def child_stages(self) -> set[str]:
         """The stages with a child run under this run's parent: the ones that ran in this run tree."""
@@ -232,6 +262,20 @@ def pipeline_run_id(client: MlflowClient, params: Params) -> str:
     return run.info.run_id
 
 
+def _continuable(client: MlflowClient, run_id: str, parent_id: str) -> bool:
+    """Whether a stage can go on logging into run `run_id` (a resumed training's): it exists, is not
+    deleted, and belongs to this params set's parent run (after, say, an eval.* change it does not)."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        run = None
+    if run is None or run.info.lifecycle_stage == "deleted":
+        print(f"warning: the MLflow run {run_id} of the checkpoint is gone from {client.tracking_uri}; "
+              "the resumed training logs into a new run", file=sys.stderr, flush=True)
+        return False
+    return run.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent_id
+
+
 @contextmanager
 def stage_run(params: Params, stage: str, run_id: str | None = None, own_run: bool = True) -> Iterator[Tracker]:
     """A child run for one stage execution; FAILED if the stage raises, FINISHED otherwise.
@@ -244,7 +288,9 @@ def stage_run(params: Params, stage: str, run_id: str | None = None, own_run: bo
     experiment_id = client.get_run(parent_id).info.experiment_id
     if not own_run:
         run_id = parent_id
-    elif run_id is None:
+    elif run_id is not None and not _continuable(client, run_id, parent_id):
+        run_id = None
+    if run_id is None:
         tags = {**run_tags(params), MLFLOW_PARENT_RUN_ID: parent_id, STAGE_TAG: stage, PARAMS_HASH_TAG: params_hash(params)}
         run_id = client.create_run(experiment_id, run_name=stage, tags=tags).info.run_id
     runs = list(dict.fromkeys((run_id, parent_id)))

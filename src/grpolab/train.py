@@ -9,9 +9,8 @@ micro-batches -> optimizer step.
 from __future__ import annotations
 
 import math
-import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +25,9 @@ from grpolab.algos.credit import ANSWER, CLASS_NAMES, THINK, gini, token_credit
 from grpolab.algos.losses import (
     KL_ESTIMATORS, aggregate, aggregation_units, clipped_policy_loss, compose_token_loss,
 )
-from grpolab.checkpoints import CHECKPOINT_DIR, load_training_checkpoint, save_training_checkpoint
+from grpolab.checkpoints import CHECKPOINT_DIR, clear_step_logs, discard, load_training_checkpoint, resumable, save_training_checkpoint
 from grpolab.config import Params
+from grpolab.data.prepare import VAL_FILE
 from grpolab.data.schema import write_parquet
 from grpolab.data.tokenizer import encode_prompt, load_tokenizer
 from grpolab.fsutil import atomic_write_text
@@ -35,7 +35,7 @@ from grpolab.influence import TRACIN_DIR, TracIn
 from grpolab.membership import WEIGHTED_TRAIN_FILE
 from grpolab.models import load_model, save_checkpoint
 from grpolab.rewards import Judge, RewardBatch, score
-from grpolab.rollout import Rollout, completion_logprobs, decode, row_generators, sample
+from grpolab.rollout import Rollout, check_room, completion_logprobs, decode, row_generators, sample
 from grpolab.sft import BASE_DIR
 from grpolab.tracking import Tracker
 from grpolab.variants import LossWeights, Variants
@@ -43,6 +43,7 @@ from grpolab.variants import LossWeights, Variants
 TRAINED_DIR = Path("models/trained")
 CURVE_FILE = Path("metrics/train_curve.csv")
 CREDIT_DIR = Path("metrics/credit")
+STEP_LOG_DIRS = [CREDIT_DIR, TRACIN_DIR]
 CURVE_KEYS = [
     "train/reward_mean", "train/loss", "train/kl", "train/entropy", "train/completion_length", "train/step_time",
     "train/grad_norm", "credit/answer_share", "credit/think_share", "credit/high_entropy_share", "credit/gini",
@@ -271,13 +272,56 @@ def _reward_curve_figure(curve: pd.DataFrame):
     return fig
 
 
-def _clear_step_logs(start: int) -> None:
-    """Per-step log files of steps after the resume point (or of another training) go."""
-    for folder in (CREDIT_DIR, TRACIN_DIR):
-        folder.mkdir(parents=True, exist_ok=True)  # DVC outputs even when no step logs to them
-        for old in folder.glob("step_*.parquet"):
-            if int(old.stem.split("_")[1]) > start:
-                old.unlink()
+def _curve(history: list[dict], keys: list[str]) -> pd.DataFrame:
+    """The training curve (metrics/train_curve.csv): the `keys` of every step's metrics."""
+    return pd.DataFrame(history).reindex(columns=["step", *keys])
+
+
+def train_inputs(params: Params) -> list[Path]:
+    """The files the trained model depends on besides the params: what a checkpoint's fingerprint covers."""
+    t = params.train
+    inputs = [BASE_DIR, WEIGHTED_TRAIN_FILE]
+    if t.tracin.use_tracin:
+        inputs.append(VAL_FILE)
+    if "judge" in t.rewards and t.judge_model:
+        inputs.append(Path(t.judge_model))
+    return inputs
+
+
+@dataclass
+class Logged:
+    """What the MLflow run a training logs into holds already (a resumed run): not logged again."""
+
+    through: int = 0  # the last step of its metrics
+    tables: set[str] = field(default_factory=set)  # its completion tables' file names
+
+
+def _resume_or_start(params: Params, engine, inputs: list[Path], tracker: Tracker | None,
+                     variants: Variants) -> tuple[int, list[dict], Logged]:
+    """(the last step done, every step's metrics so far, what the run holds): from the checkpoint of this
+    training if one was left behind (see checkpoints.py), else from scratch; says so in the terminal."""
+    checkpoint = resumable(params, inputs)
+    if checkpoint:
+        history = load_training_checkpoint(engine, checkpoint, STEP_LOG_DIRS)
+    else:
+        if CHECKPOINT_DIR.exists():  # another configuration's, or other base model or data: not ours to resume
+            discard()
+        history = []
+        if dist.is_rank0():
+            for folder in STEP_LOG_DIRS:
+                clear_step_logs(folder, 0)
+    start = checkpoint.step if checkpoint else 0
+    continuing = bool(tracker and checkpoint and tracker.run_id == checkpoint.run_id)
+    logged = Logged(tracker.last_step("train/loss"), tracker.artifact_names("completions")) if continuing else Logged()
+    if dist.is_rank0() and checkpoint:
+        where = f"MLflow run {tracker.run_id}" if tracker else "no MLflow run"
+        print(f"train: resuming at step {start} of {params.train.steps} from {checkpoint.path} ({where}; "
+              f"steps 1-{logged.through} already logged there)", flush=True)
+    if tracker and not continuing:  # a new run: the checkpoint's steps too
+        tracker.metrics(variants.start_metrics())
+        if start:
+            tracker.curve(pd.DataFrame(history))
+    return start, history, logged
 
 
 def _save_step_log(frame: pd.DataFrame, folder: Path, step: int, tracker: Tracker | None) -> None:
@@ -301,6 +345,10 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
     bf16 = t.deepspeed.bf16 if t.deepspeed.bf16 is not None else use_cuda
     tokenizer = load_tokenizer(str(BASE_DIR))
     model = load_model(BASE_DIR)
+    data = pd.read_parquet(WEIGHTED_TRAIN_FILE)
+    check_room(model.config, tokenizer, list(data["prompt"]), t.max_new_tokens, "train.max_new_tokens", str(WEIGHTED_TRAIN_FILE))
+    if t.tracin.use_tracin and t.tracin.validation == "separate":
+        check_room(model.config, tokenizer, list(pd.read_parquet(VAL_FILE)["prompt"]), t.max_new_tokens, "train.max_new_tokens", str(VAL_FILE))
     ref_model = None
     if t.kl_beta > 0:
         ref_model = load_model(BASE_DIR).eval().requires_grad_(False)
@@ -312,18 +360,11 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(params, bf16)
     )
-    data = pd.read_parquet(WEIGHTED_TRAIN_FILE)
     variants = Variants(params, data, tokenizer)
     tracin = TracIn(params, engine.module, tokenizer, judge) if t.tracin.use_tracin else None
-    start_metrics = variants.start_metrics() if dist.is_rank0() else {}
-    if tracker and start_metrics:
-        tracker.metrics(start_metrics)
-    start = load_training_checkpoint(engine, params)
+    inputs = train_inputs(params)
     curve_keys = CURVE_KEYS + (tracin.metric_keys if tracin else [])
-    curve = pd.read_csv(CURVE_FILE) if start and CURVE_FILE.is_file() else pd.DataFrame(columns=["step", *curve_keys])
-    curve = curve[curve["step"] <= start]
-    if dist.is_rank0():
-        _clear_step_logs(start)
+    start, history, logged = _resume_or_start(params, engine, inputs, tracker, variants)
 
     bar = tqdm(range(start + 1, t.steps + 1), desc="train", unit="step", dynamic_ncols=True, disable=not dist.is_rank0(), initial=start, total=t.steps)
     metrics: dict[str, float] = {}
@@ -340,25 +381,28 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
         sums = update(params, engine, batch)
         metrics = step_metrics(params, engine, sums, info, time.perf_counter() - began) | (selection.metrics if selection else {})
         bar.set_postfix(reward=f"{metrics['train/reward_mean']:.3f}", loss=f"{metrics['train/loss']:.4f}")
-        curve.loc[len(curve)] = [step, *[metrics.get(k, math.nan) for k in curve_keys]]
-        if tracker:
+        history.append({"step": step, **metrics})
+        if tracker and step > logged.through:
             tracker.metrics(metrics, step=step)
-            if step % t.log_completions_every == 0:
-                tracker.table(_completions_table(info, batch.advantages), f"completions/step_{step:06d}.json")
+        table = f"step_{step:06d}.json"  # a table logged again would get its rows twice: MLflow appends
+        if tracker and step % t.log_completions_every == 0 and table not in logged.tables:
+            tracker.table(_completions_table(info, batch.advantages), f"completions/{table}")
         if dist.is_rank0() and t.credit_log_every and step % t.credit_log_every == 0:
             _save_step_log(credit_log(batch, variants, step), CREDIT_DIR, step, tracker)
         if dist.is_rank0() and selection:
             _save_step_log(selection.log, TRACIN_DIR, step, tracker)
-        if (t.save_every and step % t.save_every == 0) and step < t.steps:
+        # at the end of a PPO cycle only: a resume then starts a cycle, with fresh rollouts, as the run did
+        if t.save_every and step % t.save_every == 0 and step % t.ppo_epochs == 0 and step < t.steps:
             if dist.is_rank0():
-                atomic_write_text(CURVE_FILE, curve.to_csv(index=False))
-            save_training_checkpoint(engine, params, step, tracker.run_id if tracker else None)
+                atomic_write_text(CURVE_FILE, _curve(history, curve_keys).to_csv(index=False))
+            save_training_checkpoint(engine, params, inputs, step, tracker.run_id if tracker else None, history, STEP_LOG_DIRS)
 
     with dist.gathered(engine.module, t.deepspeed.zero_stage):
         if dist.is_rank0():
             save_checkpoint(engine.module.float() if bf16 else engine.module, tokenizer, TRAINED_DIR)
     dist.barrier()
     # Headline: the last step's values and the means over all steps (shares and TracIn ratios are per step).
+    curve = _curve(history, curve_keys)
     summary = {
         "train/steps": float(t.steps),
         **{f"final/{k}": v for k, v in metrics.items() if k in curve_keys and not math.isnan(v)},
@@ -366,9 +410,9 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
     }
     if dist.is_rank0():
         atomic_write_text(CURVE_FILE, curve.to_csv(index=False))
-        shutil.rmtree(CHECKPOINT_DIR, ignore_errors=True)  # finished: the trained model is the output
         if tracker:
             tracker.figure(_reward_curve_figure(curve), "reward_curve.png")
             tracker.artifacts(CURVE_FILE)
             tracker.artifacts(TRAINED_DIR, "trained_model")
+    discard()  # only now: the trained model is saved and every upload went through
     return summary

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from grpolab.config import Params
-from grpolab.data.schema import DataError, read_rl_files, read_sft_files, render_prompt, write_parquet
+from grpolab.data.schema import SOURCE, DataError, read_rl_files, read_sft_files, render_prompt, write_parquet
 from grpolab.data.tasks import Problem, generate_arithmetic
 from grpolab.data.tokenizer import load_tokenizer, train_tokenizer
 from grpolab.fsutil import atomic_output
@@ -79,6 +79,16 @@ def _check_disjoint(split: pd.DataFrame, name: str, others: dict[str, set[str]])
                 raise DataError(f"{where}: prompt also appears in the {other} files; {other} and {name} prompts must be disjoint")
 
 
+def _check_sft_disjoint(sft: pd.DataFrame, others: dict[str, set[str]]) -> None:
+    """A user's SFT prompt may not be a train or eval prompt: SFT would make it a member before RL,
+    which corrupts the membership baseline (and leaks eval answers)."""
+    for prompt, where in zip(sft["prompt"], sft.get(SOURCE, [])):
+        for other, prompts in others.items():
+            if prompt in prompts:
+                raise DataError(f"{where}: this SFT prompt is also a {other} prompt; SFT, train and eval prompts must be "
+                                "disjoint (an SFT prompt is a member before RL, which corrupts the membership baseline)")
+
+
 def prepare(params: Params, tracker: Tracker | None = None) -> dict[str, int]:
     d = params.data
     # Read and validate everything the user brought before writing anything.
@@ -104,6 +114,8 @@ def prepare(params: Params, tracker: Tracker | None = None) -> dict[str, int]:
     if d.train_files and d.validation_size:
         train, val = _held_out(params, train, set(eval_["prompt"]) | set(sft["prompt"]))
     _check_disjoint(eval_, "eval", {"train": set(train["prompt"])})
+    _check_sft_disjoint(sft, {"train": set(train["prompt"]), "eval": set(eval_["prompt"])})
+    sft = sft.drop(columns=[SOURCE], errors="ignore")
     _check_disjoint(val, "val", {"train": set(train["prompt"]), "eval": set(eval_["prompt"]), "SFT": set(sft["prompt"])})
 
     write_parquet(train, TRAIN_FILE)

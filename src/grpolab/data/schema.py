@@ -125,6 +125,9 @@ def read_rl_files(paths: list[str], split: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+SOURCE = "source"  # `<file>: row <i>` of a user's SFT row, for errors; not written out
+
+
 def read_sft_files(paths: list[str]) -> pd.DataFrame:
     rows = []
     for path in paths:
@@ -137,8 +140,8 @@ def read_sft_files(paths: list[str]) -> pd.DataFrame:
             prompt = _prompt(prompt, where)
             if not isinstance(response, str) or not response:
                 raise DataError(f"{where}: response must be a non-empty string")
-            rows.append({"prompt": prompt, "response": response})
-    return pd.DataFrame(rows)
+            rows.append({"prompt": prompt, "response": response, SOURCE: where})
+    return pd.DataFrame(rows, columns=["prompt", "response", SOURCE])
 
 
 def render_prompt(prompt: str | list[dict[str, str]], tokenizer) -> str:

@@ -47,13 +47,18 @@ def arithmetic_problem(a: int, op: str, b: int, sloppy: bool = False) -> Problem
     return Problem(prompt=f"{a}{op}{b}=", answer=str(result), completion=f"<think>{think}</think><answer>{written}</answer>")
 
 
+def problem_space(max_operand: int, operations: list[str]) -> int:
+    """How many distinct problems the operations draw from (`-` keeps a >= b)."""
+    pairs = {"+": (max_operand + 1) ** 2, "-": (max_operand + 1) * (max_operand + 2) // 2}
+    return sum(pairs[op] for op in set(operations))
+
+
 def generate_arithmetic(
     n: int, max_operand: int, operations: list[str], rng: random.Random, exclude: set[str], sloppy_rate: float = 0.0
 ) -> list[Problem]:
     """`n` distinct problems whose prompts are not in `exclude` (which grows with them); a
     `sloppy_rate` share of them, drawn at random, carry a sloppy completion."""
-    pairs = {"+": (max_operand + 1) ** 2, "-": (max_operand + 1) * (max_operand + 2) // 2}
-    space = sum(pairs[op] for op in set(operations))
+    space = problem_space(max_operand, operations)
     if n > space - len(exclude):
         raise ValueError(f"cannot draw {n} distinct problems with max_operand={max_operand}")
     problems = []

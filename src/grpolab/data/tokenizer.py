@@ -32,8 +32,18 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
     return tokenizer
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, key: str = "model.name_or_path") -> PreTrainedTokenizerBase:
+    """The tokenizer saved in `path` (the param `key` named it): it needs an EOS token, which ends every
+    SFT response and every generation, and stands in as the pad token where there is none."""
+    from grpolab.config import ConfigError
+
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.eos_token is None:
+        pad = "" if tokenizer.pad_token is None else f" (its pad token {tokenizer.pad_token!r} is no stand-in)"
+        raise ConfigError(
+            f"{key}: the tokenizer in {path} has no EOS token{pad}: responses could not end and generation could not "
+            "stop; give it one (tokenizer.add_special_tokens({'eos_token': ...}) and save_pretrained)"
+        )
     if tokenizer.pad_token is None:  # many causal LMs ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -15,7 +15,6 @@ once. The user's params.yaml and workspace are never written.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
@@ -32,10 +31,11 @@ from mlflow import MlflowClient
 
 from grpolab import tracking
 from grpolab.config import ConfigError, flatten
+from grpolab.fsutil import take_lock
 from grpolab.study.spec import Cell, Study
 
 STATE_DIR = Path(".grpolab/studies")  # per study: the lock and one log per cell
-SHARED_STAGES = ("prepare", "sft", "mia")  # identical for every variant of a seed (the study checks nothing else)
+SHARED_STAGES = ("inputs", "prepare", "sft", "mia")  # identical for every variant of a seed (the study checks nothing else)
 STAGE_LINE = re.compile(r"[Ss]tage '([\w-]+)'")  # dvc's "Running stage 'x'" and "Stage 'x' is cached"
 STEP_LINE = re.compile(r"^\w+:\s+\d+%\|.*\| (\d+/\d+) ")  # a stage's progress bar: "train:  45%|███▌ | 90/200 [..."
 CELL_MARKER = "GRPOLAB_STUDY_CELL"  # in the environment of every process of a cell: `<study>/<cell>`
@@ -254,16 +254,10 @@ class StudyRun:
         return self
 
     def _take_lock(self) -> None:
-        lock = open(self.state_dir / "lock", "a+")
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            raise ConfigError(f"study {self.study.name!r} is already running in this project (pid {lock.read().strip() or '?'})") from None
-        lock.truncate(0)
-        lock.write(str(os.getpid()))
-        lock.flush()
-        self._lock = lock
+            self._lock = take_lock(self.state_dir / "lock", f"study {self.study.name!r} is already running in this project")
+        except FileExistsError as exc:
+            raise ConfigError(str(exc)) from None
 
     def _stop_leftovers(self) -> None:
         """Processes of a killed run of this study (we hold its lock, so they are orphans): stopped, their

@@ -1,0 +1,37 @@
+"""The `inputs` stage: what DVC needs to know of the user's own files.
+
+`data.train_files`, `model.name_or_path`, `train.judge_model`, … are paths in params.yaml, and
+`dvc.yaml` cannot list a param's paths as deps (its templating takes no lists, and they are often
+empty). So this first stage, which DVC runs every time (`always_changed`), writes each file's
+content digest to `data/inputs/<group>.json`, and each stage that reads a group lists that file
+among its deps: editing a file's content reruns exactly the stages that read it, and an unchanged
+digest lets DVC skip them as before.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from grpolab.config import Params, flatten
+from grpolab.fsutil import atomic_write_text, content_digest
+
+INPUTS_DIR = Path("data/inputs")
+# digest file -> the params whose files it covers; dvc.yaml's deps name the files, stage by stage
+USER_FILES: dict[str, tuple[str, ...]] = {
+    "data.json": ("data.train_files", "data.eval_files", "data.sft_files", "data.val_files"),  # prepare
+    "model.json": ("model.name_or_path",),  # prepare (its tokenizer), sft (its weights)
+    "judge_model.json": ("train.judge_model",),  # train
+    "reference_model.json": ("mia.reference_model",),  # mia, evaluate
+}
+
+
+def inputs(params: Params, tracker=None) -> dict:
+    values = flatten(params)
+    for name, keys in USER_FILES.items():
+        record = {}
+        for key in keys:
+            paths = values[key] if isinstance(values[key], list) else [values[key]] if values[key] else []
+            record[key] = [{"path": str(p), "sha256": content_digest([p])} for p in paths]
+        atomic_write_text(INPUTS_DIR / name, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return {}

@@ -1,0 +1,85 @@
+"""DVC knows every input (issue 11, req 5): each stage's deps hold every grpolab module its code imports."""
+
+import ast
+import inspect
+from pathlib import Path
+
+from ruamel.yaml import YAML
+
+from grpolab.stages import STAGES
+
+from conftest import REPO
+
+SRC = REPO / "src"
+
+
+def _module_file(name: str) -> Path | None:
+    path = SRC.joinpath(*name.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_files(module: str) -> set[Path]:
+    """Every grpolab source file `module` imports, at the top or inside a function, transitively."""
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.startswith("grpolab")]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative
+                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                if base.startswith("grpolab"):
+                    todo.append(base)
+                    todo += [f"{base}.{a.name}" for a in node.names]  # `from grpolab import tracking` is a module
+    return {p for p in seen if p.name != "__init__.py" or p.read_text().strip()}
+
+
+def dep_files(stage: dict) -> set[Path]:
+    files: set[Path] = set()
+    for dep in stage.get("deps", []):
+        path = REPO / dep
+        if dep.startswith("src/"):
+            files |= set(path.rglob("*.py")) if path.is_dir() else {path}
+    return {p for p in files if p.name != "__init__.py" or p.read_text().strip()}  # an empty __init__ holds no code
+
+
+def test_every_module_a_stage_imports_is_among_its_deps():
+    stages = YAML(typ="safe").load((REPO / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == list(STAGES)
+    for name, function in STAGES.items():
+        needed = imported_files(inspect.getmodule(function).__name__)
+        listed = dep_files(stages[name])
+        missing = sorted(str(p.relative_to(REPO)) for p in needed - listed)
+        assert not missing, f"dvc.yaml: stages.{name}.deps lacks {missing}"
+        unused = sorted(str(p.relative_to(REPO)) for p in listed - needed)
+        assert not unused, f"dvc.yaml: stages.{name}.deps lists {unused}, which its code does not import"
+
+
+def test_each_stage_reads_the_digests_of_the_user_files_it_reads():
+    stages = YAML(typ="safe").load((REPO / "dvc.yaml").read_text())["stages"]
+    digests = {name: {d for d in stage["deps"] if d.startswith("data/inputs/")} for name, stage in stages.items()}
+    assert digests == {
+        "inputs": set(),
+        "prepare": {"data/inputs/data.json", "data/inputs/model.json"},  # the user's data, the checkpoint's tokenizer
+        "sft": {"data/inputs/model.json"},  # the checkpoint's weights
+        "mia": {"data/inputs/reference_model.json"},
+        "train": {"data/inputs/judge_model.json"},
+        "evaluate": {"data/inputs/reference_model.json"},
+        "summary": set(),
+    }
+    from grpolab.inputs import USER_FILES
+
+    outs = {next(iter(o)) if isinstance(o, dict) else o for o in stages["inputs"]["outs"]}
+    assert outs == {f"data/inputs/{name}" for name in USER_FILES}
+    assert set(stages["inputs"]["params"]) == {key for keys in USER_FILES.values() for key in keys}

@@ -1,13 +1,18 @@
-"""What MIA costs, measured side by side in one run.
+"""What MIA costs, measured side by side in blocks that alternate which contender goes first.
 
 1. Min-K%++ scoring of a batch (forward pass + per-token mean/variance of log p under the
    model's own distribution + lowest-k selection) against a bare forward pass over the same
-   batch: the ratio of median times over interleaved repeats.
-2. The MIA-weighted loss against plain GRPO: the weight lookup plus the update of one fixed
-   batch of rollouts, with MIA weights and with all-ones weights alternating; the difference,
-   added to a plain step's time (rollouts + update), gives the step-time ratio.
+   batch: per block, `--repeats` rounds of one call each (in the block's order); the ratio of
+   the block's median times.
+2. The MIA-weighted loss against plain GRPO. Per block: `--steps` plain steps end to end
+   (rollouts + update), then the weight lookup plus the update of the block's last batch of
+   rollouts, with MIA weights and with all-ones weights taking turns `--repeats` times (in the
+   block's order); the difference of the medians, added to the median plain step, gives the
+   block's step-time ratio.
+Blocks alternate the order (A, B; then B, A; ...). Prints the per-block figures and the median
+and spread (min, max) of each ratio over the blocks.
 
-    make bench-mia        # or: python bench/bench_mia.py --repeats 30 --steps 8
+    make bench-mia        # or: python bench/bench_mia.py --blocks 5 --repeats 10 --steps 4
 
 Needs `make run` (or `dvc repro mia`) first, for models/base and data/train_weighted.parquet.
 """
@@ -16,17 +21,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import pandas as pd
 import torch
-from common import engine_on_base, scratch_params
+from common import block_order, engine_on_base, markdown_table, scratch_params, seconds, spread, take_turns
 
 ROOT = Path.cwd()
 
 
-def bench_scoring(a) -> tuple[float, float]:
+def bench_scoring(a) -> list[tuple[float, float]]:
+    """Per block: (median bare forward, median Min-K%++ scoring), in seconds."""
     from grpolab.data.tokenizer import encode_prompt, load_tokenizer
     from grpolab.mia import scores as S
     from grpolab.models import load_model
@@ -48,21 +53,17 @@ def bench_scoring(a) -> tuple[float, float]:
         logp, mu, sigma = S.token_statistics(completion_logits(model, *parts), r.completion_ids)
         S.score_min_k_plus_plus(logp, mu, sigma, r.completion_mask, 0.2)
 
-    times = {bare: [], min_k_plus_plus: []}
-    for fn in times:
-        fn()  # warm-up
-    for _ in range(a.repeats):
-        for fn in times:
-            began = time.perf_counter()
-            fn()
-            times[fn].append(time.perf_counter() - began)
-    return statistics.median(times[bare]), statistics.median(times[min_k_plus_plus])
+    contenders = {"bare": lambda _: seconds(bare), "Min-K%++": lambda _: seconds(min_k_plus_plus)}
+    for fn in contenders.values():
+        fn(-1)  # warm-up
+    blocks = [take_turns(contenders, block, a.repeats) for block in range(a.blocks)]
+    return [(statistics.median(b["bare"]), statistics.median(b["Min-K%++"])) for b in blocks]
 
 
-def bench_weighted_loss(a) -> tuple[float, float, float]:
-    """(plain step time, loss weights + update with MIA weights, the same with all-ones weights):
-    the update is timed on one fixed batch of rollouts, weighted and plain alternating, so the
-    difference is the weighting's cost alone, without two diverging trajectories' noise."""
+def bench_weighted_loss(a) -> list[tuple[float, float, float]]:
+    """Per block: (median plain step time, loss weights + update with MIA weights, the same with
+    all-ones weights): the update is timed on one fixed batch of rollouts, weighted and plain taking
+    turns, so the difference is the weighting's cost alone, without two diverging trajectories' noise."""
     from grpolab import config
     from grpolab.train import make_batch, update
     from grpolab.variants import Variants
@@ -73,42 +74,56 @@ def bench_weighted_loss(a) -> tuple[float, float, float]:
     plain = config.apply_overrides(["train.use_mia_weighted_loss=false"], scratch)
     engine, _, ref, tokenizer, data = engine_on_base(ROOT, plain)
     variants = {False: Variants(plain, data, tokenizer), True: Variants(weighted, data, tokenizer)}
+    made = {}
 
-    steps = []
-    for i in range(a.steps):  # plain steps end to end: rollouts, rewards, reference, update
-        began = time.perf_counter()
-        batch, info = make_batch(plain, engine, ref, tokenizer, data, None, variants[False], i)
-        update(plain, engine, batch)
-        steps.append(time.perf_counter() - began)
-    rows = info["rows"]
-    updates = {False: [], True: []}
-    for _ in range(a.repeats):
-        for on in (False, True):
-            began = time.perf_counter()
-            batch.weights = variants[on].loss_weights(batch.rollout, rows, batch.token_class, engine.module)
+    def plain_step(i: int) -> None:  # end to end: rollouts, rewards, reference, update
+        made["batch"], made["info"] = make_batch(plain, engine, ref, tokenizer, data, None, variants[False], i)
+        update(plain, engine, made["batch"])
+
+    def weighted_update(on: bool) -> float:
+        def run() -> None:
+            batch = made["batch"]
+            batch.weights = variants[on].loss_weights(batch.rollout, made["info"]["rows"], batch.token_class, engine.module)
             update(weighted if on else plain, engine, batch)
-            updates[on].append(time.perf_counter() - began)
-    return statistics.median(steps[1:]), statistics.median(updates[True]), statistics.median(updates[False])
+        return seconds(run)
+
+    plain_step(0)  # warm-up (untimed)
+    updates = {"plain": lambda _: weighted_update(False), "MIA": lambda _: weighted_update(True)}
+    blocks = []
+    for block in range(a.blocks):
+        steps = [seconds(lambda: plain_step(1 + block * a.steps + i)) for i in range(a.steps)]
+        got = take_turns(updates, block, a.repeats)
+        blocks.append((statistics.median(steps), statistics.median(got["MIA"]), statistics.median(got["plain"])))
+    return blocks
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--blocks", type=int, default=5, help="blocks, alternating which contender goes first")
     p.add_argument("--batch", type=int, default=256, help="texts scored per batch")
-    p.add_argument("--repeats", type=int, default=30, help="timed repeats of each scoring function")
-    p.add_argument("--steps", type=int, default=8, help="plain training steps timed end to end")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls of each contender per block, taking turns")
+    p.add_argument("--steps", type=int, default=4, help="plain training steps timed end to end per block")
     a = p.parse_args()
-    bare, mkpp = bench_scoring(a)
-    step, update_weighted, update_plain = bench_weighted_loss(a)
-    print(f"\nMin-K%++ scoring of {a.batch} texts vs a bare forward pass ({a.repeats} interleaved repeats, median)")
-    print(f"  bare forward   {bare * 1e3:8.1f} ms")
-    print(f"  Min-K%++       {mkpp * 1e3:8.1f} ms")
-    print(f"  ratio          {mkpp / bare:8.3f}x   (goal <= 1.2x)")
-    added = update_weighted - update_plain
-    print(f"\nMIA-weighted loss vs plain GRPO (update of one batch, {a.repeats} interleaved repeats, median)")
-    print(f"  plain step (rollouts + update)  {step * 1e3:8.1f} ms  (median of {a.steps - 1} steps)")
-    print(f"  update, plain weights           {update_plain * 1e3:8.1f} ms")
-    print(f"  update, MIA weights             {update_weighted * 1e3:8.1f} ms")
-    print(f"  step-time ratio                 {(step + added) / step:8.3f}x   (goal <= 1.02x)")
+    scoring = bench_scoring(a)
+    loss = bench_weighted_loss(a)
+
+    order = lambda names, b: ", ".join(block_order(names, b))  # noqa: E731
+    ratios = [m / b for b, m in scoring]
+    print(f"\nMin-K%++ scoring of {a.batch} texts vs a bare forward pass ({a.blocks} blocks x {a.repeats} "
+          f"calls each taking turns; per block the median)")
+    print(markdown_table(["block", "order", "bare forward (ms)", "Min-K%++ (ms)", "ratio"],
+                         [[i + 1, order(["bare", "Min-K%++"], i), f"{b * 1e3:.1f}", f"{m * 1e3:.1f}", f"{r:.3f}x"]
+                          for i, ((b, m), r) in enumerate(zip(scoring, ratios))]))
+    print(f"ratio, median [min, max] over {a.blocks} blocks: {spread(ratios, fmt='{:.3f}')}x   (goal <= 1.2x)")
+
+    step_ratios = [(step + mia - ones) / step for step, mia, ones in loss]
+    print(f"\nMIA-weighted loss vs plain GRPO ({a.blocks} blocks: {a.steps} plain steps, then {a.repeats} updates "
+          f"of the block's last batch with each weighting, taking turns; per block the medians)")
+    print(markdown_table(["block", "order", "plain step (ms)", "update, plain weights (ms)", "update, MIA weights (ms)",
+                          "step-time ratio"],
+                         [[i + 1, order(["plain", "MIA"], i), f"{step * 1e3:.1f}", f"{ones * 1e3:.1f}", f"{mia * 1e3:.1f}",
+                           f"{r:.3f}x"] for i, ((step, mia, ones), r) in enumerate(zip(loss, step_ratios))]))
+    print(f"step-time ratio, median [min, max] over {a.blocks} blocks: {spread(step_ratios, fmt='{:.3f}')}x   (goal <= 1.02x)")
 
 
 if __name__ == "__main__":

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 from pathlib import Path
 
 import torch
-from common import engine_on_base, scratch_params
+from common import alternate, engine_on_base, scratch_params, spread
 
 ROOT = Path.cwd()
 CONTENDERS = ("plain", "same_batch", "separate", "naive")
@@ -93,17 +92,9 @@ def main() -> None:
 
     for name in CONTENDERS:  # warm-up (untimed)
         step(name, 10_000)
-    times = {name: [] for name in CONTENDERS}
-    active = []
-    for block in range(a.blocks):
-        order = CONTENDERS[block % 4 :] + CONTENDERS[: block % 4]
-        for name in order:
-            result = step(name, block)
-            times[name].append(result["time"])
-        active.append(result["active"])
-
-    def spread(values: list[float], scale: float = 1.0, fmt: str = "{:.1f}") -> str:
-        return f"{fmt.format(statistics.median(values) * scale)} [{fmt.format(min(values) * scale)}, {fmt.format(max(values) * scale)}]"
+    results = alternate({name: (lambda block, name=name: step(name, block)) for name in CONTENDERS}, a.blocks)
+    times = {name: [r["time"] for r in results[name]] for name in CONTENDERS}
+    active = [r["active"] for r in results["plain"]]  # the same batch for every contender of a block
 
     n = plain.train.prompts_per_step * g
     print(f"\nTracIn step cost: {a.blocks} blocks x 4 contenders, one model and batch per block, {n} completions per step")

@@ -2,11 +2,14 @@
 
 Same base model (models/base), same train prompts, group size, prompts per step, max new
 tokens, KL beta, loss aggregation, learning rate, rewards (answer match + 0.1 format), one
-optimizer step per batch of rollouts, one micro-batch per step. Prints steps/s and completion
-tokens/s for both and their ratio; the first `--warmup` steps of each are not timed.
+optimizer step per batch of rollouts, one micro-batch per step. Each block trains both from the
+base model (`--steps` steps, the first `--warmup` not timed), in an order that alternates from
+block to block (grpolab, TRL; then TRL, grpolab; ...), so drift of the machine lands on both
+sides. Prints each block's steps/s and completion tokens/s and their ratio, and the median and
+spread (min, max) of the ratio over the blocks.
 
     make bench            # installs trl (once) and runs this from the project root
-    python bench/bench_trl.py --steps 22 --warmup 2
+    python bench/bench_trl.py --blocks 5 --steps 22 --warmup 2
 
 Needs `make run` (or `dvc repro sft`) first, for models/base and data/train.parquet.
 """
@@ -16,11 +19,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
+from common import alternate, block_order, markdown_table, spread
 
 AGG_TO_TRL = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "seq-mean-token-sum-norm": "dr_grpo"}
 ROOT = Path.cwd()
@@ -105,6 +110,7 @@ def bench_trl(a) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--blocks", type=int, default=5, help="blocks of the two trainers, alternating which goes first")
     p.add_argument("--steps", type=int, default=22)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--prompts", type=int, default=16)
@@ -114,14 +120,24 @@ def main() -> None:
     p.add_argument("--loss-agg", default="token-mean", choices=sorted(AGG_TO_TRL))
     p.add_argument("--lr", type=float, default=2e-4)
     a = p.parse_args()
-    ours = bench_grpolab(a)
-    trl = bench_trl(a)
+
+    def contender(name, bench):
+        def run(block: int) -> tuple[float, float]:
+            print(f"==> block {block + 1}/{a.blocks}: {name}", file=sys.stderr, flush=True)
+            return bench(a)
+        return run
+
+    got = alternate({"grpolab": contender("grpolab", bench_grpolab), "TRL": contender("TRL", bench_trl)}, a.blocks)
+    ours, trl = got["grpolab"], got["TRL"]
+    ratios = [[o[i] / t[i] for o, t in zip(ours, trl)] for i in (0, 1)]  # steps/s, tokens/s
     print(f"\nsame model, data, group={a.group}, prompts/step={a.prompts}, max_new_tokens={a.max_new_tokens}, "
-          f"beta={a.beta}, loss_agg={a.loss_agg}; {a.steps - a.warmup} timed steps each")
-    print(f"{'trainer':<10} {'steps/s':>9} {'completion tok/s':>17}")
-    print(f"{'grpolab':<10} {ours[0]:>9.3f} {ours[1]:>17.0f}")
-    print(f"{'TRL':<10} {trl[0]:>9.3f} {trl[1]:>17.0f}")
-    print(f"{'ratio':<10} {ours[0] / trl[0]:>8.2f}x {ours[1] / trl[1]:>16.2f}x")
+          f"beta={a.beta}, loss_agg={a.loss_agg}; {a.steps - a.warmup} timed steps each, {a.blocks} blocks alternating the order")
+    rows = [[b + 1, ", ".join(block_order(list(got), b)), f"{o[0]:.3f}", f"{t[0]:.3f}", f"{ratios[0][b]:.2f}x",
+             f"{o[1]:.0f}", f"{t[1]:.0f}", f"{ratios[1][b]:.2f}x"] for b, (o, t) in enumerate(zip(ours, trl))]
+    print(markdown_table(["block", "order", "grpolab steps/s", "TRL steps/s", "ratio",
+                          "grpolab completion tok/s", "TRL completion tok/s", "ratio"], rows))
+    print(f"ratio grpolab / TRL, median [min, max] over {a.blocks} blocks: steps/s {spread(ratios[0], fmt='{:.2f}')}x, "
+          f"completion tokens/s {spread(ratios[1], fmt='{:.2f}')}x")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,18 @@
-"""What the benches share: a scratch copy of params.yaml and a DeepSpeed engine on the base model."""
+"""What the benches share: a scratch copy of params.yaml, a DeepSpeed engine on the base model, and
+blocks that alternate the contenders' order (so machine drift does not land on one side) with their
+median [min, max] summaries."""
 
 from __future__ import annotations
 
 import shutil
+import statistics
 import tempfile
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
-import pandas as pd
-import torch
+T = TypeVar("T")
 
 
 def scratch_params(root: Path) -> Path:
@@ -20,6 +25,8 @@ def scratch_params(root: Path) -> Path:
 def engine_on_base(root: Path, params):
     """(engine, optimizer, reference model, tokenizer, train data) as the train stage builds them, from root/models/base."""
     import deepspeed
+    import pandas as pd
+    import torch
 
     from grpolab import distributed as dist
     from grpolab.data.tokenizer import load_tokenizer
@@ -35,3 +42,47 @@ def engine_on_base(root: Path, params):
     optimizer = torch.optim.AdamW(model.parameters(), lr=params.train.learning_rate)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(params, False))
     return engine, optimizer, ref, tokenizer, pd.read_parquet(root / WEIGHTED_TRAIN_FILE)
+
+
+def block_order(names: Sequence[str], block: int) -> list[str]:
+    """The contenders' order in block `block`: rotated by one each block, so each goes first equally
+    often (two contenders: A, B then B, A)."""
+    k = block % len(names)
+    return [*names[k:], *names[:k]]
+
+
+def take_turns(contenders: dict[str, Callable[[int], T]], block: int, repeats: int = 1) -> dict[str, list[T]]:
+    """One block: `repeats` rounds, each contender called once a round with the block's index, in
+    block_order; what each contender returned, by name."""
+    results: dict[str, list[T]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name in block_order(list(contenders), block):
+            results[name].append(contenders[name](block))
+    return results
+
+
+def alternate(contenders: dict[str, Callable[[int], T]], blocks: int) -> dict[str, list[T]]:
+    """`blocks` blocks of one turn each: by name, what the contender returned in each block."""
+    results: dict[str, list[T]] = {name: [] for name in contenders}
+    for block in range(blocks):
+        for name, got in take_turns(contenders, block).items():
+            results[name] += got
+    return results
+
+
+def seconds(fn: Callable[[], object]) -> float:
+    """Wall time of one call."""
+    began = time.perf_counter()
+    fn()
+    return time.perf_counter() - began
+
+
+def spread(values: Sequence[float], scale: float = 1.0, fmt: str = "{:.1f}") -> str:
+    """'median [min, max]' of the values, each times `scale`."""
+    return f"{fmt.format(statistics.median(values) * scale)} [{fmt.format(min(values) * scale)}, {fmt.format(max(values) * scale)}]"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table, ready for the README."""
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(str(cell) for cell in line) + " |" for line in lines)

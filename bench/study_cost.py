@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from common import block_order
 from ruamel.yaml import YAML
 
 BIN = Path(sys.executable).parent
@@ -81,9 +82,8 @@ def main() -> None:
     rows = []
     for i, seed in enumerate(args.seeds or spec["seeds"]):
         sides = {"study": study_side, "one by one": one_by_one_side}
-        order = list(sides) if i % 2 == 0 else list(sides)[::-1]
         times = {}
-        for side in order:
+        for side in block_order(list(sides), i):
             print(f"==> block {i + 1} (seed {seed}): {side}", flush=True)
             times[side] = sides[side](project, spec, seed, work)
             print(f"    {side}: {times[side]:.0f} s", flush=True)

@@ -10,6 +10,7 @@ from grpolab.algos.losses import (
     AGGREGATIONS, KL_ESTIMATORS, aggregate, aggregation_units, clipped_policy_loss, compose_token_loss,
     entropy_from_logits, policy_token_stats, token_logprobs,
 )
+from grpolab.algos.mia_weights import normalize_scores
 
 
 def test_group_advantages_by_hand():
@@ -106,3 +107,40 @@ def test_policy_token_stats_match_the_separate_functions():
     torch.testing.assert_close(entropy, entropy_from_logits(logits))
     torch.testing.assert_close(prob_sq, torch.softmax(logits, -1).square().sum(-1))
     assert logp.requires_grad and not entropy.requires_grad and not prob_sq.requires_grad
+
+
+def _pairwise_rank(s: torch.Tensor) -> torch.Tensor:
+    """The former N x N formula of rank normalisation: (count below + (count equal - 1) / 2) / (N - 1)."""
+    s = s.double()
+    below = (s.unsqueeze(0) < s.unsqueeze(1)).sum(1).double()
+    equal = (s.unsqueeze(0) == s.unsqueeze(1)).sum(1).double()
+    return (below + (equal - 1) / 2) / (s.numel() - 1)
+
+
+def test_rank_normalisation_ties_by_hand():
+    # sorted: 1, 1, 1 (ranks 0-2, mean 1), 2 (3), 4, 4 (ranks 4-5, mean 4.5), 7 (6); N - 1 = 6
+    s = torch.tensor([4.0, 1.0, 7.0, 1.0, 2.0, 4.0, 1.0])
+    expected = torch.tensor([4.5, 1.0, 6.0, 1.0, 3.0, 4.5, 1.0], dtype=torch.float64) / 6
+    assert torch.equal(normalize_scores(s.double(), "rank"), expected)
+    torch.testing.assert_close(normalize_scores(s, "rank"), expected.float())
+    # two values, each tied twice: ranks 0.5, 2.5 over 3
+    assert normalize_scores(torch.tensor([3.0, -1.0, 3.0, -1.0], dtype=torch.float64), "rank").tolist() == [2.5 / 3, 0.5 / 3, 2.5 / 3, 0.5 / 3]
+    assert normalize_scores(torch.full((5,), -2.0), "rank").tolist() == [0.5] * 5
+    assert normalize_scores(torch.tensor([9.0, 8.0]), "rank").tolist() == [1.0, 0.0]
+
+
+def test_rank_normalisation_equals_the_pairwise_formula():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 50, (3000,), generator=g).double() / 7  # many ties
+    assert torch.equal(normalize_scores(s, "rank"), _pairwise_rank(s))
+    s32 = torch.randn(2000, generator=g).float().round(decimals=1)
+    assert torch.equal(normalize_scores(s32, "rank"), _pairwise_rank(s32).float())
+
+
+def test_rank_normalisation_scales_to_many_prompts():
+    # the N x N form would need 2 x 40e9 comparisons here; the sort needs O(N) memory
+    n = 200_000
+    s = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(1)).double()
+    w = normalize_scores(s, "rank")
+    assert w.shape == (n,) and bool(((w >= 0) & (w <= 1)).all())
+    assert w.mean().item() == pytest.approx(0.5, abs=1e-12)  # mean rank (N - 1) / 2, ties or not

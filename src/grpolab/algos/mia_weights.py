@@ -20,10 +20,14 @@ def normalize_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
     if how == "minmax":
         out = (s - s.min()) / (s.max() - s.min())
     else:
-        # mean rank of ties: the count below plus half the count equal, minus a half
-        below = (s.unsqueeze(0) < s.unsqueeze(1)).sum(1).double()
-        equal = (s.unsqueeze(0) == s.unsqueeze(1)).sum(1).double()
-        out = (below + (equal - 1) / 2) / (s.numel() - 1)
+        # mean rank of ties: the count below plus half the count equal, minus a half; from one sort,
+        # O(N) memory (runs of equal values in sorted order are the tie groups)
+        ordered, order = torch.sort(s)
+        _, group, equal = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
+        below = torch.cumsum(equal, 0) - equal
+        mean_rank = (below.double() + (equal.double() - 1) / 2) / (s.numel() - 1)
+        out = torch.empty_like(s)
+        out[order] = mean_rank[group]
     return out.to(scores.dtype)
 
 

@@ -56,7 +56,7 @@ def kill_during(project: Path, stage: str) -> bool:
     while f"==> grpolab stage {stage}" not in log.read_text():
         assert proc.poll() is None and time.monotonic() < deadline, f"dvc repro ended before stage {stage} began"
         time.sleep(0.1)
-    time.sleep(1.0)
+    time.sleep(0.5)
     running = any(_runs_stage(p, stage) for p in psutil.Process(proc.pid).children(recursive=True))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

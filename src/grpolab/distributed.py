@@ -7,7 +7,6 @@ workers read their rank from the environment it sets.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 from contextlib import nullcontext
@@ -15,7 +14,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from grpolab.procs import die_with_parent
+from grpolab.procs import die_with_parent, signals_stop
 
 
 LOOPBACK_INTERFACE = "lo"  # Linux's name for it
@@ -70,18 +69,15 @@ def launch_local(argv: list[str], processes: int) -> None:
     workers = [subprocess.Popen(argv, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, preexec_fn=die_with_parent)
                for r in range(processes)]
 
-    def stop(signum, _frame):
+    def forward(signum: int) -> None:
         for w in workers:
             if w.returncode is None:
                 w.send_signal(signum)
-        raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        failed = _wait_first_failure(workers)
+        with signals_stop(forward):
+            failed = _wait_first_failure(workers)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         for w in workers:
             if w.poll() is None:
                 w.kill()

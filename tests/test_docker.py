@@ -1,8 +1,12 @@
-"""docker/: the two images and what they promise, checked without a Docker engine.
+"""docker/: the two images, compose.yaml and what they promise, checked without a Docker engine.
 
-No engine runs where these tests run, so nothing here builds an image. What can be checked statically
-is: both Dockerfiles with hadolint; that the images install what `make install` installs; and that
-.dockerignore keeps local state, results and secrets out of the build context.
+No engine runs where these tests run, so nothing here builds an image or starts a container. What can
+be checked statically is: compose.yaml against the Compose specification's JSON schema (vendored as
+docker/compose-spec.json), with variables interpolated from docker/.env.example as compose does; the
+ports, healthchecks, dependencies and secrets of its services; both Dockerfiles with hadolint; that the
+images install what `make install` installs; and that every command a service runs, with each option
+it passes, exists in what its image installs (the console scripts of the pinned distributions, whose
+`--help` is read from this venv, the same versions).
 """
 
 from __future__ import annotations
@@ -15,14 +19,23 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from importlib.metadata import distributions
 from pathlib import Path
 
+import jsonschema
+import pytest
 import yaml
+from packaging.utils import canonicalize_name
 
 from conftest import REPO
 
 DOCKER = REPO / "docker"
+COMPOSE = DOCKER / "compose.yaml"
+ENV_EXAMPLE = DOCKER / ".env.example"
 BIN = Path(sys.executable).parent
+SERVICES = {"postgres", "mlflow", "prefect-server", "worker"}
+# What the official images that compose.yaml pulls (rather than builds) provide on their PATH.
+PULLED_IMAGES = {"postgres": {"postgres", "pg_isready", "psql", "docker-entrypoint.sh"}}
 
 
 # --- Dockerfiles
@@ -246,4 +259,309 @@ def test_dockerignore_keeps_local_state_results_and_secrets_out_of_the_build_con
     assert "src/grpolab/cli.py" in kept and "flows/pipeline.py" in kept
     for path in [*copied, *kept, "docker/.env.example", "data/.gitignore"]:
         assert not dockerignored(path, rules), f"{path} is left out of the build context"
+
+
+# --- compose.yaml. Compose's variable interpolation, as its reference describes it:
+# https://docs.docker.com/reference/compose-file/interpolation/
+
+_REFERENCE = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[^}]*)\}|(?P<named>[A-Za-z_][A-Za-z0-9_]*))")
+_BRACED = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|-|:\?|\?|:\+|\+)(?P<arg>.*))?", re.S)
+
+
+class InterpolationError(ValueError):
+    pass
+
+
+def interpolate_string(text: str, env: dict[str, str]) -> str:
+    def substitute(m: re.Match) -> str:
+        if m["escaped"]:
+            return "$"
+        if m["named"]:
+            return env.get(m["named"], "")
+        b = _BRACED.fullmatch(m["braced"])
+        if not b:
+            raise InterpolationError(f"invalid interpolation format: {m[0]!r}")
+        name, op, arg = b["name"], b["op"], b["arg"]
+        value = env.get(name)
+        unset_or_empty = not value
+        if op in (":-", "-"):
+            return arg if (unset_or_empty if op == ":-" else value is None) else value
+        if op in (":?", "?"):
+            if unset_or_empty if op == ":?" else value is None:
+                raise InterpolationError(f"required variable {name} is missing a value: {arg}")
+            return value
+        if op in (":+", "+"):
+            return arg if (not unset_or_empty if op == ":+" else value is not None) else ""
+        return value or ""
+
+    out, last = [], 0
+    for m in _REFERENCE.finditer(text):
+        if "$" in text[last : m.start()]:
+            raise InterpolationError(f"invalid interpolation format in {text!r}")
+        out += [text[last : m.start()], substitute(m)]
+        last = m.end()
+    if "$" in text[last:]:
+        raise InterpolationError(f"invalid interpolation format in {text!r}")
+    return "".join(out) + text[last:]
+
+
+def interpolate(node, env: dict[str, str]):
+    """Compose interpolates values (not keys) after parsing the YAML."""
+    if isinstance(node, dict):
+        return {k: interpolate(v, env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [interpolate(v, env) for v in node]
+    return interpolate_string(node, env) if isinstance(node, str) else node
+
+
+def references(text: str) -> list[tuple[str, str | None]]:
+    """(name, operator) of every variable the text refers to, `$$` escapes left out."""
+    found = []
+    for m in _REFERENCE.finditer(text):
+        if m["named"]:
+            found.append((m["named"], None))
+        elif m["braced"] is not None:
+            b = _BRACED.fullmatch(m["braced"])
+            assert b, f"invalid interpolation format: {m[0]!r}"
+            found.append((b["name"], b["op"]))
+    return found
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    env = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f"{path.name}: not KEY=VALUE: {line!r}"
+            env[key.strip()] = value.strip().strip("'\"")
+    return env
+
+
+@pytest.fixture(scope="module")
+def example_env() -> dict[str, str]:
+    return read_env_file(ENV_EXAMPLE)
+
+
+@pytest.fixture(scope="module")
+def compose(example_env) -> dict:
+    return interpolate(yaml.safe_load(COMPOSE.read_text()), example_env)
+
+
+def dockerfile_of(service: dict) -> Path | None:
+    build = service.get("build")
+    if build is None:
+        return None
+    return (DOCKER / build["context"] / build.get("dockerfile", "Dockerfile")).resolve()
+
+
+def test_compose_file_is_valid_against_the_compose_specification(compose):
+    schema = json.loads((DOCKER / "compose-spec.json").read_text())
+    assert schema["title"] == "Compose Specification"
+    errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(compose), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+    assert set(compose["services"]) == SERVICES
+    # the schema does catch a broken file: a misspelt key, a wrong type
+    broken = json.loads(json.dumps(compose))
+    broken["services"]["mlflow"]["healthcheck"]["retry"] = 3
+    broken["services"]["worker"]["shm_size"] = ["8gb"]
+    assert len(list(jsonschema.Draft7Validator(schema).iter_errors(broken))) == 2
+
+
+def test_a_missing_secret_stops_compose_and_says_where_to_set_it(example_env):
+    raw = yaml.safe_load(COMPOSE.read_text())
+    secrets = [name for name in example_env if re.search(r"PASSWORD|USER$|SECRET|TOKEN", name)]
+    assert set(secrets) == {"POSTGRES_USER", "POSTGRES_PASSWORD"}
+    for name in secrets:
+        for env in ({k: v for k, v in example_env.items() if k != name}, {**example_env, name: ""}):
+            with pytest.raises(InterpolationError, match=rf"{name} is missing a value: set {name} in docker/\.env"):
+                interpolate(raw, env)
+    # every reference to a secret is the required form: no default, no silent empty value
+    for name, op in references(COMPOSE.read_text()):
+        if name in secrets:
+            assert op == ":?", f"${{{name}}} without :? in compose.yaml"
+
+
+def test_no_secret_is_written_in_compose_yaml_and_the_env_file_stays_out_of_git(example_env):
+    text = COMPOSE.read_text()
+    used = {name for name, _ in references(text)}
+    assert used <= set(example_env), f"not defined in docker/.env.example: {sorted(used - set(example_env))}"
+    assert example_env["POSTGRES_PASSWORD"] not in text
+    # credentials in a URL come from variables only: scheme://${USER}:${PASSWORD}@host
+    userinfos = re.findall(r"[a-z0-9+]+://((?:\$\{[^}]*\}|[^\s/@$])*)@", text)
+    assert len(userinfos) == 2  # MLflow's backend store, Prefect's database
+    for userinfo in userinfos:
+        assert re.fullmatch(r"\$\{[^}]+\}:\$\{[^}]+\}", userinfo), userinfo
+    for service in yaml.safe_load(text)["services"].values():
+        for key, value in (service.get("environment") or {}).items():
+            if re.search(r"PASSWORD|SECRET|TOKEN", key):
+                assert re.fullmatch(r"\$\{[^}]+\}", str(value)), f"{key}: a literal value"
+
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0
+
+    assert ignored("docker/.env") and not ignored("docker/.env.example")
+    assert subprocess.run(["git", "ls-files", "docker/.env"], cwd=REPO, capture_output=True, text=True).stdout == ""
+
+
+def test_published_ports_are_on_the_loopback_interface_only(compose):
+    published = {}
+    for name, service in compose["services"].items():
+        assert service.get("network_mode") != "host", name
+        for port in service.get("ports", []):
+            if isinstance(port, dict):
+                assert port.get("host_ip") == "127.0.0.1", f"{name}: {port}"
+            else:
+                assert str(port).startswith("127.0.0.1:"), f"{name}: {port}"
+            published.setdefault(name, []).append(port)
+    assert published == {"mlflow": ["127.0.0.1:5000:5000"], "prefect-server": ["127.0.0.1:4200:4200"]}
+
+
+def option(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_every_service_is_health_checked_and_waits_for_what_it_needs(compose):
+    services = compose["services"]
+    for name, service in services.items():
+        test = service.get("healthcheck", {}).get("test")
+        assert test and test[0] in ("CMD", "CMD-SHELL") and not service["healthcheck"].get("disable"), name
+        for dependency, spec in service.get("depends_on", {}).items():
+            assert isinstance(spec, dict) and spec.get("condition"), f"{name} -> {dependency}: no condition"
+            if spec["condition"] == "service_healthy":
+                assert "healthcheck" in services[dependency]
+    waits = {name: {d: s["condition"] for d, s in service.get("depends_on", {}).items()} for name, service in services.items()}
+    assert waits == {
+        "postgres": {},
+        "mlflow": {"postgres": "service_healthy"},
+        "prefect-server": {"postgres": "service_healthy"},
+        "worker": {"prefect-server": "service_healthy", "mlflow": "service_healthy"},
+    }
+    # each HTTP healthcheck asks the port its server listens on
+    for name in ("mlflow", "prefect-server"):
+        port = option(services[name]["command"], "--port")
+        assert re.search(rf"http://127\.0\.0\.1:{port}/", services[name]["healthcheck"]["test"][-1]), name
+        assert services[name]["ports"] == [f"127.0.0.1:{port}:{port}"]
+    assert "/health'" in services["mlflow"]["healthcheck"]["test"][-1]
+    assert "/api/health'" in services["prefect-server"]["healthcheck"]["test"][-1]
+    # the worker's: Prefect's worker webserver, which --with-healthcheck starts on the host it is told
+    from prefect.settings.models.worker import WorkerWebserverSettings
+
+    worker = services["worker"]
+    assert "--with-healthcheck" in worker["command"]
+    url = f"http://{worker['environment']['PREFECT_WORKER_WEBSERVER_HOST']}:{WorkerWebserverSettings().port}/health'"
+    assert url in worker["healthcheck"]["test"][-1]
+    # postgres': over TCP, so that it is not healthy while the init scripts run on the socket-only server
+    assert re.search(r"\bpg_isready -h 127\.0\.0\.1 -p 5432\b", services["postgres"]["healthcheck"]["test"][1])
+
+
+def test_the_worker_gets_the_gpus_the_project_and_the_servers(compose):
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    services = compose["services"]
+    worker = services["worker"]
+    assert dockerfile_of(worker) == CUDA_IMAGE
+    assert worker["deploy"]["resources"]["reservations"]["devices"] == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    [mount] = worker["volumes"]
+    assert mount["type"] == "bind" and (DOCKER / mount["source"]).resolve() == REPO and mount["target"] == "/workspace"
+    assert worker["working_dir"] == "/workspace"
+    size = re.fullmatch(r"(\d+)(gb|g)", worker["shm_size"].lower())
+    assert size and int(size[1]) >= 4, worker["shm_size"]
+    env = worker["environment"]
+    assert env["PREFECT_API_URL"] == f"http://prefect-server:{option(services['prefect-server']['command'], '--port')}/api"
+    mlflow_port = option(services["mlflow"]["command"], "--port")
+    assert env["MLFLOW_TRACKING_URI"] == f"http://mlflow:{mlflow_port}"
+    # MLflow answers only the Host headers it allows: the worker's (by service name) and the host's
+    allowed = option(services["mlflow"]["command"], "--allowed-hosts").split(",")
+    for host in (f"mlflow:{mlflow_port}", f"127.0.0.1:{mlflow_port}", f"localhost:{mlflow_port}"):
+        assert is_allowed_host_header(allowed, host), host
+    assert not is_allowed_host_header(allowed, f"evil.example:{mlflow_port}")
+
+
+def test_one_postgres_holds_mlflows_and_prefects_databases(compose):
+    services = compose["services"]
+    postgres = services["postgres"]
+    assert re.fullmatch(r"postgres:16\.\d+-\w+", postgres["image"])  # pinned to a minor release
+    assert "postgres-data:/var/lib/postgresql/data" in postgres["volumes"]
+    [init] = [v for v in postgres["volumes"] if v.endswith(":/docker-entrypoint-initdb.d:ro")]
+    scripts = sorted((DOCKER / init.split(":")[0]).glob("*.sql"))
+    created = {m.lower() for s in scripts for m in re.findall(r"^CREATE DATABASE (\w+);", s.read_text(), re.M | re.I)}
+    env = postgres["environment"]
+    user, password = env["POSTGRES_USER"], env["POSTGRES_PASSWORD"]
+    mlflow_uri = option(services["mlflow"]["command"], "--backend-store-uri")
+    prefect_uri = services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert mlflow_uri == f"postgresql://{user}:{password}@postgres:5432/{env['POSTGRES_DB']}"
+    assert prefect_uri == f"postgresql+asyncpg://{user}:{password}@postgres:5432/prefect"
+    assert env["POSTGRES_DB"] == "mlflow" and created == {"prefect"}
+    assert set(compose["volumes"]) == {"postgres-data", "mlflow-artifacts"}
+    assert services["mlflow"]["volumes"] == ["mlflow-artifacts:/mlartifacts"]
+    assert option(services["mlflow"]["command"], "--artifacts-destination") == "/mlartifacts"
+
+
+def console_script_owners() -> dict[str, set[str]]:
+    owners: dict[str, set[str]] = {}
+    for dist in distributions():
+        for ep in dist.entry_points:
+            if ep.group == "console_scripts":
+                owners.setdefault(ep.name, set()).add(canonicalize_name(dist.metadata["Name"]))
+    return owners
+
+
+def helps_of(commands: set[tuple[str, ...]], tmp_path: Path) -> dict[tuple[str, ...], str]:
+    """`--help` of each (executable, subcommand...) with this venv's scripts, run side by side."""
+    env = {**os.environ, "COLUMNS": "200", "PREFECT_HOME": str(tmp_path / "prefect"), "NO_COLOR": "1"}
+    running = {
+        c: subprocess.Popen([str(BIN / c[0]), *c[1:], "--help"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for c in commands
+    }
+    helps = {}
+    for c, process in running.items():
+        out, _ = process.communicate(timeout=120)
+        assert process.returncode == 0, f"{' '.join(c)} --help: {out}"
+        helps[c] = out
+    return helps
+
+
+def test_every_command_a_service_runs_is_installed_in_its_image(compose, tmp_path):
+    lock = {canonicalize_name(line.split("==")[0]) for line in (REPO / "requirements.lock").read_text().split() if "==" in line}
+    project = canonicalize_name(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["name"])
+    owners = console_script_owners()
+    commands = {}
+    for name, service in compose["services"].items():
+        command = service.get("entrypoint") or service.get("command") or []
+        commands[name] = shlex.split(command) if isinstance(command, str) else command
+    cli = {tuple(c[: next((i for i, a in enumerate(c) if a.startswith("-")), len(c))]) for c in commands.values() if c}
+    assert cli == {("mlflow", "server"), ("prefect", "server", "start"), ("prefect", "worker", "start")}
+    helps = helps_of(cli, tmp_path)
+    for name, service in compose["services"].items():
+        command = commands[name]
+        test = service["healthcheck"]["test"]
+        checked = shlex.split(test[1])[:1] if test[0] == "CMD-SHELL" else test[1:2]
+        dockerfile = dockerfile_of(service)
+        if dockerfile is None:  # a pulled image: what it is known to provide
+            provided = PULLED_IMAGES[service["image"].split(":")[0]]
+            assert {*command[:1], *checked} <= provided, name
+            continue
+        assert dockerfile.is_file(), dockerfile
+        assert set(service["build"].get("args", {})) <= build_args(dockerfile), f"{name}: build args the Dockerfile does not declare"
+        installs = pip_installs(dockerfile)
+        assert ["-r", "requirements.lock"] in [i[-2:] for i in installs] and any(i[-1] == "." for i in installs)
+        for executable in {command[0], *checked}:
+            if executable == "python":  # the venv's, first on PATH (checked with the installs)
+                continue
+            dists = owners.get(executable, set())
+            assert dists and dists <= lock | {project}, f"{name}: `{executable}` is declared by {dists or 'no distribution'}"
+        # each subcommand and option of the command exists in that version's CLI
+        words = tuple(command[: next((i for i, a in enumerate(command) if a.startswith("-")), len(command))])
+        for arg in command:
+            if arg.startswith("--"):
+                flag = arg.split("=")[0]
+                assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", helps[words]), f"{name}: {' '.join(words)} has no {flag}"
+    # option values that name something installed: MLflow's app and Prefect's worker type
+    app = option(compose["services"]["mlflow"]["command"], "--app-name")
+    assert app in re.search(r"--app-name \[([^\]]+)\]", helps[("mlflow", "server")])[1].split("|")
+    from prefect.workers.process import ProcessWorker
+
+    assert option(compose["services"]["worker"]["command"], "--type") == ProcessWorker.type
+
 

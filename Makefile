@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 PIP := $(BIN)/pip install --disable-pip-version-check --progress-bar off -q
 
-.PHONY: install browser run test ui bench bench-mia bench-tracin clean clean-all
+.PHONY: install browser postgres run test ui deploy bench bench-mia bench-tracin clean clean-all
 
 install: $(STAMP)
 
@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml requirements.lock
 	@# DeepSpeed JIT-builds its CPU shared-memory comm op on first use (~1 min): do it here, once,
 	@# rather than inside the first training (where an interrupted build leaves a lock behind).
 	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	@# Likewise DeepSpeed's CPU Adam, which train.deepspeed.offload_optimizer steps the offloaded state with.
+	$(BIN)/python -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()"
 	touch $@
 
 run: install
@@ -39,8 +41,23 @@ browser:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-test: install browser
+# Debian's PostgreSQL server, for the tests that run an MLflow tracking server on it (root or sudo, once).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { \
+	  echo "==> installing Debian's postgresql (once)"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+
+test: install browser postgres
 	pytest -q
+
+# The Prefect deployments of prefect.yaml on a `process` work pool, against the Prefect server that
+# PREFECT_API_URL names (e.g. `prefect server start` elsewhere); then start `prefect worker start --pool grpolab`.
+POOL ?= grpolab
+deploy: install
+	@[ -n "$$PREFECT_API_URL" ] || { echo "set PREFECT_API_URL to your Prefect server's API (http://HOST:4200/api)"; exit 2; }
+	prefect work-pool create $(POOL) --type process --overwrite
+	prefect --no-prompt deploy --all --pool $(POOL)
 
 ui: install
 	grpolab ui

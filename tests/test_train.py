@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from grpolab import config
 from grpolab.models import load_model
 from grpolab.stages import run_stage
-from grpolab.train import CHECKPOINT_DIR, CURVE_FILE, TRAINED_DIR
+from grpolab.train import CHECKPOINT_DIR, CURVE_FILE, DEEPSPEED_CONFIG_ARTIFACT, TRAINED_DIR, deepspeed_config
 
 from conftest import BIN, REPO, TINY, grpolab, project_env
 
@@ -105,6 +105,8 @@ def test_train_logs_every_metric_and_saves_the_model(trainer):
     table = pd.read_json(client.download_artifacts(run_id, "completions/step_000002.json", str(trainer)), orient="split")
     assert {"prompt", "completion", "reward", "advantage", "reward/answer_match"} <= set(table.columns)
     assert len(table) == 16
+    ds_config = json.loads(Path(client.download_artifacts(run_id, DEEPSPEED_CONFIG_ARTIFACT, str(trainer))).read_text())
+    assert ds_config == deepspeed_config(params, bf16=False) and ds_config["train_batch_size"] == 16
     curve = pd.read_csv(CURVE_FILE)
     assert curve["step"].tolist() == [1, 2, 3, 4]
     assert not CHECKPOINT_DIR.exists()
@@ -207,16 +209,46 @@ def test_the_checkpoint_fingerprint_covers_train_params_seed_base_model_and_trai
     assert fingerprint(params, inputs) != before
 
 
-def test_two_processes_follow_one_process_trajectory(trainer, tmp_path):
-    single = tmp_path / "single"
+def _two_nodes(project: Path, log: Path) -> None:
+    """`grpolab stage train` on 2 simulated nodes x 1 process: two torchrun invocations with `--nnodes 2`
+    that meet at a c10d rendezvous endpoint, as a cluster's nodes meet at their head node's. The endpoint
+    is a TCPStore this test binds on port 0 and holds (a head node's torchrun would host it on its
+    --rdzv-endpoint port); the process group's own store is the one torchrun's rank 0 binds on port 0."""
+    endpoint = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    env = {**project_env(), "GLOO_SOCKET_IFNAME": "lo"}
+    with open(log, "w") as out:
+        nodes = [subprocess.Popen([f"{BIN}/torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+                                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{endpoint.port}", "--rdzv-id", "two-nodes",
+                                   "--rdzv-conf", "is_host=false", "--local-addr", "127.0.0.1", "--max-restarts", "0",
+                                   "-m", "grpolab.cli", "stage", "train"], cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)
+                 for node in (0, 1)]
+        codes = [node.wait(timeout=600) for node in nodes]
+    assert codes == [0, 0], log.read_text()[-5000:]
+
+
+def test_two_processes_and_two_nodes_follow_one_process_trajectory(trainer, tmp_path):
+    single, nodes = tmp_path / "single", tmp_path / "nodes"
     shutil.copytree(trainer, single)
+    shutil.copytree(trainer, nodes)
     grpolab("stage", "train", "-S", "train.steps=4", cwd=single)
-    grpolab("stage", "train", "-S", "train.num_processes=2", "-S", "train.micro_batch_size=4", cwd=trainer)
-    one, two = pd.read_csv(single / CURVE_FILE), pd.read_csv(trainer / CURVE_FILE)
+    two_processes = ["-S", "train.num_processes=2", "-S", "train.micro_batch_size=4"]
+    grpolab("stage", "train", *two_processes, cwd=trainer)
+    config.apply_overrides(["train.num_processes=2", "train.micro_batch_size=4"], nodes / "params.yaml")
+    _two_nodes(nodes, tmp_path / "torchrun.log")
+    one = pd.read_csv(single / CURVE_FILE)
     # Same global batch, same completions (per-row sampling seeds), gradients averaged over ranks:
-    # the trajectories agree to float32 reduction-order noise.
-    for column in ("train/reward_mean", "train/loss", "train/kl", "train/entropy"):
-        torch.testing.assert_close(torch.tensor(two[column].values), torch.tensor(one[column].values), rtol=1e-4, atol=1e-5, msg=column)
+    # the trajectories agree to float32 reduction-order noise, whoever launched the processes.
+    for two in (pd.read_csv(trainer / CURVE_FILE), pd.read_csv(nodes / CURVE_FILE)):
+        for column in ("train/reward_mean", "train/loss", "train/kl", "train/entropy"):
+            torch.testing.assert_close(torch.tensor(two[column].values), torch.tensor(one[column].values), rtol=1e-4, atol=1e-5, msg=column)
+    # rank 0 alone logged: one train run in the store, its steps once each
+    client = MlflowClient(f"sqlite:///{nodes / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'")
+    assert len(runs) == 1 and [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] == [1, 2, 3, 4]
+    # a launched world that is not train.num_processes is refused before any work
+    config.apply_overrides(["train.num_processes=1", "train.micro_batch_size=8"], nodes / "params.yaml")
+    with pytest.raises(AssertionError, match="train.num_processes is 1 but the launcher started 2 processes"):
+        _two_nodes(nodes, tmp_path / "torchrun.log")
 
 
 ZERO_RUN = ["train.steps=2", "train.kl_beta=0", *SAME_BATCH]  # with TracIn: its influence pass runs on gathered parameters
@@ -236,10 +268,17 @@ def zero_0(base_project, tmp_path_factory):
         os.chdir(cwd)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_stages_follow_the_zero_0_trajectory(trainer, zero_0, stage):
+@pytest.mark.parametrize("knobs", [
+    ["train.deepspeed.zero_stage=2"],
+    ["train.deepspeed.zero_stage=3"],
+    # what a model too big for its GPU runs with: optimizer state offloaded, stepped by CPU Adam
+    ["train.deepspeed.zero_stage=3", "train.deepspeed.offload_optimizer=true"],
+], ids=["zero2", "zero3", "zero3-offload"])
+def test_zero_stages_follow_the_zero_0_trajectory(trainer, zero_0, knobs):
     zero_0, curve_0 = zero_0
-    run_stage("train", config.apply_overrides([*ZERO_RUN, f"train.deepspeed.zero_stage={stage}"]))
+    params = config.apply_overrides([*ZERO_RUN, *knobs])
+    assert ("offload_optimizer" in deepspeed_config(params, bf16=False)["zero_optimization"]) == params.train.deepspeed.offload_optimizer
+    run_stage("train", params)
     assert len(list(Path("metrics/tracin").glob("step_*.parquet"))) == 2
     # the same updates from partitioned gradients / optimizer state / parameters, up to float32 reduction order
     for key, value in trained_weights().items():
@@ -247,6 +286,20 @@ def test_zero_stages_follow_the_zero_0_trajectory(trainer, zero_0, stage):
     for column in ("train/reward_mean", "train/loss", "train/entropy"):
         torch.testing.assert_close(torch.tensor(pd.read_csv(CURVE_FILE)[column].values), torch.tensor(curve_0[column].values),
                                    rtol=1e-4, atol=1e-5, msg=column)
+
+
+def test_gradient_checkpointing_trains_the_same_model(trainer, tmp_path):
+    plain = tmp_path / "plain"
+    shutil.copytree(trainer, plain)
+    run = ["-S", "train.steps=1", "-S", "train.kl_beta=0"]
+    grpolab("stage", "train", *run, cwd=plain)
+    grpolab("stage", "train", *run, "-S", "train.gradient_checkpointing=true", cwd=trainer)
+    # Activations recomputed in the backward pass: the same loss and gradient, up to float32 reduction order.
+    # (Weights are not compared: Adam's first update is about lr * sign(g), so a gradient element at
+    # rounding-noise level moves its weight by up to lr either way.)
+    one, checkpointed = pd.read_csv(plain / CURVE_FILE), pd.read_csv(CURVE_FILE)
+    for column in ("train/loss", "train/grad_norm", "train/entropy"):
+        assert checkpointed[column].item() == pytest.approx(one[column].item(), rel=1e-5), column
 
 
 @pytest.mark.parametrize(
@@ -260,12 +313,14 @@ def test_zero_stages_follow_the_zero_0_trajectory(trainer, zero_0, stage):
         ("train.loss_agg_mode=sum", "train.loss_agg_mode: Input should be 'token-mean'"),
         ("train.judge_model=nowhere", "train.judge_model: no Hugging Face checkpoint (config.json) at nowhere"),
         ("train.num_processes=3", "train: prompts_per_step (4) must divide evenly across num_processes (3)"),
+        ("train.deepspeed.offload_optimizer=true", "train.deepspeed: offload_optimizer needs zero_stage 1, 2 or 3"),
+        (["train.gradient_checkpointing=true", *SAME_BATCH], "train: gradient_checkpointing cannot be combined with tracin.use_tracin"),
     ],
 )
 def test_bad_train_params_are_rejected_before_work(trainer, override, message):
     before = Path("params.yaml").read_text()
     with pytest.raises(config.ConfigError) as err:
-        config.apply_overrides([override])
+        config.apply_overrides([override] if isinstance(override, str) else override)
     assert message in str(err.value)
     assert Path("params.yaml").read_text() == before
 

@@ -70,6 +70,7 @@ def cmd_report(args) -> None:
 def cmd_stage(args) -> None:
     from transformers.utils import logging as hf_logging
 
+    from grpolab import distributed
     from grpolab.stages import STAGES, run_stage
     from grpolab.workspace import pipeline_lock
 
@@ -78,7 +79,8 @@ def cmd_stage(args) -> None:
     if args.name not in STAGES:
         raise config.ConfigError(f"unknown stage {args.name!r}; stages: {', '.join(STAGES)}")
     with pipeline_lock():
-        params = config.apply_overrides(args.set)
+        # rank 0 alone writes: the other workers of a launched job apply the same overrides in memory
+        params = config.apply_overrides(args.set) if distributed.is_rank0() else config.overridden(args.set)[1]
         print(f"==> grpolab stage {args.name}", flush=True)
         summary = run_stage(args.name, params)
     print("    " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))

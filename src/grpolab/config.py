@@ -346,6 +346,16 @@ class DeepSpeedParams(Section):
     bf16: bool | None = Field(
         None, description="bf16 mixed precision. Empty: on when a CUDA GPU is used, off (fp32) on CPU."
     )
+    offload_optimizer: bool = Field(
+        False, description="ZeRO-Offload: keep the optimizer state in CPU memory and step it there with DeepSpeed's "
+        "CPU Adam (its C++ op is built on first use, or prebuilt in docker/Dockerfile.cuda). Needs zero_stage >= 1."
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedParams:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (ZeRO partitions the optimizer state it offloads)")
+        return self
 
 
 class TrainParams(Section):
@@ -359,6 +369,10 @@ class TrainParams(Section):
         64, ge=1, description="Sequences per forward/backward on one process; gradients accumulate over the rest."
     )
     ppo_epochs: int = Field(1, ge=1, description="Optimizer steps per batch of rollouts (1 = on-policy).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each layer's activations in the backward pass instead of keeping them "
+        "(transformers' gradient checkpointing): activation memory for about one more forward pass of compute."
+    )
     learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps before the cosine decay.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -395,7 +409,10 @@ class TrainParams(Section):
     )
     save_every: int = Field(20, ge=0, description="Checkpoint every this many steps (0: only at the end).")
     log_completions_every: int = Field(10, ge=1, description="Log a table of sample completions every this many steps.")
-    num_processes: int = Field(1, ge=1, description="Training processes; above 1 the stage starts them with torchrun.")
+    num_processes: int = Field(
+        1, ge=1, description="Training processes in all. On one machine the train stage starts them itself; under an "
+        "external launcher (torchrun --nnodes, deepspeed --hostfile, srun) it must equal the job's WORLD_SIZE."
+    )
     tracin: TracInParams = Field(default_factory=TracInParams, description="TracIn sample selection (seeds 001/003).")
     deepspeed: DeepSpeedParams = Field(default_factory=DeepSpeedParams, description="DeepSpeed engine settings.")
 
@@ -428,6 +445,11 @@ class TrainParams(Section):
             )
         if "judge" in self.rewards and self.judge_model is None:
             raise ValueError("rewards: the judge reward needs train.judge_model")
+        if self.gradient_checkpointing and self.tracin.use_tracin:
+            # TracIn takes gradients at the layers' forward outputs; a checkpointed backward recomputes those
+            # outputs instead of reaching the ones the forward returned.
+            raise ValueError("gradient_checkpointing cannot be combined with tracin.use_tracin (TracIn needs the "
+                             "forward's own layer outputs, which checkpointing recomputes)")
         tracin = self.tracin
         if tracin.use_tracin and tracin.validation == "separate" and tracin.pool_size % self.num_processes:
             raise ValueError(

@@ -33,7 +33,8 @@ def is_rank0() -> bool:
 
 
 def launched() -> bool:
-    """True inside a torchrun/deepspeed-launched worker."""
+    """True inside a launched worker: grpolab's own (`train.num_processes` on one machine), or an external
+    launcher's (torchrun, `deepspeed --hostfile`, SLURM's srun with the torch variables set), on any node."""
     return "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
@@ -47,6 +48,8 @@ def init() -> None:
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process on a node
     if not launched():
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
         os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK_INTERFACE)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from grpolab import distributed, tracking
 from grpolab.checkpoints import resumable
-from grpolab.config import Params
+from grpolab.config import ConfigError, Params
 from grpolab.data.prepare import prepare
 from grpolab.evaluate import evaluate
 from grpolab.fsutil import atomic_write_text
@@ -44,6 +44,9 @@ def _launch_workers(name: str, processes: int) -> dict:
 def run_stage(name: str, params: Params) -> dict:
     if distributed.is_rank0():
         tracking.check_store(params)
+    if name == "train" and distributed.launched() and distributed.world_size() != params.train.num_processes:
+        raise ConfigError(f"train.num_processes is {params.train.num_processes} but the launcher started "
+                          f"{distributed.world_size()} processes (WORLD_SIZE): set it to the job's total")
     if name == "train" and params.train.num_processes > 1 and not distributed.launched():
         return _launch_workers(name, params.train.num_processes)
     if not distributed.is_rank0():  # rank 0 alone talks to MLflow

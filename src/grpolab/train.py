@@ -8,6 +8,7 @@ micro-batches -> optimizer step.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ TRAINED_DIR = Path("models/trained")
 CURVE_FILE = Path("metrics/train_curve.csv")
 CREDIT_DIR = Path("metrics/credit")
 STEP_LOG_DIRS = [CREDIT_DIR, TRACIN_DIR]
+DEEPSPEED_CONFIG_ARTIFACT = "deepspeed_config.json"  # the engine's config as generated from params, in the train run
 CURVE_KEYS = [
     "train/reward_mean", "train/loss", "train/kl", "train/entropy", "train/completion_length", "train/step_time",
     "train/grad_norm", "credit/answer_share", "credit/think_share", "credit/high_entropy_share", "credit/gini",
@@ -83,11 +85,23 @@ def deepspeed_config(params: Params, bf16: bool) -> dict:
         "gradient_accumulation_steps": per_process // t.micro_batch_size,
         "train_batch_size": per_process * t.num_processes,
         "gradient_clipping": t.max_grad_norm,
-        "zero_optimization": {"stage": t.deepspeed.zero_stage},
+        "zero_optimization": {"stage": t.deepspeed.zero_stage}
+        | ({"offload_optimizer": {"device": "cpu", "pin_memory": torch.cuda.is_available()}} if t.deepspeed.offload_optimizer else {}),
         "bf16": {"enabled": bf16},
         "steps_per_print": 10**9,
         "zero_allow_untested_optimizer": True,
     }
+
+
+def make_optimizer(params: Params, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW; with the optimizer state offloaded, DeepSpeed's CPU Adam (the same AdamW update, stepped on the
+    CPU in C++: DeepSpeed refuses a torch optimizer there)."""
+    t = params.train
+    if t.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
 
 
 def _logprobs_in_chunks(model, batch: Batch, size: int) -> torch.Tensor:
@@ -355,11 +369,14 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
         if use_cuda:
             ref_model = ref_model.to(torch.bfloat16 if bf16 else torch.float32).cuda()
     judge = Judge(t.judge_model) if "judge" in t.rewards else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = make_optimizer(params, model)
     schedule = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, max(t.steps, 1))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(params, bf16)
-    )
+    ds_config = deepspeed_config(params, bf16)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    if tracker:
+        tracker.text(json.dumps(ds_config, indent=2), DEEPSPEED_CONFIG_ARTIFACT)
     variants = Variants(params, data, tokenizer)
     tracin = TracIn(params, engine.module, tokenizer, judge) if t.tracin.use_tracin else None
     inputs = train_inputs(params)

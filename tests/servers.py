@@ -1,0 +1,116 @@
+"""Real servers for the tests, each on 127.0.0.1 with its data in a temporary folder, each in its own
+process group (stopped with everything it started): PostgreSQL, an MLflow tracking server on it with a
+served artifact store, and a Prefect server with its own sqlite database."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from conftest import BIN, free_port, project_env
+
+START_TIMEOUT_S = 120
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _wait_until(ready, proc: subprocess.Popen, log: Path, what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not start (exit {proc.poll()}):\n{log.read_text()[-4000:]}")
+        time.sleep(0.5)
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@contextmanager
+def serving(args: list[str], log: Path, ready, what: str, env: dict[str, str] | None = None, user: str | None = None) -> Iterator[subprocess.Popen]:
+    if user:
+        args = ["runuser", "-u", user, "--", *args]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, env=env or project_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_until(ready, proc, log, what)
+        yield proc
+    finally:
+        _stop(proc)
+
+
+def postgres_bin(name: str) -> str:
+    """A PostgreSQL server program: Debian keeps them off PATH, in /usr/lib/postgresql/<version>/bin."""
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(p.split("/")[4])) or [shutil.which(name)]
+    if not found[-1]:
+        raise AssertionError(f"PostgreSQL's {name} not found: `make postgres` installs Debian's postgresql")
+    return found[-1]
+
+
+@contextmanager
+def postgres(databases: list[str]) -> Iterator[str]:
+    """A PostgreSQL server with `databases`, user `grpolab` (trust auth on 127.0.0.1); yields `127.0.0.1:PORT`.
+    It refuses to run as root: as root it runs as Debian's `postgres` user, in a folder of that user's."""
+    user = "postgres" if os.geteuid() == 0 else None
+    folder = Path(tempfile.mkdtemp(prefix="grpolab-pg-"))
+    try:
+        if user:
+            shutil.chown(folder, user)
+        data = folder / "data"
+        init = ["runuser", "-u", user, "--"] if user else []
+        subprocess.run([*init, postgres_bin("initdb"), "-D", str(data), "-U", "grpolab", "--auth=trust", "-E", "UTF8"],
+                       check=True, capture_output=True)
+        port = free_port()
+        args = [postgres_bin("postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-k", str(folder)]
+        ready = lambda: subprocess.run([postgres_bin("pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True).returncode == 0
+        with serving(args, folder / "postgres.log", ready, "PostgreSQL", user=user):
+            for name in databases:
+                subprocess.run([postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "grpolab", name],
+                               check=True, capture_output=True)
+            yield f"127.0.0.1:{port}"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def mlflow_server(backend_store_uri: str, folder: Path) -> Iterator[str]:
+    """`mlflow server` on `backend_store_uri`, serving artifacts from `folder/artifacts`; yields its URI."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    args = [f"{BIN}/mlflow", "server", "--backend-store-uri", backend_store_uri, "--serve-artifacts",
+            "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with serving(args, folder / "mlflow-server.log", lambda: http_ok(f"{uri}/health"), "mlflow server"):
+        yield uri
+
+
+@contextmanager
+def prefect_server(folder: Path) -> Iterator[dict[str, str]]:
+    """`prefect server start` with its own home and sqlite database in `folder`; yields the environment
+    a Prefect client (CLI, worker) needs to talk to it."""
+    port = free_port()
+    env = {**project_env(), "PREFECT_HOME": str(folder / "prefect-home"),
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{folder / 'prefect.db'}"}
+    args = [f"{BIN}/prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with serving(args, folder / "prefect-server.log", lambda: http_ok(f"http://127.0.0.1:{port}/api/health"), "prefect server", env):
+        yield {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}

@@ -4,8 +4,10 @@ import hashlib
 import json
 import os
 import signal
+import shutil
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,8 @@ from scipy.stats import mannwhitneyu, rankdata
 
 from grpolab.fsutil import is_temporary
 
-from conftest import BIN, TINY, free_port, grpolab, make_project, project_env, run
+from conftest import BIN, REPO, TINY, free_port, grpolab, make_project, project_env, run
+from servers import mlflow_server, postgres, postgres_bin, prefect_server, serving
 
 EVAL_KEYS = {
     "success_rate", "format_rate", "completion_length",
@@ -64,20 +67,56 @@ def kill_during(project: Path, stage: str) -> bool:
     return running
 
 
-def test_pipeline_through_prefect_then_dvc(tmp_path):
+def prefect(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run([f"{BIN}/prefect", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"prefect {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def prefect_api(env: dict[str, str], path: str, body: dict) -> list | dict:
+    request = urllib.request.Request(f"{env['PREFECT_API_URL']}/{path}", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_pipeline_as_a_deployment_on_a_worker_then_dvc(tmp_path):
+    """What a lab runs: the pipeline deployed from prefect.yaml on a `process` work pool and picked up by
+    a worker, tracking into an MLflow server on PostgreSQL with a served artifact store (each a real server
+    on 127.0.0.1, tests/servers.py); then plain `dvc repro` of the same params in another checkout."""
     a = make_project(tmp_path / "a")
+    shutil.copy(REPO / "prefect.yaml", a)
+    with (postgres(["mlflow"]) as pg, mlflow_server(f"postgresql://grpolab@{pg}/mlflow", tmp_path) as uri,
+          prefect_server(tmp_path) as prefect_env):
+        _pipeline_then_dvc(tmp_path, a, pg, uri, prefect_env)
+
+
+def _pipeline_then_dvc(tmp_path: Path, a: Path, pg: str, uri: str, prefect_env: dict[str, str]) -> None:
+    # What `make deploy` runs.
+    prefect("work-pool", "create", "grpolab", "--type", "process", "--overwrite", env=prefect_env, cwd=a)
+    prefect("--no-prompt", "deploy", "--all", env=prefect_env, cwd=a)
+    deployments = {d["name"]: d for d in prefect_api(prefect_env, "deployments/filter", {})}
+    assert set(deployments) == {"pipeline", "study"} and {d["work_pool_name"] for d in deployments.values()} == {"grpolab"}
+    assert set(deployments["study"]["parameter_openapi_schema"]["properties"]) == {"study_file", "jobs"}
+    assert deployments["pipeline"]["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(a)
+
     # With a mitigation whose weights need an extra model pass and TracIn on a separate validation
     # set: the flow runs them like any other (tests/test_train.py trains each variant stage by stage).
     tracin = ["train.tracin.use_tracin=true", "train.tracin.validation=separate", "train.tracin.val_batch_size=8",
               "train.tracin.val_pool_size=16", "train.tracin.val_selection=balanced"]
     reference = tmp_path / "reference_model"  # a user's file the pipeline names but (with these methods) never loads
     AutoConfig.for_model("llama", hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8).save_pretrained(reference)
-    proc = grpolab("run", *[f"-S{o}" for o in [*TINY, *tracin]], "-Strain.mitigation.name=attention_credit",
-                   f"-Smia.reference_model={reference}", cwd=a)
-    out = proc.stdout + proc.stderr
+    overrides = [*TINY, *tracin, "train.mitigation.name=attention_credit", f"mia.reference_model={reference}", f"tracking.uri={uri}"]
+    worker = tmp_path / "worker.log"
+    with serving([f"{BIN}/prefect", "worker", "start", "--pool", "grpolab", "--type", "process"], worker, lambda: True, "prefect worker", prefect_env):
+        prefect("deployment", "run", "grpolab-pipeline/pipeline", "--params", json.dumps({"overrides": overrides}),
+                "--watch", "--watch-timeout", "900", env=prefect_env, cwd=a)
+    [flow_run] = prefect_api(prefect_env, "flow_runs/filter", {"deployments": {"id": {"any_": [deployments["pipeline"]["id"]]}}})
+    out = worker.read_text()
+    assert flow_run["state"]["type"] == "COMPLETED", (flow_run["state"], out[-4000:])
     for stage in ("prepare", "sft", "mia", "train", "evaluate"):
         assert f"==> stage {stage}" in out and f"Running stage '{stage}'" in out
-    assert "grpolab pipeline summary" in proc.stdout and "make ui" in proc.stdout
+    [summary] = prefect_api(prefect_env, "artifacts/filter", {"artifacts": {"key": {"any_": ["eval-summary"]}}})
+    assert summary["flow_run_id"] == flow_run["id"] and summary["data"].startswith("# grpolab pipeline summary")
 
     # Outputs and metrics keys.
     metrics = json.loads((a / "metrics/eval.json").read_text())
@@ -117,8 +156,8 @@ def test_pipeline_through_prefect_then_dvc(tmp_path):
     loss = pd.read_csv(a / "metrics/sft_loss.csv")
     assert loss["step"].tolist() == list(range(1, 13)) and loss["loss"].iloc[-1] < loss["loss"].iloc[0]
 
-    # MLflow: one run tree, queried through the client on the real sqlite store.
-    client = MlflowClient(f"sqlite:///{a / 'mlflow.db'}")
+    # MLflow: one run tree, read back through the client from the server.
+    client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("grpolab")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("grpolab.stage") == "pipeline"]
@@ -142,8 +181,24 @@ def test_pipeline_through_prefect_then_dvc(tmp_path):
     sft_artifacts = {f.path for f in client.list_artifacts(children["sft"].info.run_id, "base_model")}
     assert "base_model/config.json" in sft_artifacts and "base_model/tokenizer.json" in sft_artifacts
     assert "tokenizer/tokenizer.json" in {f.path for f in client.list_artifacts(children["prepare"].info.run_id, "tokenizer")}
-    table = json.loads(Path(client.download_artifacts(children["evaluate"].info.run_id, "eval_samples.json", str(tmp_path))).read_text())
+    download = tmp_path / "download"
+    table = json.loads(Path(client.download_artifacts(children["evaluate"].info.run_id, "eval_samples.json", str(download))).read_text())
     assert len(table["data"]) == 8 and "greedy" in table["columns"]
+    assert Path(client.download_artifacts(children["evaluate"].info.run_id, "mia_roc.png", str(download))).read_bytes()[:4] == b"\x89PNG"
+    train_run = children["train"].info.run_id
+    curve = pd.read_csv(a / "metrics/train_curve.csv")
+    history = client.get_metric_history(train_run, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(s, float(v)) for s, v in zip(curve["step"], curve["train/loss"])]
+    model = Path(client.download_artifacts(train_run, "trained_model", str(download)))
+    assert (model / "model.safetensors").read_bytes() == (a / "models/trained/model.safetensors").read_bytes()
+    completions = pd.read_json(client.download_artifacts(train_run, "completions/step_000002.json", str(download)), orient="split")
+    assert len(completions) == 16 and "advantage" in completions.columns
+    # the server's own stores hold them: the runs in PostgreSQL, the files under its artifact folder
+    host, port = pg.split(":")
+    count = subprocess.run([postgres_bin("psql"), "-h", host, "-p", port, "-U", "grpolab", "-At", "-c", "select count(*) from runs", "mlflow"],
+                           capture_output=True, text=True, check=True)
+    assert int(count.stdout) == len(runs) and children["train"].info.artifact_uri.startswith("mlflow-artifacts:")
+    assert len(list((tmp_path / "artifacts").rglob("model.safetensors"))) == 2  # the base model (sft) and the trained one
 
     # The same params through plain `dvc repro` in another checkout, killed (kill -9) in the middle of each
     # stage and run again until it completes: byte-identical outputs, no temporary file left.

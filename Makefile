@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
-PIP := $(BIN)/pip install --disable-pip-version-check --progress-bar off -q
+PIP := $(BIN)/pip install --disable-pip-version-check --progress-bar off -qq
 
 .PHONY: install browser postgres run test ui deploy bench bench-mia bench-tracin clean clean-all
 

@@ -1,8 +1,10 @@
-"""Prefect flow: the pipeline's stages as tasks, each one `dvc repro STAGE`.
+"""Prefect flow: the pipeline's stages as tasks, each one `dvc repro --single-item STAGE`.
 
 DVC stays the one source of truth for what is up to date: a task whose stage's deps and params
 did not change is a no-op, and whatever ran is recorded in dvc.lock exactly as a plain
-`dvc repro` would record it. Prefect adds retries, observability, the summary artifact and
+`dvc repro` would record it. The flow runs the stages in order itself, so each task reproduces its
+stage alone (`--single-item`): without it every task would first rerun `inputs`, which DVC always
+runs. Prefect adds retries, observability, the summary artifact and
 deployments (`overrides` takes `-S`-style strings, so a deployment run can change params).
 """
 
@@ -34,7 +36,7 @@ def run_stage(stage: str) -> None:
     # A retry helps with transient failures (a locked MLflow sqlite store, a killed worker);
     # DVC's run cache means a retried stage redoes only what did not finish.
     print(f"==> stage {stage}")
-    subprocess.run([sys.executable, "-m", "dvc", "repro", stage], check=True, env=_env())
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", stage], check=True, env=_env())
 
 
 @task

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from grpolab.stages import STAGES
+from grpolab.stages import STAGES, stage_function
 
 from conftest import REPO
 
@@ -57,8 +57,8 @@ def dep_files(stage: dict) -> set[Path]:
 def test_every_module_a_stage_imports_is_among_its_deps():
     stages = YAML(typ="safe").load((REPO / "dvc.yaml").read_text())["stages"]
     assert list(stages) == list(STAGES)
-    for name, function in STAGES.items():
-        needed = imported_files(inspect.getmodule(function).__name__)
+    for name in STAGES:
+        needed = imported_files(inspect.getmodule(stage_function(name)).__name__)
         listed = dep_files(stages[name])
         missing = sorted(str(p.relative_to(REPO)) for p in needed - listed)
         assert not missing, f"dvc.yaml: stages.{name}.deps lacks {missing}"

@@ -111,3 +111,28 @@ def test_mlflow_telemetry_is_off_unless_the_user_turns_it_on(tmp_path):
     out = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env={**env, "MLFLOW_DISABLE_TELEMETRY": "false"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_load_lock_left_by_a_killed_run_does_not_hang_the_next(tmp_path):
+    """torch marks each JIT load of a DeepSpeed op with a bare `lock` file, which a process killed mid-load
+    leaves behind (a stage killed as it starts); every later load used to wait on it forever."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    left = [Path(_get_build_directory(name, verbose=False)) / "lock" for name in ("deepspeed_shm_comm", "cpu_adam")]
+    try:
+        for lock in left:
+            lock.touch()
+        proc = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+            import torch
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            from grpolab import distributed
+            distributed.init()
+            distributed.load_native_ops("CPUAdamBuilder")
+            DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(2))])
+            print("loaded")
+        """)], cwd=tmp_path, env=project_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and proc.stdout.strip().endswith("loaded"), proc.stderr[-3000:]
+        assert not [lock for lock in left if lock.exists()]
+    finally:
+        for lock in left:
+            lock.unlink(missing_ok=True)

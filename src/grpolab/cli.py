@@ -71,13 +71,12 @@ def cmd_stage(args) -> None:
     from transformers.utils import logging as hf_logging
 
     from grpolab import distributed
-    from grpolab.stages import STAGES, run_stage
+    from grpolab.stages import run_stage, stage_function
     from grpolab.workspace import pipeline_lock
 
     hf_logging.disable_progress_bar()  # per-file load/save bars drown the stage's own progress
 
-    if args.name not in STAGES:
-        raise config.ConfigError(f"unknown stage {args.name!r}; stages: {', '.join(STAGES)}")
+    stage_function(args.name)  # its imports done before the banner, which says the stage's work begins
     with pipeline_lock():
         # rank 0 alone writes: the other workers of a launched job apply the same overrides in memory
         params = config.apply_overrides(args.set) if distributed.is_rank0() else config.overridden(args.set)[1]

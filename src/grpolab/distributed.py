@@ -6,10 +6,12 @@ workers read their rank from the environment it sets.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -47,6 +49,7 @@ def init() -> None:
 
     if dist.is_initialized():
         return
+    load_native_ops("ShareMemCommBuilder")  # DeepSpeed's comm loads it on CPU
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process on a node
@@ -55,6 +58,28 @@ def init() -> None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK_INTERFACE)
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+def load_native_ops(*builders: str) -> None:
+    """Load DeepSpeed's C++ ops (by op-builder class name) for this process, before DeepSpeed asks for them.
+
+    DeepSpeed loads an op that is not installed prebuilt through torch's JIT extension loader, which marks
+    each load with a bare `lock` file in the op's build folder, and every later load, in any process, waits
+    for that file to go. A process killed in between (a stage killed as it starts) leaves it for good, and
+    every later run hangs. Here loads take a kernel lock, which dies with its holder, and while holding it
+    remove such leftovers; DeepSpeed keeps the loaded op, so its own loads later take no file lock."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory  # where torch builds (and locks) an op
+
+    ops = [op for op in map(get_accelerator().create_op_builder, builders)
+           if op is not None and deepspeed.ops.__compatible_ops__.get(op.NAME, False)]  # what DeepSpeed would load
+    for op in ops:
+        folder = Path(_get_build_directory(op.name, verbose=False))
+        with open(folder.parent / "grpolab-loads.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # other grpolab processes (ranks, runs) load it one at a time
+            (folder / "lock").unlink(missing_ok=True)
+            op.load()
 
 
 def launch_local(argv: list[str], processes: int) -> None:

@@ -23,7 +23,6 @@ from grpolab.rollout import Completions, check_room, generate
 from grpolab.sft import BASE_DIR
 from grpolab.train import TRAINED_DIR
 
-METRICS_FILE = Path("metrics/eval.json")
 SAMPLES_FILE = Path("metrics/eval_samples.jsonl")
 
 

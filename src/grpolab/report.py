@@ -10,20 +10,11 @@ from pathlib import Path
 import pandas as pd
 
 from grpolab.config import Params
-from grpolab.evaluate import METRICS_FILE
 from grpolab.membership import ROC_DIR
+from grpolab.stages import HEADLINES
 from grpolab.tracking import COMPLETE_TAG, REUSED_TAG, Tracker, tracking_uri
 from grpolab.train import CURVE_FILE
 
-# What each stage returns is its headline: `stages.run_stage` writes it here (a DVC metrics file, so
-# DVC's cache restores it with the stage's outputs) and logs it to the stage's run and the parent.
-HEADLINES = {
-    "prepare": Path("metrics/prepare.json"),
-    "sft": Path("metrics/sft.json"),
-    "mia": Path("metrics/mia.json"),
-    "train": Path("metrics/train.json"),
-    "evaluate": METRICS_FILE,
-}
 PARENT_ARTIFACTS = {CURVE_FILE: None, ROC_DIR: ROC_DIR.name}  # local path -> artifact folder in the parent run
 
 
@@ -58,7 +49,7 @@ OUTPUTS = [
 
 
 def summary_markdown(params: Params) -> str:
-    metrics = json.loads(Path(METRICS_FILE).read_text())
+    metrics = json.loads(HEADLINES["evaluate"].read_text())
     models = sorted({key.split("/")[0] for key in metrics if key.endswith("/success_rate") and key.count("/") == 1})
     rows = [
         f"| {m} | {metrics[f'{m}/success_rate']:.1%} | {metrics[f'{m}/sampled/success_rate']:.1%} | "

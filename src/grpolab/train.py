@@ -100,6 +100,7 @@ def make_optimizer(params: Params, model: torch.nn.Module) -> torch.optim.Optimi
     if t.deepspeed.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+        dist.load_native_ops("CPUAdamBuilder")
         return DeepSpeedCPUAdam(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay, adamw_mode=True)
     return torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
 

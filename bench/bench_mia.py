@@ -35,13 +35,13 @@ def bench_scoring(a) -> list[tuple[float, float]]:
     from grpolab.data.tokenizer import encode_prompt, load_tokenizer
     from grpolab.mia import scores as S
     from grpolab.models import load_model
-    from grpolab.rollout import completion_logits, sample
+    from grpolab.rollout import completion_logits, sample, stop_ids
 
     model, tokenizer = load_model(ROOT / "models/base").eval(), load_tokenizer(str(ROOT / "models/base"))
     prompts = pd.read_parquet(ROOT / "data/train.parquet")["prompt"].tolist()[: a.batch]
     with torch.no_grad():
         r = sample(model, [encode_prompt(tokenizer, p) for p in prompts], max_new_tokens=48,
-                   eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+                   eos_ids=stop_ids(model, tokenizer), pad_id=tokenizer.pad_token_id)
     parts = (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
 
     @torch.no_grad()

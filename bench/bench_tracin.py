@@ -59,6 +59,7 @@ def main() -> None:
     from grpolab import config
     from grpolab.algos.influence import select
     from grpolab.influence import TracIn
+    from grpolab.rewards import Rewarder
     import grpolab.influence as I
     import grpolab.train as T
     from grpolab.variants import Variants
@@ -72,7 +73,7 @@ def main() -> None:
     separate = config.apply_overrides(["train.tracin.validation=separate"], scratch)  # defaults: 64, random, seqloss-lastadv
     engine, optimizer, ref, tokenizer, data = engine_on_base(ROOT, plain)
     variants = Variants(plain, data, tokenizer)
-    tracins = {"same_batch": TracIn(same, engine.module, tokenizer, None), "separate": TracIn(separate, engine.module, tokenizer, None)}
+    tracins = {"same_batch": TracIn(same, engine.module, tokenizer, Rewarder(same)), "separate": TracIn(separate, engine.module, tokenizer, Rewarder(separate))}
     tracins["naive"] = tracins["same_batch"]
     snapshot = (copy.deepcopy(engine.module.state_dict()), copy.deepcopy(optimizer.state_dict()))
     g = plain.train.group_size

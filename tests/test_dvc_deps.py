@@ -74,8 +74,8 @@ def test_each_stage_reads_the_digests_of_the_user_files_it_reads():
         "prepare": {"data/inputs/data.json", "data/inputs/model.json"},  # the user's data, the checkpoint's tokenizer
         "sft": {"data/inputs/model.json"},  # the checkpoint's weights
         "mia": {"data/inputs/reference_model.json"},
-        "train": {"data/inputs/judge_model.json"},
-        "evaluate": {"data/inputs/reference_model.json"},
+        "train": {"data/inputs/judge_model.json", "data/inputs/reward_file.json"},
+        "evaluate": {"data/inputs/reference_model.json", "data/inputs/reward_file.json"},
         "summary": set(),
     }
     from grpolab.inputs import USER_FILES

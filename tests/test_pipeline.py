@@ -248,12 +248,22 @@ def test_project_root_sees_through_dvc_experiment_copies(tmp_path):
     assert project_root(copy) == tmp_path.resolve()
 
 
-def test_dvc_queue_experiment_runs_land_in_the_project_store(tmp_path):
-    """`dvc exp run --queue` runs in a copy under .dvc/tmp/exps: its runs and artifacts still go to the project's store."""
+def test_a_verl_users_gsm8k_and_qwen2_checkpoint_with_lora_queued_as_a_dvc_experiment(tmp_path):
+    """What a verl user brings (GSM8K-style parquet: chat-message prompts, `####` answers, data_source
+    openai/gsm8k; a Qwen2-style checkpoint with a chat template), trained with LoRA and no SFT, run as
+    `dvc exp run --queue`: the run happens in a copy under .dvc/tmp/exps, and its runs and artifacts
+    still go to the project's store."""
     from grpolab import config
+    from userfiles import gsm8k_corpus, save_gsm8k, save_qwen2_checkpoint
 
     project = make_project(tmp_path / "p")
-    config.apply_overrides([*TINY, "train.steps=2", "sft.steps=4"], project / "params.yaml")
+    train, eval_ = save_gsm8k(tmp_path / "gsm8k", long_every=10)
+    checkpoint = save_qwen2_checkpoint(tmp_path / "qwen2", gsm8k_corpus(pd.read_parquet(train), pd.read_parquet(eval_)))
+    user = [f"data.train_files=[{train}]", f"data.eval_files=[{eval_}]", "data.max_prompt_length=100", f"model.name_or_path={checkpoint}",
+            "sft.steps=0", "model.lora.r=4", "model.lora.alpha=8", "train.steps=2", "train.prompts_per_step=4", "train.group_size=4",
+            "train.micro_batch_size=8", "train.max_new_tokens=16", "train.save_every=0", "train.log_completions_every=2",
+            "eval.max_new_tokens=16", "eval.num_samples=2", "eval.num_logged_samples=4", "mia.max_new_tokens=16"]
+    config.apply_overrides(user, project / "params.yaml")
     identity = ["-c", "user.name=grpolab-test", "-c", "user.email=test@localhost"]
     run(["git", "add", "-A"], project)
     run(["git", *identity, "commit", "-qm", "project"], project)
@@ -269,11 +279,24 @@ def test_dvc_queue_experiment_runs_land_in_the_project_store(tmp_path):
     assert set(stages) == {"pipeline", "prepare", "sft", "mia", "train", "evaluate"}
     parent = stages["pipeline"]
     assert parent.data.params["train.learning_rate"] == "0.0002"
+    assert parent.data.params["train.rewards.auto"] == "1.0"  # the default with your own files
     assert parent.info.run_name.endswith(" · seed 0") and all(r.data.tags["grpolab.seed"] == "0" for r in runs)
     assert parent.data.tags["grpolab.complete"] == "true" and "train.learning_rate=0.0002" in parent.data.tags["grpolab.changed_params"]
     assert all(r.info.status == "FINISHED" for r in runs)
-    train_artifacts = {f.path for f in client.list_artifacts(stages["train"].info.run_id)}
+    # 4 of 40 train and 2 of 16 eval prompts were padded past data.max_prompt_length
+    assert parent.data.metrics["data/num_dropped_long_prompts"] == 6 and parent.data.metrics["data/num_train"] == 36
+    assert {"base/success_rate", "trained/success_rate", "trained/mia/min_k_plus_plus/auc"} <= set(parent.data.metrics)
+    train_run = stages["train"].info.run_id
+    assert [m.step for m in client.get_metric_history(train_run, "train/reward/openai/gsm8k")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(train_run, "train/reward/auto")] == [1, 2]
+    assert client.get_metric_history(train_run, "train/kl")[0].value == 0  # LoRA's B starts at 0: the policy is the reference
+    train_artifacts = {f.path for f in client.list_artifacts(train_run)}
     assert "train_curve.csv" in train_artifacts
-    local = client.download_artifacts(stages["train"].info.run_id, "train_curve.csv", str(tmp_path))
+    local = client.download_artifacts(train_run, "train_curve.csv", str(tmp_path))
     assert Path(local).read_text().startswith("step,")
+    model = {f.path for f in client.list_artifacts(train_run, "trained_model")} | {f.path for f in client.list_artifacts(train_run, "trained_model/adapter")}
+    assert {"trained_model/model.safetensors", "trained_model/adapter/adapter_config.json", "trained_model/adapter/adapter_model.safetensors",
+            "trained_model/tokenizer_config.json"} <= model
+    completions = pd.read_json(client.download_artifacts(train_run, "completions/step_000002.json", str(tmp_path)), orient="split")
+    assert completions["prompt"].str.startswith("<|im_start|>user\nTom has").all()  # the checkpoint's chat template
     assert not list((project / ".dvc" / "tmp").rglob("mlflow.db"))

@@ -29,7 +29,7 @@ TINY_TRAIN = [
 ]
 STEP_METRICS = [
     "train/loss", "train/pg_loss", "train/kl", "train/reward_mean", "train/reward_std", "train/reward/answer_match",
-    "train/reward/format", "train/reward/judge", "train/advantage_mean", "train/logprob_mean", "train/entropy", "train/clip_ratio",
+    "train/reward/format", "train/reward/judge", "train/reward/arithmetic", "train/advantage_mean", "train/logprob_mean", "train/entropy", "train/clip_ratio",
     "train/grad_norm", "train/lr", "train/completion_length", "train/frac_zero_std_groups", "train/tokens_per_s",
     "train/step_time", "credit/answer_share", "credit/think_share", "credit/high_entropy_share", "credit/gini",
 ]
@@ -612,3 +612,42 @@ def test_mia_reference_and_precomputed_weights_end_to_end(trainer, tmp_path):
     run = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'",
                              order_by=["attributes.start_time DESC"])[0]
     assert run.data.metrics["mia/weight_mean"] == pytest.approx(mine.mean(), abs=1e-6)
+
+
+def test_lora_trains_adapters_against_the_disabled_adapter_reference_and_saves_adapter_and_merged_model(trainer, monkeypatch):
+    """model.lora: only the adapters train (TracIn's inner products over them alone), with a credit mitigation;
+    the KL reference is the policy with its adapters off (the base model is loaded once, no second copy);
+    models/trained holds PEFT's adapter and the merged model."""
+    from peft import PeftModel
+
+    import grpolab.influence
+    import grpolab.train
+    from grpolab.models import ADAPTER_DIR
+    from grpolab.sft import BASE_DIR
+
+    loads, probes = [], []
+    monkeypatch.setattr(grpolab.train, "load_model", lambda path: loads.append(path) or load_model(path))
+    probe = grpolab.influence.GradientProbe
+    monkeypatch.setattr(grpolab.influence, "GradientProbe", lambda model: probes.append(probe(model)) or probes[-1])
+    params = config.apply_overrides(["train.steps=3", "train.kl_beta=0.1", "model.lora.r=4", "model.lora.alpha=8",
+                                     "model.lora.target_modules=[q_proj, v_proj, up_proj]", "train.learning_rate=0.01",
+                                     "train.mitigation.name=entropy_weighted", *SAME_BATCH])
+    run_stage("train", params)
+    assert loads == [BASE_DIR]
+    [probe] = probes
+    assert probe.params and all(".lora_A." in n or ".lora_B." in n for n in probe.params)
+    assert {n.split(".")[-4] for n in probe.params} == {"q_proj", "v_proj", "up_proj"}  # ….q_proj.lora_A.default.weight
+
+    curve = pd.read_csv(CURVE_FILE)
+    # LoRA's B starts at 0: at step 1 the policy is the base model exactly, so the KL to the reference is 0
+    assert curve["train/kl"].iloc[0] == 0 and curve["train/kl"].iloc[-1] > 0
+    assert curve["tracin/selected_ratio"].notna().all()
+    base = load_model(BASE_DIR).state_dict()
+    merged = trained_weights()
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(k.split(".")[-2] in {"q_proj", "v_proj", "up_proj"} for k in changed)
+    assert (TRAINED_DIR / ADAPTER_DIR / "adapter_config.json").is_file()
+    # the adapter applied to the base model by PEFT itself gives the merged model
+    rebuilt = PeftModel.from_pretrained(load_model(BASE_DIR), TRAINED_DIR / ADAPTER_DIR).merge_and_unload().state_dict()
+    for key, value in merged.items():
+        torch.testing.assert_close(rebuilt[key], value, rtol=0, atol=1e-6)

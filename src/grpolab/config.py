@@ -44,6 +44,8 @@ def _existing_checkpoint(value: str | None) -> str | None:
 
 
 DEFAULT_NUM_VAL = 200
+# train.rewards when params.yaml leaves it empty: with a reward file, with the user's data files, for the generated task
+DEFAULT_REWARDS = {"reward_file": {"reward_file": 1.0}, "auto": {"auto": 1.0}, "task": {"answer_match": 1.0, "format": 0.1}}
 
 
 class DataParams(Section):
@@ -88,6 +90,11 @@ class DataParams(Section):
     val_files: list[str] = Field(
         [], description="Your own validation parquet files in verl's format (with `train_files`); replaces `num_val`."
     )
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="Longest prompt in tokens, as the model sees it (chat template applied): `prepare` drops "
+        "longer train, eval and validation prompts and logs how many (`data/num_dropped_long_prompts`), as verl's "
+        "`filter_overlong_prompts` does. Empty: keep every prompt.",
+    )
 
     _check_files = field_validator("train_files", "eval_files", "sft_files", "val_files")(_existing_paths)
 
@@ -122,6 +129,16 @@ class DataParams(Section):
         return self
 
 
+class LoraParams(Section):
+    r: int = Field(0, ge=0, description="LoRA rank of the adapters GRPO trains (PEFT); 0: LoRA off, every weight trains.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator: the adapter's update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules that get adapters: names (e.g. `[q_proj, v_proj]`) or `all-linear` "
+        "(every linear layer but the output head).",
+    )
+
+
 class ModelParams(Section):
     name_or_path: str | None = Field(
         None,
@@ -135,6 +152,10 @@ class ModelParams(Section):
     num_heads: int = Field(4, ge=1, description="Attention heads of the tiny model; must divide `hidden_size`.")
     intermediate_size: int = Field(512, ge=8, description="MLP width of the tiny model.")
     max_length: int = Field(128, ge=16, description="Longest prompt + completion in tokens (position embeddings).")
+    lora: LoraParams = Field(
+        default_factory=LoraParams, description="LoRA adapters for GRPO: the base weights stay frozen, the KL reference "
+        "is the same model with its adapters disabled, and models/trained holds the adapter and the merged model.",
+    )
 
     _check_checkpoint = field_validator("name_or_path")(_existing_checkpoint)
 
@@ -387,9 +408,20 @@ class TrainParams(Section):
     loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
         "token-mean", description="How token losses reduce to one number (verl's names)."
     )
-    rewards: dict[str, float] = Field(
-        {"answer_match": 1.0, "format": 0.1}, description="Reward functions by name and their weights; the reward is the weighted sum."
+    rewards: dict[str, float] | None = Field(
+        None, description="Reward functions by name and their weights; the reward is the weighted sum. Empty: "
+        "`{reward_file: 1}` with a `reward_file`, else `{auto: 1}` with your own data files (each row scored by its "
+        "`data_source`), else `{answer_match: 1, format: 0.1}` (the generated task).",
     )
+    reward_sources: dict[str, str] = Field(
+        {}, description="Routes for the `auto` reward on top of the built-in ones: data_source -> scorer "
+        "(`answer_tag`, `gsm8k`, `gsm8k_flexible`, `math`).",
+    )
+    reward_file: str | None = Field(
+        None, description="Your own reward: a Python file with a function `(data_source, completion, ground_truth, "
+        "extra_info) -> float` (verl's custom reward function), used by the `reward_file` reward.",
+    )
+    reward_function: str = Field("compute_score", min_length=1, description="The function's name in `reward_file`.")
     judge_model: str | None = Field(
         None, description="Local sequence-classification checkpoint used by the `judge` reward (frozen)."
     )
@@ -418,14 +450,33 @@ class TrainParams(Section):
 
     @field_validator("rewards")
     @classmethod
-    def _known_rewards(cls, value: dict[str, float]) -> dict[str, float]:
+    def _known_rewards(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         from grpolab.rewards import REWARDS
 
+        if value is None:
+            return value
         if not value:
             raise ValueError("needs at least one reward function")
         for name in value:
             if name not in REWARDS:
                 raise ValueError(f"unknown reward {name!r}; known: {', '.join(sorted(REWARDS))}")
+        return value
+
+    @field_validator("reward_sources")
+    @classmethod
+    def _known_scorers(cls, value: dict[str, str]) -> dict[str, str]:
+        from grpolab.rewards import SCORERS
+
+        for source, scorer in value.items():
+            if scorer not in SCORERS:
+                raise ValueError(f"{source}: unknown scorer {scorer!r}; scorers: {', '.join(SCORERS)}")
+        return value
+
+    @field_validator("reward_file")
+    @classmethod
+    def _python_file(cls, value: str | None) -> str | None:
+        if value is not None and not (Path(value).is_file() and value.endswith(".py")):
+            raise ValueError(f"no Python file (.py) at {value}")
         return value
 
     _check_judge = field_validator("judge_model")(_existing_checkpoint)
@@ -443,8 +494,13 @@ class TrainParams(Section):
                 f"micro_batch_size ({self.micro_batch_size}) must divide the per-process batch "
                 f"(prompts_per_step x group_size / num_processes = {per_process})"
             )
-        if "judge" in self.rewards and self.judge_model is None:
+        rewards = self.rewards or {}
+        if "judge" in rewards and self.judge_model is None:
             raise ValueError("rewards: the judge reward needs train.judge_model")
+        if "reward_file" in rewards and self.reward_file is None:
+            raise ValueError("rewards: the reward_file reward needs train.reward_file")
+        if self.reward_file is not None and self.rewards is not None and "reward_file" not in rewards:
+            raise ValueError("reward_file: is set but train.rewards does not use it (add `reward_file: 1.0`)")
         if self.gradient_checkpointing and self.tracin.use_tracin:
             # TracIn takes gradients at the layers' forward outputs; a checkpointed backward recomputes those
             # outputs instead of reaching the ones the forward returned.
@@ -488,6 +544,12 @@ class Params(Section):
     train: TrainParams = Field(default_factory=TrainParams, description="GRPO training.")
     eval: EvalParams = Field(default_factory=EvalParams, description="Evaluation.")
     tracking: TrackingParams = Field(default_factory=TrackingParams, description="MLflow tracking.")
+
+    @model_validator(mode="after")
+    def _default_rewards(self) -> Params:
+        if self.train.rewards is None:
+            self.train.rewards = DEFAULT_REWARDS["reward_file" if self.train.reward_file else "auto" if self.data.train_files else "task"]
+        return self
 
     @model_validator(mode="after")
     def _reference_for_eval(self) -> Params:

@@ -18,7 +18,7 @@ from grpolab.data.tokenizer import load_tokenizer
 from grpolab.fsutil import atomic_write_text
 from grpolab.membership import ROC_DIR, load_reference, membership_rocs, roc_figure, roc_metrics, write_roc_curves
 from grpolab.models import load_model
-from grpolab.rewards import answer_match, format_reward
+from grpolab.rewards import Rewarder, format_reward
 from grpolab.rollout import Completions, check_room, generate
 from grpolab.sft import BASE_DIR
 from grpolab.train import TRAINED_DIR
@@ -26,26 +26,27 @@ from grpolab.train import TRAINED_DIR
 SAMPLES_FILE = Path("metrics/eval_samples.jsonl")
 
 
-def score(completions: Completions, ground_truths: list[str]) -> dict[str, np.ndarray]:
-    """Per-completion success, format and length; `ground_truths` aligned with the completions."""
+def score(completions: Completions, rows: list[dict], rewarder: Rewarder) -> dict[str, np.ndarray]:
+    """Per-completion success, format and length; `rows` (eval data rows) aligned with the completions."""
     return {
-        "success": np.array([answer_match(c, g) for c, g in zip(completions.texts, ground_truths)]),
-        "format": np.array([format_reward(c, g) for c, g in zip(completions.texts, ground_truths)]),
+        "success": np.array(rewarder.success(rows, completions.texts, str(EVAL_FILE))),
+        "format": np.array([format_reward(c, r["ground_truth"]) for c, r in zip(completions.texts, rows)]),
         "length": np.array(completions.lengths, dtype=float),
     }
 
 
-def evaluate_model(model, tokenizer, eval_data: pd.DataFrame, params: Params) -> tuple[dict[str, float], list[dict]]:
+def evaluate_model(model, tokenizer, eval_data: pd.DataFrame, params: Params, rewarder: Rewarder) -> tuple[dict[str, float], list[dict]]:
     """Metrics (un-prefixed keys) and per-prompt sample rows for one checkpoint."""
     e = params.eval
     prompts, truths = eval_data["prompt"].tolist(), eval_data["ground_truth"].tolist()
+    rows = eval_data.to_dict("records")
     greedy = generate(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
     sampled = generate(
         model, tokenizer, prompts, max_new_tokens=e.max_new_tokens, n_per_prompt=e.num_samples,
         do_sample=True, temperature=e.temperature, top_p=e.top_p, batch_size=e.batch_size, seed=params.seed,
     )
-    g = score(greedy, truths)
-    s = score(sampled, [t for t in truths for _ in range(e.num_samples)])
+    g = score(greedy, rows, rewarder)
+    s = score(sampled, [r for r in rows for _ in range(e.num_samples)], rewarder)
     metrics = {
         "success_rate": g["success"].mean(),
         "format_rate": g["format"].mean(),
@@ -73,6 +74,8 @@ def evaluate(params: Params, tracker=None) -> dict[str, float]:
     eval_data = pd.read_parquet(EVAL_FILE)
     # membership: train prompts are the members, eval prompts the non-members
     members, nonmembers = pd.read_parquet(TRAIN_FILE)["prompt"].tolist(), eval_data["prompt"].tolist()
+    rewarder = Rewarder(params, judge=False)  # success is the row's scorer or your reward file
+    rewarder.check(eval_data.to_dict("records"), str(EVAL_FILE))
     base_tokenizer = load_tokenizer(str(BASE_DIR))
     check_room(AutoConfig.from_pretrained(BASE_DIR), base_tokenizer, eval_data["prompt"].tolist(), params.eval.max_new_tokens,
                "eval.max_new_tokens", str(EVAL_FILE))  # before the first generation
@@ -82,7 +85,7 @@ def evaluate(params: Params, tracker=None) -> dict[str, float]:
     curves: dict[str, dict] = {}  # method -> model -> ROC
     for tag, model_dir in {"base": BASE_DIR, "trained": TRAINED_DIR}.items():
         model, tokenizer = load_model(model_dir), load_tokenizer(str(model_dir))
-        model_metrics, samples = evaluate_model(model, tokenizer, eval_data, params)
+        model_metrics, samples = evaluate_model(model, tokenizer, eval_data, params, rewarder)
         rocs = membership_rocs(model, tokenizer, members, nonmembers, params, reference)
         model_metrics.update(roc_metrics(rocs))
         for method, roc in rocs.items():

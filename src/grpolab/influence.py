@@ -33,8 +33,8 @@ from grpolab.config import Params
 from grpolab.data.prepare import VAL_FILE
 from grpolab.data.schema import DataError
 from grpolab.data.tokenizer import encode_prompt
-from grpolab.rewards import RewardBatch, score
-from grpolab.rollout import completion_logprobs, decode, row_generators, sample
+from grpolab.rewards import Rewarder
+from grpolab.rollout import completion_logprobs, decode, row_generators, sample, stop_ids
 
 TRACIN_DIR = Path("metrics/tracin")
 # Sampling streams of the validation rollouts, apart from the train rollouts' (seed, row) generators.
@@ -183,17 +183,18 @@ class Selection:
 class TracIn:
     """Built once per training; `select` gives a batch of rollouts its keep mask."""
 
-    def __init__(self, params: Params, model: nn.Module, tokenizer, judge):
+    def __init__(self, params: Params, model: nn.Module, tokenizer, rewarder: Rewarder):
         self.params = params
         self.cfg = params.train.tracin
         self.tokenizer = tokenizer
-        self.judge = judge
+        self.rewarder = rewarder
         self.probe = GradientProbe(model)
         self.val = None
         if self.cfg.validation == "separate":
             if not VAL_FILE.is_file():
                 raise FileNotFoundError(f"{VAL_FILE}: no validation split (run the prepare stage first)")
             self.val = pd.read_parquet(VAL_FILE)
+            rewarder.check(self.val.to_dict("records"), str(VAL_FILE))
             if len(self.val) < self.cfg.pool_size:
                 raise DataError(
                     f"{VAL_FILE}: {len(self.val)} validation prompts, fewer than train.tracin.val_pool_size "
@@ -228,11 +229,11 @@ class TracIn:
         row_ids = [VAL_ROW_OFFSET + rollout_index * cfg.pool_size + first + j for j in range(per_rank)]
         rollout = sample(
             model, [encode_prompt(self.tokenizer, r["prompt"]) for r in rows], max_new_tokens=t.max_new_tokens,
-            eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id, temperature=t.temperature, top_p=t.top_p,
+            eos_ids=stop_ids(model, self.tokenizer), pad_id=self.tokenizer.pad_token_id, temperature=t.temperature, top_p=t.top_p,
             generators=row_generators(self.params.seed, row_ids),
         )
         texts = decode(self.tokenizer, rollout)
-        reward, _ = score(RewardBatch([r["prompt"] for r in rows], texts, [r["ground_truth"] for r in rows], self.judge), t.rewards)
+        reward, _ = self.rewarder(rows, texts, str(VAL_FILE))
         rewards = dist.all_gather_cat(reward)
         chosen = VAL_SELECTIONS[cfg.selection](rewards, cfg.batch_size, torch.Generator().manual_seed(self.params.seed * 1_000_003 + rollout_index))
         advantages = group_advantages(rewards[chosen], len(chosen), "group")  # (r - mean) / std over the validation batch

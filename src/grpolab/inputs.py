@@ -22,6 +22,7 @@ USER_FILES: dict[str, tuple[str, ...]] = {
     "data.json": ("data.train_files", "data.eval_files", "data.sft_files", "data.val_files"),  # prepare
     "model.json": ("model.name_or_path",),  # prepare (its tokenizer), sft (its weights)
     "judge_model.json": ("train.judge_model",),  # train
+    "reward_file.json": ("train.reward_file",),  # train, evaluate
     "reference_model.json": ("mia.reference_model",),  # mia, evaluate
 }
 

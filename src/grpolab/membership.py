@@ -27,7 +27,7 @@ from grpolab.fsutil import atomic_output
 from grpolab.mia import scores as S
 from grpolab.mia.roc import membership_roc
 from grpolab.models import load_model
-from grpolab.rollout import completion_logits, decode, sample
+from grpolab.rollout import completion_logits, decode, sample, stop_ids
 from grpolab.sft import BASE_DIR
 
 WEIGHTED_TRAIN_FILE = Path("data/train_weighted.parquet")
@@ -59,7 +59,7 @@ def membership_scores(
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         rollout = sample(model, [encode_prompt(tokenizer, p) for p in chunk], max_new_tokens=max_new_tokens,
-                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+                         eos_ids=stop_ids(model, tokenizer), pad_id=tokenizer.pad_token_id)
         parts = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
         targets, mask = rollout.completion_ids, rollout.completion_mask
         logp, mu, sigma = S.token_statistics(completion_logits(model, *parts).cpu(), targets)

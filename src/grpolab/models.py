@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from grpolab.config import ModelParams
+from grpolab.config import LoraParams, ModelParams
 from grpolab.fsutil import atomic_output
 
 
@@ -37,9 +39,39 @@ def load_model(path: str | Path) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
+ADAPTER_DIR = "adapter"  # the LoRA adapter inside a trained model's folder
+
+
+def with_lora(model: PreTrainedModel, lora: LoraParams) -> PreTrainedModel:
+    """`model` with LoRA adapters (PEFT) on `lora.target_modules`, only they trainable; `model` as it is with r = 0."""
+    if not lora.r:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+@contextmanager
+def reference_policy(policy: torch.nn.Module, frozen: torch.nn.Module | None) -> Iterator[torch.nn.Module]:
+    """The KL reference: the frozen copy, or, with LoRA, the policy itself with its adapters disabled
+    (the base weights never train, so no second copy is needed)."""
+    if frozen is not None:
+        yield frozen
+        return
+    with policy.disable_adapter():
+        yield policy
+
+
 def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
-    """`save_pretrained` of model and tokenizer into one self-contained folder, atomically."""
+    """`save_pretrained` of model and tokenizer into one self-contained folder, atomically. A LoRA model is
+    saved twice: its adapter in `adapter/` (PEFT's format) and merged into the base weights, so whatever
+    loads a plain checkpoint loads it. The merge changes `model` in place: save it last."""
     with atomic_output(path, directory=True) as tmp:
+        if hasattr(model, "merge_and_unload"):  # a PEFT model (with_lora); peft itself takes seconds to import
+            model.save_pretrained(Path(tmp) / ADAPTER_DIR)
+            model = model.merge_and_unload()
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 

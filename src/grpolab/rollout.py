@@ -1,4 +1,5 @@
-"""Batched generation with a KV cache: left-padded prompts, completions cut at EOS.
+"""Batched generation with a KV cache: left-padded prompts, completions cut at the first stop token
+(any EOS id of the model's generation config, or the tokenizer's EOS).
 
 Sampling draws each row's noise from that row's own generator, seeded by (seed, row id), so
 a completion does not depend on which other rows share its batch: splitting a step's prompts
@@ -42,6 +43,14 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends a completion: the EOS ids of the model's generation config (a chat model often has
+    several, e.g. Qwen2.5's `<|im_end|>` and `<|endoftext|>`) and the tokenizer's EOS."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return sorted({*configured, tokenizer.eos_token_id})
+
+
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Set to -inf the logits outside the smallest set whose probability reaches top_p. [B, V] -> [B, V]"""
     if top_p >= 1.0:
@@ -59,7 +68,7 @@ def sample(
     prompts: list[list[int]],
     *,
     max_new_tokens: int,
-    eos_id: int,
+    eos_ids: list[int],
     pad_id: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -69,18 +78,19 @@ def sample(
     sampling from softmax(logits / temperature) restricted to top_p, row i using generators[i]."""
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     completion_ids, logp, entropy = (
-        x.clone() for x in _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generators)
+        x.clone() for x in _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, generators)
     )
-    # valid = generated before or at the first EOS
-    eos_seen = (completion_ids == eos_id).long().cumsum(-1)
-    completion_mask = ((eos_seen == 0) | ((eos_seen == 1) & (completion_ids == eos_id))).long()
+    # valid = generated before or at the first stop token
+    is_stop = torch.isin(completion_ids, torch.tensor(eos_ids))
+    eos_seen = is_stop.long().cumsum(-1)
+    completion_mask = ((eos_seen == 0) | ((eos_seen == 1) & is_stop)).long()
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_id)
     valid = completion_mask.bool()
     return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, logp * valid, entropy * valid)
 
 
 @torch.inference_mode()  # the caller gets clones: ordinary tensors that may enter an autograd graph
-def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generators):
+def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, generators):
     """The decoding loop of `sample`: completion ids, their log p and the entropy under the model's
     untempered distribution, each [B, steps], with anything after EOS unspecified."""
     batch = prompt_ids.shape[0]
@@ -97,6 +107,7 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temp
     done = torch.zeros(batch, dtype=torch.bool, device=device)  # over the active rows
     compactable = hasattr(cache, "batch_select_indices")
     vocab = logits.shape[-1]
+    stops = torch.tensor(eos_ids, device=device)
     # Noise is drawn a chunk of steps at a time (one call per row per chunk, not per token),
     # the chunk sized to keep the buffer near 64 MB whatever the vocabulary.
     chunk = max(1, min(max_new_tokens, 2**24 // max(1, batch * vocab)))
@@ -117,7 +128,7 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temp
         token_logp[active, t] = logp_all.gather(-1, token[:, None]).squeeze(-1)
         token_entropy[active, t] = -(logp_all.exp() * logp_all).sum(-1)
         steps = t + 1
-        done = done | (token == eos_id)
+        done = done | torch.isin(token, stops)
         if done.all():
             break
         # Drop finished rows once they are a quarter of the batch: the decode cost follows the
@@ -214,12 +225,13 @@ def generate(
     """Texts in, texts out: greedy or seeded sampled completions of every prompt, in batches."""
     model.eval()
     encoded = [encode_prompt(tokenizer, p) for p in prompts for _ in range(n_per_prompt)]
+    eos_ids = stop_ids(model, tokenizer)
     texts, lengths = [], []
     for start in range(0, len(encoded), batch_size):
         rows = list(range(start, min(start + batch_size, len(encoded))))
         rollout = sample(
             model, [encoded[i] for i in rows], max_new_tokens=max_new_tokens,
-            eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+            eos_ids=eos_ids, pad_id=tokenizer.pad_token_id,
             temperature=temperature, top_p=top_p, generators=row_generators(seed, rows) if do_sample else None,
         )
         texts += decode(tokenizer, rollout)

@@ -34,9 +34,9 @@ from grpolab.data.tokenizer import encode_prompt, load_tokenizer
 from grpolab.fsutil import atomic_write_text
 from grpolab.influence import TRACIN_DIR, TracIn
 from grpolab.membership import WEIGHTED_TRAIN_FILE
-from grpolab.models import load_model, save_checkpoint
-from grpolab.rewards import Judge, RewardBatch, score
-from grpolab.rollout import Rollout, check_room, completion_logprobs, decode, row_generators, sample
+from grpolab.models import load_model, reference_policy, save_checkpoint, with_lora
+from grpolab.rewards import Rewarder, source_means
+from grpolab.rollout import Rollout, check_room, completion_logprobs, decode, row_generators, sample, stop_ids
 from grpolab.sft import BASE_DIR
 from grpolab.tracking import Tracker
 from grpolab.variants import LossWeights, Variants
@@ -97,12 +97,13 @@ def make_optimizer(params: Params, model: torch.nn.Module) -> torch.optim.Optimi
     """AdamW; with the optimizer state offloaded, DeepSpeed's CPU Adam (the same AdamW update, stepped on the
     CPU in C++: DeepSpeed refuses a torch optimizer there)."""
     t = params.train
+    trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters
     if t.deepspeed.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         dist.load_native_ops("CPUAdamBuilder")
-        return DeepSpeedCPUAdam(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay, adamw_mode=True)
-    return torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+        return DeepSpeedCPUAdam(trainable, lr=t.learning_rate, weight_decay=t.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
 
 
 def _logprobs_in_chunks(model, batch: Batch, size: int) -> torch.Tensor:
@@ -118,7 +119,7 @@ def _step_prompts(params: Params, n_train: int, rollout_index: int) -> np.ndarra
     return rng.choice(n_train, size=params.train.prompts_per_step, replace=n_train < params.train.prompts_per_step)
 
 
-def make_batch(params: Params, engine, ref_model, tokenizer, data: pd.DataFrame, judge, variants: Variants, rollout_index: int):
+def make_batch(params: Params, engine, ref_model, tokenizer, data: pd.DataFrame, rewarder: Rewarder, variants: Variants, rollout_index: int):
     t = params.train
     per_rank = t.prompts_per_step // dist.world_size()
     prompt_index = _step_prompts(params, len(data), rollout_index)
@@ -129,11 +130,11 @@ def make_batch(params: Params, engine, ref_model, tokenizer, data: pd.DataFrame,
     with dist.gathered(engine.module, t.deepspeed.zero_stage):
         rollout = sample(
             engine.module, [encoded[i] for i in mine.tolist() for _ in range(t.group_size)], max_new_tokens=t.max_new_tokens,
-            eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, temperature=t.temperature, top_p=t.top_p,
+            eos_ids=stop_ids(engine.module, tokenizer), pad_id=tokenizer.pad_token_id, temperature=t.temperature, top_p=t.top_p,
             generators=row_generators(params.seed, list(range(first_row, first_row + len(rows)))),
         )
     texts = decode(tokenizer, rollout)
-    reward, parts = score(RewardBatch([r["prompt"] for r in rows], texts, [r["ground_truth"] for r in rows], judge), t.rewards)
+    reward, parts = rewarder(rows, texts, str(WEIGHTED_TRAIN_FILE))
     all_rewards = dist.all_gather_cat(reward)  # advantages (batch scaling) and logged stats see the whole batch
     offset = dist.rank() * len(rows)
     advantages = group_advantages(all_rewards, t.group_size, t.scale_rewards)[offset : offset + len(rows)]
@@ -142,9 +143,12 @@ def make_batch(params: Params, engine, ref_model, tokenizer, data: pd.DataFrame,
     engine.module.eval()
     if t.ppo_epochs > 1:
         batch.old_logp = _logprobs_in_chunks(engine.module, batch, t.micro_batch_size)
-    if ref_model is not None:
-        batch.ref_logp = _logprobs_in_chunks(ref_model, batch, t.micro_batch_size)
-    info = {"rows": rows, "texts": texts, "reward": reward, "parts": parts, "all_rewards": all_rewards, "batch": batch}
+    if t.kl_beta > 0:
+        with reference_policy(engine.module, ref_model) as reference:
+            batch.ref_logp = _logprobs_in_chunks(reference, batch, t.micro_batch_size)
+    sources = dist.all_gather_objects([r["data_source"] for r in rows])  # aligned with all_rewards
+    info = {"rows": rows, "texts": texts, "reward": reward, "parts": parts, "all_rewards": all_rewards, "batch": batch,
+            "sources": sources}
     return batch, info
 
 
@@ -205,6 +209,7 @@ def step_metrics(params: Params, engine, sums: dict, info: dict, seconds: float)
         "train/reward_mean": rewards.mean().item(),
         "train/reward_std": rewards.std().item(),
         **{f"train/reward/{name}": v for name, v in parts.items()},
+        **{f"train/reward/{source}": v for source, v in source_means(info["sources"], rewards).items()},
         "train/advantage_mean": group_advantages(rewards, t.group_size, t.scale_rewards).mean().item(),
         "train/logprob_mean": s["logp"] / tokens,
         "train/entropy": s["entropy"] / tokens,
@@ -300,6 +305,8 @@ def train_inputs(params: Params) -> list[Path]:
         inputs.append(VAL_FILE)
     if "judge" in t.rewards and t.judge_model:
         inputs.append(Path(t.judge_model))
+    if t.reward_file:
+        inputs.append(Path(t.reward_file))
     return inputs
 
 
@@ -359,17 +366,18 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
     use_cuda = torch.cuda.is_available()
     bf16 = t.deepspeed.bf16 if t.deepspeed.bf16 is not None else use_cuda
     tokenizer = load_tokenizer(str(BASE_DIR))
-    model = load_model(BASE_DIR)
+    model = with_lora(load_model(BASE_DIR), params.model.lora)
     data = pd.read_parquet(WEIGHTED_TRAIN_FILE)
+    rewarder = Rewarder(params)
+    rewarder.check(data.to_dict("records"), str(WEIGHTED_TRAIN_FILE))
     check_room(model.config, tokenizer, list(data["prompt"]), t.max_new_tokens, "train.max_new_tokens", str(WEIGHTED_TRAIN_FILE))
     if t.tracin.use_tracin and t.tracin.validation == "separate":
         check_room(model.config, tokenizer, list(pd.read_parquet(VAL_FILE)["prompt"]), t.max_new_tokens, "train.max_new_tokens", str(VAL_FILE))
-    ref_model = None
-    if t.kl_beta > 0:
+    ref_model = None  # with LoRA the reference is the policy with its adapters disabled
+    if t.kl_beta > 0 and not params.model.lora.r:
         ref_model = load_model(BASE_DIR).eval().requires_grad_(False)
         if use_cuda:
             ref_model = ref_model.to(torch.bfloat16 if bf16 else torch.float32).cuda()
-    judge = Judge(t.judge_model) if "judge" in t.rewards else None
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = make_optimizer(params, model)
@@ -379,7 +387,7 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
     if tracker:
         tracker.text(json.dumps(ds_config, indent=2), DEEPSPEED_CONFIG_ARTIFACT)
     variants = Variants(params, data, tokenizer)
-    tracin = TracIn(params, engine.module, tokenizer, judge) if t.tracin.use_tracin else None
+    tracin = TracIn(params, engine.module, tokenizer, rewarder) if t.tracin.use_tracin else None
     inputs = train_inputs(params)
     curve_keys = CURVE_KEYS + (tracin.metric_keys if tracin else [])
     start, history, logged = _resume_or_start(params, engine, inputs, tracker, variants)
@@ -391,7 +399,7 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
         selection = None
         if (step - 1) % t.ppo_epochs == 0 or step == start + 1:
             rollout_index = (step - 1) // t.ppo_epochs
-            batch, info = make_batch(params, engine, ref_model, tokenizer, data, judge, variants, rollout_index)
+            batch, info = make_batch(params, engine, ref_model, tokenizer, data, rewarder, variants, rollout_index)
             if tracin and tracin.due(rollout_index):  # influence from the batch as sampled, before its first update
                 with dist.gathered(engine.module, t.deepspeed.zero_stage):
                     selection = tracin.select(engine.module, batch, info, rollout_index, step)

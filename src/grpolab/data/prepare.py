@@ -15,7 +15,7 @@ import pandas as pd
 from grpolab.config import Params
 from grpolab.data.schema import SOURCE, DataError, read_rl_files, read_sft_files, render_prompt, write_parquet
 from grpolab.data.tasks import Problem, generate_arithmetic
-from grpolab.data.tokenizer import load_tokenizer, train_tokenizer
+from grpolab.data.tokenizer import encode_prompt, load_tokenizer, train_tokenizer
 from grpolab.fsutil import atomic_output
 from grpolab.tracking import Tracker
 
@@ -89,6 +89,18 @@ def _check_sft_disjoint(sft: pd.DataFrame, others: dict[str, set[str]]) -> None:
                                 "disjoint (an SFT prompt is a member before RL, which corrupts the membership baseline)")
 
 
+def _drop_long_prompts(frames: dict[str, pd.DataFrame], tokenizer, limit: int) -> tuple[dict[str, pd.DataFrame], int]:
+    """Each split without its prompts longer than `limit` tokens, and how many rows went."""
+    kept, dropped = {}, 0
+    for name, frame in frames.items():
+        short = frame["prompt"].map(lambda p: len(encode_prompt(tokenizer, p)) <= limit)
+        kept[name] = frame[short].reset_index(drop=True)
+        dropped += int((~short).sum())
+        if len(frame) and not len(kept[name]):
+            raise DataError(f"data.max_prompt_length: every {name} prompt is longer than {limit} tokens: raise it")
+    return kept, dropped
+
+
 def prepare(params: Params, tracker: Tracker | None = None) -> dict[str, int]:
     d = params.data
     # Read and validate everything the user brought before writing anything.
@@ -111,6 +123,11 @@ def prepare(params: Params, tracker: Tracker | None = None) -> dict[str, int]:
 
     for frame in (train, eval_, sft, val):
         frame["prompt"] = [render_prompt(p, tokenizer) for p in frame["prompt"]]
+    dropped = 0
+    if d.max_prompt_length:
+        kept, dropped = _drop_long_prompts({"train": train, "eval": eval_, "val": val}, tokenizer, d.max_prompt_length)
+        train, eval_, val = kept["train"], kept["eval"], kept["val"]
+        print(f"prepare: dropped {dropped} prompts longer than data.max_prompt_length={d.max_prompt_length} tokens", flush=True)
     if d.train_files and d.validation_size:
         train, val = _held_out(params, train, set(eval_["prompt"]) | set(sft["prompt"]))
     _check_disjoint(eval_, "eval", {"train": set(train["prompt"])})
@@ -127,7 +144,7 @@ def prepare(params: Params, tracker: Tracker | None = None) -> dict[str, int]:
 
     summary = {
         "data/num_train": len(train), "data/num_eval": len(eval_), "data/num_sft": len(sft), "data/num_val": len(val),
-        "data/vocab_size": len(tokenizer),
+        "data/vocab_size": len(tokenizer), "data/num_dropped_long_prompts": dropped,
     }
     if tracker:
         tracker.dataset(train, "train", TRAIN_FILE, "train")

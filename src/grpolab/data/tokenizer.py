@@ -50,8 +50,13 @@ def load_tokenizer(path: str, key: str = "model.name_or_path") -> PreTrainedToke
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Prompt ids with the tokenizer's own special tokens (a checkpoint's BOS, if it uses one)."""
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
+    """Prompt ids with the tokenizer's own special tokens (a checkpoint's BOS, if it uses one), and one BOS
+    only: a chat template that writes the BOS into the text (Llama 3's does) gets no second one."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:2] == [bos, bos]:
+        ids = ids[1:]
+    return ids
 
 
 def encode_response(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 PIP := $(BIN)/pip install --disable-pip-version-check --progress-bar off -qq
 
-.PHONY: install browser postgres run test ui deploy bench bench-mia bench-tracin clean clean-all
+.PHONY: install browser postgres run test ui deploy bench bench-mia bench-tracin bench-memory bench-rollout gpu-check gpu-wheels clean clean-all
 
 install: $(STAMP)
 
@@ -74,6 +74,31 @@ bench-mia: install
 # what TracIn's influence pass costs against plain GRPO and a naive per-completion backward (needs `make run` first)
 bench-tracin: install
 	python bench/bench_tracin.py
+
+# peak memory of a train step, a TracIn step and an eval pass at Qwen2.5's vocabulary, against the commit before the GPU-path work
+bench-memory: install
+	python bench/bench_memory.py
+
+# rollout.sample against transformers' model.generate, same settings, alternating blocks
+bench-rollout: install
+	python bench/bench_rollout.py
+
+# the GPU check (bench/gpu_check.py): a few minutes on one GPU, its figures in gpu_check.json
+gpu-check: install
+	python bench/gpu_check.py --out gpu_check.json
+
+# What bench/gpu_check.py needs on a GPU machine whose Python has torch and transformers (and numpy, pandas,
+# pyarrow) only, as wheels in .whl/: DeepSpeed built here with its ops off (it JIT-builds none on that path),
+# its pure-Python needs, pydantic and ruamel.yaml, at requirements.lock's versions, for GPU_PYTHON.
+GPU_PYTHON ?= 3.12
+GPU_WHEELS := hjson msgpack ninja psutil py-cpuinfo einops pydantic pydantic_core annotated-types typing-inspection ruamel.yaml
+gpu-wheels: install
+	rm -rf .whl
+	DS_BUILD_OPS=0 $(BIN)/pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  $$(for p in $(GPU_WHEELS); do grep -i "^$$p==" requirements.lock; done)
+	@ls .whl
 
 # the pipeline's outputs (as dvc.yaml names them), dvc.lock and checkpoints; each path deleted is printed
 clean: install

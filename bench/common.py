@@ -86,3 +86,45 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     """A markdown table, ready for the README."""
     lines = [header, ["---"] * len(header), *rows]
     return "\n".join("| " + " | ".join(str(cell) for cell in line) + " |" for line in lines)
+
+
+# ---- Qwen2-shaped models and a tokenizer of a real vocabulary's size, built locally (no hub) ----------------
+
+QWEN_VOCAB = 151_936  # Qwen2.5's vocabulary
+QWEN_SHAPES = {  # (hidden, layers, heads, kv heads, intermediate)
+    "tiny": (32, 2, 2, 1, 64),
+    "narrow": (64, 2, 4, 2, 128),
+    "qwen2.5-0.5b": (896, 24, 14, 2, 4864),
+    "qwen2.5-1.5b": (1536, 28, 12, 2, 8960),
+}
+PAD_ID, EOS_ID = 0, 1
+
+
+def qwen2_config(shape: str, vocab: int = QWEN_VOCAB, max_positions: int = 4096):
+    """Qwen2.5's architecture (RoPE theta 1e6, tied embeddings) at one of QWEN_SHAPES."""
+    from transformers import Qwen2Config
+
+    hidden, layers, heads, kv_heads, intermediate = QWEN_SHAPES[shape]
+    return Qwen2Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, intermediate_size=intermediate, max_position_embeddings=max_positions,
+                       rope_theta=1e6, tie_word_embeddings=True, eos_token_id=EOS_ID, pad_token_id=PAD_ID, bos_token_id=None)
+
+
+def word_tokenizer(vocab: int = QWEN_VOCAB):
+    """A word-level tokenizer of `vocab` ids: `<pad>` 0, `<eos>` 1, `<unk>` 2, then `w3` ... (a prompt of n words is n tokens)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    words = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + [f"w{i}" for i in range(len(specials), vocab)])},
+                                       unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def word_prompts(n: int, length: int, vocab: int = QWEN_VOCAB, seed: int = 0) -> list[str]:
+    """n prompts of `length` random words of `word_tokenizer(vocab)`."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(f"w{rng.randrange(10, vocab)}" for _ in range(length)) for _ in range(n)]

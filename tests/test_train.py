@@ -198,7 +198,8 @@ def test_the_checkpoint_fingerprint_covers_train_params_seed_base_model_and_trai
     inputs = train_inputs(params)
     same = fingerprint(params, inputs)
     assert fingerprint(config.apply_overrides(["eval.num_samples=7", "mia.k=0.3", "tracking.run_name=x"]), inputs) == same
-    for change in ("train.learning_rate=0.5", "seed=3", "train.mitigation.name=entropy_masking"):
+    for change in ("train.learning_rate=0.5", "seed=3", "train.mitigation.name=entropy_masking", "model.dtype=bfloat16",
+                   "model.lora.r=4"):
         assert fingerprint(config.overridden([change])[1], inputs) != same, change
     weights = Path("models/base/model.safetensors")
     weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))  # a new base model, same params
@@ -289,17 +290,60 @@ def test_zero_stages_follow_the_zero_0_trajectory(trainer, zero_0, knobs):
 
 
 def test_gradient_checkpointing_trains_the_same_model(trainer, tmp_path):
+    """3 steps: rollouts are sampled in eval mode after each update left the model in train mode (with
+    checkpointing on, transformers turns the KV cache off in train mode and decoding failed at step 2)."""
     plain = tmp_path / "plain"
     shutil.copytree(trainer, plain)
-    run = ["-S", "train.steps=1", "-S", "train.kl_beta=0"]
+    run = ["-S", "train.steps=3", "-S", "train.kl_beta=0"]
     grpolab("stage", "train", *run, cwd=plain)
     grpolab("stage", "train", *run, "-S", "train.gradient_checkpointing=true", cwd=trainer)
     # Activations recomputed in the backward pass: the same loss and gradient, up to float32 reduction order.
-    # (Weights are not compared: Adam's first update is about lr * sign(g), so a gradient element at
-    # rounding-noise level moves its weight by up to lr either way.)
+    # (Later steps are not compared: Adam's first update is about lr * sign(g), so a gradient element at
+    # rounding-noise level moves its weight by up to lr either way, and the next rollouts may differ.)
     one, checkpointed = pd.read_csv(plain / CURVE_FILE), pd.read_csv(CURVE_FILE)
+    assert checkpointed["step"].tolist() == [1, 2, 3]
     for column in ("train/loss", "train/grad_norm", "train/entropy"):
-        assert checkpointed[column].item() == pytest.approx(one[column].item(), rel=1e-5), column
+        assert checkpointed[column].iloc[0] == pytest.approx(one[column].iloc[0], rel=1e-5), column
+        assert checkpointed[column].notna().all(), column
+    assert checkpointed["train/reward_mean"].iloc[0] == one["train/reward_mean"].iloc[0]  # the same rollouts
+
+
+def test_micro_batches_cut_to_their_width_give_the_whole_batchs_step(trainer, tmp_path):
+    """Rows sorted by length into micro-batches of 4, each cut to its own width, against the whole batch of 16 in
+    one micro-batch: the same step up to the order of summation."""
+    whole = tmp_path / "whole"
+    shutil.copytree(trainer, whole)
+    run = ["-S", "train.steps=1", "-S", "train.mitigation.name=entropy_masking"]
+    grpolab("stage", "train", *run, "-S", "train.micro_batch_size=16", cwd=whole)
+    grpolab("stage", "train", *run, "-S", "train.micro_batch_size=4", cwd=trainer)
+    one, cut = pd.read_csv(whole / CURVE_FILE), pd.read_csv(CURVE_FILE)
+    for column in ("train/loss", "train/kl", "train/grad_norm", "train/entropy", "credit/answer_share", "credit/gini"):
+        assert cut[column].item() == pytest.approx(one[column].item(), rel=1e-5, abs=1e-8), column
+    expected = load_model(whole / TRAINED_DIR).state_dict()
+    changed = 0
+    for key, value in trained_weights().items():
+        # Adam's first step is lr * sign(g): an element whose gradient is at rounding level may go either way
+        changed += int((value - expected[key]).abs().gt(1e-6).sum())
+    assert changed <= 1e-3 * sum(v.numel() for v in expected.values())
+
+
+def test_bf16_on_cpu_starts_at_kl_0_accumulates_in_fp32_and_saves_the_fp32_master_weights(trainer):
+    """model.dtype=bfloat16 on CPU (DeepSpeed's bf16 runs there at ZeRO >= 1): the reference, loaded in bf16
+    with RoPE's buffer in fp32 like the policy's, is the policy's own model at step 1, so the KL is exactly 0."""
+    params = config.apply_overrides(["model.dtype=bfloat16", "train.steps=2", "train.kl_beta=0.1", "train.learning_rate=0.01",
+                                     "train.warmup_steps=0"])  # warm-up starts at lr 0: step 2 would equal step 1
+    run_stage("train", params)
+    curve = pd.read_csv(CURVE_FILE)
+    assert curve["train/kl"].iloc[0] == 0 and curve["train/kl"].iloc[1] > 0
+    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
+    run = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'")[0]
+    ds_config = json.loads(Path(client.download_artifacts(run.info.run_id, DEEPSPEED_CONFIG_ARTIFACT, str(trainer))).read_text())
+    assert ds_config["bf16"] == {"enabled": True} and ds_config["zero_optimization"]["stage"] == 1
+    assert ds_config["data_types"] == {"grad_accum_dtype": "fp32"}
+    weights = trained_weights()
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+    # the optimizer's fp32 master weights, not the bf16 copies the forward ran on
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in weights.values())
 
 
 @pytest.mark.parametrize(
@@ -313,7 +357,8 @@ def test_gradient_checkpointing_trains_the_same_model(trainer, tmp_path):
         ("train.loss_agg_mode=sum", "train.loss_agg_mode: Input should be 'token-mean'"),
         ("train.judge_model=nowhere", "train.judge_model: no Hugging Face checkpoint (config.json) at nowhere"),
         ("train.num_processes=3", "train: prompts_per_step (4) must divide evenly across num_processes (3)"),
-        ("train.deepspeed.offload_optimizer=true", "train.deepspeed: offload_optimizer needs zero_stage 1, 2 or 3"),
+        (["train.deepspeed.offload_optimizer=true", "train.deepspeed.zero_stage=0"],
+         "train.deepspeed: offload_optimizer needs zero_stage 1, 2 or 3"),
         (["train.gradient_checkpointing=true", *SAME_BATCH], "train: gradient_checkpointing cannot be combined with tracin.use_tracin"),
     ],
 )
@@ -626,7 +671,7 @@ def test_lora_trains_adapters_against_the_disabled_adapter_reference_and_saves_a
     from grpolab.sft import BASE_DIR
 
     loads, probes = [], []
-    monkeypatch.setattr(grpolab.train, "load_model", lambda path: loads.append(path) or load_model(path))
+    monkeypatch.setattr(grpolab.train, "load_model", lambda path, dtype: loads.append(path) or load_model(path, dtype))
     probe = grpolab.influence.GradientProbe
     monkeypatch.setattr(grpolab.influence, "GradientProbe", lambda model: probes.append(probe(model)) or probes[-1])
     params = config.apply_overrides(["train.steps=3", "train.kl_beta=0.1", "model.lora.r=4", "model.lora.alpha=8",

@@ -32,9 +32,11 @@ HISTORY = "metrics.csv"  # every metric of every step so far: the curve, and wha
 
 
 def fingerprint(params: Params, inputs: list[Path]) -> str:
-    """What determines the trained model: the train params, the seed and the content of `inputs`
-    (the base model, the train data, ...). eval.*, tracking.* and the rest do not enter."""
-    knobs = json.dumps({"seed": params.seed, "train": params.train.model_dump(mode="json")}, sort_keys=True)
+    """What determines the trained model: the train params, the seed, the model's working dtype and LoRA
+    adapters, and the content of `inputs` (the base model, the train data, ...). eval.*, tracking.* and the
+    rest do not enter."""
+    model = params.model.model_dump(mode="json", include={"dtype", "lora"})
+    knobs = json.dumps({"seed": params.seed, "train": params.train.model_dump(mode="json"), "model": model}, sort_keys=True)
     return f"{hashlib.sha256(knobs.encode()).hexdigest()}-{content_digest(inputs)}"
 
 

@@ -152,6 +152,12 @@ class ModelParams(Section):
     num_heads: int = Field(4, ge=1, description="Attention heads of the tiny model; must divide `hidden_size`.")
     intermediate_size: int = Field(512, ge=8, description="MLP width of the tiny model.")
     max_length: int = Field(128, ge=16, description="Longest prompt + completion in tokens (position embeddings).")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="What every stage's models work in (`grpolab.device`): `auto` is bf16 on a GPU and fp32 "
+        "on the CPU. Weights load in it (fp32-only buffers such as RoPE's stay fp32); log-probs, entropies, losses "
+        "and MIA statistics are fp32 whatever it is. SFT trains fp32 weights under bf16 autocast, GRPO on "
+        "DeepSpeed's bf16 (fp32 master weights, fp32 gradient accumulation).",
+    )
     lora: LoraParams = Field(
         default_factory=LoraParams, description="LoRA adapters for GRPO: the base weights stay frozen, the KL reference "
         "is the same model with its adapters disabled, and models/trained holds the adapter and the merged model.",
@@ -360,23 +366,35 @@ class TracInParams(Section):
 
 
 class DeepSpeedParams(Section):
-    zero_stage: Literal[0, 1, 2, 3] = Field(
-        0, description="ZeRO stage: 0 plain data parallel, 1 optimizer states, 2 + gradients, 3 + parameters "
-        "(gathered for generation)."
-    )
-    bf16: bool | None = Field(
-        None, description="bf16 mixed precision. Empty: on when a CUDA GPU is used, off (fp32) on CPU."
+    zero_stage: Literal[0, 1, 2, 3] | None = Field(
+        None, description="ZeRO stage: 0 plain data parallel, 1 optimizer states, 2 + gradients, 3 + parameters "
+        "(gathered for generation). Empty: 1 when training in bf16 (DeepSpeed accumulates gradients in fp32 only "
+        "at ZeRO >= 1) or with `offload_optimizer`, else 0."
     )
     offload_optimizer: bool = Field(
         False, description="ZeRO-Offload: keep the optimizer state in CPU memory and step it there with DeepSpeed's "
-        "CPU Adam (its C++ op is built on first use, or prebuilt in docker/Dockerfile.cuda). Needs zero_stage >= 1."
+        "CPU Adam (a C++ op compiled for the CPU that runs it: `make install` builds it, the CUDA image on first use). "
+        "Needs zero_stage >= 1."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bf16_moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "bf16" in data:
+            raise ValueError("bf16: replaced by model.dtype (auto: bf16 on a GPU; bfloat16; float32), which every stage follows")
+        return data
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> DeepSpeedParams:
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (ZeRO partitions the optimizer state it offloads)")
         return self
+
+    def stage(self, bf16: bool) -> int:
+        """The ZeRO stage the engine runs: as set, else the lowest that accumulates bf16 gradients in fp32."""
+        if self.zero_stage is not None:
+            return self.zero_stage
+        return 1 if bf16 or self.offload_optimizer else 0
 
 
 class TrainParams(Section):
@@ -387,7 +405,12 @@ class TrainParams(Section):
     temperature: float = Field(1.0, gt=0, description="Rollout sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Rollout nucleus sampling threshold.")
     micro_batch_size: int = Field(
-        64, ge=1, description="Sequences per forward/backward on one process; gradients accumulate over the rest."
+        64, ge=1, description="Sequences per forward/backward on one process; gradients accumulate over the rest. "
+        "A step's rows are sorted by completion length and each micro-batch is cut to its own width."
+    )
+    rollout_batch_size: int = Field(
+        256, ge=1, description="Rows generated together on one process (rollouts and TracIn's validation rollouts): "
+        "bounds generation memory (KV cache, logits); a completion does not depend on it."
     )
     ppo_epochs: int = Field(1, ge=1, description="Optimizer steps per batch of rollouts (1 = on-policy).")
     gradient_checkpointing: bool = Field(

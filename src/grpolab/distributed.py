@@ -1,7 +1,7 @@
 """Process-group helpers: the one place that knows about ranks.
 
-In-process runs (the default on CPU) are a world of one on the gloo backend; `torchrun`
-workers read their rank from the environment it sets.
+In-process runs (the default) are a world of one; `torchrun` workers read their rank from the
+environment it sets. Either way the group has a backend per device type (`backend()`).
 """
 
 from __future__ import annotations
@@ -40,8 +40,15 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
+def backend(cuda: bool | None = None) -> str:
+    """The process group's backend for each device type: gloo for CPU tensors (grpolab's own collectives pass
+    the CPU tensors the trainer holds), nccl for CUDA tensors (DeepSpeed's, TracIn's gradients) when CUDA is
+    available (`cuda`, default: whether it is)."""
+    return "cpu:gloo,cuda:nccl" if (torch.cuda.is_available() if cuda is None else cuda) else "cpu:gloo"
+
+
 def init() -> None:
-    """Join (or, alone, create) the process group DeepSpeed needs: gloo on CPU, nccl on GPU.
+    """Join (or, alone, create) the process group DeepSpeed and grpolab's collectives use (`backend()`).
 
     Alone, the group's store is an in-process HashStore and gloo binds the loopback interface, so a
     single-node run listens on no network interface (torch's default TCPStore listens on all of them)."""
@@ -50,14 +57,19 @@ def init() -> None:
     if dist.is_initialized():
         return
     load_native_ops("ShareMemCommBuilder")  # DeepSpeed's comm loads it on CPU
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    options = {}
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process on a node
+        if world_size() > 1:  # nccl's communicator set up eagerly on this GPU, as DeepSpeed's own init does
+            options["device_id"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if not launched():
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
         os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK_INTERFACE)
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        dist.init_process_group(backend(), store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend(), init_method="env://", rank=rank(), world_size=world_size(), **options)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False,
+                               verbose=False)
 
 
 def load_native_ops(*builders: str) -> None:
@@ -128,8 +140,12 @@ def _wait_first_failure(workers: list[subprocess.Popen]) -> subprocess.Popen | N
     return None
 
 
+# The collectives below run in the process group whenever there is one (a world of one included, where they
+# cost microseconds), so the single-process run exercises the same backend dispatch as a multi-GPU one.
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if world_size() > 1:
+    if dist.is_initialized():
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
@@ -137,7 +153,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate equal-shaped tensors of every rank along dim 0, in rank order."""
-    if world_size() == 1:
+    if not dist.is_initialized():
         return t
     parts = [torch.empty_like(t) for _ in range(world_size())]
     dist.all_gather(parts, t.contiguous())
@@ -146,7 +162,7 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 
 def all_gather_objects(items: list) -> list:
     """Concatenate every rank's list of picklable items, in rank order."""
-    if world_size() == 1:
+    if not dist.is_initialized():
         return items
     parts: list = [None] * world_size()
     dist.all_gather_object(parts, items)
@@ -158,10 +174,10 @@ def barrier() -> None:
         dist.barrier()
 
 
-def gathered(module: torch.nn.Module, zero_stage: int):
-    """Under ZeRO-3 a module's parameters are partitioned: gather them (e.g. to generate or save)."""
-    if zero_stage != 3:
+def gathered(engine):
+    """Under ZeRO-3 a DeepSpeed engine's parameters are partitioned: gather them (e.g. to generate or save)."""
+    if engine.zero_optimization_stage() != 3:
         return nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)

@@ -15,6 +15,7 @@ from transformers import AutoConfig
 from grpolab.config import Params
 from grpolab.data.prepare import EVAL_FILE, TRAIN_FILE
 from grpolab.data.tokenizer import load_tokenizer
+from grpolab.device import working_dtype
 from grpolab.fsutil import atomic_write_text
 from grpolab.membership import ROC_DIR, load_reference, membership_rocs, roc_figure, roc_metrics, write_roc_curves
 from grpolab.models import load_model
@@ -79,12 +80,13 @@ def evaluate(params: Params, tracker=None) -> dict[str, float]:
     base_tokenizer = load_tokenizer(str(BASE_DIR))
     check_room(AutoConfig.from_pretrained(BASE_DIR), base_tokenizer, eval_data["prompt"].tolist(), params.eval.max_new_tokens,
                "eval.max_new_tokens", str(EVAL_FILE))  # before the first generation
-    reference = load_reference(params.mia.reference_model, base_tokenizer) if "reference" in params.eval.mia_methods else None
+    dtype = working_dtype(params.model.dtype)
+    reference = load_reference(params.mia.reference_model, base_tokenizer, dtype) if "reference" in params.eval.mia_methods else None
     metrics: dict[str, float] = {}
     sample_rows: list[dict] = []
     curves: dict[str, dict] = {}  # method -> model -> ROC
     for tag, model_dir in {"base": BASE_DIR, "trained": TRAINED_DIR}.items():
-        model, tokenizer = load_model(model_dir), load_tokenizer(str(model_dir))
+        model, tokenizer = load_model(model_dir, dtype), load_tokenizer(str(model_dir))
         model_metrics, samples = evaluate_model(model, tokenizer, eval_data, params, rewarder)
         rocs = membership_rocs(model, tokenizer, members, nonmembers, params, reference)
         model_metrics.update(roc_metrics(rocs))

@@ -10,6 +10,11 @@ normalised input, not its input. With a PEFT model only the adapters train, so o
 
 Rows whose advantage is 0 (a group whose completions all scored alike) have no policy-gradient
 term: their influence is exactly 0 and they skip the influence pass.
+
+Memory: one chunk of rows (`train.micro_batch_size`) is captured at a time, the output head's
+gradients for its completion tokens only. Same-batch influence needs the whole batch's gradient
+before any product, so it takes two passes: one sums the batch gradient chunk by chunk, the next
+recomputes each chunk's captures for its products (twice the capture work, memory of one chunk).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from grpolab.data.prepare import VAL_FILE
 from grpolab.data.schema import DataError
 from grpolab.data.tokenizer import encode_prompt
 from grpolab.rewards import Rewarder
-from grpolab.rollout import completion_logprobs, decode, row_generators, sample, stop_ids
+from grpolab.rollout import by_length, completion_logprobs, decode, sample, sample_keys, stop_ids, take
 
 TRACIN_DIR = Path("metrics/tracin")
 # Sampling streams of the validation rollouts, apart from the train rollouts' (seed, row) generators.
@@ -53,8 +58,9 @@ class Record:
 
     kind: str  # a key of algos.influence.PARAMETER_USES
     param: str  # the parameter's name (tied parameters share one)
-    inputs: torch.Tensor  # [N, d_in] activations, or [N] ids, at the batch's valid positions
+    inputs: torch.Tensor  # [N, d_in] activations, or [N] ids, at the positions it saw that have a gradient
     grad: torch.Tensor  # [N, d_out]
+    rows: torch.Tensor  # [N] the row each position belongs to
 
 
 @dataclass
@@ -62,7 +68,6 @@ class Captures:
     """What one forward and backward of a batch of rows leaves: its parameter uses, packed."""
 
     records: list[Record]
-    rows: torch.Tensor  # [N] which row each valid position belongs to
     n_rows: int
 
 
@@ -88,10 +93,14 @@ class GradientProbe:
         # ZeRO-3 partitions parameters: their full shape is `ds_shape`.
         return {n: torch.zeros(getattr(p, "ds_shape", p.shape), device=self.device) for n, p in self.params.items()}
 
-    def capture(self, forward, valid: torch.Tensor) -> Captures:
+    def capture(self, forward, valid: torch.Tensor, packed_rows: torch.Tensor | None = None) -> Captures:
         """Run `forward` (returns the scalar loss of a batch whose valid positions are `valid`
         [B, S] bool), then one autograd.grad to the hooked outputs: no parameter gradient is
-        formed, so neither DeepSpeed's gradient buffers nor its ZeRO-3 parameter hooks are touched."""
+        formed, so neither DeepSpeed's gradient buffers nor its ZeRO-3 parameter hooks are touched.
+
+        A layer called on [B, S, ...] keeps its valid positions. A layer called on packed positions
+        [n, d] (the output head, which `rollout.completion_token_stats` applies to the completion
+        tokens only, a chunk at a time) takes their rows from `packed_rows` [N], in call order."""
         calls = []
         hook = lambda module, args, output: calls.append((module, args[0], output))  # noqa: E731
         handles = [m.register_forward_hook(hook) for m in self.uses]
@@ -102,13 +111,21 @@ class GradientProbe:
                 h.remove()
         grads = torch.autograd.grad(loss, [out for _, _, out in calls], allow_unused=True)
         valid = valid.to(self.device)
+        valid_rows = valid.nonzero()[:, 0]
+        cursor: dict[nn.Module, int] = {}  # per layer: how many packed positions its calls have taken
         out = []
         for (module, inputs, _), g in zip(calls, grads):
+            if not (inputs.dim() == 2 and inputs.is_floating_point()):  # [B, S, d] activations or [B, S] ids
+                keep, rows = valid, valid_rows
+            else:  # packed: one chunk of positions after another
+                start = cursor.get(module, 0)
+                cursor[module] = start + len(inputs)
+                keep, rows = slice(None), packed_rows[start : start + len(inputs)].to(self.device)
             if g is None:
                 continue
-            inputs = _at_least_fp32(inputs.detach()[valid]) if inputs.is_floating_point() else inputs[valid]
-            out += [Record(kind, param, inputs, _at_least_fp32(g[valid])) for kind, param in self.uses[module]]
-        return Captures(out, valid.nonzero()[:, 0], valid.shape[0])
+            inputs = _at_least_fp32(inputs.detach()[keep]) if inputs.is_floating_point() else inputs[keep]
+            out += [Record(kind, param, inputs, _at_least_fp32(g[keep]), rows) for kind, param in self.uses[module]]
+        return Captures(out, valid.shape[0])
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -123,8 +140,8 @@ def accumulate(captures: Captures, v: dict[str, torch.Tensor]) -> None:
 
 def inner_products(captures: Captures, v: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per row <grad L_b, v> over every captured parameter use -> [B] (float64)."""
-    per_token = sum(PARAMETER_USES[r.kind][1](r.inputs, r.grad, v[r.param]).double() for r in captures.records)
-    return per_row(per_token, captures.rows, captures.n_rows).cpu()
+    return sum(per_row(PARAMETER_USES[r.kind][1](r.inputs, r.grad, v[r.param]).double(), r.rows, captures.n_rows)
+               for r in captures.records).cpu()
 
 
 def _reduced(v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -139,29 +156,12 @@ def _reduced(v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _chunks(rows: torch.Tensor, mask: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """Row indices [R] in chunks of `size`, longest completions (mask [B, T]) first, so each
-    chunk, trimmed to its own width, carries little padding."""
-    order = rows[torch.argsort(mask[rows].sum(-1), descending=True, stable=True)]
-    return [order[i : i + size] for i in range(0, len(order), size)]
-
-
-PROMPT_COLUMNS = ("prompt_ids", "prompt_mask")
-COMPLETION_COLUMNS = ("completion_ids", "mask", "w_token", "old_logp", "ref_logp")
-
-
-def _take(rows: dict, idx: torch.Tensor) -> tuple[dict, torch.Tensor]:
-    """Rows `idx` of a batch's tensors, without the columns that are padding in all of them, and
-    the valid positions of [prompt | completion] ([b, S] bool): the only ones with a gradient."""
-    out = {k: (None if x is None else x[idx]) for k, x in rows.items()}
-    first = int(out["prompt_mask"].any(0).nonzero()[0])  # prompts are left-padded
-    last = int(out["mask"].any(0).nonzero()[-1]) + 1  # completions right-padded
-    for k in PROMPT_COLUMNS:
-        out[k] = out[k][:, first:]
-    for k in COMPLETION_COLUMNS:
-        if out.get(k) is not None:
-            out[k] = out[k][:, :last]
-    return out, torch.cat([out["prompt_mask"], out["mask"]], dim=1).bool()
+def _take(rows: dict, index: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Rows `index` of a batch's columns cut to their own width, the valid positions of [prompt | completion]
+    ([b, S] bool: the only ones with a gradient) and the row of each completion token ([n], row-major: the
+    positions the output head sees)."""
+    out = take(rows, index)
+    return out, torch.cat([out["prompt_mask"], out["mask"]], dim=1).bool(), out["mask"].bool().nonzero()[:, 0]
 
 
 def _sequence_logp(model, rows: dict) -> torch.Tensor:
@@ -230,7 +230,7 @@ class TracIn:
         rollout = sample(
             model, [encode_prompt(self.tokenizer, r["prompt"]) for r in rows], max_new_tokens=t.max_new_tokens,
             eos_ids=stop_ids(model, self.tokenizer), pad_id=self.tokenizer.pad_token_id, temperature=t.temperature, top_p=t.top_p,
-            generators=row_generators(self.params.seed, row_ids),
+            keys=sample_keys(self.params.seed, row_ids), batch_size=t.rollout_batch_size,
         )
         texts = decode(self.tokenizer, rollout)
         reward, _ = self.rewarder(rows, texts, str(VAL_FILE))
@@ -244,9 +244,10 @@ class TracIn:
         r = rollout
         val_rows = {"prompt_ids": r.prompt_ids, "prompt_mask": r.prompt_mask, "completion_ids": r.completion_ids,
                     "mask": r.completion_mask, "coefficients": mine}
-        for idx in _chunks(mine.nonzero().squeeze(-1), r.completion_mask, t.micro_batch_size):  # a 0 coefficient adds nothing
-            rows, valid = _take(val_rows, idx)
-            accumulate(self.probe.capture(lambda: validation_loss(_sequence_logp(model, rows), rows["coefficients"]), valid), v)
+        for idx in by_length(r.completion_mask, t.micro_batch_size, mine.nonzero().squeeze(-1)):  # a 0 coefficient adds nothing
+            rows, valid, packed = _take(val_rows, idx)
+            loss = lambda: validation_loss(_sequence_logp(model, rows), rows["coefficients"])  # noqa: E731
+            accumulate(self.probe.capture(loss, valid, packed), v)
         metrics = {
             "tracin/val_reward_mean": rewards[chosen].mean().item(),
             "tracin/val_advantage_min": advantages.min().item(),
@@ -263,27 +264,25 @@ class TracIn:
         model.train()
         units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss_agg_mode))
         n = len(batch.advantages)
-        all_rows = batch.rows(0, n)
-        chunks = _chunks(batch.advantages.nonzero().squeeze(-1), all_rows["mask"], t.micro_batch_size)
+        columns = batch.columns()
+        chunks = by_length(batch.rollout.completion_mask, t.micro_batch_size, batch.advantages.nonzero().squeeze(-1))
 
         def capture(idx: torch.Tensor) -> Captures:
-            rows, valid = _take(all_rows, idx)
-            return self.probe.capture(lambda: self._pg_loss(model, rows, units), valid)
+            rows, valid, packed = _take(columns, idx)
+            return self.probe.capture(lambda: self._pg_loss(model, rows, units), valid, packed)
 
         influence = torch.zeros(n, dtype=torch.float64)
         metrics: dict[str, float] = {}
         if cfg.validation == "separate":
             v, metrics = self._validation_gradient(model, rollout_index)
-            for idx in chunks:  # v is known: each chunk's products right away, nothing kept
-                influence[idx] = inner_products(capture(idx), v)
-        else:  # v is the whole batch's gradient: keep every chunk's captures until it is complete
+        else:  # v is the whole batch's gradient: one pass to sum it, chunk by chunk, nothing kept
             v = self.probe.zeros()
-            kept = [(idx, capture(idx)) for idx in chunks]
-            for _, captures in kept:
-                accumulate(captures, v)
+            for idx in chunks:
+                accumulate(capture(idx), v)
             v = _reduced(v)
-            for idx, captures in kept:
-                influence[idx] = inner_products(captures, v)
+        # v is known: each chunk's products, its captures recomputed (same-batch) and dropped before the next
+        for idx in chunks:
+            influence[idx] = inner_products(capture(idx), v)
         everyone = dist.all_gather_cat(influence)
         scores = unit_scores(everyone, t.group_size, cfg.selection_unit)
         keep_units, fallback = select(scores, cfg.fallback_min_positive, cfg.fallback_top_fraction)

@@ -26,8 +26,9 @@ from grpolab.data.tokenizer import encode_prompt, load_tokenizer
 from grpolab.fsutil import atomic_output
 from grpolab.mia import scores as S
 from grpolab.mia.roc import membership_roc
+from grpolab.device import working_dtype
 from grpolab.models import load_model
-from grpolab.rollout import completion_logits, decode, sample, stop_ids
+from grpolab.rollout import completion_logprobs, completion_token_stats, decode, sample, stop_ids
 from grpolab.sft import BASE_DIR
 
 WEIGHTED_TRAIN_FILE = Path("data/train_weighted.parquet")
@@ -36,16 +37,16 @@ ROC_DIR = Path("metrics/mia_roc")
 FPR_GRID = np.linspace(0.0, 1.0, 101)
 
 
-def load_reference(path: str, tokenizer) -> torch.nn.Module:
-    """The reference model of `mia.reference_model`: its scores are compared token by token with the
-    base model's, so it must read text with the same tokenizer."""
+def load_reference(path: str, tokenizer, dtype: torch.dtype) -> torch.nn.Module:
+    """The reference model of `mia.reference_model` (in `dtype`): its scores are compared token by token
+    with the base model's, so it must read text with the same tokenizer."""
     reference_tokenizer = load_tokenizer(path, "mia.reference_model")
     if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(
             f"mia.reference_model: the tokenizer in {path} differs from the base model's ({len(reference_tokenizer)} vs "
             f"{len(tokenizer)} tokens, or other ids): a reference must share the base model's tokenizer"
         )
-    return load_model(path).eval()
+    return load_model(path, dtype).eval()
 
 
 @torch.no_grad()
@@ -60,9 +61,10 @@ def membership_scores(
         chunk = prompts[start : start + batch_size]
         rollout = sample(model, [encode_prompt(tokenizer, p) for p in chunk], max_new_tokens=max_new_tokens,
                          eos_ids=stop_ids(model, tokenizer), pad_id=tokenizer.pad_token_id)
-        parts = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
-        targets, mask = rollout.completion_ids, rollout.completion_mask
-        logp, mu, sigma = S.token_statistics(completion_logits(model, *parts).cpu(), targets)
+        rows = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
+                "completion_ids": rollout.completion_ids, "mask": rollout.completion_mask}
+        mask = rollout.completion_mask
+        logp, mu, sigma = completion_token_stats(model, rows, S.token_statistics)  # fp32, [b, T] each
         for method in methods:
             if method == "loss":
                 score = S.score_loss(logp, mask)
@@ -75,8 +77,7 @@ def membership_scores(
             elif method == "min_k_plus_plus":
                 score = S.score_min_k_plus_plus(logp, mu, sigma, mask, k)
             elif method == "reference":
-                ref_logits = completion_logits(reference, *parts).cpu()
-                score = S.score_reference(logp, S.token_statistics(ref_logits, targets)[0], mask)
+                score = S.score_reference(logp, completion_logprobs(reference, rows)[0], mask)
             else:
                 raise ValueError(f"unknown MIA method {method!r}; choose from {list(S.MIA_METHODS)}")
             out[method].append(score)
@@ -114,8 +115,9 @@ def mia(params: Params, tracker=None) -> dict[str, float]:
     else:
         if not (BASE_DIR / "config.json").is_file():
             raise FileNotFoundError(f"{BASE_DIR}: no base model (run the sft stage first)")
-        model, tokenizer = load_model(BASE_DIR), load_tokenizer(str(BASE_DIR))
-        reference = load_reference(m.reference_model, tokenizer) if m.method == "reference" else None
+        dtype = working_dtype(params.model.dtype)
+        model, tokenizer = load_model(BASE_DIR, dtype), load_tokenizer(str(BASE_DIR))
+        reference = load_reference(m.reference_model, tokenizer, dtype) if m.method == "reference" else None
         prompts = [*train["prompt"], *eval_["prompt"]]
         all_scores = membership_scores(model, tokenizer, prompts, [m.method], k=m.k, max_new_tokens=m.max_new_tokens,
                                        batch_size=m.batch_size, reference=reference)[m.method]

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from grpolab.config import LoraParams, ModelParams
+from grpolab.device import device
 from grpolab.fsutil import atomic_output
 
 
@@ -33,10 +34,12 @@ def build_model(params: ModelParams, tokenizer: PreTrainedTokenizerBase, seed: i
     return AutoModelForCausalLM.from_config(config)
 
 
-def load_model(path: str | Path) -> PreTrainedModel:
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A local HF causal LM in `dtype` (`device.working_dtype`) on this process's device. `from_pretrained`'s
+    dtype keeps the buffers the model computes in fp32 (RoPE's) in fp32: a cast with `.to(dtype)` would not."""
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no Hugging Face checkpoint here (config.json missing)")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device())
 
 
 ADAPTER_DIR = "adapter"  # the LoRA adapter inside a trained model's folder

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from grpolab.device import device, working_dtype
+
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
 GSM8K_STRICT_RE = re.compile(r"#### (-?[0-9.,]+)")  # verl's gsm8k strict extraction
@@ -198,18 +200,18 @@ class Judge:
     The score is sigmoid(logit) for a one-label head, else the probability of the last label.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from grpolab.config import ConfigError
 
-        model, loading = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
+        model, loading = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, dtype=dtype)
         if loading["missing_keys"]:  # transformers would start them at random, and the judge would score noise
             raise ConfigError(
                 f"train.judge_model: {path} has no trained classification head ({', '.join(sorted(loading['missing_keys']))} "
                 "missing): give a sequence-classification checkpoint (AutoModelForSequenceClassification.save_pretrained)"
             )
-        self.model = model.eval().requires_grad_(False)
+        self.model = model.eval().requires_grad_(False).to(device())  # this process's own GPU on a multi-GPU node
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -217,7 +219,7 @@ class Judge:
 
     @torch.inference_mode()
     def __call__(self, texts: list[str]) -> list[float]:
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True)
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(self.model.device)
         logits = self.model(**batch).logits.float()
         scores = torch.sigmoid(logits[:, 0]) if logits.shape[-1] == 1 else torch.softmax(logits, -1)[:, -1]
         return scores.tolist()
@@ -272,7 +274,7 @@ class Rewarder:
         t = params.train
         self.weights = t.rewards
         self.routes = {**SOURCES, **t.reward_sources}
-        self.judge = Judge(t.judge_model) if judge and "judge" in self.weights else None
+        self.judge = Judge(t.judge_model, working_dtype(params.model.dtype)) if judge and "judge" in self.weights else None
         self.reward_file = RewardFile(t.reward_file, t.reward_function) if t.reward_file else None
 
     def check(self, rows: list[dict], what: str) -> None:

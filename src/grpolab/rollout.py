@@ -1,20 +1,35 @@
-"""Batched generation with a KV cache: left-padded prompts, completions cut at the first stop token
-(any EOS id of the model's generation config, or the tokenizer's EOS).
+"""Batched generation with a KV cache, and the log-probabilities of completions under a model.
 
-Sampling draws each row's noise from that row's own generator, seeded by (seed, row id), so
-a completion does not depend on which other rows share its batch: splitting a step's prompts
-across processes or micro-batches gives the same completions as one big batch.
+Generation: left-padded prompts, completions cut at the first stop token (any EOS id of the model's
+generation config, or the tokenizer's EOS), always in eval mode (dropout off, the KV cache on, also
+under gradient checkpointing), in chunks of `batch_size` rows. The prefill keeps only the last
+position's logits. Sampling noise is counter-based (`algos.sampling`): a row's completion depends
+on its key (seed, row id) alone, so splitting a step's prompts across processes, chunks or
+micro-batches gives the same completions as one big batch; it is drawn on the device, and a decode
+step synchronises with the host once.
+
+Log-probabilities: one forward pass over [prompt | completion] that keeps the final hidden states,
+then the output head and the log-softmax over the completion tokens only, a chunk of tokens at a
+time (recomputed in the backward pass), so no [rows, positions, vocabulary] tensor is ever held.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from grpolab.algos.losses import policy_token_stats, token_logprobs
+from grpolab.algos.sampling import counter_uniform, sample_tokens
 from grpolab.data.tokenizer import encode_prompt
+
+# Tokens whose logits are formed at once in a log-prob pass: ~256 MB of fp32 logits whatever the vocabulary.
+LOGIT_CHUNK_ELEMENTS = 2**26
 
 
 @dataclass
@@ -30,6 +45,20 @@ class Rollout:
     @property
     def lengths(self) -> list[int]:
         return self.completion_mask.sum(-1).tolist()
+
+
+def cat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Rollouts of consecutive rows as one: prompts re-padded on the left, completions on the right."""
+    if len(parts) == 1:
+        return parts[0]
+    prompt_width = max(p.prompt_ids.shape[1] for p in parts)
+    width = max(p.completion_ids.shape[1] for p in parts)
+    left = lambda t, value: torch.nn.functional.pad(t, (prompt_width - t.shape[1], 0), value=value)  # noqa: E731
+    right = lambda t, value: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)  # noqa: E731
+    pads = {"prompt_ids": (left, pad_id), "prompt_mask": (left, 0), "completion_ids": (right, pad_id),
+            "completion_mask": (right, 0), "token_logp": (right, 0.0), "token_entropy": (right, 0.0)}
+    return Rollout(**{f.name: torch.cat([pads[f.name][0](getattr(p, f.name), pads[f.name][1]) for p in parts])
+                      for f in fields(Rollout)})
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,15 +80,34 @@ def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list
     return sorted({*configured, tokenizer.eos_token_id})
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Set to -inf the logits outside the smallest set whose probability reaches top_p. [B, V] -> [B, V]"""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    outside = probs.cumsum(-1) - probs > top_p  # the token that crosses top_p stays in
-    sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+def sample_keys(seed: int, row_ids: list[int]) -> torch.Tensor:
+    """One sampling key per row, from (seed, row id): a row's samples depend on nothing else. -> [B] int64"""
+    return torch.tensor([seed * 1_000_003 + r for r in row_ids], dtype=torch.int64)
+
+
+def _language_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside a DeepSpeed engine and/or a PEFT wrapper (adapters are injected in place)."""
+    if any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def last_logits_only(model: torch.nn.Module, keep: int = 1) -> dict:
+    """The forward kwarg that has the model form logits for its last `keep` positions only (when it takes it)."""
+    return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(_language_model(model).forward).parameters else {}
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """`model` in eval mode (no dropout; transformers keeps the KV cache and skips gradient checkpointing),
+    each module's own mode restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 @torch.no_grad()
@@ -72,13 +120,23 @@ def sample(
     pad_id: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    generators: list[torch.Generator] | None = None,
+    keys: torch.Tensor | None = None,
+    batch_size: int | None = None,
 ) -> Rollout:
-    """Generate one completion per prompt row. Greedy when `generators` is None, else Gumbel-max
-    sampling from softmax(logits / temperature) restricted to top_p, row i using generators[i]."""
+    """Generate one completion per prompt row, `batch_size` rows at a time (all at once when None), in eval
+    mode whatever mode `model` is in. Greedy when `keys` is None, else sampled from softmax(logits /
+    temperature) restricted to top_p, row i with the noise of keys[i] (`sample_keys`)."""
+    size = batch_size or len(prompts)
+    with evaluating(model):
+        parts = [_sample_chunk(model, prompts[i : i + size], max_new_tokens, eos_ids, pad_id, temperature, top_p,
+                               None if keys is None else keys[i : i + size]) for i in range(0, len(prompts), size)]
+    return cat_rollouts(parts, pad_id)
+
+
+def _sample_chunk(model, prompts, max_new_tokens, eos_ids, pad_id, temperature, top_p, keys) -> Rollout:
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     completion_ids, logp, entropy = (
-        x.clone() for x in _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, generators)
+        x.clone() for x in _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, keys)
     )
     # valid = generated before or at the first stop token
     is_stop = torch.isin(completion_ids, torch.tensor(eos_ids))
@@ -90,37 +148,29 @@ def sample(
 
 
 @torch.inference_mode()  # the caller gets clones: ordinary tensors that may enter an autograd graph
-def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, generators):
+def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, temperature, top_p, keys):
     """The decoding loop of `sample`: completion ids, their log p and the entropy under the model's
     untempered distribution, each [B, steps], with anything after EOS unspecified."""
     batch = prompt_ids.shape[0]
     device = next(model.parameters()).device
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0).to(device)
-    out = model(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), position_ids=positions, use_cache=True)
+    out = model(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), position_ids=positions,
+                use_cache=True, **last_logits_only(model))
     cache, logits = out.past_key_values, out.logits[:, -1]
     attention = prompt_mask.to(device)
     next_pos = positions[:, -1:] + 1
+    uniform = None if keys is None else counter_uniform(keys.to(device), max_new_tokens)  # [B, steps]
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     token_logp = torch.zeros((batch, max_new_tokens), device=device)
     token_entropy = torch.zeros((batch, max_new_tokens), device=device)
     active = torch.arange(batch, device=device)  # rows still generating; finished rows leave the batch
+    running = batch  # len(active), known to the host
     done = torch.zeros(batch, dtype=torch.bool, device=device)  # over the active rows
     compactable = hasattr(cache, "batch_select_indices")
-    vocab = logits.shape[-1]
     stops = torch.tensor(eos_ids, device=device)
-    # Noise is drawn a chunk of steps at a time (one call per row per chunk, not per token),
-    # the chunk sized to keep the buffer near 64 MB whatever the vocabulary.
-    chunk = max(1, min(max_new_tokens, 2**24 // max(1, batch * vocab)))
     steps = 0
     for t in range(max_new_tokens):
-        if generators is None:
-            token = logits.argmax(-1)
-        else:
-            if t % chunk == 0:
-                uniform = torch.stack([torch.rand(chunk, vocab, generator=g) for g in generators])
-                gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20))).to(device)
-            scores = top_p_filter(logits.float() / temperature, top_p)
-            token = (scores + gumbel[active, t % chunk]).argmax(-1)
+        token = logits.argmax(-1) if uniform is None else sample_tokens(logits, uniform[active, t], temperature, top_p)
         if not compactable:
             token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens[active, t] = token
@@ -129,15 +179,18 @@ def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_ids, pad_id, tem
         token_entropy[active, t] = -(logp_all.exp() * logp_all).sum(-1)
         steps = t + 1
         done = done | torch.isin(token, stops)
-        if done.all():
+        finished = int(done.sum())  # the step's one host synchronisation
+        if finished == running:
             break
         # Drop finished rows once they are a quarter of the batch: the decode cost follows the
         # rows still running, and the KV cache is re-indexed only a few times per rollout.
-        if compactable and done.sum() * 4 >= len(active):
-            keep = (~done).nonzero().squeeze(-1)
+        if compactable and finished * 4 >= running:
+            keep = torch.argsort(done.to(torch.uint8), stable=True)[: running - finished]  # unfinished, in order
             cache.batch_select_indices(keep)
-            active, token, attention, next_pos, done = active[keep], token[keep], attention[keep], next_pos[keep], done[keep]
-        attention = torch.cat([attention, torch.ones(len(active), 1, dtype=attention.dtype, device=device)], dim=-1)
+            active, token, attention, next_pos = active[keep], token[keep], attention[keep], next_pos[keep]
+            done = torch.zeros(len(keep), dtype=torch.bool, device=device)
+            running -= finished
+        attention = torch.cat([attention, torch.ones(running, 1, dtype=attention.dtype, device=device)], dim=-1)
         out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos, past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
         next_pos = next_pos + 1
@@ -154,23 +207,74 @@ def forward_completions(model, prompt_ids, prompt_mask, completion_ids, completi
     return model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
 
 
-def completion_logits(
-    model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor
-) -> torch.Tensor:
-    """The logits that predict each completion token. prompt_ids, prompt_mask: [B, P] left-padded;
-    completion_ids, completion_mask: [B, T] -> [B, T, V]."""
-    logits = forward_completions(model, prompt_ids, prompt_mask, completion_ids, completion_mask).logits
-    return logits[:, prompt_ids.shape[1] - 1 : -1]  # position t predicts completion token t
+def completion_token_stats(model, rows: dict, stats: Callable[..., tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """Per-token statistics of each valid completion token under `model`: `stats(logits [n, V] fp32,
+    targets [n])` -> tensors [n], evaluated a chunk of tokens at a time and returned as [b, T] each
+    (0 at padding), on the CPU. rows: prompt_ids / prompt_mask [b, P] left-padded, completion_ids / mask
+    [b, T] right-padded. Under autograd each chunk's logits are recomputed in the backward pass rather
+    than kept; the first statistic is differentiable, the others should be computed detached."""
+    out = forward_completions(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"],
+                              output_hidden_states=True, **last_logits_only(model))
+    p = rows["prompt_ids"].shape[1]
+    hidden = out.hidden_states[-1][:, p - 1 : -1]  # position p - 1 + t predicts completion token t
+    valid = rows["mask"].bool().to(hidden.device)
+    h, targets = hidden[valid], rows["completion_ids"].to(hidden.device)[valid]  # [n, H], [n]
+    lm = _language_model(model)
+    head, cap = lm.get_output_embeddings(), getattr(lm.config, "final_logit_softcapping", None)
+
+    def chunk_stats(h_chunk: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = head(h_chunk).float()
+        if cap:  # Gemma 2/3 soft-cap their logits in the forward that this bypasses
+            logits = torch.tanh(logits / cap) * cap
+        return stats(logits, y)
+
+    vocab = getattr(head, "out_features", None) or lm.config.get_text_config().vocab_size  # (ZeRO-3 empties .weight)
+    size = max(1, LOGIT_CHUNK_ELEMENTS // vocab)
+    pieces = []
+    for start in range(0, len(h), size):
+        args = (h[start : start + size], targets[start : start + size])
+        pieces.append(checkpoint(chunk_stats, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk_stats(*args))
+    valid = valid.cpu()
+    results = []
+    for i in range(len(pieces[0]) if pieces else 0):
+        values = torch.cat([piece[i] for piece in pieces]).cpu()
+        full = torch.zeros(valid.shape, dtype=values.dtype)
+        results.append(full.masked_scatter(valid, values))
+    return tuple(results)
 
 
 def completion_logprobs(model, rows: dict, entropy: bool = False):
     """log p of each completion token under `model` ([b, T]) and, if asked, (entropy, sum_v p_v^2) ([b, T] each)."""
-    logits = completion_logits(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"])
-    targets = rows["completion_ids"].to(logits.device)
     if not entropy:
-        return token_logprobs(logits, targets).cpu(), None
-    logp, ent, prob_sq = policy_token_stats(logits, targets)
-    return logp.cpu(), (ent.cpu(), prob_sq.cpu())
+        return completion_token_stats(model, rows, lambda logits, y: (token_logprobs(logits, y),))[0], None
+    logp, ent, prob_sq = completion_token_stats(model, rows, policy_token_stats)
+    return logp, (ent, prob_sq)
+
+
+PROMPT_COLUMNS = ("prompt_ids", "prompt_mask")  # left-padded; every other [rows, width] column is a completion's
+
+
+def take(rows: dict, index: torch.Tensor) -> dict:
+    """Rows `index` of a batch's columns, cut to their own width: prompt columns lose the leading and
+    completion columns the trailing positions that are padding in every taken row."""
+    out = {k: None if x is None else x[index] for k, x in rows.items()}
+    first = int(out["prompt_mask"].any(0).nonzero()[0])
+    last = int(out["mask"].any(0).nonzero()[-1]) + 1 if out["mask"].any() else 1
+    width = rows["mask"].shape[1]
+    for k, x in out.items():
+        if k in PROMPT_COLUMNS:
+            out[k] = x[:, first:]
+        elif isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] == width:
+            out[k] = x[:, :last]
+    return out
+
+
+def by_length(mask: torch.Tensor, size: int, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Row indices (`rows`, default all rows of mask [B, T]) in chunks of `size`, longest completion
+    first (stable), so that each chunk, cut to its own width (`take`), carries little padding."""
+    rows = torch.arange(mask.shape[0]) if rows is None else rows
+    order = rows[torch.argsort(mask[rows].sum(-1), descending=True, stable=True)]
+    return [order[i : i + size] for i in range(0, len(order), size)]
 
 
 def check_room(model_config, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
@@ -189,11 +293,6 @@ def check_room(model_config, tokenizer: PreTrainedTokenizerBase, prompts: list[s
             f"{key}: {source}: row {row}: its prompt ({lengths[row]} tokens) + {key} ({max_new_tokens}) exceed the "
             f"model's {limit} positions: lower {key}, or drop the long prompts"
         )
-
-
-def row_generators(seed: int, row_ids: list[int]) -> list[torch.Generator]:
-    """One generator per row, seeded by (seed, row id): a row's samples depend on nothing else."""
-    return [torch.Generator().manual_seed(seed * 1_000_003 + r) for r in row_ids]
 
 
 def decode(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> list[str]:
@@ -222,18 +321,11 @@ def generate(
     batch_size: int = 256,
     seed: int = 0,
 ) -> Completions:
-    """Texts in, texts out: greedy or seeded sampled completions of every prompt, in batches."""
-    model.eval()
+    """Texts in, texts out: greedy or seeded sampled completions of every prompt, `batch_size` at a time."""
     encoded = [encode_prompt(tokenizer, p) for p in prompts for _ in range(n_per_prompt)]
-    eos_ids = stop_ids(model, tokenizer)
-    texts, lengths = [], []
-    for start in range(0, len(encoded), batch_size):
-        rows = list(range(start, min(start + batch_size, len(encoded))))
-        rollout = sample(
-            model, [encoded[i] for i in rows], max_new_tokens=max_new_tokens,
-            eos_ids=eos_ids, pad_id=tokenizer.pad_token_id,
-            temperature=temperature, top_p=top_p, generators=row_generators(seed, rows) if do_sample else None,
-        )
-        texts += decode(tokenizer, rollout)
-        lengths += rollout.lengths
-    return Completions(texts, lengths)
+    rollout = sample(
+        model, encoded, max_new_tokens=max_new_tokens, eos_ids=stop_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
+        temperature=temperature, top_p=top_p, keys=sample_keys(seed, list(range(len(encoded)))) if do_sample else None,
+        batch_size=batch_size,
+    )
+    return Completions(decode(tokenizer, rollout), rollout.lengths)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -14,9 +15,12 @@ from transformers import get_cosine_schedule_with_warmup
 from grpolab.config import Params
 from grpolab.data.prepare import SFT_FILE, TOKENIZER_DIR
 from grpolab.data.tokenizer import encode_prompt, encode_response, load_tokenizer
+from grpolab.device import autocast, device, working_dtype
 from grpolab.fsutil import atomic_write_text
 from grpolab.models import build_model, load_model, num_parameters, save_checkpoint
-from grpolab.tracking import Tracker
+
+if TYPE_CHECKING:
+    from grpolab.tracking import Tracker
 
 BASE_DIR = Path("models/base")
 LOSS_FILE = Path("metrics/sft_loss.csv")
@@ -51,9 +55,10 @@ def sft(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
     p = params.sft
     tokenizer = load_tokenizer(str(TOKENIZER_DIR))
     if params.model.name_or_path:
-        model = load_model(params.model.name_or_path)
+        model = load_model(params.model.name_or_path)  # fp32 weights: they train (under autocast when bf16)
     else:
-        model = build_model(params.model, tokenizer, params.seed)
+        model = build_model(params.model, tokenizer, params.seed).to(device())
+    dtype = working_dtype(params.model.dtype)
     max_length = getattr(model.config, "max_position_embeddings", None) or params.model.max_length
     data = pd.read_parquet(SFT_FILE)
     inputs, labels = _encode(data, tokenizer, max_length)
@@ -70,7 +75,8 @@ def sft(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
         running = math.nan
         for step in bar:
             index = torch.randint(len(inputs), (p.batch_size,), generator=sampler).tolist()
-            loss = model(**_batch(inputs, labels, index, tokenizer.pad_token_id)).loss
+            with autocast(dtype):
+                loss = model(**{k: v.to(device()) for k, v in _batch(inputs, labels, index, tokenizer.pad_token_id).items()}).loss
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), p.max_grad_norm)
             optimizer.step()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +60,14 @@ def run_stage(name: str, params: Params) -> dict:
     if name == "train" and distributed.launched() and distributed.world_size() != params.train.num_processes:
         raise ConfigError(f"train.num_processes is {params.train.num_processes} but the launcher started "
                           f"{distributed.world_size()} processes (WORLD_SIZE): set it to the job's total")
+    if name == "train":
+        from grpolab.device import check_processes_fit
+
+        if distributed.launched():  # the launcher's processes on this node (srun may not say how many: LOCAL_RANK)
+            on_node = int(os.environ.get("LOCAL_WORLD_SIZE", int(os.environ["LOCAL_RANK"]) + 1))
+            check_processes_fit(on_node, "the launcher's processes on this node (LOCAL_WORLD_SIZE)")
+        else:
+            check_processes_fit(params.train.num_processes, "train.num_processes")
     if name == "train" and params.train.num_processes > 1 and not distributed.launched():
         return _launch_workers(name, params.train.num_processes)
     if not distributed.is_rank0():  # rank 0 alone talks to MLflow

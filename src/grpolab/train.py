@@ -13,6 +13,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,7 @@ import torch
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from grpolab import device as dev
 from grpolab import distributed as dist
 from grpolab.algos.advantages import group_advantages, zero_std_groups
 from grpolab.algos.credit import ANSWER, CLASS_NAMES, THINK, gini, token_credit
@@ -27,7 +29,7 @@ from grpolab.algos.losses import (
     KL_ESTIMATORS, aggregate, aggregation_units, clipped_policy_loss, compose_token_loss,
 )
 from grpolab.checkpoints import CHECKPOINT_DIR, clear_step_logs, discard, load_training_checkpoint, resumable, save_training_checkpoint
-from grpolab.config import Params
+from grpolab.config import ConfigError, Params
 from grpolab.data.prepare import VAL_FILE
 from grpolab.data.schema import write_parquet
 from grpolab.data.tokenizer import encode_prompt, load_tokenizer
@@ -36,10 +38,12 @@ from grpolab.influence import TRACIN_DIR, TracIn
 from grpolab.membership import WEIGHTED_TRAIN_FILE
 from grpolab.models import load_model, reference_policy, save_checkpoint, with_lora
 from grpolab.rewards import Rewarder, source_means
-from grpolab.rollout import Rollout, check_room, completion_logprobs, decode, row_generators, sample, stop_ids
+from grpolab.rollout import Rollout, by_length, check_room, completion_logprobs, decode, sample, sample_keys, stop_ids, take
 from grpolab.sft import BASE_DIR
-from grpolab.tracking import Tracker
 from grpolab.variants import LossWeights, Variants
+
+if TYPE_CHECKING:  # MLflow is imported by the stage's driver; the training loop itself runs without it
+    from grpolab.tracking import Tracker
 
 TRAINED_DIR = Path("models/trained")
 CURVE_FILE = Path("metrics/train_curve.csv")
@@ -65,29 +69,39 @@ class Batch:
     credit: torch.Tensor | None = None  # [B, T] filled by the update: |A w| ||onehot(y) - p||
     entropy: torch.Tensor | None = None  # [B, T] filled by the update: the policy's token entropy
 
-    def rows(self, start: int, stop: int) -> dict[str, torch.Tensor | None]:
+    def columns(self) -> dict[str, torch.Tensor | None]:
+        """Every per-row and per-token tensor of the batch, by the name the loss reads it under."""
         r = self.rollout
-        take = lambda t: None if t is None else t[start:stop]  # noqa: E731
         return {
-            "prompt_ids": r.prompt_ids[start:stop], "prompt_mask": r.prompt_mask[start:stop],
-            "completion_ids": r.completion_ids[start:stop], "mask": r.completion_mask[start:stop],
-            "advantages": self.advantages[start:stop], "old_logp": take(self.old_logp), "ref_logp": take(self.ref_logp),
-            "w_token": self.weights.token[start:stop], "w_prompt": self.weights.prompt[start:stop],
-            "keep": self.weights.keep[start:stop],
+            "prompt_ids": r.prompt_ids, "prompt_mask": r.prompt_mask, "completion_ids": r.completion_ids,
+            "mask": r.completion_mask, "advantages": self.advantages, "old_logp": self.old_logp, "ref_logp": self.ref_logp,
+            "w_token": self.weights.token, "w_prompt": self.weights.prompt, "keep": self.weights.keep,
         }
+
+    def micro_batches(self, size: int) -> list[torch.Tensor]:
+        """The rows of each micro-batch: sorted by completion length, so each, cut to its own width
+        (`rollout.take`), carries little padding. Every pass over the batch (old and reference log-probs,
+        the update) uses these, so they see the same shapes (step 1's KL is exactly 0)."""
+        return by_length(self.rollout.completion_mask, size)
 
 
 def deepspeed_config(params: Params, bf16: bool) -> dict:
     t = params.train
     per_process = t.prompts_per_step * t.group_size // t.num_processes
+    stage = t.deepspeed.stage(bf16)
+    if bf16 and stage == 0:
+        raise ConfigError("train.deepspeed.zero_stage: 0 with bf16 (model.dtype) would accumulate gradients in bf16 over "
+                          "the micro-batches: set 1, 2 or 3, or leave it empty (1 under bf16)")
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": per_process // t.micro_batch_size,
         "train_batch_size": per_process * t.num_processes,
         "gradient_clipping": t.max_grad_norm,
-        "zero_optimization": {"stage": t.deepspeed.zero_stage}
+        "zero_optimization": {"stage": stage}
         | ({"offload_optimizer": {"device": "cpu", "pin_memory": torch.cuda.is_available()}} if t.deepspeed.offload_optimizer else {}),
         "bf16": {"enabled": bf16},
+        # fp32 gradient accumulation: with bf16 weights DeepSpeed would otherwise sum micro-batch gradients in bf16
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}),
         "steps_per_print": 10**9,
         "zero_allow_untested_optimizer": True,
     }
@@ -106,11 +120,14 @@ def make_optimizer(params: Params, model: torch.nn.Module) -> torch.optim.Optimi
     return torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
 
 
-def _logprobs_in_chunks(model, batch: Batch, size: int) -> torch.Tensor:
-    n = batch.rollout.completion_ids.shape[0]
+def batch_logprobs(model, batch: Batch, size: int) -> torch.Tensor:
+    """log p of every completion token of the batch under `model`, micro-batch by micro-batch. -> [B, T]"""
+    columns, out = batch.columns(), torch.zeros(batch.rollout.completion_mask.shape)
     with torch.inference_mode():
-        logp = torch.cat([completion_logprobs(model, batch.rows(i, i + size))[0] for i in range(0, n, size)])
-    return logp.clone()  # an ordinary tensor: it meets the policy's log-probs in the loss
+        for index in batch.micro_batches(size):
+            logp = completion_logprobs(model, take(columns, index))[0]
+            out[index, : logp.shape[1]] = logp
+    return out.clone()  # an ordinary tensor: it meets the policy's log-probs in the loss
 
 
 def _step_prompts(params: Params, n_train: int, rollout_index: int) -> np.ndarray:
@@ -127,11 +144,11 @@ def make_batch(params: Params, engine, ref_model, tokenizer, data: pd.DataFrame,
     rows = [data.iloc[i] for i in mine for _ in range(t.group_size)]
     encoded = {i: encode_prompt(tokenizer, data.iloc[i]["prompt"]) for i in set(mine.tolist())}
     first_row = rollout_index * t.prompts_per_step * t.group_size + dist.rank() * per_rank * t.group_size
-    with dist.gathered(engine.module, t.deepspeed.zero_stage):
+    with dist.gathered(engine):
         rollout = sample(
             engine.module, [encoded[i] for i in mine.tolist() for _ in range(t.group_size)], max_new_tokens=t.max_new_tokens,
             eos_ids=stop_ids(engine.module, tokenizer), pad_id=tokenizer.pad_token_id, temperature=t.temperature, top_p=t.top_p,
-            generators=row_generators(params.seed, list(range(first_row, first_row + len(rows)))),
+            keys=sample_keys(params.seed, list(range(first_row, first_row + len(rows)))), batch_size=t.rollout_batch_size,
         )
     texts = decode(tokenizer, rollout)
     reward, parts = rewarder(rows, texts, str(WEIGHTED_TRAIN_FILE))
@@ -139,13 +156,14 @@ def make_batch(params: Params, engine, ref_model, tokenizer, data: pd.DataFrame,
     offset = dist.rank() * len(rows)
     advantages = group_advantages(all_rewards, t.group_size, t.scale_rewards)[offset : offset + len(rows)]
     classes = variants.token_classes(rollout)
-    batch = Batch(rollout, advantages, None, None, variants.loss_weights(rollout, rows, classes, engine.module), classes)
+    weights = variants.loss_weights(rollout, rows, classes, engine.module, by_length(rollout.completion_mask, t.micro_batch_size))
+    batch = Batch(rollout, advantages, None, None, weights, classes)
     engine.module.eval()
     if t.ppo_epochs > 1:
-        batch.old_logp = _logprobs_in_chunks(engine.module, batch, t.micro_batch_size)
+        batch.old_logp = batch_logprobs(engine.module, batch, t.micro_batch_size)
     if t.kl_beta > 0:
         with reference_policy(engine.module, ref_model) as reference:
-            batch.ref_logp = _logprobs_in_chunks(reference, batch, t.micro_batch_size)
+            batch.ref_logp = batch_logprobs(reference, batch, t.micro_batch_size)
     sources = dist.all_gather_objects([r["data_source"] for r in rows])  # aligned with all_rewards
     info = {"rows": rows, "texts": texts, "reward": reward, "parts": parts, "all_rewards": all_rewards, "batch": batch,
             "sources": sources}
@@ -159,10 +177,10 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
     units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss_agg_mode))
     sums = {k: 0.0 for k in ("loss", "pg", "kl", "entropy", "logp", "clipped", "tokens")}
     grad_norm = math.nan
-    n, width = batch.rollout.completion_ids.shape
-    batch.credit, batch.entropy = torch.zeros(n, width), torch.zeros(n, width)
-    for start in range(0, n, t.micro_batch_size):
-        rows = batch.rows(start, start + t.micro_batch_size)
+    columns = batch.columns()
+    batch.credit, batch.entropy = torch.zeros(batch.rollout.completion_mask.shape), torch.zeros(batch.rollout.completion_mask.shape)
+    for index in batch.micro_batches(t.micro_batch_size):
+        rows = take(columns, index)
         logp, (entropy, prob_sq) = completion_logprobs(engine, rows, entropy=True)
         old = rows["old_logp"] if rows["old_logp"] is not None else logp.detach()
         pg, clipped = clipped_policy_loss(logp, old, rows["advantages"], t.clip_eps_low, t.clip_eps_high)
@@ -178,9 +196,9 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
         engine.step()
         mask = rows["mask"].float()
         weight = rows["keep"].unsqueeze(-1) * rows["w_prompt"].unsqueeze(-1) * rows["w_token"]
-        stop = start + len(mask)
-        batch.credit[start:stop] = token_credit(rows["advantages"].unsqueeze(-1) * weight, logp.detach(), prob_sq) * mask
-        batch.entropy[start:stop] = entropy
+        width = mask.shape[1]
+        batch.credit[index, :width] = token_credit(rows["advantages"].unsqueeze(-1) * weight, logp.detach(), prob_sq) * mask
+        batch.entropy[index, :width] = entropy
         sums["loss"] += loss.item() / dist.world_size()
         sums["pg"] += (pg.detach() * mask).sum().item()
         sums["kl"] += (kl.detach() * mask).sum().item() if kl is not None else 0.0
@@ -353,6 +371,21 @@ def _save_step_log(frame: pd.DataFrame, folder: Path, step: int, tracker: Tracke
         tracker.artifacts(path, folder.name)
 
 
+def _save_trained(engine, tokenizer, bf16: bool) -> None:
+    """The trained model in fp32 (rank 0 writes it). Under bf16 the weights are the optimizer's fp32 master
+    copies, not the bf16 ones the forward used (assembling them is a collective: every rank takes part)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = [safe_get_full_fp32_param(p) for p in engine.module.parameters()] if bf16 else []
+    if not dist.is_rank0():
+        return
+    model = engine.module.float()
+    for p, master in zip(model.parameters(), masters):
+        if master is not None:  # None: a frozen weight (LoRA's base), which has no master copy
+            p.data.copy_(master)
+    save_checkpoint(model, tokenizer, TRAINED_DIR)
+
+
 def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
     import deepspeed
 
@@ -363,10 +396,11 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
         raise FileNotFoundError(f"{WEIGHTED_TRAIN_FILE}: no train data (run the mia stage first)")
     dist.init()
     torch.manual_seed(params.seed)
-    use_cuda = torch.cuda.is_available()
-    bf16 = t.deepspeed.bf16 if t.deepspeed.bf16 is not None else use_cuda
+    dtype = dev.working_dtype(params.model.dtype)
+    bf16 = dtype == torch.bfloat16
+    ds_config = deepspeed_config(params, bf16)  # before any work: it refuses bf16 at ZeRO-0
     tokenizer = load_tokenizer(str(BASE_DIR))
-    model = with_lora(load_model(BASE_DIR), params.model.lora)
+    model = with_lora(load_model(BASE_DIR, dtype), params.model.lora)
     data = pd.read_parquet(WEIGHTED_TRAIN_FILE)
     rewarder = Rewarder(params)
     rewarder.check(data.to_dict("records"), str(WEIGHTED_TRAIN_FILE))
@@ -375,14 +409,11 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
         check_room(model.config, tokenizer, list(pd.read_parquet(VAL_FILE)["prompt"]), t.max_new_tokens, "train.max_new_tokens", str(VAL_FILE))
     ref_model = None  # with LoRA the reference is the policy with its adapters disabled
     if t.kl_beta > 0 and not params.model.lora.r:
-        ref_model = load_model(BASE_DIR).eval().requires_grad_(False)
-        if use_cuda:
-            ref_model = ref_model.to(torch.bfloat16 if bf16 else torch.float32).cuda()
+        ref_model = load_model(BASE_DIR, dtype).eval().requires_grad_(False)  # the policy's dtypes, buffers included
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = make_optimizer(params, model)
     schedule = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, max(t.steps, 1))
-    ds_config = deepspeed_config(params, bf16)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     if tracker:
         tracker.text(json.dumps(ds_config, indent=2), DEEPSPEED_CONFIG_ARTIFACT)
@@ -401,7 +432,7 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
             rollout_index = (step - 1) // t.ppo_epochs
             batch, info = make_batch(params, engine, ref_model, tokenizer, data, rewarder, variants, rollout_index)
             if tracin and tracin.due(rollout_index):  # influence from the batch as sampled, before its first update
-                with dist.gathered(engine.module, t.deepspeed.zero_stage):
+                with dist.gathered(engine):
                     selection = tracin.select(engine.module, batch, info, rollout_index, step)
                 batch.weights.keep = selection.keep
         sums = update(params, engine, batch)
@@ -423,9 +454,8 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
                 atomic_write_text(CURVE_FILE, _curve(history, curve_keys).to_csv(index=False))
             save_training_checkpoint(engine, params, inputs, step, tracker.run_id if tracker else None, history, STEP_LOG_DIRS)
 
-    with dist.gathered(engine.module, t.deepspeed.zero_stage):
-        if dist.is_rank0():
-            save_checkpoint(engine.module.float() if bf16 else engine.module, tokenizer, TRAINED_DIR)
+    with dist.gathered(engine):
+        _save_trained(engine, tokenizer, bf16)
     dist.barrier()
     # Headline: the last step's values and the means over all steps (shares and TracIn ratios are per step).
     curve = _curve(history, curve_keys)

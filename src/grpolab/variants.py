@@ -17,7 +17,7 @@ import torch
 from grpolab.algos import credit
 from grpolab.algos.mia_weights import transform_mia_weights
 from grpolab.config import Params
-from grpolab.rollout import Rollout, forward_completions
+from grpolab.rollout import Rollout, last_logits_only, forward_completions, take
 
 
 @dataclass
@@ -69,19 +69,22 @@ class Variants:
         rows = [[self.piece(i) for i in ids[:n]] for ids, n in zip(rollout.completion_ids.tolist(), rollout.lengths)]
         return credit.token_classes(rows, rollout.completion_ids.shape[1])
 
-    def loss_weights(self, rollout: Rollout, prompt_rows: list, classes: torch.Tensor, model) -> LossWeights:
+    def loss_weights(self, rollout: Rollout, prompt_rows: list, classes: torch.Tensor, model,
+                     micro_batches: list[torch.Tensor]) -> LossWeights:
         """Weights for one batch of rollouts [B rows]. prompt_rows: the B rows' train data (a
         prompt's row repeated for each of its completions, so they share its weight); classes:
-        `token_classes(rollout)`; model: the policy, for mitigations that look inside it."""
+        `token_classes(rollout)`; model: the policy, for mitigations that look inside it, one
+        micro-batch (rows) at a time."""
         t = self.params.train
         batch = rollout.completion_ids.shape[0]
         prompt = torch.ones(batch)
         if self.mia_on:
             raw = torch.tensor([_mia_weight(r) for r in prompt_rows], dtype=torch.float32)
             prompt = transform_mia_weights(raw, t.mia_weighting_mode, t.mia_invert_weights)
-        return LossWeights(token=self._token_weights(rollout, classes, model), prompt=prompt, keep=torch.ones(batch))
+        token = self._token_weights(rollout, classes, model, micro_batches)
+        return LossWeights(token=token, prompt=prompt, keep=torch.ones(batch))
 
-    def _token_weights(self, rollout: Rollout, classes: torch.Tensor, model) -> torch.Tensor:
+    def _token_weights(self, rollout: Rollout, classes: torch.Tensor, model, micro_batches: list[torch.Tensor]) -> torch.Tensor:
         m, mask = self.params.train.mitigation, rollout.completion_mask
         if m.name == "none":
             return torch.ones_like(mask, dtype=torch.float32)
@@ -93,13 +96,22 @@ class Variants:
             return credit.entropy_weighted(rollout.token_entropy, mask, m.knob("entropy_temp"))
         if m.name == "entropy_masking":
             return credit.entropy_masking(rollout.token_entropy, mask, m.knob("mask_percentile"))
-        if m.name == "attention_credit":
-            return credit.attention_credit(completion_attention(model, rollout), classes, mask, m.knob("credit_scale"))
+        if m.name == "attention_credit":  # row by row the same: each micro-batch's rows on their own
+            weights = torch.ones(mask.shape)
+            columns = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
+                       "completion_ids": rollout.completion_ids, "mask": mask, "classes": classes}
+            for index in micro_batches:
+                rows = take(columns, index)
+                width = rows["mask"].shape[1]
+                weights[index, :width] = credit.attention_credit(completion_attention(model, rows), rows["classes"],
+                                                                 rows["mask"], m.knob("credit_scale"))
+            return weights
         raise ValueError(f"unknown mitigation {m.name!r}")
 
 
-def completion_attention(model, rollout: Rollout) -> torch.Tensor:
-    """Attention among completion tokens, averaged over layers and heads: [B, T, T], query i to key j.
+def completion_attention(model, rows: dict) -> torch.Tensor:
+    """Attention among completion tokens, averaged over layers and heads: [b, T, T], query i to key j.
+    rows: prompt_ids / prompt_mask [b, P], completion_ids / mask [b, T].
 
     Any HF causal LM: one extra forward pass with eager attention (the fused kernels do not
     return attention weights), switched back to the model's own implementation afterwards."""
@@ -107,10 +119,11 @@ def completion_attention(model, rollout: Rollout) -> torch.Tensor:
     model.set_attn_implementation("eager")
     try:
         with torch.inference_mode():
-            r = rollout
-            out = forward_completions(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, output_attentions=True)
-            p = r.prompt_ids.shape[1]
-            attention = torch.stack(out.attentions).float().mean(dim=(0, 2))[:, p:, p:].cpu()  # [B, T, T]
+            out = forward_completions(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"],
+                                      output_attentions=True, **last_logits_only(model))
+            p = rows["prompt_ids"].shape[1]
+            attention = sum(layer[:, :, p:, p:].float().mean(1) for layer in out.attentions) / len(out.attentions)
+            attention = attention.cpu()  # [b, T, T], summed layer by layer: no [layers, b, heads, S, S] stack
     finally:
         model.set_attn_implementation(own)
     return attention.clone()

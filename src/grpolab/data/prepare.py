@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -17,7 +18,9 @@ from grpolab.data.schema import SOURCE, DataError, read_rl_files, read_sft_files
 from grpolab.data.tasks import Problem, generate_arithmetic
 from grpolab.data.tokenizer import encode_prompt, load_tokenizer, train_tokenizer
 from grpolab.fsutil import atomic_output
-from grpolab.tracking import Tracker
+
+if TYPE_CHECKING:
+    from grpolab.tracking import Tracker
 
 DATA_DIR = Path("data")
 TRAIN_FILE = DATA_DIR / "train.parquet"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
 
 
 def membership_roc(member_scores: np.ndarray, nonmember_scores: np.ndarray, fprs: tuple[float, ...] = (0.01, 0.05)) -> dict:
     """{"auc", "tpr@<fpr>" for each fpr, "fpr": [...], "tpr": [...]} with members as positives.
 
     TPR at FPR f is the best TPR among thresholds whose FPR is at most f."""
+    from sklearn.metrics import roc_auc_score, roc_curve  # scikit-learn loads with the stages that score ROCs only
+
     labels = np.r_[np.ones(len(member_scores)), np.zeros(len(nonmember_scores))]
     scores = np.r_[member_scores, nonmember_scores].astype(np.float64)
     fpr, tpr, _ = roc_curve(labels, scores)

@@ -1,0 +1,350 @@
+"""The GPU check: what only a GPU can show about grpolab's GPU path, in one run of a few minutes on one GPU,
+its figures written as JSON (after every section, so a run cut short keeps what it measured).
+
+  a. versions, device, and grpolab's collectives in the process group as a GPU run initialises it
+     (`cpu:gloo,cuda:nccl`), called with the CPU and CUDA tensors the trainer passes them;
+  b. 3 GRPO steps (the trainer's own `make_batch` and `update`) with gradient checkpointing on, a Qwen2.5-0.5B-
+     shaped model in bf16 (random weights from its config, saved and loaded as a user's checkpoint): step 1's KL
+     (the reference loaded as the policy is: exactly 0), the policy's and reference's buffer dtypes, peak memory;
+  c. rollout tokens/s of `rollout.sample` against `model.generate` at 128 and 512 rows x 256 new tokens, peak memory;
+  d. one GRPO update (`train.update`) at micro-batch 8, 16 and 32: time, tokens/s, peak memory, and model FLOPs
+     utilisation against the H200's 790 TFLOP/s bf16;
+  e. TracIn's same-batch influence pass: peak memory, per token of a chunk.
+
+    PYTHONPATH=src python bench/gpu_check.py --out gpu_check.json       # on a GPU machine (see the README)
+    python bench/gpu_check.py --tiny --out /tmp/gpu_check.json           # tiny shapes on CPU (the test suite runs it)
+
+It needs torch, transformers, numpy, pandas, pyarrow, tqdm, and the wheels the README names (DeepSpeed built
+with its ops off, pydantic, ruamel.yaml); not MLflow, Prefect, DVC or the rest of grpolab's stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # grpolab from source when not installed
+
+from common import PAD_ID, qwen2_config, word_prompts, word_tokenizer  # noqa: E402
+
+PEAK_BF16_FLOPS = 790e12  # an H200's dense bf16 matmul rate, measured (DESIGN.md)
+REWARD = '''import zlib
+
+
+def compute_score(data_source, completion, ground_truth, extra_info):
+    return float(zlib.crc32(completion.encode()) % 2)
+'''
+FULL = {"shape": "qwen2.5-0.5b", "vocab": 151_936, "prompt": 128, "steps_rows": 64, "steps_new": 256,
+        "rollout_rows": [128, 512], "rollout_new": 256, "rollout_blocks": 2, "update_rows": 64, "update_new": 512,
+        "micro_batches": [8, 16, 32], "tracin_rows": 32, "tracin_new": 256, "tracin_micro_batch": 8}
+TINY = {"shape": "tiny", "vocab": 1024, "prompt": 8, "steps_rows": 8, "steps_new": 8,
+        "rollout_rows": [4, 8], "rollout_new": 8, "rollout_blocks": 1, "update_rows": 8, "update_new": 8,
+        "micro_batches": [2, 4], "tracin_rows": 8, "tracin_new": 8, "tracin_micro_batch": 4}
+
+
+class Check:
+    """The device's memory counters and clock, and the JSON report."""
+
+    def __init__(self, out: Path, tiny: bool):
+        import torch
+
+        self.torch = torch
+        self.cuda = torch.cuda.is_available()
+        self.out = out
+        self.report: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "tiny": tiny}
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def reset_peak(self) -> None:
+        gc.collect()
+        if self.cuda:
+            self.torch.cuda.empty_cache()
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def peak_gb(self) -> float | None:
+        return self.torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
+
+    def allocated_gb(self) -> float | None:
+        return self.torch.cuda.memory_allocated() / 2**30 if self.cuda else None
+
+    def section(self, name: str, fn) -> None:
+        began = time.perf_counter()
+        try:
+            self.report[name] = fn()
+        except Exception as exc:  # one section failing must not cost the others' figures
+            self.report[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
+        self.report[name]["seconds"] = round(time.perf_counter() - began, 2)
+        self.out.write_text(json.dumps(self.report, indent=2, default=str) + "\n")
+        print(f"{name}: {json.dumps(self.report[name], default=str)[:1500]}", flush=True)
+
+
+def versions_and_collectives(check: Check) -> dict:
+    import torch
+    import transformers
+
+    from grpolab import distributed as dist
+    from grpolab.device import device
+    from grpolab.influence import _reduced
+
+    import deepspeed
+
+    dist.init()
+    here = device()
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "transformers": transformers.__version__, "deepspeed": deepspeed.__version__, "device": str(here),
+            "backend": torch.distributed.get_backend_config()}
+    if check.cuda:
+        props = torch.cuda.get_device_properties(here)
+        info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}",
+                    gpus=torch.cuda.device_count())
+    calls = {  # what the trainer passes each helper (CPU tensors), and on a GPU TracIn's CUDA gradients
+        "all_gather_cat(rewards float32, cpu)": lambda: dist.all_gather_cat(torch.tensor([0.5, 1.0])).tolist() == [0.5, 1.0],
+        "all_gather_cat(influence float64, cpu)": lambda: dist.all_gather_cat(torch.tensor([2.0], dtype=torch.float64)).item() == 2.0,
+        "all_reduce_sum(sums float64, cpu)": lambda: dist.all_reduce_sum(torch.tensor([1.0, 2.0], dtype=torch.float64)).tolist() == [1.0, 2.0],
+        "all_reduce_sum(units float32, cpu)": lambda: dist.all_reduce_sum(torch.tensor(3.0)).item() == 3.0,
+        "all_gather_objects(data sources)": lambda: dist.all_gather_objects(["openai/gsm8k"]) == ["openai/gsm8k"],
+        f"all_reduce_sum(gradient, {here.type})": lambda: bool(dist.all_reduce_sum(torch.ones(1024, device=here)).eq(1).all()),
+        "TracIn _reduced (one process: as is)": lambda: bool(_reduced({"w": torch.ones(4, device=here)})["w"].eq(1).all()),
+        "barrier": lambda: dist.barrier() is None,
+    }
+    results = {}
+    for name, call in calls.items():
+        try:
+            results[name] = "ok" if call() else "wrong result"
+        except Exception as exc:
+            results[name] = f"{type(exc).__name__}: {exc}"
+    return {**info, "collectives": results, "collectives_ok": all(v == "ok" for v in results.values())}
+
+
+def _workspace(cfg: dict, root: Path, dtype) -> tuple[Path, object]:
+    """A user's checkpoint of the shape (random weights, in the working dtype) with a tokenizer of as many ids."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from grpolab.device import device
+
+    checkpoint = root / "checkpoint"
+    torch.manual_seed(0)
+    with torch.device(device()):  # random init of 0.5B parameters is seconds on a GPU, a minute on its CPU
+        AutoModelForCausalLM.from_config(qwen2_config(cfg["shape"], cfg["vocab"]), dtype=dtype).save_pretrained(checkpoint)
+    tokenizer = word_tokenizer(cfg["vocab"])
+    tokenizer.save_pretrained(checkpoint)
+    (root / "reward.py").write_text(REWARD)
+    return checkpoint, tokenizer
+
+
+def _params(root: Path, rows: int, new_tokens: int, micro_batch: int, **train):
+    from grpolab import config
+
+    return config.validate({
+        "seed": 0,
+        "train": {"steps": 3, "prompts_per_step": rows // 8, "group_size": 8, "micro_batch_size": micro_batch,
+                  "max_new_tokens": new_tokens, "kl_beta": 0.04, "warmup_steps": 0, "learning_rate": 1e-6,
+                  "reward_file": str(root / "reward.py"), "rewards": {"reward_file": 1.0}, **train},
+    })
+
+
+def _engine(params, checkpoint: Path, dtype):
+    import deepspeed
+    import torch
+
+    from grpolab.models import load_model
+    from grpolab.train import deepspeed_config, make_optimizer
+
+    model = load_model(checkpoint, dtype)
+    if params.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(params, model),
+                                      config=deepspeed_config(params, dtype == torch.bfloat16))
+    return engine
+
+
+def _train_data(cfg: dict, rows: int):
+    import pandas as pd
+
+    return pd.DataFrame({"prompt": word_prompts(rows, cfg["prompt"], cfg["vocab"]), "ground_truth": ["0"] * rows,
+                         "data_source": ["bench"] * rows, "extra_info": [{"split": "train", "index": i} for i in range(rows)]})
+
+
+def steps_with_checkpointing(check: Check, cfg: dict, root: Path, checkpoint: Path, tokenizer, dtype) -> dict:
+    from grpolab.models import load_model
+    from grpolab.rewards import Rewarder
+    from grpolab.train import make_batch, update
+    from grpolab.variants import Variants
+
+    params = _params(root, cfg["steps_rows"], cfg["steps_new"], micro_batch=cfg["steps_rows"] // 2, gradient_checkpointing=True)
+    check.reset_peak()
+    engine = _engine(params, checkpoint, dtype)
+    reference = load_model(checkpoint, dtype).eval().requires_grad_(False)
+    buffers = lambda m: {n: str(b.dtype) for n, b in m.named_buffers()}  # noqa: E731
+    data = _train_data(cfg, cfg["steps_rows"])
+    rewarder, variants = Rewarder(params), Variants(params, data, tokenizer)
+    steps = []
+    for step in range(1, 4):
+        check.sync()
+        began = time.perf_counter()
+        batch, info = make_batch(params, engine, reference, tokenizer, data, rewarder, variants, step - 1)
+        check.sync()
+        sampled = time.perf_counter()
+        sums = update(params, engine, batch)
+        check.sync()
+        steps.append({"step": step, "kl": sums["kl"] / sums["tokens"], "loss": sums["loss"], "grad_norm": sums["grad_norm"],
+                      "completion_tokens": int(sums["tokens"]), "rollout_and_reference_s": round(sampled - began, 3),
+                      "update_s": round(time.perf_counter() - sampled, 3)})
+    result = {"rows": cfg["steps_rows"], "new_tokens": cfg["steps_new"], "steps": steps,
+              "step1_kl": steps[0]["kl"], "step1_kl_is_0": steps[0]["kl"] == 0.0,
+              "buffers_match": buffers(engine.module) == buffers(reference), "buffer_dtypes": sorted(set(buffers(reference).values())),
+              "peak_memory_gb": check.peak_gb()}
+    del engine, reference
+    return result
+
+
+def rollouts(check: Check, cfg: dict, checkpoint: Path, dtype) -> dict:
+    from bench_rollout import make_prompts, measure, summary
+
+    from grpolab.models import load_model
+
+    model = load_model(checkpoint, dtype).eval()
+    out = {}
+    for rows in cfg["rollout_rows"]:
+        check.reset_peak()
+        rates = measure(model, make_prompts(rows, 64, cfg["vocab"]), cfg["rollout_new"], cfg["rollout_blocks"], rollout_batch_size=rows)
+        out[f"{rows}_rows"] = {**summary(rates), "per_block": rates, "new_tokens": cfg["rollout_new"],
+                               "peak_memory_gb": check.peak_gb()}
+    del model
+    return out
+
+
+def model_flops_per_token(config, context: float) -> float:
+    """Training FLOPs per token: 3 x the forward's 2 x (every matmul weight, the output head included) plus
+    attention's 4 x layers x hidden x the average context a token attends to."""
+    hidden, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    kv = config.num_key_value_heads * hidden // config.num_attention_heads
+    matmul = layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter) + hidden * config.vocab_size
+    return 3 * (2 * matmul + 4 * layers * hidden * context)
+
+
+def updates(check: Check, cfg: dict, root: Path, checkpoint: Path, tokenizer, dtype) -> dict:
+    import torch
+    from transformers import AutoConfig
+
+    from grpolab.algos.credit import OTHER
+    from grpolab.models import load_model
+    from grpolab.rollout import Rollout, left_pad
+    from grpolab.train import Batch, batch_logprobs, update
+    from grpolab.variants import LossWeights
+
+    rows, new = cfg["update_rows"], cfg["update_new"]
+    g = torch.Generator().manual_seed(0)
+    prompt_ids, prompt_mask = left_pad([torch.randint(10, cfg["vocab"], (cfg["prompt"],), generator=g).tolist()] * rows, PAD_ID)
+    completion = torch.randint(10, cfg["vocab"], (rows, new), generator=g)  # no EOS: every row runs all T tokens
+    rollout = Rollout(prompt_ids, prompt_mask, completion, torch.ones(rows, new, dtype=torch.long))
+    advantages = torch.randn(rows, generator=g)
+    reference = load_model(checkpoint, dtype).eval()
+    flops = model_flops_per_token(AutoConfig.from_pretrained(checkpoint), (cfg["prompt"] + new) / 2)
+    out = {"rows": rows, "prompt_tokens": cfg["prompt"], "new_tokens": new, "peak_flops": PEAK_BF16_FLOPS}
+    for micro in cfg["micro_batches"]:
+        params = _params(root, rows, new, micro)
+        try:
+            check.reset_peak()
+            engine = _engine(params, checkpoint, dtype)
+            weights = LossWeights(torch.ones(rows, new), torch.ones(rows), torch.ones(rows))
+            batch = Batch(rollout, advantages, None, None, weights, torch.full((rows, new), OTHER))
+            batch.ref_logp = batch_logprobs(reference, batch, micro)
+            times = []
+            for _ in range(3):  # the first warms up kernels and the allocator
+                check.sync()
+                began = time.perf_counter()
+                update(params, engine, batch)
+                check.sync()
+                times.append(time.perf_counter() - began)
+            seconds = sorted(times[1:])[len(times[1:]) // 2]
+            tokens = rows * (cfg["prompt"] + new)
+            out[f"micro_batch_{micro}"] = {"seconds": round(seconds, 4), "tokens_per_s": round(tokens / seconds),
+                                           "mfu": round(flops * tokens / seconds / PEAK_BF16_FLOPS, 4),
+                                           "peak_memory_gb": check.peak_gb()}
+        except torch.OutOfMemoryError as exc:
+            out[f"micro_batch_{micro}"] = {"error": f"out of memory: {exc}"[:500]}
+        finally:
+            engine = batch = None
+    return out
+
+
+def tracin_memory(check: Check, cfg: dict, root: Path, checkpoint: Path, tokenizer, dtype) -> dict:
+    import torch
+
+    from grpolab.algos.credit import OTHER
+    from grpolab.influence import TracIn
+    from grpolab.rewards import Rewarder
+    from grpolab.rollout import Rollout, left_pad
+    from grpolab.train import Batch
+    from grpolab.variants import LossWeights
+
+    rows, new, micro = cfg["tracin_rows"], cfg["tracin_new"], cfg["tracin_micro_batch"]
+    params = _params(root, rows, new, micro, tracin={"use_tracin": True, "validation": "same_batch"})
+    engine = _engine(params, checkpoint, dtype)
+    g = torch.Generator().manual_seed(1)
+    prompt_ids, prompt_mask = left_pad([torch.randint(10, cfg["vocab"], (cfg["prompt"],), generator=g).tolist()] * rows, PAD_ID)
+    completion = torch.randint(10, cfg["vocab"], (rows, new), generator=g)
+    rollout = Rollout(prompt_ids, prompt_mask, completion, torch.ones(rows, new, dtype=torch.long))
+    rewards = (torch.arange(rows) % 2).float()
+    advantages = rewards - 0.5
+    batch = Batch(rollout, advantages, None, None, LossWeights(torch.ones(rows, new), torch.ones(rows), torch.ones(rows)),
+                  torch.full((rows, new), OTHER))
+    info = {"rows": [{"prompt": "p"}] * rows, "texts": ["c"] * rows, "all_rewards": rewards}
+    tracin = TracIn(params, engine.module, tokenizer, Rewarder(params))
+    check.reset_peak()
+    before = check.allocated_gb()
+    check.sync()
+    began = time.perf_counter()
+    selection = tracin.select(engine.module, batch, info, rollout_index=0, step=1)
+    check.sync()
+    seconds = time.perf_counter() - began
+    chunk_tokens = micro * (cfg["prompt"] + new)
+    peak = check.peak_gb()
+    return {"rows": rows, "micro_batch": micro, "chunk_tokens": chunk_tokens, "seconds": round(seconds, 3),
+            "selected_ratio": selection.metrics["tracin/selected_ratio"], "peak_memory_gb": peak,
+            "peak_over_start_gb": None if peak is None else peak - before,
+            "mb_per_chunk_token": None if peak is None else round((peak - before) * 1024 / chunk_tokens, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (runs on CPU in seconds)")
+    a = parser.parse_args()
+    import torch
+
+    from grpolab.device import working_dtype
+
+    cfg = TINY if a.tiny else FULL
+    check = Check(a.out, a.tiny)
+    dtype = working_dtype("auto")
+    check.report["settings"] = {**cfg, "dtype": str(dtype)}
+    check.section("a_versions_and_collectives", lambda: versions_and_collectives(check))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        checkpoint, tokenizer = _workspace(cfg, root, dtype)
+        check.section("b_steps_with_gradient_checkpointing", lambda: steps_with_checkpointing(check, cfg, root, checkpoint, tokenizer, dtype))
+        check.section("c_rollouts", lambda: rollouts(check, cfg, checkpoint, dtype))
+        check.section("d_updates", lambda: updates(check, cfg, root, checkpoint, tokenizer, dtype))
+        check.section("e_tracin_same_batch", lambda: tracin_memory(check, cfg, root, checkpoint, tokenizer, dtype))
+    failed = [name for name, part in check.report.items() if isinstance(part, dict) and "error" in part]
+    print(f"\n{a.out}: {'sections failed: ' + ', '.join(failed) if failed else 'every section ran'}"
+          f"{'' if torch.cuda.is_available() else ' (CPU: no GPU figures)'}")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

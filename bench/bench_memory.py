@@ -5,13 +5,13 @@ The model is Qwen2-shaped but narrow (hidden 64, 2 layers, tied embeddings, rand
 a laptop's CPU; what grows with the shapes is what the issue is about: logits and log-softmax copies of
 [rows, positions, vocabulary]. Each measurement is a fresh process (`python -m grpolab.cli stage train` or
 `... evaluate`, the revision's own source on PYTHONPATH) in a workspace of its own, its peak resident set
-read from the kernel (wait4's ru_maxrss), so imports count alike for both (~0.8 GB). Prompts are P words of
-a word-level tokenizer (P tokens); a random model almost never says EOS, so completions run all T tokens;
+read from the kernel (wait4's ru_maxrss), so imports count alike for both (~0.8 GB). Prompts are P letters of
+a byte-level tokenizer of as many ids (P tokens); a random model almost never says EOS, so completions run all T tokens;
 the reward is a hash of the completion (`train.reward_file`), so advantages are not 0 and TracIn works.
 
 Blocks alternate which revision goes first; memory is nearly deterministic, two blocks show it.
 
-    python bench/bench_memory.py                    # the README's table (~25 min on 2 cores)
+    python bench/bench_memory.py                    # the README's table (~45 min on 2 cores)
     python bench/bench_memory.py --against HEAD~3 --blocks 1 --shapes 8x32x64
 """
 
@@ -28,7 +28,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from common import block_order, markdown_table, qwen2_config, spread, word_prompts, word_tokenizer
+from common import block_order, byte_prompts, byte_tokenizer, markdown_table, qwen2_config, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP = 4
@@ -58,20 +58,20 @@ def source_tree(revision: str, into: Path) -> Path:
 
 
 def build_base(path: Path) -> None:
-    """A Qwen2-shaped model with the real vocabulary (narrow body) and a word-level tokenizer of as many ids."""
+    """A Qwen2-shaped model with the real vocabulary (narrow body) and a byte-level tokenizer of as many ids."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(qwen2_config("narrow", max_positions=1024)).save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
 
 
 def write_data(data: Path, prompt_tokens: int, n_train: int = 16, n_eval: int = 8) -> None:
     import pandas as pd
 
     def rows(n: int, split: str, seed: int) -> pd.DataFrame:
-        return pd.DataFrame({"prompt": word_prompts(n, prompt_tokens, seed=seed), "ground_truth": ["0"] * n,
+        return pd.DataFrame({"prompt": byte_prompts(n, prompt_tokens, seed=seed), "ground_truth": ["0"] * n,
                              "data_source": ["bench"] * n, "extra_info": [{"split": split, "index": i} for i in range(n)]})
     data.mkdir(parents=True)
     rows(n_train, "train", 0).to_parquet(data / "train.parquet")
@@ -121,7 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--against", default="854f33e", help="the earlier revision (a git commit)")
     parser.add_argument("--blocks", type=int, default=2)
-    parser.add_argument("--shapes", nargs="+", default=["8x32x64", "8x32x256", "8x256x64", "16x32x64"],
+    parser.add_argument("--shapes", nargs="+", default=["8x32x64", "8x32x256", "8x32x512", "8x256x64", "16x32x256"],
                         help="ROWSxPxT: rows per step (= micro-batch), prompt tokens, completion tokens")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     a = parser.parse_args()

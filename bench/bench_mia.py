@@ -1,8 +1,8 @@
 """What MIA costs, measured side by side in blocks that alternate which contender goes first.
 
 1. Min-K%++ scoring of a batch (forward pass + per-token mean/variance of log p under the
-   model's own distribution + lowest-k selection) against a bare forward pass over the same
-   batch: per block, `--repeats` rounds of one call each (in the block's order); the ratio of
+   model's own distribution + lowest-k selection) against a forward pass that takes the
+   completion tokens' log p alone, over the same batch: per block, `--repeats` rounds of one call each (in the block's order); the ratio of
    the block's median times.
 2. The MIA-weighted loss against plain GRPO. Per block: `--steps` plain steps end to end
    (rollouts + update), then the weight lookup plus the update of the block's last batch of
@@ -35,22 +35,24 @@ def bench_scoring(a) -> list[tuple[float, float]]:
     from grpolab.data.tokenizer import encode_prompt, load_tokenizer
     from grpolab.mia import scores as S
     from grpolab.models import load_model
-    from grpolab.rollout import completion_logits, sample, stop_ids
+    from grpolab.algos.losses import token_logprobs
+    from grpolab.rollout import completion_token_stats, sample, stop_ids
 
     model, tokenizer = load_model(ROOT / "models/base").eval(), load_tokenizer(str(ROOT / "models/base"))
     prompts = pd.read_parquet(ROOT / "data/train.parquet")["prompt"].tolist()[: a.batch]
     with torch.no_grad():
         r = sample(model, [encode_prompt(tokenizer, p) for p in prompts], max_new_tokens=48,
                    eos_ids=stop_ids(model, tokenizer), pad_id=tokenizer.pad_token_id)
-    parts = (r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    rows = {"prompt_ids": r.prompt_ids, "prompt_mask": r.prompt_mask, "completion_ids": r.completion_ids,
+            "mask": r.completion_mask}
 
     @torch.no_grad()
-    def bare():
-        completion_logits(model, *parts)
+    def bare():  # the forward and the completion tokens' log p, nothing else
+        completion_token_stats(model, rows, lambda logits, y: (token_logprobs(logits, y),))
 
     @torch.no_grad()
     def min_k_plus_plus():
-        logp, mu, sigma = S.token_statistics(completion_logits(model, *parts), r.completion_ids)
+        logp, mu, sigma = completion_token_stats(model, rows, S.token_statistics)
         S.score_min_k_plus_plus(logp, mu, sigma, r.completion_mask, 0.2)
 
     contenders = {"bare": lambda _: seconds(bare), "Min-K%++": lambda _: seconds(min_k_plus_plus)}
@@ -65,6 +67,8 @@ def bench_weighted_loss(a) -> list[tuple[float, float, float]]:
     all-ones weights): the update is timed on one fixed batch of rollouts, weighted and plain taking
     turns, so the difference is the weighting's cost alone, without two diverging trajectories' noise."""
     from grpolab import config
+    from grpolab.rewards import Rewarder
+    from grpolab.rollout import by_length
     from grpolab.train import make_batch, update
     from grpolab.variants import Variants
 
@@ -74,16 +78,19 @@ def bench_weighted_loss(a) -> list[tuple[float, float, float]]:
     plain = config.apply_overrides(["train.use_mia_weighted_loss=false"], scratch)
     engine, _, ref, tokenizer, data = engine_on_base(ROOT, plain)
     variants = {False: Variants(plain, data, tokenizer), True: Variants(weighted, data, tokenizer)}
+    rewarder = Rewarder(plain)
     made = {}
 
     def plain_step(i: int) -> None:  # end to end: rollouts, rewards, reference, update
-        made["batch"], made["info"] = make_batch(plain, engine, ref, tokenizer, data, None, variants[False], i)
+        made["batch"], made["info"] = make_batch(plain, engine, ref, tokenizer, data, rewarder, variants[False], i)
         update(plain, engine, made["batch"])
 
     def weighted_update(on: bool) -> float:
         def run() -> None:
             batch = made["batch"]
-            batch.weights = variants[on].loss_weights(batch.rollout, made["info"]["rows"], batch.token_class, engine.module)
+            micro_batches = by_length(batch.rollout.completion_mask, plain.train.micro_batch_size)
+            batch.weights = variants[on].loss_weights(batch.rollout, made["info"]["rows"], batch.token_class, engine.module,
+                                                      micro_batches)
             update(weighted if on else plain, engine, batch)
         return seconds(run)
 

@@ -39,7 +39,7 @@ def naive_influence(tracin, model, batch) -> torch.Tensor:
     params = list(tracin.probe.params.values())
     units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss_agg_mode))
     n = len(batch.advantages)
-    rows = batch.rows(0, n)
+    rows = batch.columns()
     active = batch.advantages.nonzero().squeeze(-1).tolist()  # the same rows the ghost pass skips
     take = lambda idx: {k: (None if x is None else x[idx]) for k, x in rows.items()}  # noqa: E731
     model.train()
@@ -72,7 +72,7 @@ def main() -> None:
     same = config.apply_overrides(["train.tracin.use_tracin=true", "train.tracin.validation=same_batch"], scratch)
     separate = config.apply_overrides(["train.tracin.validation=separate"], scratch)  # defaults: 64, random, seqloss-lastadv
     engine, optimizer, ref, tokenizer, data = engine_on_base(ROOT, plain)
-    variants = Variants(plain, data, tokenizer)
+    variants, rewarder = Variants(plain, data, tokenizer), Rewarder(plain)
     tracins = {"same_batch": TracIn(same, engine.module, tokenizer, Rewarder(same)), "separate": TracIn(separate, engine.module, tokenizer, Rewarder(separate))}
     tracins["naive"] = tracins["same_batch"]
     snapshot = (copy.deepcopy(engine.module.state_dict()), copy.deepcopy(optimizer.state_dict()))
@@ -82,7 +82,7 @@ def main() -> None:
         engine.module.load_state_dict(snapshot[0])
         optimizer.load_state_dict(snapshot[1])
         began = time.perf_counter()
-        batch, info = T.make_batch(plain, engine, ref, tokenizer, data, None, variants, index)
+        batch, info = T.make_batch(plain, engine, ref, tokenizer, data, rewarder, variants, index)
         if name in ("same_batch", "separate"):
             batch.weights.keep = tracins[name].select(engine.module, batch, info, index, index + 1).keep
         elif name == "naive":

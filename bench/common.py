@@ -110,21 +110,26 @@ def qwen2_config(shape: str, vocab: int = QWEN_VOCAB, max_positions: int = 4096)
                        rope_theta=1e6, tie_word_embeddings=True, eos_token_id=EOS_ID, pad_token_id=PAD_ID, bos_token_id=None)
 
 
-def word_tokenizer(vocab: int = QWEN_VOCAB):
-    """A word-level tokenizer of `vocab` ids: `<pad>` 0, `<eos>` 1, `<unk>` 2, then `w3` ... (a prompt of n words is n tokens)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def byte_tokenizer(vocab: int = QWEN_VOCAB):
+    """A byte-level BPE of `vocab` ids without merges: `<pad>` 0, `<eos>` 1, `<unk>` 2, the 256 byte symbols, then
+    filler tokens `w3`, `w4`, ... up to `vocab`. Every byte of a prompt is one token; every id decodes to text (so a
+    random model's completions differ as texts); transformers' Qwen2Tokenizer loads it as saved."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<eos>", "<unk>"]
-    words = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + [f"w{i}" for i in range(len(specials), vocab)])},
-                                       unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    table = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>", *sorted(pre_tokenizers.ByteLevel.alphabet())])}
+    filler = (f"w{i}" for i in range(vocab))
+    while len(table) < vocab:
+        table.setdefault(next(filler), len(table))
+    bpe = Tokenizer(models.BPE(vocab=table, merges=[], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def word_prompts(n: int, length: int, vocab: int = QWEN_VOCAB, seed: int = 0) -> list[str]:
-    """n prompts of `length` random words of `word_tokenizer(vocab)`."""
+def byte_prompts(n: int, length: int, seed: int = 0) -> list[str]:
+    """n prompts of `length` random lowercase letters: `length` tokens each under `byte_tokenizer`."""
     import random
 
     rng = random.Random(seed)
-    return [" ".join(f"w{rng.randrange(10, vocab)}" for _ in range(length)) for _ in range(n)]
+    return ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(length)) for _ in range(n)]

@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # grpolab from source when not installed
 
-from common import PAD_ID, qwen2_config, word_prompts, word_tokenizer  # noqa: E402
+from common import PAD_ID, byte_prompts, byte_tokenizer, qwen2_config  # noqa: E402
 
 PEAK_BF16_FLOPS = 790e12  # an H200's dense bf16 matmul rate, measured (DESIGN.md)
 REWARD = '''import zlib
@@ -138,7 +138,7 @@ def _workspace(cfg: dict, root: Path, dtype) -> tuple[Path, object]:
     torch.manual_seed(0)
     with torch.device(device()):  # random init of 0.5B parameters is seconds on a GPU, a minute on its CPU
         AutoModelForCausalLM.from_config(qwen2_config(cfg["shape"], cfg["vocab"]), dtype=dtype).save_pretrained(checkpoint)
-    tokenizer = word_tokenizer(cfg["vocab"])
+    tokenizer = byte_tokenizer(cfg["vocab"])
     tokenizer.save_pretrained(checkpoint)
     (root / "reward.py").write_text(REWARD)
     return checkpoint, tokenizer
@@ -173,7 +173,7 @@ def _engine(params, checkpoint: Path, dtype):
 def _train_data(cfg: dict, rows: int):
     import pandas as pd
 
-    return pd.DataFrame({"prompt": word_prompts(rows, cfg["prompt"], cfg["vocab"]), "ground_truth": ["0"] * rows,
+    return pd.DataFrame({"prompt": byte_prompts(rows, cfg["prompt"]), "ground_truth": ["0"] * rows,
                          "data_source": ["bench"] * rows, "extra_info": [{"split": "train", "index": i} for i in range(rows)]})
 
 

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,17 @@ def trainer(base_project, tmp_path, monkeypatch) -> Path:
     shutil.copytree(base_project, root)
     monkeypatch.chdir(root)
     return root
+
+
+@contextmanager
+def working_in(folder: Path):
+    """Run in-process stages in another copy of the project."""
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
 
 
 def trained_weights() -> dict[str, torch.Tensor]:
@@ -233,9 +245,13 @@ def test_two_processes_and_two_nodes_follow_one_process_trajectory(trainer, tmp_
     shutil.copytree(trainer, nodes)
     grpolab("stage", "train", "-S", "train.steps=4", cwd=single)
     two_processes = ["-S", "train.num_processes=2", "-S", "train.micro_batch_size=4"]
-    grpolab("stage", "train", *two_processes, cwd=trainer)
+    proc = grpolab("stage", "train", *two_processes, cwd=trainer)
     config.apply_overrides(["train.num_processes=2", "train.micro_batch_size=4"], nodes / "params.yaml")
     _two_nodes(nodes, tmp_path / "torchrun.log")
+    # both launchers' workers joined the group as a GPU run does (env://, a backend per device type: on a GPU
+    # cpu:gloo,cuda:nccl), and every collective helper ran in it with the trainer's own tensors
+    for output in (proc.stdout, (tmp_path / "torchrun.log").read_text()):
+        assert "train: 2 processes on cpu, process group cpu:gloo, float32, ZeRO-0" in output
     one = pd.read_csv(single / CURVE_FILE)
     # Same global batch, same completions (per-row sampling seeds), gradients averaged over ranks:
     # the trajectories agree to float32 reduction-order noise, whoever launched the processes.
@@ -294,9 +310,10 @@ def test_gradient_checkpointing_trains_the_same_model(trainer, tmp_path):
     checkpointing on, transformers turns the KV cache off in train mode and decoding failed at step 2)."""
     plain = tmp_path / "plain"
     shutil.copytree(trainer, plain)
-    run = ["-S", "train.steps=3", "-S", "train.kl_beta=0"]
-    grpolab("stage", "train", *run, cwd=plain)
-    grpolab("stage", "train", *run, "-S", "train.gradient_checkpointing=true", cwd=trainer)
+    run = ["train.steps=3", "train.kl_beta=0"]
+    with working_in(plain):
+        run_stage("train", config.apply_overrides(run))
+    run_stage("train", config.apply_overrides([*run, "train.gradient_checkpointing=true"]))
     # Activations recomputed in the backward pass: the same loss and gradient, up to float32 reduction order.
     # (Later steps are not compared: Adam's first update is about lr * sign(g), so a gradient element at
     # rounding-noise level moves its weight by up to lr either way, and the next rollouts may differ.)
@@ -313,9 +330,10 @@ def test_micro_batches_cut_to_their_width_give_the_whole_batchs_step(trainer, tm
     one micro-batch: the same step up to the order of summation."""
     whole = tmp_path / "whole"
     shutil.copytree(trainer, whole)
-    run = ["-S", "train.steps=1", "-S", "train.mitigation.name=entropy_masking"]
-    grpolab("stage", "train", *run, "-S", "train.micro_batch_size=16", cwd=whole)
-    grpolab("stage", "train", *run, "-S", "train.micro_batch_size=4", cwd=trainer)
+    run = ["train.steps=1", "train.mitigation.name=entropy_masking"]
+    with working_in(whole):
+        run_stage("train", config.apply_overrides([*run, "train.micro_batch_size=16"]))
+    run_stage("train", config.apply_overrides([*run, "train.micro_batch_size=4"]))
     one, cut = pd.read_csv(whole / CURVE_FILE), pd.read_csv(CURVE_FILE)
     for column in ("train/loss", "train/kl", "train/grad_norm", "train/entropy", "credit/answer_share", "credit/gini"):
         assert cut[column].item() == pytest.approx(one[column].item(), rel=1e-5, abs=1e-8), column
@@ -327,18 +345,21 @@ def test_micro_batches_cut_to_their_width_give_the_whole_batchs_step(trainer, tm
     assert changed <= 1e-3 * sum(v.numel() for v in expected.values())
 
 
-def test_bf16_on_cpu_starts_at_kl_0_accumulates_in_fp32_and_saves_the_fp32_master_weights(trainer):
+@pytest.mark.parametrize("zero_stage", ["null", "3"])  # null: 1 under bf16
+def test_bf16_on_cpu_starts_at_kl_0_accumulates_in_fp32_and_saves_the_fp32_master_weights(trainer, zero_stage):
     """model.dtype=bfloat16 on CPU (DeepSpeed's bf16 runs there at ZeRO >= 1): the reference, loaded in bf16
     with RoPE's buffer in fp32 like the policy's, is the policy's own model at step 1, so the KL is exactly 0."""
     params = config.apply_overrides(["model.dtype=bfloat16", "train.steps=2", "train.kl_beta=0.1", "train.learning_rate=0.01",
-                                     "train.warmup_steps=0"])  # warm-up starts at lr 0: step 2 would equal step 1
+                                     "train.warmup_steps=0",  # warm-up starts at lr 0: step 2 would equal step 1
+                                     f"train.deepspeed.zero_stage={zero_stage}"])
     run_stage("train", params)
     curve = pd.read_csv(CURVE_FILE)
     assert curve["train/kl"].iloc[0] == 0 and curve["train/kl"].iloc[1] > 0
+    assert (curve["train/grad_norm"] > 0).all()  # DeepSpeed's, from the fp32 gradients
     client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
     run = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'")[0]
     ds_config = json.loads(Path(client.download_artifacts(run.info.run_id, DEEPSPEED_CONFIG_ARTIFACT, str(trainer))).read_text())
-    assert ds_config["bf16"] == {"enabled": True} and ds_config["zero_optimization"]["stage"] == 1
+    assert ds_config["bf16"] == {"enabled": True} and ds_config["zero_optimization"]["stage"] == (1 if zero_stage == "null" else 3)
     assert ds_config["data_types"] == {"grad_accum_dtype": "fp32"}
     weights = trained_weights()
     assert {v.dtype for v in weights.values()} == {torch.float32}
@@ -509,6 +530,33 @@ def test_tracin_composes_with_mia_weights_credit_mitigation_and_ppo_epochs(train
     dropped = not all(pd.read_parquet(f"metrics/tracin/step_{s:06d}.parquet")["kept"].all() for s in (1, 3))
     other = load_model(plain / TRAINED_DIR).state_dict()
     assert dropped == any(not torch.equal(other[k], v) for k, v in trained_weights().items())
+
+
+def test_tracin_same_batch_holds_one_chunks_captures_at_a_time(trainer, monkeypatch):
+    """Memory bounded by a chunk: when the influence pass takes a chunk's captures, no other chunk's are alive
+    (the batch gradient is summed in one pass that keeps only the last chunk's, the other chunks' products
+    recompute theirs): 2k - 1 captures for k chunks."""
+    import gc
+    import math
+    import weakref
+
+    import grpolab.influence
+
+    taken, held = [], []  # weak references to every chunk's captures; how many were alive at each capture
+    capture = grpolab.influence.GradientProbe.capture
+
+    def counted(self, *args, **kwargs):
+        gc.collect()
+        held.append(sum(ref() is not None for ref in taken))
+        captures = capture(self, *args, **kwargs)
+        taken.append(weakref.ref(captures))
+        return captures
+
+    monkeypatch.setattr(grpolab.influence.GradientProbe, "capture", counted)
+    run_stage("train", config.apply_overrides(["train.steps=1", *SAME_BATCH, "train.micro_batch_size=4"]))
+    log = pd.read_parquet("metrics/tracin/step_000001.parquet")
+    chunks = math.ceil(int((log["advantage"] != 0).sum()) / 4)
+    assert chunks >= 2 and len(held) == 2 * chunks - 1 and set(held) == {0}
 
 
 def test_tracin_every_n_batches(trainer):

@@ -72,6 +72,14 @@ def init() -> None:
                                verbose=False)
 
 
+def describe() -> str:
+    """`N processes on <device>, process group <backend per device>`: what a run prints as it starts."""
+    from grpolab.device import device
+
+    n = world_size()
+    return f"{n} process{'es' if n > 1 else ''} on {device().type}, process group {dist.get_backend_config()}"
+
+
 def load_native_ops(*builders: str) -> None:
     """Load DeepSpeed's C++ ops (by op-builder class name) for this process, before DeepSpeed asks for them.
 

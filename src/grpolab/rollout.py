@@ -15,6 +15,7 @@ time (recomputed in the backward pass), so no [rows, positions, vocabulary] tens
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from grpolab.algos.losses import policy_token_stats, token_logprobs
 from grpolab.algos.sampling import counter_uniform, sample_tokens
 from grpolab.data.tokenizer import encode_prompt
 
-# Tokens whose logits are formed at once in a log-prob pass: ~256 MB of fp32 logits whatever the vocabulary.
+# Logits formed at once in a log-prob pass (tokens x vocabulary): 256 MB of fp32 whatever the vocabulary.
 LOGIT_CHUNK_ELEMENTS = 2**26
 
 
@@ -94,7 +95,12 @@ def _language_model(model: torch.nn.Module) -> PreTrainedModel:
 
 def last_logits_only(model: torch.nn.Module, keep: int = 1) -> dict:
     """The forward kwarg that has the model form logits for its last `keep` positions only (when it takes it)."""
-    return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(_language_model(model).forward).parameters else {}
+    return {"logits_to_keep": keep} if _takes_logits_to_keep(type(_language_model(model))) else {}
+
+
+@functools.cache
+def _takes_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 @contextmanager

@@ -399,6 +399,9 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
     dtype = dev.working_dtype(params.model.dtype)
     bf16 = dtype == torch.bfloat16
     ds_config = deepspeed_config(params, bf16)  # before any work: it refuses bf16 at ZeRO-0
+    if dist.is_rank0():
+        print(f"train: {dist.describe()}, {str(dtype).removeprefix('torch.')}, ZeRO-{ds_config['zero_optimization']['stage']}",
+              flush=True)
     tokenizer = load_tokenizer(str(BASE_DIR))
     model = with_lora(load_model(BASE_DIR, dtype), params.model.lora)
     data = pd.read_parquet(WEIGHTED_TRAIN_FILE)

@@ -1,8 +1,8 @@
 """LoRA against full fine-tuning: peak memory and time of a GRPO update on CPU, on a model built from config.
 
 Each measurement is a fresh process (its peak RSS is the contender's own), built as the train stage
-builds it: `models.with_lora`, `train.make_optimizer` over the trainable parameters, a DeepSpeed engine
-from `train.deepspeed_config`, and the KL reference (a second frozen copy for full fine-tuning, the
+builds it: `models.with_lora`, the engine of `trainer.build_engine` (AdamW over the trainable parameters)
+from `trainer.deepspeed_config`, and the KL reference (a second frozen copy for full fine-tuning, the
 policy with its adapters disabled for LoRA). An update: the reference's log-probs, the policy's forward
 and backward of a policy-gradient + KL loss on random tokens, and the optimizer step. The contenders
 alternate in `--blocks` blocks (rotated order); each process times `--steps` updates after one warm-up.
@@ -29,13 +29,13 @@ from common import block_order, scratch_params, spread  # noqa: E402
 
 def measure(a: argparse.Namespace) -> dict:
     import torch
-    import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from grpolab import config, distributed as dist
+    from grpolab import config
+    from grpolab import distributed as dist
     from grpolab.algos.losses import token_logprobs
     from grpolab.models import reference_policy, with_lora
-    from grpolab.train import deepspeed_config, make_optimizer
+    from grpolab.trainer import build_engine, deepspeed_config
 
     params = config.apply_overrides([f"model.lora.r={a.r}", "model.lora.alpha=32", f"train.micro_batch_size={a.batch}",
                                      f"train.prompts_per_step={a.batch}", "train.group_size=2"], scratch_params(ROOT))
@@ -46,8 +46,7 @@ def measure(a: argparse.Namespace) -> dict:
                                intermediate_size=a.intermediate, max_position_embeddings=a.length)
     model = with_lora(AutoModelForCausalLM.from_config(cfg), params.model.lora)
     frozen = None if a.r else AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(params, model),
-                                      config=deepspeed_config(params, bf16=False))
+    engine = build_engine(params, model, deepspeed_config(params, bf16=False))
     ids = torch.randint(0, a.vocab, (a.batch * 2, a.length))
     advantages = torch.randn(a.batch * 2, 1)
 

@@ -25,17 +25,18 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from common import block_order, engine_on_base, markdown_table, scratch_params, seconds, spread, take_turns
+
+from common import block_order, engine_on_base, make_batch, markdown_table, scratch_params, seconds, spread, take_turns
 
 ROOT = Path.cwd()
 
 
 def bench_scoring(a) -> list[tuple[float, float]]:
     """Per block: (median bare forward, median Min-K%++ scoring), in seconds."""
+    from grpolab.algos.losses import token_logprobs
     from grpolab.data.tokenizer import encode_prompt, load_tokenizer
     from grpolab.mia import scores as S
     from grpolab.models import load_model
-    from grpolab.algos.losses import token_logprobs
     from grpolab.rollout import completion_token_stats, sample, stop_ids
 
     model, tokenizer = load_model(ROOT / "models/base").eval(), load_tokenizer(str(ROOT / "models/base"))
@@ -69,7 +70,7 @@ def bench_weighted_loss(a) -> list[tuple[float, float, float]]:
     from grpolab import config
     from grpolab.rewards import Rewarder
     from grpolab.rollout import by_length
-    from grpolab.train import make_batch, update
+    from grpolab.trainer import update
     from grpolab.variants import Variants
 
     scratch = scratch_params(ROOT)
@@ -82,14 +83,14 @@ def bench_weighted_loss(a) -> list[tuple[float, float, float]]:
     made = {}
 
     def plain_step(i: int) -> None:  # end to end: rollouts, rewards, reference, update
-        made["batch"], made["info"] = make_batch(plain, engine, ref, tokenizer, data, rewarder, variants[False], i)
+        made["batch"], made["sampled"] = make_batch(plain, engine, ref, tokenizer, data, rewarder, variants[False], i)
         update(plain, engine, made["batch"])
 
     def weighted_update(on: bool) -> float:
         def run() -> None:
             batch = made["batch"]
             micro_batches = by_length(batch.rollout.completion_mask, plain.train.micro_batch_size)
-            batch.weights = variants[on].loss_weights(batch.rollout, made["info"]["rows"], batch.token_class, engine.module,
+            batch.weights = variants[on].loss_weights(batch.rollout, made["sampled"].rows, batch.token_class, engine.module,
                                                       micro_batches)
             update(weighted if on else plain, engine, batch)
         return seconds(run)

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import EOS_ID, PAD_ID, QWEN_SHAPES, QWEN_VOCAB, block_order, markdown_table, qwen2_config, spread  # noqa: E402
 
+
 def build_model(shape: str, dtype, device):
     """A Qwen2.5-architecture model at `shape` (common.QWEN_SHAPES), random weights, in `dtype` on `device`."""
     import torch

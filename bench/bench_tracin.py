@@ -1,7 +1,7 @@
 """What TracIn costs, measured side by side in one run (seed 001/003's variant, issue 9).
 
 Four contenders, each a whole training step on the same model and the same batch of rollouts:
-  plain        make_batch (rollouts, rewards, reference) + update: plain GRPO
+  plain        sample, score, weigh (rollouts, rewards, reference) + update: plain GRPO
   same_batch   + influence against the batch's own gradient (ghost inner products), then update
   separate     + validation rollouts, L_val's gradient, influence against it, then update
   naive        + influence by one backward per completion (per-sample gradients over the same
@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import alternate, engine_on_base, scratch_params, spread
+
+from common import alternate, engine_on_base, make_batch, scratch_params, spread
 
 ROOT = Path.cwd()
 CONTENDERS = ("plain", "same_batch", "separate", "naive")
@@ -56,12 +57,13 @@ def naive_influence(tracin, model, batch) -> torch.Tensor:
 
 
 def main() -> None:
+    import grpolab.influence as I
+    import grpolab.stages.train as T
+    import grpolab.trainer as U
     from grpolab import config
     from grpolab.algos.influence import select
     from grpolab.influence import TracIn
     from grpolab.rewards import Rewarder
-    import grpolab.influence as I
-    import grpolab.train as T
     from grpolab.variants import Variants
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,13 +84,13 @@ def main() -> None:
         engine.module.load_state_dict(snapshot[0])
         optimizer.load_state_dict(snapshot[1])
         began = time.perf_counter()
-        batch, info = T.make_batch(plain, engine, ref, tokenizer, data, rewarder, variants, index)
+        batch, sampled = make_batch(plain, engine, ref, tokenizer, data, rewarder, variants, index)
         if name in ("same_batch", "separate"):
-            batch.weights.keep = tracins[name].select(engine.module, batch, info, index, index + 1).keep
+            batch.weights.keep = tracins[name].select(engine.module, batch, sampled, index, index + 1).keep
         elif name == "naive":
             scores = naive_influence(tracins[name], engine.module, batch)
             batch.weights.keep = select(scores, 0.1, 0.5)[0]
-        T.update(plain, engine, batch)  # through the module: the profile below wraps it
+        U.update(plain, engine, batch)  # through the module: the profile below wraps it
         return {"time": time.perf_counter() - began, "active": int((batch.advantages != 0).sum())}
 
     for name in CONTENDERS:  # warm-up (untimed)
@@ -110,8 +112,10 @@ def main() -> None:
           f"naive / same_batch {spread(ratio, fmt='{:.1f}')}x  (goal >= 5x)")
 
     phases = {  # (module, attribute) -> label; wrapped to sum their wall time
-        (T, "make_batch"): "make_batch (rollouts, rewards, reference)",
-        (T, "update"): "update (forward, backward, optimizer step)",
+        (T, "sample_rollouts"): "sample (rollouts)",
+        (T, "score"): "score (rewards)",
+        (T, "weigh"): "weigh (advantages, weights, reference log-probs)",
+        (U, "update"): "update (forward, backward, optimizer step)",
         (I.TracIn, "select"): "TracIn.select (influence + selection)",
         (I.TracIn, "_validation_gradient"): "  validation rollouts + L_val gradient",
         (I.TracIn, "_pg_loss"): "  policy forward of the influence pass",

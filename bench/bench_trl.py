@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+
 from common import alternate, block_order, markdown_table, spread
 
 AGG_TO_TRL = {"token-mean": "dapo", "seq-mean-token-mean": "grpo", "seq-mean-token-sum-norm": "dr_grpo"}
@@ -33,7 +34,8 @@ ROOT = Path.cwd()
 
 def bench_grpolab(a) -> tuple[float, float]:
     from grpolab import config
-    from grpolab.train import CURVE_FILE, train
+    from grpolab.paths import CURVE_FILE
+    from grpolab.stages.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("data", "models/base"):

@@ -24,24 +24,31 @@ def scratch_params(root: Path) -> Path:
 
 def engine_on_base(root: Path, params):
     """(engine, optimizer, reference model, tokenizer, train data) as the train stage builds them, from root/models/base."""
-    import deepspeed
     import pandas as pd
     import torch
 
     from grpolab import distributed as dist
     from grpolab.data.tokenizer import load_tokenizer
-    from grpolab.membership import WEIGHTED_TRAIN_FILE
     from grpolab.models import load_model
-    from grpolab.train import deepspeed_config
+    from grpolab.paths import BASE_DIR, WEIGHTED_TRAIN_FILE
+    from grpolab.trainer import build_engine, deepspeed_config
 
     dist.init()
     torch.manual_seed(params.seed)
-    model = load_model(root / "models/base")
-    ref = load_model(root / "models/base").eval().requires_grad_(False)
-    tokenizer = load_tokenizer(str(root / "models/base"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=params.train.learning_rate)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(params, False))
-    return engine, optimizer, ref, tokenizer, pd.read_parquet(root / WEIGHTED_TRAIN_FILE)
+    model = load_model(root / BASE_DIR)
+    ref = load_model(root / BASE_DIR).eval().requires_grad_(False)
+    tokenizer = load_tokenizer(str(root / BASE_DIR))
+    engine = build_engine(params, model, deepspeed_config(params, False))
+    return engine, engine.optimizer, ref, tokenizer, pd.read_parquet(root / WEIGHTED_TRAIN_FILE)
+
+
+def make_batch(params, engine, ref_model, tokenizer, data, rewarder, variants, rollout_index: int):
+    """(Batch, Sampled) of rollout batch `rollout_index` as a train step makes it: sample, score, weigh."""
+    from grpolab.stages import train as T
+
+    rows, rollout = T.sample_rollouts(params, engine, tokenizer, data, rollout_index)
+    sampled = T.score(rows, rollout, tokenizer, rewarder)
+    return T.weigh(params, engine, ref_model, variants, sampled, rollout), sampled
 
 
 def block_order(names: Sequence[str], block: int) -> list[str]:

@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # grpolab from source when not installed
 
-from common import PAD_ID, byte_prompts, byte_tokenizer, qwen2_config  # noqa: E402
+from common import PAD_ID, byte_prompts, byte_tokenizer, make_batch, qwen2_config  # noqa: E402
 
 PEAK_BF16_FLOPS = 790e12  # an H200's dense bf16 matmul rate, measured (DESIGN.md)
 REWARD = '''import zlib
@@ -90,14 +90,13 @@ class Check:
 
 
 def versions_and_collectives(check: Check) -> dict:
+    import deepspeed
     import torch
     import transformers
 
     from grpolab import distributed as dist
     from grpolab.device import device
     from grpolab.influence import _reduced
-
-    import deepspeed
 
     dist.init()
     here = device()
@@ -156,18 +155,12 @@ def _params(root: Path, rows: int, new_tokens: int, micro_batch: int, **train):
 
 
 def _engine(params, checkpoint: Path, dtype):
-    import deepspeed
     import torch
 
     from grpolab.models import load_model
-    from grpolab.train import deepspeed_config, make_optimizer
+    from grpolab.trainer import build_engine, deepspeed_config
 
-    model = load_model(checkpoint, dtype)
-    if params.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(params, model),
-                                      config=deepspeed_config(params, dtype == torch.bfloat16))
-    return engine
+    return build_engine(params, load_model(checkpoint, dtype), deepspeed_config(params, dtype == torch.bfloat16))
 
 
 def _train_data(cfg: dict, rows: int):
@@ -180,7 +173,7 @@ def _train_data(cfg: dict, rows: int):
 def steps_with_checkpointing(check: Check, cfg: dict, root: Path, checkpoint: Path, tokenizer, dtype) -> dict:
     from grpolab.models import load_model
     from grpolab.rewards import Rewarder
-    from grpolab.train import make_batch, update
+    from grpolab.trainer import update
     from grpolab.variants import Variants
 
     params = _params(root, cfg["steps_rows"], cfg["steps_new"], micro_batch=cfg["steps_rows"] // 2, gradient_checkpointing=True)
@@ -194,7 +187,7 @@ def steps_with_checkpointing(check: Check, cfg: dict, root: Path, checkpoint: Pa
     for step in range(1, 4):
         check.sync()
         began = time.perf_counter()
-        batch, info = make_batch(params, engine, reference, tokenizer, data, rewarder, variants, step - 1)
+        batch, _ = make_batch(params, engine, reference, tokenizer, data, rewarder, variants, step - 1)
         check.sync()
         sampled = time.perf_counter()
         sums = update(params, engine, batch)
@@ -211,9 +204,9 @@ def steps_with_checkpointing(check: Check, cfg: dict, root: Path, checkpoint: Pa
 
 
 def rollouts(check: Check, cfg: dict, checkpoint: Path, dtype) -> dict:
-    from bench_rollout import make_prompts, measure, summary
-
     from grpolab.models import load_model
+
+    from bench_rollout import make_prompts, measure, summary
 
     model = load_model(checkpoint, dtype).eval()
     out = {}
@@ -242,7 +235,7 @@ def updates(check: Check, cfg: dict, root: Path, checkpoint: Path, tokenizer, dt
     from grpolab.algos.credit import OTHER
     from grpolab.models import load_model
     from grpolab.rollout import Rollout, left_pad
-    from grpolab.train import Batch, batch_logprobs, update
+    from grpolab.trainer import Batch, batch_logprobs, update
     from grpolab.variants import LossWeights
 
     rows, new = cfg["update_rows"], cfg["update_new"]
@@ -288,7 +281,7 @@ def tracin_memory(check: Check, cfg: dict, root: Path, checkpoint: Path, tokeniz
     from grpolab.influence import TracIn
     from grpolab.rewards import Rewarder
     from grpolab.rollout import Rollout, left_pad
-    from grpolab.train import Batch
+    from grpolab.trainer import Batch
     from grpolab.variants import LossWeights
 
     rows, new, micro = cfg["tracin_rows"], cfg["tracin_new"], cfg["tracin_micro_batch"]

@@ -27,8 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import block_order
 from ruamel.yaml import YAML
+
+from common import block_order
 
 BIN = Path(sys.executable).parent
 

@@ -19,8 +19,8 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from grpolab import config
-from grpolab.report import summary_markdown
 from grpolab.stages import STAGES
+from grpolab.stages.summary import summary_markdown
 from grpolab.tracking import check_store
 from grpolab.workspace import pipeline_lock
 

@@ -13,9 +13,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from grpolab.errors import StudyError
 from grpolab.study.report import report_from_store
 from grpolab.study.run import MAX_JOBS, StudyRun
-from grpolab.study.spec import Cell, StudyError, load_study
+from grpolab.study.spec import Cell, load_study
 
 
 @task(task_run_name="{cell.name}", cache_policy=NO_CACHE)

@@ -7,8 +7,15 @@ import torch
 
 from grpolab.algos.advantages import group_advantages, zero_std_groups
 from grpolab.algos.losses import (
-    AGGREGATIONS, KL_ESTIMATORS, aggregate, aggregation_units, clipped_policy_loss, compose_token_loss,
-    entropy_from_logits, policy_token_stats, token_logprobs,
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    aggregate,
+    aggregation_units,
+    clipped_policy_loss,
+    compose_token_loss,
+    entropy_from_logits,
+    policy_token_stats,
+    token_logprobs,
 )
 from grpolab.algos.mia_weights import normalize_scores
 

@@ -1,13 +1,12 @@
 import math
 import re
 from functools import reduce
-from pathlib import Path
 
 import pytest
 from ruamel.yaml import YAML
 
 from grpolab import config
-from grpolab.config import ConfigError
+from grpolab.errors import ConfigError
 
 from conftest import REPO, grpolab
 

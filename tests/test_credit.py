@@ -8,6 +8,8 @@ import torch
 from grpolab import config
 from grpolab.algos import credit as C
 from grpolab.algos.losses import aggregate, clipped_policy_loss, compose_token_loss, policy_token_stats
+from grpolab.config import schema
+from grpolab.errors import ConfigError
 
 MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
 
@@ -121,12 +123,12 @@ def test_credit_formula_matches_autograd_on_a_tiny_model():
 def test_bad_mitigation_names_the_key(mitigation, message):
     raw = config.Params().model_dump()
     raw["train"]["mitigation"] = mitigation
-    with pytest.raises(config.ConfigError) as err:
+    with pytest.raises(ConfigError) as err:
         config.validate(raw)
     assert message in str(err.value)
 
 
 def test_knob_defaults():
-    m = config.MitigationParams(name="entropy_masking")
+    m = schema.MitigationParams(name="entropy_masking")
     assert m.knob("mask_percentile") == 80.0
-    assert config.MitigationParams(name="outcome_conditional", think_discount=0.25).knob("think_discount") == 0.25
+    assert schema.MitigationParams(name="outcome_conditional", think_discount=0.25).knob("think_discount") == 0.25

@@ -6,8 +6,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from grpolab import config
-from grpolab.data.prepare import EVAL_FILE, SFT_FILE, TOKENIZER_DIR, TRAIN_FILE, VAL_FILE, prepare
-from grpolab.data.schema import DataError, read_rl_files
+from grpolab.data.schema import read_rl_files
+from grpolab.errors import ConfigError, DataError
+from grpolab.paths import EVAL_FILE, SFT_FILE, TOKENIZER_DIR, TRAIN_FILE, VAL_FILE
+from grpolab.stages.prepare import prepare
 
 from conftest import TINY, grpolab
 
@@ -134,7 +136,7 @@ def test_validation_split_of_user_files_held_out_or_given(in_tmp):
     overlapping = write(in_tmp / "bad_val.parquet", verl_rows(200, 2, chat=False) + verl_rows(101, 1, chat=False))
     with pytest.raises(DataError, match=f"{overlapping}: row 2: prompt also appears in the eval files"):
         prepare(config.apply_overrides([f"data.val_files=[{overlapping}]"]))
-    with pytest.raises(config.ConfigError, match="num_val and val_files exclude each other"):
+    with pytest.raises(ConfigError, match="num_val and val_files exclude each other"):
         config.apply_overrides(["data.num_val=2"])
     with pytest.raises(DataError, match=r"data.num_val: 8 validation prompts to hold out, but the train files have 8 distinct"):
         prepare(config.apply_overrides(["data.val_files=[]", "data.num_val=8"]))

@@ -11,9 +11,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from grpolab import config, device
 from grpolab import distributed as dist
-from grpolab.config import ConfigError, ModelParams
+from grpolab.config.schema import ModelParams
+from grpolab.errors import ConfigError
 from grpolab.models import load_model
-from grpolab.train import deepspeed_config
+from grpolab.trainer import deepspeed_config
 
 
 @pytest.fixture(scope="module")

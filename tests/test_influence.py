@@ -6,8 +6,20 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from grpolab.algos.influence import (
-    VAL_LOSS_COEFFICIENTS, VAL_SELECTIONS, embedding_dot, embedding_grad, influence_stats, linear_bias_dot, linear_bias_grad,
-    linear_weight_dot, linear_weight_grad, linear_weight_pairwise, per_row, select, unit_scores, validation_loss,
+    VAL_LOSS_COEFFICIENTS,
+    VAL_SELECTIONS,
+    embedding_dot,
+    embedding_grad,
+    influence_stats,
+    linear_bias_dot,
+    linear_bias_grad,
+    linear_weight_dot,
+    linear_weight_grad,
+    linear_weight_pairwise,
+    per_row,
+    select,
+    unit_scores,
+    validation_loss,
 )
 from grpolab.algos.losses import token_logprobs
 from grpolab.influence import GradientProbe, accumulate, inner_products

@@ -10,10 +10,10 @@ import torch
 from grpolab.algos.advantages import group_advantages
 from grpolab.algos.losses import aggregate, clipped_policy_loss, compose_token_loss
 from grpolab.algos.mia_weights import normalize_scores, transform_mia_weights
-from grpolab.data.schema import DataError
-from grpolab.membership import _precomputed_weights
+from grpolab.errors import DataError
 from grpolab.mia import scores as S
 from grpolab.mia.roc import membership_roc
+from grpolab.stages.mia import _precomputed_weights
 
 
 def test_transforms_and_inversion_exact():

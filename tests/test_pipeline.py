@@ -3,8 +3,8 @@
 import hashlib
 import json
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import time
 import urllib.request
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 import psutil
-from transformers import AutoConfig
+import pytest
 from mlflow import MlflowClient
 from scipy.stats import mannwhitneyu, rankdata
+from transformers import AutoConfig
 
 from grpolab.fsutil import is_temporary
 
@@ -254,6 +254,7 @@ def test_a_verl_users_gsm8k_and_qwen2_checkpoint_with_lora_queued_as_a_dvc_exper
     `dvc exp run --queue`: the run happens in a copy under .dvc/tmp/exps, and its runs and artifacts
     still go to the project's store."""
     from grpolab import config
+
     from userfiles import gsm8k_corpus, save_gsm8k, save_qwen2_checkpoint
 
     project = make_project(tmp_path / "p")

@@ -8,7 +8,8 @@ import torch
 from grpolab import config
 from grpolab.data.schema import read_rl_files, render_prompt
 from grpolab.data.tokenizer import encode_prompt, load_tokenizer
-from grpolab.rewards import RewardError, RewardFile, Rewarder, gsm8k_answer, last_boxed, math_match, source_means
+from grpolab.errors import ConfigError, RewardError
+from grpolab.rewards import Rewarder, RewardFile, gsm8k_answer, last_boxed, math_match, source_means
 from grpolab.rollout import sample, stop_ids
 
 from userfiles import gsm8k_corpus, gsm8k_rows, save_gsm8k, save_qwen2_checkpoint
@@ -79,7 +80,7 @@ def test_rewards_default_to_auto_for_your_files_and_to_your_reward_file(tmp_path
         ([f"train.reward_file={tmp_path}/nope.py"], "no Python file (.py) at"),
         (["train.reward_sources={x: exact}"], "x: unknown scorer 'exact'"),
     ]:
-        with pytest.raises(config.ConfigError) as err:
+        with pytest.raises(ConfigError) as err:
             config.overridden(overrides, path)
         assert message in str(err.value), overrides
 

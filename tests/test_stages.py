@@ -6,10 +6,11 @@ import pandas as pd
 import torch
 
 from grpolab import config
+from grpolab.config import schema
 from grpolab.data.tokenizer import train_tokenizer
 from grpolab.models import build_model, load_model, save_checkpoint
-from grpolab.sft import IGNORE, _encode
 from grpolab.stages import run_stage
+from grpolab.stages.sft import IGNORE, _encode
 
 from conftest import TINY
 
@@ -17,7 +18,7 @@ from conftest import TINY
 def test_user_checkpoint_is_loaded_with_its_own_tokenizer(in_tmp, tmp_path):
     corpus = [f"{a}+{b}=<think>x</think><answer>{a + b}</answer>" for a in range(30) for b in range(30)]
     tok = train_tokenizer(corpus, vocab_size=90)
-    params = config.ModelParams(arch="qwen2", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_length=64)
+    params = schema.ModelParams(arch="qwen2", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_length=64)
     user_model = build_model(params, tok, seed=5)
     ckpt = tmp_path / "my-hf-model"
     save_checkpoint(user_model, tok, ckpt)

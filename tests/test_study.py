@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from grpolab.config import ConfigError
+from grpolab.errors import ConfigError
 from grpolab.study.report import TABLES, summary_table, welch_interval
 from grpolab.study.run import CELL_MARKER, Progress
 from grpolab.study.spec import StudySpec, load_study

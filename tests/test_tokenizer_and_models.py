@@ -1,6 +1,6 @@
 import torch
 
-from grpolab.config import ModelParams
+from grpolab.config.schema import ModelParams
 from grpolab.data.tasks import arithmetic_problem
 from grpolab.data.tokenizer import TAG_TOKENS, encode_prompt, encode_response, load_tokenizer, train_tokenizer
 from grpolab.models import build_model, load_model, save_checkpoint

@@ -17,9 +17,13 @@ import torch
 from mlflow import MlflowClient
 
 from grpolab import config
+from grpolab.checkpoints import CHECKPOINT_DIR
+from grpolab.errors import ConfigError
 from grpolab.models import load_model
+from grpolab.paths import CURVE_FILE, TRAINED_DIR
 from grpolab.stages import run_stage
-from grpolab.train import CHECKPOINT_DIR, CURVE_FILE, DEEPSPEED_CONFIG_ARTIFACT, TRAINED_DIR, deepspeed_config
+from grpolab.stages.train import DEEPSPEED_CONFIG_ARTIFACT
+from grpolab.trainer import deepspeed_config
 
 from conftest import BIN, REPO, TINY, grpolab, project_env
 
@@ -204,7 +208,7 @@ def test_resume_after_a_kill_gives_an_uninterrupted_runs_outputs(trainer, tmp_pa
 
 def test_the_checkpoint_fingerprint_covers_train_params_seed_base_model_and_train_data(trainer):
     from grpolab.checkpoints import fingerprint
-    from grpolab.train import train_inputs
+    from grpolab.stages.train import train_inputs
 
     params = config.load()
     inputs = train_inputs(params)
@@ -385,7 +389,7 @@ def test_bf16_on_cpu_starts_at_kl_0_accumulates_in_fp32_and_saves_the_fp32_maste
 )
 def test_bad_train_params_are_rejected_before_work(trainer, override, message):
     before = Path("params.yaml").read_text()
-    with pytest.raises(config.ConfigError) as err:
+    with pytest.raises(ConfigError) as err:
         config.apply_overrides([override] if isinstance(override, str) else override)
     assert message in str(err.value)
     assert Path("params.yaml").read_text() == before
@@ -613,7 +617,7 @@ def test_tracin_two_processes_give_one_process_keep_masks(trainer, tmp_path, mod
 )
 def test_bad_tracin_params_are_rejected_before_work(trainer, overrides, message):
     before = Path("params.yaml").read_text()
-    with pytest.raises(config.ConfigError) as err:
+    with pytest.raises(ConfigError) as err:
         config.apply_overrides(overrides)
     assert message in str(err.value)
     assert Path("params.yaml").read_text() == before
@@ -651,7 +655,7 @@ def test_bad_inputs_are_named_before_any_output(trainer):
     ]
     before = _tree_digest("data", "models", "metrics")
     for stage, overrides, message, detail in cases:
-        with pytest.raises(config.ConfigError) as err:
+        with pytest.raises(ConfigError) as err:
             run_stage(stage, config.overridden(overrides)[1])
         assert message in str(err.value) and detail in str(err.value), (stage, str(err.value))
     assert _tree_digest("data", "models", "metrics") == before and not CHECKPOINT_DIR.exists()
@@ -664,7 +668,7 @@ def test_bad_inputs_are_named_before_any_output(trainer):
 
 def test_mia_reference_and_precomputed_weights_end_to_end(trainer, tmp_path):
     """The two MIA methods that read a user's model or data, through mia -> train -> evaluate."""
-    from grpolab.membership import SCORES_FILE, WEIGHTED_TRAIN_FILE
+    from grpolab.paths import SCORES_FILE, WEIGHTED_TRAIN_FILE
 
     reference = trainer / "reference_model"  # the base model's tokenizer, other weights: a model trained elsewhere
     shutil.copytree("models/base", reference)
@@ -714,12 +718,12 @@ def test_lora_trains_adapters_against_the_disabled_adapter_reference_and_saves_a
     from peft import PeftModel
 
     import grpolab.influence
-    import grpolab.train
+    import grpolab.stages.train
     from grpolab.models import ADAPTER_DIR
-    from grpolab.sft import BASE_DIR
+    from grpolab.paths import BASE_DIR
 
     loads, probes = [], []
-    monkeypatch.setattr(grpolab.train, "load_model", lambda path, dtype: loads.append(path) or load_model(path, dtype))
+    monkeypatch.setattr(grpolab.stages.train, "load_model", lambda path, dtype: loads.append(path) or load_model(path, dtype))
     probe = grpolab.influence.GradientProbe
     monkeypatch.setattr(grpolab.influence, "GradientProbe", lambda model: probes.append(probe(model)) or probes[-1])
     params = config.apply_overrides(["train.steps=3", "train.kl_beta=0.1", "model.lora.r=4", "model.lora.alpha=8",

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from grpolab import config
+from grpolab.errors import ConfigError, DataError, StudyError
 
 FLOWS = Path("flows")
 # Quiet, offline-friendly defaults; the user's settings win (MLFLOW_DISABLE_TELEMETRY=false turns MLflow's
@@ -24,7 +25,7 @@ def _load_flow(name: str):
     """The flow `name` of the project's flows/<name>.py (the file a deployment would point at)."""
     path = FLOWS / f"{name}.py"
     if not path.is_file():
-        raise config.ConfigError(f"{path}: not found (run grpolab from the project root)")
+        raise ConfigError(f"{path}: not found (run grpolab from the project root)")
     spec = importlib.util.spec_from_file_location(f"grpolab_flows_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -32,9 +33,8 @@ def _load_flow(name: str):
 
 
 def cmd_run(args) -> None:
-    from grpolab.workspace import pipeline_lock
-
     from grpolab.tracking import check_store
+    from grpolab.workspace import pipeline_lock
 
     with pipeline_lock():
         check_store(config.overridden(args.set)[1])  # before params.yaml changes (the flow checks again, for deployments)
@@ -44,10 +44,9 @@ def cmd_run(args) -> None:
 
 
 def cmd_study(args) -> None:
-    from grpolab.study.spec import load_study
-
     from grpolab.fsutil import output_folder
     from grpolab.study.report import REPORTS_DIR
+    from grpolab.study.spec import load_study
 
     name = load_study(args.file).name  # every cell validated before Prefect starts
     output_folder(REPORTS_DIR / name, "the report folder")  # refused now, not after the cells ran
@@ -160,13 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from grpolab.data.schema import DataError
-    from grpolab.study.spec import StudyError
-
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (config.ConfigError, DataError, FileNotFoundError, FileExistsError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as exc:
         print(f"grpolab: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except StudyError as exc:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 from mlflow import MlflowClient
 
-from grpolab.config import ConfigError, Params
+from grpolab.config import Params
+from grpolab.errors import ConfigError
 from grpolab.fsutil import atomic_output, atomic_write_text, output_folder
 from grpolab.tracking import tracking_uri
 

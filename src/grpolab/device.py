@@ -17,6 +17,8 @@ from contextlib import nullcontext
 
 import torch
 
+from grpolab.errors import ConfigError
+
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 DTYPE_CHOICES = ("auto", *DTYPES)  # model.dtype's values
 
@@ -53,7 +55,6 @@ def processes_beyond_gpus(processes_on_node: int, gpus: int, key: str) -> str | 
 def check_processes_fit(processes_on_node: int, key: str) -> None:
     """One process per GPU: refuse, before any work, more processes on this node than it has GPUs (on CPU a
     process is a process)."""
-    from grpolab.config import ConfigError
 
     if torch.cuda.is_available() and (reason := processes_beyond_gpus(processes_on_node, torch.cuda.device_count(), key)):
         raise ConfigError(reason)

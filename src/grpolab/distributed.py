@@ -18,7 +18,6 @@ import torch.distributed as dist
 
 from grpolab.procs import die_with_parent, signals_stop
 
-
 LOOPBACK_INTERFACE = "lo"  # Linux's name for it
 
 

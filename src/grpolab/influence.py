@@ -21,7 +21,7 @@ chunks costs 2k - 1 captures instead of k, with the memory of one chunk; one chu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -32,17 +32,26 @@ from tqdm import tqdm
 from grpolab import distributed as dist
 from grpolab.algos.advantages import group_advantages
 from grpolab.algos.influence import (
-    PARAMETER_USES, VAL_LOSS_COEFFICIENTS, VAL_SELECTIONS, influence_stats, per_row, select, unit_scores, validation_loss,
+    PARAMETER_USES,
+    VAL_LOSS_COEFFICIENTS,
+    VAL_SELECTIONS,
+    influence_stats,
+    per_row,
+    select,
+    unit_scores,
+    validation_loss,
 )
 from grpolab.algos.losses import aggregate, aggregation_units, clipped_policy_loss, compose_token_loss
 from grpolab.config import Params
-from grpolab.data.prepare import VAL_FILE
-from grpolab.data.schema import DataError
 from grpolab.data.tokenizer import encode_prompt
+from grpolab.errors import DataError
+from grpolab.paths import VAL_FILE
 from grpolab.rewards import Rewarder
 from grpolab.rollout import by_length, completion_logprobs, decode, sample, sample_keys, stop_ids, take
 
-TRACIN_DIR = Path("metrics/tracin")
+if TYPE_CHECKING:
+    from grpolab.trainer import Batch, Sampled
+
 # Sampling streams of the validation rollouts, apart from the train rollouts' (seed, row) generators.
 VAL_ROW_OFFSET = 1 << 40
 VAL_STREAM = 1
@@ -258,7 +267,7 @@ class TracIn:
 
     # ---- selection ----
 
-    def select(self, model, batch, info: dict, rollout_index: int, step: int) -> Selection:
+    def select(self, model, batch: Batch, sampled: Sampled, rollout_index: int, step: int) -> Selection:
         """Influence of every completion of the batch (this process's rows [B]) on L_val, and the
         keep mask: positive influence, or the fallback's top share, chosen over the whole batch."""
         t, cfg = self.params.train, self.cfg
@@ -299,20 +308,20 @@ class TracIn:
         stats = {f"tracin/{k}": v for k, v in influence_stats(scores, keep_units, fallback).items()}
         metrics = {**stats, "tracin/val_grad_norm": _norm(v), **metrics}
         offset = dist.rank() * n
-        log = self._log(info, batch, everyone, keep, step)
+        log = self._log(sampled, batch, everyone, keep, step)
         if dist.is_rank0():
             tqdm.write(summary_line(step, metrics, len(scores), cfg.selection_unit))
         return Selection(keep[offset : offset + n].clone(), metrics, log)
 
-    def _log(self, info: dict, batch, influence: torch.Tensor, keep: torch.Tensor, step: int) -> pd.DataFrame:
-        prompts = dist.all_gather_objects([r["prompt"] for r in info["rows"]])
-        texts = dist.all_gather_objects(info["texts"])
+    def _log(self, sampled: Sampled, batch: Batch, influence: torch.Tensor, keep: torch.Tensor, step: int) -> pd.DataFrame:
+        prompts = dist.all_gather_objects([r["prompt"] for r in sampled.rows])
+        texts = dist.all_gather_objects(sampled.texts)
         return pd.DataFrame({
             "step": step,
             "row": np.arange(len(influence)),
             "prompt": prompts,
             "completion": texts,
-            "reward": info["all_rewards"].numpy(),
+            "reward": sampled.all_rewards.numpy(),
             "advantage": dist.all_gather_cat(batch.advantages).numpy(),
             "influence": influence.numpy(),
             "kept": keep.numpy().astype(bool),

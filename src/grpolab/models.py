@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from grpolab.config import LoraParams, ModelParams
+from grpolab.config.schema import LoraParams, ModelParams
 from grpolab.device import device
 from grpolab.fsutil import atomic_output
 

@@ -23,16 +23,13 @@ from pathlib import Path
 import torch
 
 from grpolab.device import device, working_dtype
+from grpolab.errors import ConfigError, RewardError
 
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
 GSM8K_STRICT_RE = re.compile(r"#### (-?[0-9.,]+)")  # verl's gsm8k strict extraction
 NUMBER_RE = re.compile(r"-?[0-9.,]+")
 GSM8K_TAIL = 300  # verl scores the last 300 characters: a long completion cannot list every number
-
-
-class RewardError(ValueError):
-    """A reward that cannot be computed: the message names the row (its file and row) and the reason."""
 
 
 def extract_answer(completion: str) -> str | None:
@@ -202,8 +199,6 @@ class Judge:
 
     def __init__(self, path: str, dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from grpolab.config import ConfigError
 
         model, loading = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, dtype=dtype)
         if loading["missing_keys"]:  # transformers would start them at random, and the judge would score noise

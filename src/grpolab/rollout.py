@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from grpolab.algos.losses import policy_token_stats, token_logprobs
 from grpolab.algos.sampling import counter_uniform, sample_tokens
 from grpolab.data.tokenizer import encode_prompt
+from grpolab.errors import ConfigError
 
 # Logits formed at once in a log-prob pass (tokens x vocabulary): 256 MB of fp32 whatever the vocabulary.
 LOGIT_CHUNK_ELEMENTS = 2**26
@@ -287,7 +288,6 @@ def check_room(model_config, tokenizer: PreTrainedTokenizerBase, prompts: list[s
                key: str, source: str) -> None:
     """Every prompt of `source` plus `max_new_tokens` (the param `key`) fits the model's positions: else
     name the longest prompt's row, before any generation (past them a model fails or reads garbage)."""
-    from grpolab.config import ConfigError
 
     limit = getattr(model_config, "max_position_embeddings", None)
     if not limit or not prompts:

@@ -30,6 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from grpolab.config import Params, flatten, params_hash
+from grpolab.errors import ConfigError
 
 DEFAULT_DB = "mlflow.db"  # in the project root
 DEFAULT_ARTIFACTS = "mlruns"  # beside it
@@ -82,7 +83,6 @@ STORE_TIMEOUT_S = 10
 def check_store(params: Params) -> None:
     """The tracking store answers, or a ConfigError naming it: checked before any stage runs, rather
     than a stage failing after MLflow's retries (minutes) against a server that is down."""
-    from grpolab.config import ConfigError
 
     uri = tracking_uri(params)
     key = "tracking.uri" if params.tracking.uri else ("MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default store")

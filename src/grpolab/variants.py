@@ -17,7 +17,7 @@ import torch
 from grpolab.algos import credit
 from grpolab.algos.mia_weights import transform_mia_weights
 from grpolab.config import Params
-from grpolab.rollout import Rollout, last_logits_only, forward_completions, take
+from grpolab.rollout import Rollout, forward_completions, last_logits_only, take
 
 
 @dataclass

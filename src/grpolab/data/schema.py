@@ -25,11 +25,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from grpolab.errors import DataError
 from grpolab.fsutil import atomic_output
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file, the column and the row."""
 
 
 def _read(path: str) -> pd.DataFrame:

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from grpolab.errors import ConfigError
+
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
 # Tags are ordinary (non-special) tokens so that decoding with skip_special_tokens keeps them.
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
@@ -35,7 +37,6 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
 def load_tokenizer(path: str, key: str = "model.name_or_path") -> PreTrainedTokenizerBase:
     """The tokenizer saved in `path` (the param `key` named it): it needs an EOS token, which ends every
     SFT response and every generation, and stands in as the pad token where there is none."""
-    from grpolab.config import ConfigError
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.eos_token is None:

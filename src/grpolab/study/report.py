@@ -18,9 +18,9 @@ from ruamel.yaml import YAML
 from scipy import stats
 
 from grpolab import tracking
-from grpolab.config import ConfigError
+from grpolab.errors import ConfigError
 from grpolab.fsutil import atomic_output, atomic_write_text, output_folder
-from grpolab.membership import ROC_DIR
+from grpolab.paths import ROC_DIR
 from grpolab.study.spec import StudySpec
 
 REPORTS_DIR = Path("reports")

@@ -30,7 +30,8 @@ from statistics import mean
 from mlflow import MlflowClient
 
 from grpolab import tracking
-from grpolab.config import ConfigError, flatten
+from grpolab.config import flatten
+from grpolab.errors import ConfigError
 from grpolab.fsutil import take_lock
 from grpolab.study.spec import Cell, Study
 

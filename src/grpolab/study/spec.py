@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ruamel.yaml import YAML
 
 from grpolab import config
-from grpolab.config import ConfigError, Params, params_hash
+from grpolab.config import Params, params_hash, schema
+from grpolab.errors import ConfigError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"  # an MLflow experiment, a DVC experiment and a file name
 STUDY_OWNED = ("seed", "tracking")  # what the study sets in every cell itself
@@ -66,10 +67,6 @@ class StudySpec(BaseModel):
         return self
 
 
-class StudyError(RuntimeError):
-    """Cells of a study failed (the report lists them)."""
-
-
 @dataclass(frozen=True)
 class Cell:
     """One (variant, seed) of a study: a full pipeline run, one DVC experiment, one MLflow run tree."""
@@ -117,7 +114,7 @@ def read_spec(path: Path) -> StudySpec:
     try:
         return StudySpec.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(config.format_validation_error(err, str(path))) from None
+        raise ConfigError(schema.format_validation_error(err, str(path))) from None
 
 
 def _dvc_override(text: str) -> str:

@@ -1,28 +1,22 @@
-"""Typed params: the pydantic models behind params.yaml, and `-S key=value` overrides.
+"""The pydantic models behind params.yaml: every knob typed and described, validated as a whole.
 
-Every knob lives in params.yaml. Loading validates the whole file before any stage starts,
-so a typo or an out-of-range value fails fast with the dotted key path in the message.
+Loading validates the whole file before any stage starts, so a typo or an out-of-range value fails
+fast with the dotted key path in the message.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from ruamel.yaml import YAML
 
 from grpolab.data.tasks import problem_space
-from grpolab.fsutil import atomic_write_text
+from grpolab.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
-
-
-class ConfigError(ValueError):
-    """Bad params: the message names the key path (or file) that is wrong."""
 
 
 class Section(BaseModel):
@@ -631,119 +625,6 @@ def validate(raw: dict[str, Any], source: str = PARAMS_FILE) -> Params:
         raise ConfigError(format_validation_error(err, source)) from None
 
 
-def _represent_none(representer, _data):
-    return representer.represent_scalar("tag:yaml.org,2002:null", "null")  # ruamel's default is an empty value
-
-
-def _represent_float(representer, data: float):
-    # `3e-05` is a float to YAML 1.2 readers (ruamel, DVC) but a string to YAML 1.1 ones (PyYAML): `3.0e-05` is
-    # a float to both
-    text = repr(data)
-    if "e" in text and "." not in text.split("e")[0]:
-        mantissa, exponent = text.split("e")
-        text = f"{mantissa}.0e{exponent}"
-    return representer.represent_scalar("tag:yaml.org,2002:float", text)
-
-
-def _yaml() -> YAML:
-    rt = YAML()  # round-trip mode keeps the user's comments, key order, flow lists and quotes
-    rt.preserve_quotes = True
-    rt.width = 4096
-    rt.representer.add_representer(type(None), _represent_none)
-    rt.representer.add_representer(float, _represent_float)
-    return rt
-
-
-def _flow(value: Any) -> Any:
-    """A list or dict from `-S` written in flow style (`[a, b]`, `{k: v}`), as params.yaml writes them."""
-    from ruamel.yaml.comments import CommentedMap, CommentedSeq
-
-    if isinstance(value, list):
-        seq = CommentedSeq(_flow(v) for v in value)
-        seq.fa.set_flow_style()
-        return seq
-    if isinstance(value, dict):
-        mapping = CommentedMap((k, _flow(v)) for k, v in value.items())
-        mapping.fa.set_flow_style()
-        return mapping
-    return value
-
-
-def _read_raw(path: Path) -> Any:
-    if not path.is_file():
-        raise ConfigError(f"{path}: params file not found (run from the project root)")
-    try:
-        return _yaml().load(path.read_text()) or {}
-    except Exception as exc:  # ruamel raises many parser error types
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-
-
-def parse_override(text: str) -> tuple[list[str], Any, bool]:
-    """`section.key=value` -> (["section", "key"], value, delete), parsed with the grammar of `dvc exp run -S`
-    (Hydra's override parser, which ships with DVC): `1e-4` is a float, `[a, b]` a list, `{k: v}` a dict,
-    `null` None, `~section.key` deletes the key (its default applies). A sweep (`k=1,2`) is refused."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        override = OverridesParser.create().parse_override(text)
-    except HydraException as exc:
-        reason = str(exc).splitlines()[1] if len(str(exc).splitlines()) > 1 else str(exc)
-        raise ConfigError(f"-S {text}: expected section.key=value ({reason})") from None
-    if override.is_sweep_override():
-        raise ConfigError(f"-S {text}: a sweep; give one value (a study file lists variants: `grpolab study`)")
-    keys = override.key_or_group.split(".")
-    if any(not part for part in keys):
-        raise ConfigError(f"-S {text}: expected section.key=value")
-    return keys, None if override.is_delete() else override.value(), override.is_delete()
-
-
-_UNSET = object()
-
-
-def _set_path(raw: dict, keys: list[str], value: Any, delete: bool = False) -> None:
-    node = raw
-    for i, key in enumerate(keys[:-1]):
-        if key not in node or node[key] is None:
-            node[key] = {}
-        if not isinstance(node[key], dict):
-            raise ConfigError(f"-S {'.'.join(keys)}: {'.'.join(keys[: i + 1])} is not a section")
-        node = node[key]
-    if delete:
-        node.pop(keys[-1], None)
-    elif node.get(keys[-1], _UNSET) != value or type(node.get(keys[-1])) is not type(value):
-        node[keys[-1]] = _flow(value)  # an unchanged value keeps its text (`1.0e-4` stays, `1e-4` = 0.0001 is not rewritten)
-
-
-def overridden(overrides: list[str], path: str | Path = PARAMS_FILE) -> tuple[Any, Params]:
-    """(the file's round-trip data with the overrides applied, their validated params); writes nothing."""
-    path = Path(path)
-    raw = _read_raw(path)
-    for text in overrides:
-        keys, value, delete = parse_override(text)
-        _set_path(raw, keys, value, delete)
-    return raw, validate(raw, f"{path} with -S overrides" if overrides else str(path))
-
-
-def load(path: str | Path = PARAMS_FILE) -> Params:
-    path = Path(path)
-    return validate(_read_raw(path), str(path))
-
-
-def apply_overrides(overrides: list[str], path: str | Path = PARAMS_FILE) -> Params:
-    """Validate params.yaml with the overrides applied and, if valid, write them into the file.
-
-    Same semantics as `dvc exp run -S`: the file DVC reads is the record of what ran, so the
-    overrides land there (comments kept). Nothing is written when validation fails.
-    """
-    raw, params = overridden(overrides, path)
-    if overrides:
-        buf = io.StringIO()
-        _yaml().dump(raw, buf)
-        atomic_write_text(path, buf.getvalue())
-    return params
-
-
 def flatten(params: Params) -> dict[str, Any]:
     """`{"sft.steps": 800, ...}` for MLflow params and the README reference."""
     out: dict[str, Any] = {}
@@ -763,23 +644,3 @@ def params_hash(params: Params) -> str:
     """What identifies a configuration: every param but the tracking settings (where it is logged)."""
     flat = {k: v for k, v in flatten(params).items() if not k.startswith("tracking.")}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def params_reference() -> str:
-    """Markdown table of every knob: the README's params reference is generated from this."""
-    rows = ["| key | type | default | description |", "|---|---|---|---|"]
-
-    def walk(prefix: str, model: type[BaseModel]) -> None:
-        for name, field in model.model_fields.items():
-            key = f"{prefix}{name}"
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(f"{key}.", ann)
-                continue
-            default = field.get_default(call_default_factory=True)
-            type_name = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
-            type_name = type_name.replace(" | None", " or null")  # a bare | would split the table cell
-            rows.append(f"| `{key}` | `{type_name}` | `{default!r}` | {field.description} |")
-
-    walk("", Params)
-    return "\n".join(rows) + "\n"

@@ -8,26 +8,21 @@ validation split (TracIn's `separate` mode) is disjoint from all three.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from grpolab.config import Params
-from grpolab.data.schema import SOURCE, DataError, read_rl_files, read_sft_files, render_prompt, write_parquet
+from grpolab.data.schema import SOURCE, read_rl_files, read_sft_files, render_prompt, write_parquet
 from grpolab.data.tasks import Problem, generate_arithmetic
 from grpolab.data.tokenizer import encode_prompt, load_tokenizer, train_tokenizer
+from grpolab.errors import DataError
 from grpolab.fsutil import atomic_output
+from grpolab.paths import EVAL_FILE, SFT_FILE, TOKENIZER_DIR, TRAIN_FILE, VAL_FILE
 
 if TYPE_CHECKING:
     from grpolab.tracking import Tracker
 
-DATA_DIR = Path("data")
-TRAIN_FILE = DATA_DIR / "train.parquet"
-EVAL_FILE = DATA_DIR / "eval.parquet"
-SFT_FILE = DATA_DIR / "sft.parquet"
-VAL_FILE = DATA_DIR / "val.parquet"
-TOKENIZER_DIR = DATA_DIR / "tokenizer"
 
 
 def _rl_frame(problems: list[Problem], split: str, source: str) -> pd.DataFrame:

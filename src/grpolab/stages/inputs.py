@@ -11,12 +11,11 @@ digest lets DVC skip them as before.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from grpolab.config import Params, flatten
 from grpolab.fsutil import atomic_write_text, content_digest
+from grpolab.paths import INPUTS_DIR
 
-INPUTS_DIR = Path("data/inputs")
 # digest file -> the params whose files it covers; dvc.yaml's deps name the files, stage by stage
 USER_FILES: dict[str, tuple[str, ...]] = {
     "data.json": ("data.train_files", "data.eval_files", "data.sft_files", "data.val_files"),  # prepare

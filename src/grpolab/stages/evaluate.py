@@ -13,18 +13,17 @@ import pandas as pd
 from transformers import AutoConfig
 
 from grpolab.config import Params
-from grpolab.data.prepare import EVAL_FILE, TRAIN_FILE
 from grpolab.data.tokenizer import load_tokenizer
 from grpolab.device import working_dtype
-from grpolab.fsutil import atomic_write_text
-from grpolab.membership import ROC_DIR, load_reference, membership_rocs, roc_figure, roc_metrics, write_roc_curves
+from grpolab.fsutil import atomic_output, atomic_write_text
+from grpolab.mia.attack import load_reference, membership_scores
+from grpolab.mia.roc import membership_roc
 from grpolab.models import load_model
+from grpolab.paths import BASE_DIR, EVAL_FILE, ROC_DIR, SAMPLES_FILE, TRAIN_FILE, TRAINED_DIR
 from grpolab.rewards import Rewarder, format_reward
 from grpolab.rollout import Completions, check_room, generate
-from grpolab.sft import BASE_DIR
-from grpolab.train import TRAINED_DIR
 
-SAMPLES_FILE = Path("metrics/eval_samples.jsonl")
+FPR_GRID = np.linspace(0.0, 1.0, 101)
 
 
 def score(completions: Completions, rows: list[dict], rewarder: Rewarder) -> dict[str, np.ndarray]:
@@ -69,6 +68,60 @@ def evaluate_model(model, tokenizer, eval_data: pd.DataFrame, params: Params, re
         for i in range(min(e.num_logged_samples, len(prompts)))
     ]
     return {k: round(float(v), 6) for k, v in metrics.items()}, samples
+
+
+def membership_rocs(model, tokenizer, members: list[str], nonmembers: list[str], params: Params, reference=None) -> dict[str, dict]:
+    """ROC of each of `eval.mia_methods` under `model`, members as positives (`mia.roc.membership_roc`)."""
+    e, m = params.eval, params.mia
+    if not e.mia_methods:
+        return {}
+    scores = membership_scores(model, tokenizer, members + nonmembers, list(e.mia_methods), k=m.k,
+                               max_new_tokens=m.max_new_tokens, batch_size=m.batch_size, reference=reference)
+    return {method: membership_roc(s[: len(members)], s[len(members) :]) for method, s in scores.items()}
+
+
+def roc_metrics(rocs: dict[str, dict]) -> dict[str, float]:
+    """`mia/<method>/auc`, `…/tpr_at_fpr_0.01`, `…/tpr_at_fpr_0.05` (un-prefixed by model)."""
+    metrics = {}
+    for method, roc in rocs.items():
+        metrics[f"mia/{method}/auc"] = round(roc["auc"], 6)
+        metrics[f"mia/{method}/tpr_at_fpr_0.01"] = round(roc["tpr@0.01"], 6)
+        metrics[f"mia/{method}/tpr_at_fpr_0.05"] = round(roc["tpr@0.05"], 6)
+    return metrics
+
+
+def write_roc_curves(curves: dict[str, dict]) -> dict[str, pd.DataFrame]:
+    """One CSV per method under metrics/mia_roc/: TPR of each model on a common FPR grid (a DVC plot)."""
+    tables = {}
+    for method, by_model in curves.items():
+        table = pd.DataFrame({"fpr": FPR_GRID})
+        for tag, roc in by_model.items():
+            fpr, tpr = np.asarray(roc["fpr"]), np.asarray(roc["tpr"])
+            table[tag] = [float(tpr[fpr <= g].max()) for g in FPR_GRID]
+        tables[method] = table
+    with atomic_output(ROC_DIR, directory=True) as tmp:
+        for method, table in tables.items():
+            table.to_csv(Path(tmp) / f"{method}.csv", index=False)
+    return tables
+
+
+def roc_figure(curves: dict[str, dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.2), squeeze=False)
+    for ax, (method, by_model) in zip(axes[0], curves.items()):
+        for tag, roc in by_model.items():
+            ax.plot(roc["fpr"], roc["tpr"], label=f"{tag} (AUC {roc['auc']:.3f})")
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
+        ax.set_title(method)
+        ax.set_xlabel("FPR")
+        ax.set_ylabel("TPR")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def evaluate(params: Params, tracker=None) -> dict[str, float]:

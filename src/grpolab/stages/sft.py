@@ -4,7 +4,6 @@ it by supervised fine-tuning on the SFT set, loss on response tokens only."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -13,17 +12,15 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from grpolab.config import Params
-from grpolab.data.prepare import SFT_FILE, TOKENIZER_DIR
 from grpolab.data.tokenizer import encode_prompt, encode_response, load_tokenizer
 from grpolab.device import autocast, device, working_dtype
 from grpolab.fsutil import atomic_write_text
 from grpolab.models import build_model, load_model, num_parameters, save_checkpoint
+from grpolab.paths import BASE_DIR, SFT_FILE, SFT_LOSS_FILE, TOKENIZER_DIR
 
 if TYPE_CHECKING:
     from grpolab.tracking import Tracker
 
-BASE_DIR = Path("models/base")
-LOSS_FILE = Path("metrics/sft_loss.csv")
 IGNORE = -100
 
 
@@ -90,7 +87,7 @@ def sft(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
                 tracker.metrics({"sft/loss": value, "sft/grad_norm": float(grad_norm), "sft/lr": schedule.get_last_lr()[0]}, step=step)
         summary["sft/final_loss"] = sum(v for _, v in history[-10:]) / len(history[-10:])
 
-    atomic_write_text(LOSS_FILE, "step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in history))
+    atomic_write_text(SFT_LOSS_FILE, "step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in history))
     save_checkpoint(model, tokenizer, BASE_DIR)
     if tracker:
         tracker.artifacts(BASE_DIR, "base_model")

@@ -5,15 +5,12 @@ published as a Prefect artifact."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 
 from grpolab.config import Params
-from grpolab.membership import ROC_DIR
-from grpolab.stages import HEADLINES
+from grpolab.paths import CURVE_FILE, HEADLINES, ROC_DIR
 from grpolab.tracking import COMPLETE_TAG, REUSED_TAG, Tracker, tracking_uri
-from grpolab.train import CURVE_FILE
 
 PARENT_ARTIFACTS = {CURVE_FILE: None, ROC_DIR: ROC_DIR.name}  # local path -> artifact folder in the parent run
 

@@ -1,0 +1,18 @@
+"""grpolab's error types, low in the tree so that every layer raises them without importing the layers
+above. The CLI turns the first two into `grpolab: error: …` and exit 2, `StudyError` into exit 1."""
+
+
+class ConfigError(ValueError):
+    """Bad params: the message names the key path (or file) that is wrong."""
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, the column and the row."""
+
+
+class RewardError(ValueError):
+    """A reward that cannot be computed: the message names the row (its file and row) and the reason."""
+
+
+class StudyError(RuntimeError):
+    """Cells of a study failed (the report lists them)."""

@@ -1,0 +1,68 @@
+"""Membership scores of prompts under a model: the `mia` stage turns them into prompt weights, and
+`evaluate` into ROC curves of the base and trained models.
+
+The scored text of a prompt is the model's own greedy completion of it, conditioned on the
+prompt: GRPO trains on completions, never on prompt tokens, so that is where training leaves
+its trace. One greedy generation and one forward pass per batch give every method at once
+(`mia.scores`); `reference` adds one forward pass of the reference model.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import torch
+
+from grpolab.data.tokenizer import encode_prompt, load_tokenizer
+from grpolab.errors import ConfigError
+from grpolab.mia import scores as S
+from grpolab.models import load_model
+from grpolab.rollout import completion_logprobs, completion_token_stats, decode, sample, stop_ids
+
+
+def load_reference(path: str, tokenizer, dtype: torch.dtype) -> torch.nn.Module:
+    """The reference model of `mia.reference_model` (in `dtype`): its scores are compared token by token
+    with the base model's, so it must read text with the same tokenizer."""
+    reference_tokenizer = load_tokenizer(path, "mia.reference_model")
+    if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(
+            f"mia.reference_model: the tokenizer in {path} differs from the base model's ({len(reference_tokenizer)} vs "
+            f"{len(tokenizer)} tokens, or other ids): a reference must share the base model's tokenizer"
+        )
+    return load_model(path, dtype).eval()
+
+
+@torch.no_grad()
+def membership_scores(
+    model, tokenizer, prompts: list[str], methods: list[str], *, k: float, max_new_tokens: int,
+    batch_size: int, reference=None,
+) -> dict[str, np.ndarray]:
+    """{method: scores [len(prompts)]}, higher = more likely a member of `model`'s training data."""
+    model.eval()
+    out: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        rollout = sample(model, [encode_prompt(tokenizer, p) for p in chunk], max_new_tokens=max_new_tokens,
+                         eos_ids=stop_ids(model, tokenizer), pad_id=tokenizer.pad_token_id)
+        rows = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
+                "completion_ids": rollout.completion_ids, "mask": rollout.completion_mask}
+        mask = rollout.completion_mask
+        logp, mu, sigma = completion_token_stats(model, rows, S.token_statistics)  # fp32, [b, T] each
+        for method in methods:
+            if method == "loss":
+                score = S.score_loss(logp, mask)
+            elif method == "zlib":
+                texts = decode(tokenizer, rollout)
+                zbytes = torch.tensor([len(zlib.compress(t.encode("utf-8"))) for t in texts])
+                score = S.score_zlib(logp, mask, zbytes)
+            elif method == "min_k":
+                score = S.score_min_k(logp, mask, k)
+            elif method == "min_k_plus_plus":
+                score = S.score_min_k_plus_plus(logp, mu, sigma, mask, k)
+            elif method == "reference":
+                score = S.score_reference(logp, completion_logprobs(reference, rows)[0], mask)
+            else:
+                raise ValueError(f"unknown MIA method {method!r}; choose from {list(S.MIA_METHODS)}")
+            out[method].append(score)
+    return {m: torch.cat(v).double().numpy() if v else np.zeros(0) for m, v in out.items()}

@@ -1,0 +1,159 @@
+"""What a training records, beside the loop of `stages/train.py`: every step's metrics (MLflow and the
+curve file), the completion tables, the credit and TracIn step logs, the reward-curve figure, and, after a
+resume, nothing the MLflow run already holds (MLflow appends: a table logged twice would hold its rows twice)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from grpolab import distributed as dist
+from grpolab.checkpoints import CHECKPOINT_DIR, clear_step_logs, discard, load_training_checkpoint, resumable, save_training_checkpoint
+from grpolab.config import Params
+from grpolab.data.schema import write_parquet
+from grpolab.fsutil import atomic_write_text
+from grpolab.paths import CREDIT_DIR, CURVE_FILE, TRACIN_DIR, TRAINED_DIR
+from grpolab.trainer import Batch, Sampled, credit_log
+from grpolab.variants import Variants
+
+if TYPE_CHECKING:  # MLflow is imported by the stage's driver; the training loop itself runs without it
+    from grpolab.influence import Selection
+    from grpolab.tracking import Tracker
+
+STEP_LOG_DIRS = [CREDIT_DIR, TRACIN_DIR]  # a parquet file per step, kept in a training checkpoint
+CURVE_KEYS = [
+    "train/reward_mean", "train/loss", "train/kl", "train/entropy", "train/completion_length", "train/step_time",
+    "train/grad_norm", "credit/answer_share", "credit/think_share", "credit/high_entropy_share", "credit/gini",
+]
+
+
+@dataclass
+class Logged:
+    """What the MLflow run a training logs into holds already (a resumed run): not logged again."""
+
+    through: int = 0  # the last step of its metrics
+    tables: set[str] = field(default_factory=set)  # its completion tables' file names
+
+
+class Recorder:
+    """The record of one training (rank 0 writes files; `tracker` None: no MLflow run)."""
+
+    def __init__(self, params: Params, tracker: Tracker | None, variants: Variants, curve_keys: list[str]):
+        self.params, self.tracker, self.variants = params, tracker, variants
+        self.curve_keys = CURVE_KEYS + curve_keys
+        self.history: list[dict] = []  # {"step": n, **metrics} of every step so far
+        self.logged = Logged()
+
+    @property
+    def run_id(self) -> str | None:
+        return self.tracker.run_id if self.tracker else None
+
+    def resume(self, engine, inputs: list[Path]) -> int:
+        """The last step done: from the checkpoint of this training if one was left behind (see checkpoints.py),
+        with every step's metrics so far, else 0 (from scratch); says so in the terminal."""
+        params, tracker = self.params, self.tracker
+        checkpoint = resumable(params, inputs)
+        if checkpoint:
+            history = load_training_checkpoint(engine, checkpoint, STEP_LOG_DIRS)
+        else:
+            if CHECKPOINT_DIR.exists():  # another configuration's, or other base model or data: not ours to resume
+                discard()
+            history = []
+            if dist.is_rank0():
+                for folder in STEP_LOG_DIRS:
+                    clear_step_logs(folder, 0)
+        start = checkpoint.step if checkpoint else 0
+        continuing = bool(tracker and checkpoint and tracker.run_id == checkpoint.run_id)
+        logged = Logged(tracker.last_step("train/loss"), tracker.artifact_names("completions")) if continuing else Logged()
+        if dist.is_rank0() and checkpoint:
+            where = f"MLflow run {tracker.run_id}" if tracker else "no MLflow run"
+            print(f"train: resuming at step {start} of {params.train.steps} from {checkpoint.path} ({where}; "
+                  f"steps 1-{logged.through} already logged there)", flush=True)
+        if tracker and not continuing:  # a new run: the checkpoint's steps too
+            tracker.metrics(self.variants.start_metrics())
+            if start:
+                tracker.curve(pd.DataFrame(history))
+        self.history, self.logged = history, logged
+        return start
+
+    def step(self, step: int, metrics: dict[str, float], batch: Batch, sampled: Sampled, selection: Selection | None) -> None:
+        t, tracker = self.params.train, self.tracker
+        self.history.append({"step": step, **metrics})
+        if tracker and step > self.logged.through:
+            tracker.metrics(metrics, step=step)
+        table = f"step_{step:06d}.json"
+        if tracker and step % t.log_completions_every == 0 and table not in self.logged.tables:
+            tracker.table(completions_table(sampled, batch.advantages), f"completions/{table}")
+        if dist.is_rank0() and t.credit_log_every and step % t.credit_log_every == 0:
+            self._step_log(credit_log(batch, self.variants, step), CREDIT_DIR, step)
+        if dist.is_rank0() and selection:
+            self._step_log(selection.log, TRACIN_DIR, step)
+
+    def checkpoint(self, engine, inputs: list[Path], step: int) -> None:
+        """A training checkpoint after `step` (checkpoints.py), with the curve so far."""
+        self.save_curve()
+        save_training_checkpoint(engine, self.params, inputs, step, self.run_id, self.history, STEP_LOG_DIRS)
+
+    def _step_log(self, frame: pd.DataFrame, folder: Path, step: int) -> None:
+        path = folder / f"step_{step:06d}.parquet"
+        write_parquet(frame, path)
+        if self.tracker:
+            self.tracker.artifacts(path, folder.name)
+
+    def curve(self) -> pd.DataFrame:
+        """The training curve (metrics/train_curve.csv): the curve keys of every step's metrics."""
+        return pd.DataFrame(self.history).reindex(columns=["step", *self.curve_keys])
+
+    def save_curve(self) -> None:
+        if dist.is_rank0():
+            atomic_write_text(CURVE_FILE, self.curve().to_csv(index=False))
+
+    def finish(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The headline: the last step's values and the means over all steps (shares and TracIn ratios are per
+        step); the curve file, the reward-curve figure and the trained model into the run."""
+        curve = self.curve()
+        summary = {
+            "train/steps": float(self.params.train.steps),
+            **{f"final/{k}": v for k, v in metrics.items() if k in self.curve_keys and not math.isnan(v)},
+            **{f"mean/{k}": v for k, v in curve[self.curve_keys].astype(float).mean().items() if not math.isnan(v)},
+        }
+        if dist.is_rank0():
+            atomic_write_text(CURVE_FILE, curve.to_csv(index=False))
+            if self.tracker:
+                self.tracker.figure(reward_curve_figure(curve), "reward_curve.png")
+                self.tracker.artifacts(CURVE_FILE)
+                self.tracker.artifacts(TRAINED_DIR, "trained_model")
+        return summary
+
+
+def completions_table(sampled: Sampled, advantages) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "prompt": [r["prompt"] for r in sampled.rows],
+            "completion": sampled.texts,
+            "ground_truth": [r["ground_truth"] for r in sampled.rows],
+            "reward": sampled.reward.tolist(),
+            **{f"reward/{k}": v.tolist() for k, v in sampled.parts.items()},
+            "advantage": advantages.tolist(),
+        }
+    )
+
+
+def reward_curve_figure(curve: pd.DataFrame):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(curve["step"], curve["train/reward_mean"], label="reward mean")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig

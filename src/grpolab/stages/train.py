@@ -1,0 +1,175 @@
+"""The `train` stage: GRPO on a DeepSpeed engine, read top to bottom in `train()`.
+
+One step: sample (this process's share of the step's prompts, group_size completions each) -> score
+(rewards, gathered over processes) -> weigh (group-relative advantages, the variants' token and prompt
+weights, old and reference log-probs) -> (TracIn: the keep mask, from `influence.py`) -> update (the
+clipped policy loss over micro-batches, `trainer.py`) -> record (`recorder.py`) -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from grpolab import device as dev
+from grpolab import distributed as dist
+from grpolab.algos.advantages import group_advantages
+from grpolab.checkpoints import discard, resumable
+from grpolab.config import Params
+from grpolab.data.tokenizer import encode_prompt, load_tokenizer
+from grpolab.influence import TracIn
+from grpolab.models import load_model, reference_policy, with_lora
+from grpolab.paths import BASE_DIR, TRAINED_DIR, VAL_FILE, WEIGHTED_TRAIN_FILE
+from grpolab.recorder import Recorder
+from grpolab.rewards import Rewarder
+from grpolab.rollout import Rollout, by_length, check_room, decode, sample, sample_keys, stop_ids
+from grpolab.trainer import Batch, Sampled, batch_logprobs, build_engine, deepspeed_config, save_trained, step_metrics, update
+from grpolab.variants import Variants
+
+if TYPE_CHECKING:  # MLflow is imported by the stage's driver; the training loop itself runs without it
+    from grpolab.tracking import Tracker
+
+DEEPSPEED_CONFIG_ARTIFACT = "deepspeed_config.json"  # the engine's config as generated from params, in the train run
+
+
+def step_prompts(params: Params, n_train: int, rollout_index: int) -> np.ndarray:
+    """The prompts of one batch of rollouts, seeded by (seed, index): the same on every rank and after a resume."""
+    rng = np.random.default_rng([params.seed, rollout_index])
+    return rng.choice(n_train, size=params.train.prompts_per_step, replace=n_train < params.train.prompts_per_step)
+
+
+def sample_rollouts(params: Params, engine, tokenizer, data: pd.DataFrame, rollout_index: int) -> tuple[list[dict], Rollout]:
+    """(this process's data rows, their completions): its share of the prompts of rollout batch
+    `rollout_index`, `group_size` completions each, each seeded by its row's place in the run."""
+    t = params.train
+    per_rank = t.prompts_per_step // dist.world_size()
+    prompt_index = step_prompts(params, len(data), rollout_index)
+    mine = prompt_index[dist.rank() * per_rank : (dist.rank() + 1) * per_rank]
+    rows = [data.iloc[i] for i in mine for _ in range(t.group_size)]
+    encoded = {i: encode_prompt(tokenizer, data.iloc[i]["prompt"]) for i in set(mine.tolist())}
+    first_row = rollout_index * t.prompts_per_step * t.group_size + dist.rank() * per_rank * t.group_size
+    with dist.gathered(engine):
+        rollout = sample(
+            engine.module, [encoded[i] for i in mine.tolist() for _ in range(t.group_size)], max_new_tokens=t.max_new_tokens,
+            eos_ids=stop_ids(engine.module, tokenizer), pad_id=tokenizer.pad_token_id, temperature=t.temperature, top_p=t.top_p,
+            keys=sample_keys(params.seed, list(range(first_row, first_row + len(rows)))), batch_size=t.rollout_batch_size,
+        )
+    return rows, rollout
+
+
+def score(rows: list[dict], rollout: Rollout, tokenizer, rewarder: Rewarder) -> Sampled:
+    """The rollouts' rewards; every process's too (advantages under batch scaling and the logged stats see the
+    whole batch)."""
+    texts = decode(tokenizer, rollout)
+    reward, parts = rewarder(rows, texts, str(WEIGHTED_TRAIN_FILE))
+    all_rewards = dist.all_gather_cat(reward)
+    sources = dist.all_gather_objects([r["data_source"] for r in rows])  # aligned with all_rewards
+    return Sampled(rows, texts, reward, parts, all_rewards, sources)
+
+
+def weigh(params: Params, engine, ref_model, variants: Variants, sampled: Sampled, rollout: Rollout) -> Batch:
+    """What the update reads: this process's advantages, the variants' weights at the composition point, and the
+    old (ppo_epochs > 1) and reference (kl_beta > 0) log-probs."""
+    t = params.train
+    offset = dist.rank() * len(sampled.rows)
+    advantages = group_advantages(sampled.all_rewards, t.group_size, t.scale_rewards)[offset : offset + len(sampled.rows)]
+    classes = variants.token_classes(rollout)
+    weights = variants.loss_weights(rollout, sampled.rows, classes, engine.module, by_length(rollout.completion_mask, t.micro_batch_size))
+    batch = Batch(rollout, advantages, None, None, weights, classes)
+    engine.module.eval()
+    if t.ppo_epochs > 1:
+        batch.old_logp = batch_logprobs(engine.module, batch, t.micro_batch_size)
+    if t.kl_beta > 0:
+        with reference_policy(engine.module, ref_model) as reference:
+            batch.ref_logp = batch_logprobs(reference, batch, t.micro_batch_size)
+    return batch
+
+
+def train_inputs(params: Params) -> list[Path]:
+    """The files the trained model depends on besides the params: what a checkpoint's fingerprint covers."""
+    t = params.train
+    inputs = [BASE_DIR, WEIGHTED_TRAIN_FILE]
+    if t.tracin.use_tracin:
+        inputs.append(VAL_FILE)
+    if "judge" in t.rewards and t.judge_model:
+        inputs.append(Path(t.judge_model))
+    if t.reward_file:
+        inputs.append(Path(t.reward_file))
+    return inputs
+
+
+def resumed_run(params: Params) -> str | None:
+    """The MLflow run of the training checkpoint this training would resume, if any: the stage logs into it again."""
+    checkpoint = resumable(params, train_inputs(params))
+    return checkpoint.run_id if checkpoint else None
+
+
+def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
+    t = params.train
+    if not (BASE_DIR / "config.json").is_file():
+        raise FileNotFoundError(f"{BASE_DIR}: no base model (run the sft stage first)")
+    if not WEIGHTED_TRAIN_FILE.is_file():
+        raise FileNotFoundError(f"{WEIGHTED_TRAIN_FILE}: no train data (run the mia stage first)")
+    dist.init()
+    torch.manual_seed(params.seed)
+    dtype = dev.working_dtype(params.model.dtype)
+    bf16 = dtype == torch.bfloat16
+    ds_config = deepspeed_config(params, bf16)  # before any work: it refuses bf16 at ZeRO-0
+    if dist.is_rank0():
+        print(f"train: {dist.describe()}, {str(dtype).removeprefix('torch.')}, ZeRO-{ds_config['zero_optimization']['stage']}",
+              flush=True)
+    tokenizer = load_tokenizer(str(BASE_DIR))
+    model = with_lora(load_model(BASE_DIR, dtype), params.model.lora)
+    data = pd.read_parquet(WEIGHTED_TRAIN_FILE)
+    rewarder = Rewarder(params)
+    rewarder.check(data.to_dict("records"), str(WEIGHTED_TRAIN_FILE))
+    check_room(model.config, tokenizer, list(data["prompt"]), t.max_new_tokens, "train.max_new_tokens", str(WEIGHTED_TRAIN_FILE))
+    if t.tracin.use_tracin and t.tracin.validation == "separate":
+        check_room(model.config, tokenizer, list(pd.read_parquet(VAL_FILE)["prompt"]), t.max_new_tokens, "train.max_new_tokens", str(VAL_FILE))
+    ref_model = None  # with LoRA the reference is the policy with its adapters disabled
+    if t.kl_beta > 0 and not params.model.lora.r:
+        ref_model = load_model(BASE_DIR, dtype).eval().requires_grad_(False)  # the policy's dtypes, buffers included
+    engine = build_engine(params, model, ds_config)
+    if tracker:
+        tracker.text(json.dumps(ds_config, indent=2), DEEPSPEED_CONFIG_ARTIFACT)
+    variants = Variants(params, data, tokenizer)
+    tracin = TracIn(params, engine.module, tokenizer, rewarder) if t.tracin.use_tracin else None
+    inputs = train_inputs(params)
+    record = Recorder(params, tracker, variants, tracin.metric_keys if tracin else [])
+    start = record.resume(engine, inputs)
+
+    bar = tqdm(range(start + 1, t.steps + 1), desc="train", unit="step", dynamic_ncols=True, disable=not dist.is_rank0(), initial=start, total=t.steps)
+    metrics: dict[str, float] = {}
+    for step in bar:
+        began = time.perf_counter()
+        selection = None
+        if (step - 1) % t.ppo_epochs == 0 or step == start + 1:  # a new batch of rollouts each PPO cycle
+            rollout_index = (step - 1) // t.ppo_epochs
+            rows, rollout = sample_rollouts(params, engine, tokenizer, data, rollout_index)
+            sampled = score(rows, rollout, tokenizer, rewarder)
+            batch = weigh(params, engine, ref_model, variants, sampled, rollout)
+            if tracin and tracin.due(rollout_index):  # influence from the batch as sampled, before its first update
+                with dist.gathered(engine):
+                    selection = tracin.select(engine.module, batch, sampled, rollout_index, step)
+                batch.weights.keep = selection.keep
+        sums = update(params, engine, batch)
+        metrics = step_metrics(params, engine, sums, sampled, batch, time.perf_counter() - began) | (selection.metrics if selection else {})
+        bar.set_postfix(reward=f"{metrics['train/reward_mean']:.3f}", loss=f"{metrics['train/loss']:.4f}")
+        record.step(step, metrics, batch, sampled, selection)
+        # at the end of a PPO cycle only: a resume then starts a cycle, with fresh rollouts, as the run did
+        if t.save_every and step % t.save_every == 0 and step % t.ppo_epochs == 0 and step < t.steps:
+            record.checkpoint(engine, inputs, step)
+
+    with dist.gathered(engine):
+        save_trained(engine, tokenizer, bf16, TRAINED_DIR)
+    dist.barrier()
+    summary = record.finish(metrics)
+    discard()  # only now: the trained model is saved and every upload went through
+    return summary

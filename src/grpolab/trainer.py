@@ -1,0 +1,255 @@
+"""The GRPO trainer's machinery, beside the loop of `stages/train.py`: the DeepSpeed engine, the batch
+of one step, its update over micro-batches, and the step's metrics. The math lives in `algos/`.
+
+One update: per micro-batch, the policy's log-probs -> clipped policy loss (+ KL to a frozen
+reference) weighted at the composition point (`variants.py`) -> aggregate -> backward; then one
+optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from grpolab import distributed as dist
+from grpolab.algos.advantages import group_advantages, zero_std_groups
+from grpolab.algos.credit import ANSWER, CLASS_NAMES, THINK, gini, token_credit
+from grpolab.algos.losses import KL_ESTIMATORS, aggregate, aggregation_units, clipped_policy_loss, compose_token_loss
+from grpolab.config import Params
+from grpolab.errors import ConfigError
+from grpolab.models import save_checkpoint
+from grpolab.rewards import source_means
+from grpolab.rollout import Rollout, by_length, completion_logprobs, take
+from grpolab.variants import LossWeights, Variants
+
+
+@dataclass
+class Sampled:
+    """One batch of rollouts as sampled and scored, beside the `Batch` the update reads: this process's
+    B rows (a data row per completion, `group_size` copies of each prompt's) and what the step's record needs."""
+
+    rows: list[dict]  # this process's data rows, aligned with its completions
+    texts: list[str]  # the decoded completions
+    reward: torch.Tensor  # [B] this process's rewards
+    parts: dict[str, torch.Tensor]  # reward part -> [B] its unweighted values
+    all_rewards: torch.Tensor  # [world_size * B] every process's rewards, in rank order (advantages see them all)
+    sources: list[str]  # data_source of each reward of all_rewards
+
+
+@dataclass
+class Batch:
+    """One process's share of a batch of rollouts, everything the update needs, B rows."""
+
+    rollout: Rollout
+    advantages: torch.Tensor  # [B]
+    old_logp: torch.Tensor | None  # [B, T], None when on-policy (ppo_epochs = 1)
+    ref_logp: torch.Tensor | None  # [B, T], None when kl_beta = 0
+    weights: LossWeights
+    token_class: torch.Tensor  # [B, T] think / answer / tag / other (algos.credit)
+    credit: torch.Tensor | None = None  # [B, T] filled by the update: |A w| ||onehot(y) - p||
+    entropy: torch.Tensor | None = None  # [B, T] filled by the update: the policy's token entropy
+
+    def columns(self) -> dict[str, torch.Tensor | None]:
+        """Every per-row and per-token tensor of the batch, by the name the loss reads it under."""
+        r = self.rollout
+        return {
+            "prompt_ids": r.prompt_ids, "prompt_mask": r.prompt_mask, "completion_ids": r.completion_ids,
+            "mask": r.completion_mask, "advantages": self.advantages, "old_logp": self.old_logp, "ref_logp": self.ref_logp,
+            "w_token": self.weights.token, "w_prompt": self.weights.prompt, "keep": self.weights.keep,
+        }
+
+    def micro_batches(self, size: int) -> list[torch.Tensor]:
+        """The rows of each micro-batch: sorted by completion length, so each, cut to its own width
+        (`rollout.take`), carries little padding. Every pass over the batch (old and reference log-probs,
+        the update) uses these, so they see the same shapes (step 1's KL is exactly 0)."""
+        return by_length(self.rollout.completion_mask, size)
+
+
+def deepspeed_config(params: Params, bf16: bool) -> dict:
+    t = params.train
+    per_process = t.prompts_per_step * t.group_size // t.num_processes
+    stage = t.deepspeed.stage(bf16)
+    if bf16 and stage == 0:
+        raise ConfigError("train.deepspeed.zero_stage: 0 with bf16 (model.dtype) would accumulate gradients in bf16 over "
+                          "the micro-batches: set 1, 2 or 3, or leave it empty (1 under bf16)")
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": per_process // t.micro_batch_size,
+        "train_batch_size": per_process * t.num_processes,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": {"stage": stage}
+        | ({"offload_optimizer": {"device": "cpu", "pin_memory": torch.cuda.is_available()}} if t.deepspeed.offload_optimizer else {}),
+        "bf16": {"enabled": bf16},
+        # fp32 gradient accumulation: with bf16 weights DeepSpeed would otherwise sum micro-batch gradients in bf16
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if bf16 else {}),
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def make_optimizer(params: Params, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW; with the optimizer state offloaded, DeepSpeed's CPU Adam (the same AdamW update, stepped on the
+    CPU in C++: DeepSpeed refuses a torch optimizer there)."""
+    t = params.train
+    trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA, the adapters
+    if t.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        dist.load_native_ops("CPUAdamBuilder")
+        return DeepSpeedCPUAdam(trainable, lr=t.learning_rate, weight_decay=t.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def build_engine(params: Params, model: torch.nn.Module, ds_config: dict):
+    """The DeepSpeed engine of a training: AdamW (`make_optimizer`) on a cosine schedule with warm-up, gradient
+    checkpointing if asked, `ds_config` from `deepspeed_config`."""
+    import deepspeed
+    from transformers import get_cosine_schedule_with_warmup
+
+    t = params.train
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = make_optimizer(params, model)
+    schedule = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, max(t.steps, 1))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    return engine
+
+
+def batch_logprobs(model, batch: Batch, size: int) -> torch.Tensor:
+    """log p of every completion token of the batch under `model`, micro-batch by micro-batch. -> [B, T]"""
+    columns, out = batch.columns(), torch.zeros(batch.rollout.completion_mask.shape)
+    with torch.inference_mode():
+        for index in batch.micro_batches(size):
+            logp = completion_logprobs(model, take(columns, index))[0]
+            out[index, : logp.shape[1]] = logp
+    return out.clone()  # an ordinary tensor: it meets the policy's log-probs in the loss
+
+
+def update(params: Params, engine, batch: Batch) -> dict[str, float]:
+    """Backward over micro-batches and one optimizer step. Returns sums for the step's metrics."""
+    t = params.train
+    engine.module.train()
+    units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss_agg_mode))
+    sums = {k: 0.0 for k in ("loss", "pg", "kl", "entropy", "logp", "clipped", "tokens")}
+    grad_norm = math.nan
+    columns = batch.columns()
+    batch.credit, batch.entropy = torch.zeros(batch.rollout.completion_mask.shape), torch.zeros(batch.rollout.completion_mask.shape)
+    for index in batch.micro_batches(t.micro_batch_size):
+        rows = take(columns, index)
+        logp, (entropy, prob_sq) = completion_logprobs(engine, rows, entropy=True)
+        old = rows["old_logp"] if rows["old_logp"] is not None else logp.detach()
+        pg, clipped = clipped_policy_loss(logp, old, rows["advantages"], t.clip_eps_low, t.clip_eps_high)
+        kl = KL_ESTIMATORS[t.kl_estimator](logp, rows["ref_logp"]) if rows["ref_logp"] is not None else None
+        token_loss = compose_token_loss(pg, kl, t.kl_beta, rows["w_token"], rows["w_prompt"], rows["keep"])
+        # Each rank's share is scaled by the world size because DeepSpeed averages gradients over ranks.
+        loss = aggregate(token_loss, rows["mask"], t.loss_agg_mode, t.max_new_tokens, units) * dist.world_size()
+        engine.backward(loss, scale_wrt_gas=False)
+        if engine.is_gradient_accumulation_boundary():
+            # Averaged, unclipped gradients are complete here below ZeRO-2; above, DeepSpeed reports the norm.
+            norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+            grad_norm = torch.stack(norms).norm().item() if norms else math.nan
+        engine.step()
+        mask = rows["mask"].float()
+        weight = rows["keep"].unsqueeze(-1) * rows["w_prompt"].unsqueeze(-1) * rows["w_token"]
+        width = mask.shape[1]
+        batch.credit[index, :width] = token_credit(rows["advantages"].unsqueeze(-1) * weight, logp.detach(), prob_sq) * mask
+        batch.entropy[index, :width] = entropy
+        sums["loss"] += loss.item() / dist.world_size()
+        sums["pg"] += (pg.detach() * mask).sum().item()
+        sums["kl"] += (kl.detach() * mask).sum().item() if kl is not None else 0.0
+        sums["entropy"] += (entropy * mask).sum().item()
+        sums["logp"] += (logp.detach() * mask).sum().item()
+        sums["clipped"] += (clipped.float() * mask).sum().item()
+        sums["tokens"] += mask.sum().item()
+    reported = engine.get_global_grad_norm()
+    sums["grad_norm"] = float(reported) if reported is not None else grad_norm
+    return sums
+
+
+def step_metrics(params: Params, engine, sums: dict, sampled: Sampled, batch: Batch, seconds: float) -> dict[str, float]:
+    """The step's `train/…` and `credit/…` metrics, over every process: `sums` from `update`."""
+    t = params.train
+    sums = dict(sums)
+    grad_norm = sums.pop("grad_norm")  # the same on every rank: not summed
+    totals = dist.all_reduce_sum(torch.tensor([sums[k] for k in sums], dtype=torch.float64))
+    s = dict(zip(sums, totals.tolist()))
+    tokens = max(s["tokens"], 1.0)
+    rewards = sampled.all_rewards
+    parts = {name: dist.all_reduce_sum(v.sum()).item() / len(rewards) for name, v in sampled.parts.items()}
+    metrics = {
+        "train/loss": s["loss"],
+        "train/pg_loss": s["pg"] / tokens,
+        "train/kl": s["kl"] / tokens,
+        "train/reward_mean": rewards.mean().item(),
+        "train/reward_std": rewards.std().item(),
+        **{f"train/reward/{name}": v for name, v in parts.items()},
+        **{f"train/reward/{source}": v for source, v in source_means(sampled.sources, rewards).items()},
+        "train/advantage_mean": group_advantages(rewards, t.group_size, t.scale_rewards).mean().item(),
+        "train/logprob_mean": s["logp"] / tokens,
+        "train/entropy": s["entropy"] / tokens,
+        "train/clip_ratio": s["clipped"] / tokens,
+        "train/grad_norm": grad_norm,
+        "train/lr": engine.get_lr()[0],
+        "train/completion_length": tokens / len(rewards),
+        "train/frac_zero_std_groups": zero_std_groups(rewards, t.group_size).float().mean().item(),
+        "train/tokens_per_s": tokens / seconds,
+        "train/step_time": seconds,
+        **credit_metrics(batch),
+    }
+    return metrics
+
+
+def credit_metrics(batch: Batch) -> dict[str, float]:
+    """Where the policy-gradient credit of the step went: shares of the total by token class,
+    of the top 20 % entropy tokens, and the Gini coefficient of per-token credit."""
+    mask = batch.rollout.completion_mask.bool()
+    credit_, cls = batch.credit[mask], batch.token_class[mask]
+    entropy = batch.entropy[mask]
+    high = entropy >= torch.quantile(entropy.double(), 0.8).float() if entropy.numel() else entropy.bool()
+    parts = torch.stack([credit_.sum(), credit_[cls == ANSWER].sum(), credit_[cls == THINK].sum(), credit_[high].sum()])
+    total, answer, think, high_entropy = dist.all_reduce_sum(parts.double()).tolist()
+    share = lambda x: x / total if total > 0 else 0.0  # noqa: E731
+    return {
+        "credit/answer_share": share(answer),
+        "credit/think_share": share(think),
+        "credit/high_entropy_share": share(high_entropy),
+        "credit/gini": gini(credit_).item(),  # this process's tokens
+    }
+
+
+def credit_log(batch: Batch, variants: Variants, step: int) -> pd.DataFrame:
+    """One row per completion token of the step: the credit logs saved as parquet."""
+    mask = batch.rollout.completion_mask.bool()
+    rows, positions = mask.nonzero(as_tuple=True)
+    ids = batch.rollout.completion_ids[mask]
+    return pd.DataFrame({
+        "step": step,
+        "row": rows.numpy(),
+        "position": positions.numpy(),
+        "token_id": ids.numpy(),
+        "token": [variants.piece(i) for i in ids.tolist()],
+        "class": [CLASS_NAMES[c] for c in batch.token_class[mask].tolist()],
+        "credit": batch.credit[mask].numpy(),
+        "entropy": batch.entropy[mask].numpy(),
+        "logprob": batch.rollout.token_logp[mask].numpy(),
+        "weight": batch.weights.token[mask].numpy(),
+        "advantage": batch.advantages[rows].numpy(),
+    })
+
+
+def save_trained(engine, tokenizer, bf16: bool, path) -> None:
+    """The trained model in fp32 (rank 0 writes it). Under bf16 the weights are the optimizer's fp32 master
+    copies, not the bf16 ones the forward used (assembling them is a collective: every rank takes part)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = [safe_get_full_fp32_param(p) for p in engine.module.parameters()] if bf16 else []
+    if not dist.is_rank0():
+        return
+    model = engine.module.float()
+    for p, master in zip(model.parameters(), masters):
+        if master is not None:  # None: a frozen weight (LoRA's base), which has no master copy
+            p.data.copy_(master)
+    save_checkpoint(model, tokenizer, path)

@@ -1,0 +1,112 @@
+"""The tree shows the pipeline (issue 21): one module per dvc.yaml stage, no stage importing another,
+layers that import only downwards, no import cycles, and the files stages exchange named once."""
+
+import ast
+from pathlib import Path
+
+from ruamel.yaml import YAML
+
+from grpolab import paths
+from grpolab.stages import STAGES
+
+from conftest import REPO
+
+SRC = REPO / "src"
+# Top down; a module is in the layer of its longest matching prefix and imports only from its layer or below.
+LAYERS = {
+    "entry points": ["grpolab.cli", "grpolab.__main__", "grpolab.study", "grpolab.credit_report", "grpolab.ui",
+                     "grpolab.workspace", "grpolab.clean"],
+    "stages": ["grpolab.stages"],
+    "trainer and variants": ["grpolab.trainer", "grpolab.recorder", "grpolab.variants", "grpolab.influence"],
+    "libraries": ["grpolab.config", "grpolab.data", "grpolab.device", "grpolab.distributed", "grpolab.models",
+                  "grpolab.rollout", "grpolab.rewards", "grpolab.tracking", "grpolab.mia", "grpolab.checkpoints"],
+    "foundations": ["grpolab.algos", "grpolab.mia.scores", "grpolab.mia.roc", "grpolab.data.tasks", "grpolab.errors",
+                    "grpolab.paths", "grpolab.fsutil", "grpolab.procs"],
+}
+RANK = {prefix: rank for rank, prefixes in enumerate(reversed(LAYERS.values())) for prefix in prefixes}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in SRC.rglob("*.py"):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+MODULES = modules()
+
+
+def imports(name: str) -> set[str]:
+    """The grpolab modules `name` imports anywhere in its code (at the top, inside functions, for type checking)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return {m for m in out if m in MODULES and m not in (name, "grpolab")}
+
+
+def layer(name: str) -> int:
+    prefix = max((p for p in RANK if name == p or name.startswith(p + ".")), key=len, default=None)
+    assert prefix is not None, f"{name}: in no layer of tests/test_layers.py"
+    return RANK[prefix]
+
+
+def test_every_stage_is_a_module_of_the_stages_package_named_as_the_stage():
+    stages = YAML(typ="safe").load((REPO / "dvc.yaml").read_text())["stages"]
+    assert list(STAGES) == list(stages)
+    for name in STAGES:
+        assert STAGES[name].function().__module__ == f"grpolab.stages.{name}"
+        assert stages[name]["cmd"] == f"grpolab stage {name}"
+
+
+def test_no_stage_imports_another_and_no_library_imports_a_stage():
+    for name in MODULES:
+        stage_imports = sorted(m for m in imports(name) if m.startswith("grpolab.stages"))
+        if name.startswith("grpolab.stages."):
+            assert not stage_imports, f"{MODULES[name].relative_to(REPO)} imports {stage_imports}: a stage imports no stage"
+        elif name not in ("grpolab.cli", "grpolab.stages"):
+            assert not stage_imports, f"{MODULES[name].relative_to(REPO)} imports {stage_imports}: only entry points do"
+
+
+def test_layers_import_downwards_only():
+    wrong = [f"{MODULES[m].relative_to(REPO)} imports {i}" for m in MODULES for i in sorted(imports(m)) if layer(i) > layer(m)]
+    assert not wrong, "upward imports:\n" + "\n".join(wrong)
+
+
+def test_no_import_cycles():
+    graph = {m: imports(m) for m in MODULES}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*path[path.index(n):], n]))
+            if n not in state:
+                visit(n, [*path, n])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+
+
+def test_the_exchanged_files_are_the_outputs_dvc_yaml_names():
+    stages = YAML(typ="safe").load((REPO / "dvc.yaml").read_text())["stages"]
+
+    def outputs(stage: dict) -> set[str]:
+        entries = [e for kind in ("outs", "metrics", "plots") for e in stage.get(kind, [])]
+        return {next(iter(e)) if isinstance(e, dict) else e for e in entries}
+
+    everything = set().union(*(outputs(s) for s in stages.values()))
+    named = {k: v for k, v in vars(paths).items() if isinstance(v, Path)}
+    for key, path in named.items():
+        if key == "INPUTS_DIR":
+            assert all(o.startswith(f"{path}/") for o in outputs(stages["inputs"]))
+        else:
+            assert str(path) in everything, f"grpolab.paths.{key} ({path}) is no output in dvc.yaml"
+    for name, headline in paths.HEADLINES.items():
+        assert str(headline) in outputs(stages[name]), f"{headline}: not among stages.{name}'s metrics"

@@ -21,6 +21,14 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
+def _validation_only(importer: str, imported: str) -> bool:
+    """Params validation (grpolab.config) reads the allowed names and limits from the registries (algos/,
+    rewards, mia.scores, the task's problem space): it can refuse params but changes no stage's output, so those
+    modules are no deps by way of config (else editing a mitigation would rerun sft). A stage that computes
+    with a registry, or reads its knob defaults, imports it itself."""
+    return importer.startswith("grpolab.config") and not imported.startswith(("grpolab.config", "grpolab.errors", "grpolab.fsutil"))
+
+
 def imported_files(module: str) -> set[Path]:
     """Every grpolab source file `module` imports, at the top or inside a function, transitively."""
     seen: set[Path] = set()
@@ -32,16 +40,18 @@ def imported_files(module: str) -> set[Path]:
             continue
         seen.add(path)
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found: list[str] = []
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
-                todo += [a.name for a in node.names if a.name.startswith("grpolab")]
+                found += [a.name for a in node.names if a.name.startswith("grpolab")]
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:  # relative
                     base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
                 if base.startswith("grpolab"):
-                    todo.append(base)
-                    todo += [f"{base}.{a.name}" for a in node.names]  # `from grpolab import tracking` is a module
+                    found.append(base)
+                    found += [f"{base}.{a.name}" for a in node.names]  # `from grpolab import tracking` is a module
+        todo += [m for m in found if not _validation_only(name, m)]
     return {p for p in seen if p.name != "__init__.py" or p.read_text().strip()}
 
 

@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from scipy.stats import mannwhitneyu, rankdata
 from transformers import AutoConfig
 
+from grpolab import config
 from grpolab.fsutil import is_temporary
 
 from conftest import BIN, REPO, TINY, free_port, grpolab, make_project, project_env, run
@@ -27,7 +28,7 @@ EVAL_KEYS = {
     "success_rate", "format_rate", "completion_length",
     "sampled/success_rate", "sampled/format_rate", "sampled/completion_length", "sampled/pass_at_2",
 }
-MIA_METHODS = ("loss", "zlib", "min_k", "min_k_plus_plus")
+MIA_METHODS = tuple(config.Params().eval.mia_methods)  # the default run's
 MIA_KEYS = {f"mia/{m}/{k}" for m in MIA_METHODS for k in ("auc", "tpr_at_fpr_0.01", "tpr_at_fpr_0.05")}
 OUTPUT_FILES = [
     "data/train.parquet", "data/eval.parquet", "data/sft.parquet", "data/val.parquet", "data/train_weighted.parquet", "data/mia_scores.parquet",

@@ -3,12 +3,14 @@
 import json
 
 import pandas as pd
+import pytest
 import torch
 
 from grpolab import config
 from grpolab.config import schema
 from grpolab.data.tokenizer import train_tokenizer
 from grpolab.models import build_model, load_model, save_checkpoint
+from grpolab.paths import SFT_LOSS_FILE
 from grpolab.stages import run_stage
 from grpolab.stages.sft import IGNORE, _encode
 
@@ -37,8 +39,11 @@ def test_user_checkpoint_is_loaded_with_its_own_tokenizer(in_tmp, tmp_path):
     assert set(json.loads(open("metrics/eval.json").read())) == set(metrics)
 
     # sft.steps > 0 fine-tunes the user's model on the SFT set.
-    p = config.apply_overrides(["sft.steps=3"])
-    assert run_stage("sft", p)["sft/final_loss"] > 0
+    p = config.apply_overrides(["sft.steps=3", "sft.learning_rate=0.01"])
+    final_loss = run_stage("sft", p)["sft/final_loss"]
+    losses = pd.read_csv(SFT_LOSS_FILE)["loss"].tolist()
+    assert len(losses) == 3 and final_loss == pytest.approx(sum(losses) / 3, abs=1e-5)  # the headline is the curve's
+    assert losses[-1] < losses[0]  # it learns the SFT set
     tuned = load_model("models/base")
     assert not all(torch.equal(a, b) for a, b in zip(user_model.parameters(), tuned.parameters()))
 

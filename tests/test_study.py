@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import time
-import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from grpolab.study.run import CELL_MARKER, Progress
 from grpolab.study.spec import StudySpec, load_study
 
 from conftest import BIN, REPO, free_port, grpolab, make_project, project_env, run
+from servers import http_ok
 
 STUDY = """name: s
 base: [sft.steps=5]
@@ -367,14 +367,6 @@ def page_text(url: str, expect: str, profile: Path) -> str:
     raise AssertionError(f"{expect!r} not on {url}:\n{text[:3000]}")
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def test_the_comparison_ui_shows_variants_and_headline_metrics_in_a_browser(smoke, tmp_path):
     assert Path(CHROMIUM).is_file(), "Debian's chromium is missing: `make browser` installs it (make test does)"
     project, client = smoke["project"], smoke["client"]
@@ -385,7 +377,7 @@ def test_the_comparison_ui_shows_variants_and_headline_metrics_in_a_browser(smok
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not _healthy(f"http://127.0.0.1:{port}/health"):
+        while not http_ok(f"http://127.0.0.1:{port}/health"):
             assert ui.poll() is None and time.monotonic() < deadline, "grpolab ui did not come up"
             time.sleep(1)
         # A person opening the experiment (the experiments list links to #/experiments/<id>) in a fresh browser

@@ -15,8 +15,8 @@ def test_tokenizer_round_trip_and_digits_stay_single(tmp_path):
     assert tok.decode(ids) == text
     pieces = tok.convert_ids_to_tokens(ids)
     assert "347" not in pieces and "3" in pieces  # digits are never merged
-    for tag in TAG_TOKENS:
-        assert tag in pieces or tag not in text
+    assert all(tag in text for tag in TAG_TOKENS)  # every tag is in the text, and each is one token of it
+    assert [p for p in pieces if p in TAG_TOKENS] == TAG_TOKENS
     tok.save_pretrained(tmp_path)
     loaded = load_tokenizer(str(tmp_path))
     assert loaded(text, add_special_tokens=False)["input_ids"] == ids

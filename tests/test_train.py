@@ -17,6 +17,7 @@ import torch
 from mlflow import MlflowClient
 
 from grpolab import config
+from grpolab.algos.credit import MITIGATIONS
 from grpolab.checkpoints import CHECKPOINT_DIR
 from grpolab.errors import ConfigError
 from grpolab.models import load_model
@@ -105,12 +106,22 @@ def trained_weights() -> dict[str, torch.Tensor]:
     return load_model(TRAINED_DIR).state_dict()
 
 
+def mlflow_client(root: Path = Path(".")) -> MlflowClient:
+    """A client of the project's own MLflow store (the default sqlite file in `root`)."""
+    return MlflowClient(f"sqlite:///{(root / 'mlflow.db').resolve()}")
+
+
+def train_runs(client: MlflowClient, **search) -> list:
+    """The train stage's runs of the `grpolab` experiment (MlflowClient.search_runs keywords in `search`)."""
+    return client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'", **search)
+
+
 def test_train_logs_every_metric_and_saves_the_model(trainer):
     params = config.load()
     summary = run_stage("train", params)
     assert summary["train/steps"] == 4
-    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
-    runs = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'")
+    client = mlflow_client()
+    runs = train_runs(client)
     assert len(runs) == 1
     run_id = runs[0].info.run_id
     for key in STEP_METRICS:
@@ -163,12 +174,11 @@ def test_resume_after_a_kill_gives_an_uninterrupted_runs_outputs(trainer, tmp_pa
     grpolab("stage", "train", *[f"-S{o}" for o in overrides], cwd=reference)
 
     config.apply_overrides(overrides)
-    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
+    client = mlflow_client()
     killed_at = _kill_after_a_checkpoint_and_later_steps(trainer, client)
     assert killed_at % (2 if variant else 1) == 0  # a checkpoint closes a PPO cycle
     assert not TRAINED_DIR.exists()
-    experiment = client.get_experiment_by_name("grpolab").experiment_id
-    (killed_run,) = client.search_runs([experiment], "tags.`grpolab.stage` = 'train'")
+    (killed_run,) = train_runs(client)
     for output in (TRAINED_DIR, Path("metrics/credit"), Path("metrics/tracin"), CURVE_FILE):  # what `dvc repro` deletes
         shutil.rmtree(output, ignore_errors=True) if output.is_dir() else output.unlink(missing_ok=True)
     if case == "eval_changed_run_deleted":
@@ -177,7 +187,7 @@ def test_resume_after_a_kill_gives_an_uninterrupted_runs_outputs(trainer, tmp_pa
 
     proc = grpolab("stage", "train", cwd=trainer)
     assert f"train: resuming at step {killed_at} of 12 from {CHECKPOINT_DIR}/step_{killed_at:06d}" in proc.stdout
-    (run,) = client.search_runs([experiment], "tags.`grpolab.stage` = 'train'")
+    (run,) = train_runs(client)
     assert run.info.status == "FINISHED" and f"MLflow run {run.info.run_id}" in proc.stdout
     if case == "eval_changed_run_deleted":
         assert run.info.run_id != killed_run.info.run_id
@@ -263,8 +273,8 @@ def test_two_processes_and_two_nodes_follow_one_process_trajectory(trainer, tmp_
         for column in ("train/reward_mean", "train/loss", "train/kl", "train/entropy"):
             torch.testing.assert_close(torch.tensor(two[column].values), torch.tensor(one[column].values), rtol=1e-4, atol=1e-5, msg=column)
     # rank 0 alone logged: one train run in the store, its steps once each
-    client = MlflowClient(f"sqlite:///{nodes / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'")
+    client = mlflow_client(nodes)
+    runs = train_runs(client)
     assert len(runs) == 1 and [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] == [1, 2, 3, 4]
     # a launched world that is not train.num_processes is refused before any work
     config.apply_overrides(["train.num_processes=1", "train.micro_batch_size=8"], nodes / "params.yaml")
@@ -360,8 +370,8 @@ def test_bf16_on_cpu_starts_at_kl_0_accumulates_in_fp32_and_saves_the_fp32_maste
     curve = pd.read_csv(CURVE_FILE)
     assert curve["train/kl"].iloc[0] == 0 and curve["train/kl"].iloc[1] > 0
     assert (curve["train/grad_norm"] > 0).all()  # DeepSpeed's, from the fp32 gradients
-    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
-    run = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'")[0]
+    client = mlflow_client()
+    run = train_runs(client)[0]
     ds_config = json.loads(Path(client.download_artifacts(run.info.run_id, DEEPSPEED_CONFIG_ARTIFACT, str(trainer))).read_text())
     assert ds_config["bf16"] == {"enabled": True} and ds_config["zero_optimization"]["stage"] == (1 if zero_stage == "null" else 3)
     assert ds_config["data_types"] == {"grad_accum_dtype": "fp32"}
@@ -423,8 +433,8 @@ def test_mia_weighted_loss_logs_its_weights_and_falls_back_to_plain_grpo(trainer
     line = (f"MIA-weighted loss enabled: mode=quadratic, invert=True, weight_mean={w.mean():.4f}, weight_std={w.std():.4f}, "
             f"weight_min={w.min():.4f}, weight_max={w.max():.4f}")
     assert line in proc.stdout
-    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
-    run = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'")[0]
+    client = mlflow_client()
+    run = train_runs(client)[0]
     assert run.data.metrics["mia/weight_mean"] == pytest.approx(w.mean().item())
     assert run.data.metrics["mia/weight_max"] == pytest.approx(w.max().item())
     weighted = trained_weights()
@@ -444,14 +454,12 @@ def test_mia_weighted_loss_logs_its_weights_and_falls_back_to_plain_grpo(trainer
     assert all(torch.equal(plain[k], v) for k, v in trained_weights().items())
 
 
-@pytest.mark.parametrize(
-    "mitigation", ["none", "outcome_conditional", "inverse_logprob", "attention_credit", "entropy_weighted", "entropy_masking"]
-)
+@pytest.mark.parametrize("mitigation", list(MITIGATIONS))
 def test_every_mitigation_trains_and_logs_credit(trainer, mitigation):
     params = config.apply_overrides(["train.steps=2", f"train.mitigation.name={mitigation}", "train.credit_log_every=2"])
     run_stage("train", params)
-    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
-    run = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'")[0]
+    client = mlflow_client()
+    run = train_runs(client)[0]
     for key in ("credit/answer_share", "credit/think_share", "credit/high_entropy_share", "credit/gini", "train/grad_norm"):
         values = [m.value for m in client.get_metric_history(run.info.run_id, key)]
         assert len(values) == 2 and all(math.isfinite(v) for v in values), key
@@ -469,11 +477,10 @@ def test_every_mitigation_trains_and_logs_credit(trainer, mitigation):
 
 def test_analyze_credit_compares_runs_in_mlflow(trainer):
     run_ids = []
-    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
+    client = mlflow_client()
     for mitigation in ("none", "entropy_masking"):
         run_stage("train", config.apply_overrides(["train.steps=2", f"train.mitigation.name={mitigation}", "train.credit_log_every=1"]))
-        runs = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'",
-                                  order_by=["attributes.start_time DESC"])
+        runs = train_runs(client, order_by=["attributes.start_time DESC"])
         run_ids.append(runs[0].info.run_id)
     proc = grpolab("analyze-credit", *run_ids, "--out", "reports/credit", cwd=trainer)
     assert "| none (" in proc.stdout and "| entropy_masking (" in proc.stdout
@@ -497,8 +504,8 @@ def test_tracin_logs_its_diagnostics_and_influence_log(trainer, mode, capsys):
     run_stage("train", config.apply_overrides(["train.steps=2", *overrides]))
     printed = capsys.readouterr()
     assert (printed.out + printed.err).count("tracin step ") == 2  # one summary line per influence step
-    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
-    run = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'")[0]
+    client = mlflow_client()
+    run = train_runs(client)[0]
     keys = TRACIN_KEYS + (["tracin/val_reward_mean", "tracin/val_advantage_min", "tracin/val_advantage_max"] if mode == "separate" else [])
     for key in keys:
         history = client.get_metric_history(run.info.run_id, key)
@@ -523,8 +530,8 @@ def test_tracin_composes_with_mia_weights_credit_mitigation_and_ppo_epochs(train
     common = ["train.steps=4", "train.ppo_epochs=2", "train.use_mia_weighted_loss=true", "train.mitigation.name=entropy_weighted"]
     grpolab("stage", "train", *[f"-S{o}" for o in common], cwd=plain)
     run_stage("train", config.apply_overrides([*common, *SAME_BATCH, "train.tracin.selection_unit=prompt"]))
-    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
-    run = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'")[0]
+    client = mlflow_client()
+    run = train_runs(client)[0]
     # Influence once per batch of rollouts, from the batch as sampled: steps 1 and 3 of 2 epochs each.
     assert [m.step for m in client.get_metric_history(run.info.run_id, "tracin/selected_ratio")] == [1, 3]
     assert "mia/weight_mean" in run.data.metrics
@@ -705,9 +712,8 @@ def test_mia_reference_and_precomputed_weights_end_to_end(trainer, tmp_path):
     weighted = pd.read_parquet(WEIGHTED_TRAIN_FILE)
     assert [x["mia_weight"] for x in weighted["extra_info"]] == mine.tolist()
     assert {x["mia_method"] for x in weighted["extra_info"]} == {"precomputed"}
-    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
-    run = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'",
-                             order_by=["attributes.start_time DESC"])[0]
+    client = mlflow_client()
+    run = train_runs(client, order_by=["attributes.start_time DESC"])[0]
     assert run.data.metrics["mia/weight_mean"] == pytest.approx(mine.mean(), abs=1e-6)
 
 

@@ -86,27 +86,18 @@ class Variants:
 
     def _token_weights(self, rollout: Rollout, classes: torch.Tensor, model, micro_batches: list[torch.Tensor]) -> torch.Tensor:
         m, mask = self.params.train.mitigation, rollout.completion_mask
-        if m.name == "none":
-            return torch.ones_like(mask, dtype=torch.float32)
-        if m.name == "outcome_conditional":
-            return credit.outcome_conditional(classes, mask, m.knob("think_discount"))
-        if m.name == "inverse_logprob":
-            return credit.inverse_logprob(rollout.token_logp, mask, m.knob("epsilon"))
-        if m.name == "entropy_weighted":
-            return credit.entropy_weighted(rollout.token_entropy, mask, m.knob("entropy_temp"))
-        if m.name == "entropy_masking":
-            return credit.entropy_masking(rollout.token_entropy, mask, m.knob("mask_percentile"))
-        if m.name == "attention_credit":  # row by row the same: each micro-batch's rows on their own
-            weights = torch.ones(mask.shape)
-            columns = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
-                       "completion_ids": rollout.completion_ids, "mask": mask, "classes": classes}
-            for index in micro_batches:
-                rows = take(columns, index)
-                width = rows["mask"].shape[1]
-                weights[index, :width] = credit.attention_credit(completion_attention(model, rows), rows["classes"],
-                                                                 rows["mask"], m.knob("credit_scale"))
-            return weights
-        raise ValueError(f"unknown mitigation {m.name!r}")
+        mitigation, knobs = credit.MITIGATIONS[m.name], m.knobs()
+        if not mitigation.needs_attention:
+            return mitigation.weights(credit.TokenInputs(classes, mask, rollout.token_logp, rollout.token_entropy), **knobs)
+        weights = torch.ones(mask.shape)  # row by row the same: each micro-batch's rows on their own
+        columns = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
+                   "completion_ids": rollout.completion_ids, "mask": mask, "classes": classes}
+        for index in micro_batches:
+            rows = take(columns, index)
+            width = rows["mask"].shape[1]
+            inputs = credit.TokenInputs(rows["classes"], rows["mask"], attention=completion_attention(model, rows))
+            weights[index, :width] = mitigation.weights(inputs, **knobs)
+        return weights
 
 
 def completion_attention(model, rows: dict) -> torch.Tensor:

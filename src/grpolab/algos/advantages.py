@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+# train.scale_rewards: (centred [n, G], grouped rewards [n, G], rewards [B], eps) -> scaled [n, G]
+ADVANTAGE_SCALES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+    "group": lambda centred, grouped, rewards, eps: centred / (grouped.std(dim=1, keepdim=True) + eps),  # GRPO
+    "batch": lambda centred, grouped, rewards, eps: centred / (rewards.std() + eps),
+    "none": lambda centred, grouped, rewards, eps: centred,  # Dr. GRPO
+}
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
@@ -16,11 +25,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"unknown advantage scale {scale!r}; choose from {sorted(ADVANTAGE_SCALES)}")
     grouped = rewards.view(-1, group_size)
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale == "group":
-        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
-    elif scale == "batch":
-        centred = centred / (rewards.std() + eps)
+    centred = ADVANTAGE_SCALES[scale](grouped - grouped.mean(dim=1, keepdim=True), grouped, rewards, eps)
     # Exact zeros for tied groups: float rounding in the mean would otherwise leave ~1e-9 residues
     # that the std division blows up to visible advantages.
     tied = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
@@ -32,5 +37,3 @@ def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     grouped = rewards.view(-1, group_size)
     return (grouped == grouped[:, :1]).all(dim=1)
 
-
-ADVANTAGE_SCALES = ("group", "batch", "none")

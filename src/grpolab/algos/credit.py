@@ -12,6 +12,8 @@ arXiv 2506.01939). Shapes: B completions, T completion positions, mask [B, T] va
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -107,6 +109,41 @@ def attention_credit(attention_to: torch.Tensor, classes: torch.Tensor, mask: to
     n = mask.sum(-1, keepdim=True).to(attention_to.dtype)
     raw = torch.where(answer.any(-1, keepdim=True), 1 + credit_scale * n * share, torch.ones_like(share))
     return _mean_one_per_row(raw, mask)
+
+
+@dataclass(frozen=True)
+class TokenInputs:
+    """What a mitigation may read of a batch (or, for one that needs attention, a micro-batch): B completions."""
+
+    classes: torch.Tensor  # [B, T] token classes (token_classes)
+    mask: torch.Tensor  # [B, T] valid completion tokens
+    logp: torch.Tensor | None = None  # [B, T] log p of each sampled token, as sampled
+    entropy: torch.Tensor | None = None  # [B, T] the sampling distribution's entropy
+    attention: torch.Tensor | None = None  # [B, T, T] attention among completion tokens (`needs_attention` only)
+
+
+@dataclass(frozen=True)
+class Mitigation:
+    """A credit-assignment mitigation: `weights(inputs, **knobs) -> [B, T]`, and its knobs with their defaults."""
+
+    weights: Callable[..., torch.Tensor]
+    knobs: dict[str, float] = field(default_factory=dict)
+    needs_attention: bool = False  # the policy's attention, computed a micro-batch at a time by the trainer
+
+
+# name -> mitigation (seed 002's names and knobs); `none` is plain GRPO
+MITIGATIONS: dict[str, Mitigation] = {
+    "none": Mitigation(lambda x: torch.ones_like(x.mask, dtype=torch.float32)),
+    "outcome_conditional": Mitigation(lambda x, think_discount: outcome_conditional(x.classes, x.mask, think_discount),
+                                      {"think_discount": 0.5}),
+    "inverse_logprob": Mitigation(lambda x, epsilon: inverse_logprob(x.logp, x.mask, epsilon), {"epsilon": 0.1}),
+    "attention_credit": Mitigation(lambda x, credit_scale: attention_credit(x.attention, x.classes, x.mask, credit_scale),
+                                   {"credit_scale": 2.0}, needs_attention=True),
+    "entropy_weighted": Mitigation(lambda x, entropy_temp: entropy_weighted(x.entropy, x.mask, entropy_temp),
+                                   {"entropy_temp": 1.0}),
+    "entropy_masking": Mitigation(lambda x, mask_percentile: entropy_masking(x.entropy, x.mask, mask_percentile),
+                                  {"mask_percentile": 80.0}),
+}
 
 
 def token_credit(advantage_weight: torch.Tensor, logp: torch.Tensor, prob_sq_sum: torch.Tensor) -> torch.Tensor:

@@ -5,30 +5,37 @@ from __future__ import annotations
 import torch
 
 
-def normalize_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
-    """Membership scores [N] (higher = more likely a member) -> weights [N] in [0, 1].
+def _minmax(s: torch.Tensor) -> torch.Tensor:
+    """(s - min) / (max - min)."""
+    return (s - s.min()) / (s.max() - s.min())
 
-    "rank":   (rank - 1) / (N - 1), ties share their mean rank; robust to outliers.
-    "minmax": (s - min) / (max - min).
-    All-equal scores (or N = 1) give 0.5 everywhere: no prompt is preferred.
-    """
-    if how not in ("rank", "minmax"):
-        raise ValueError(f"unknown normalization {how!r}; choose from ['minmax', 'rank']")
+
+def _rank(s: torch.Tensor) -> torch.Tensor:
+    """(rank - 1) / (N - 1), ties sharing their mean rank; robust to outliers."""
+    # mean rank of ties: the count below plus half the count equal, minus a half; from one sort,
+    # O(N) memory (runs of equal values in sorted order are the tie groups)
+    ordered, order = torch.sort(s)
+    _, group, equal = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
+    below = torch.cumsum(equal, 0) - equal
+    mean_rank = (below.double() + (equal.double() - 1) / 2) / (s.numel() - 1)
+    out = torch.empty_like(s)
+    out[order] = mean_rank[group]
+    return out
+
+
+# mia.normalize: how membership scores become weights in [0, 1] (float64 in, not all equal)
+SCORE_NORMALIZATIONS = {"rank": _rank, "minmax": _minmax}
+
+
+def normalize_scores(scores: torch.Tensor, how: str) -> torch.Tensor:
+    """Membership scores [N] (higher = more likely a member) -> weights [N] in [0, 1] by `how`
+    (SCORE_NORMALIZATIONS). All-equal scores (or N = 1) give 0.5 everywhere: no prompt is preferred."""
+    if how not in SCORE_NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {how!r}; choose from {sorted(SCORE_NORMALIZATIONS)}")
     s = scores.double()
     if s.numel() < 2 or bool((s == s[0]).all()):
         return torch.full_like(s, 0.5).to(scores.dtype)
-    if how == "minmax":
-        out = (s - s.min()) / (s.max() - s.min())
-    else:
-        # mean rank of ties: the count below plus half the count equal, minus a half; from one sort,
-        # O(N) memory (runs of equal values in sorted order are the tie groups)
-        ordered, order = torch.sort(s)
-        _, group, equal = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
-        below = torch.cumsum(equal, 0) - equal
-        mean_rank = (below.double() + (equal.double() - 1) / 2) / (s.numel() - 1)
-        out = torch.empty_like(s)
-        out[order] = mean_rank[group]
-    return out.to(scores.dtype)
+    return SCORE_NORMALIZATIONS[how](s).to(scores.dtype)
 
 
 MIA_WEIGHT_TRANSFORMS = {

@@ -13,8 +13,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from grpolab.algos.advantages import ADVANTAGE_SCALES
+from grpolab.algos.credit import MITIGATIONS
+from grpolab.algos.influence import VAL_LOSS_COEFFICIENTS, VAL_SELECTIONS
+from grpolab.algos.losses import AGGREGATIONS, KL_ESTIMATORS
+from grpolab.algos.mia_weights import MIA_WEIGHT_TRANSFORMS, SCORE_NORMALIZATIONS
 from grpolab.data.tasks import problem_space
 from grpolab.errors import ConfigError
+from grpolab.mia.scores import MIA_METHODS
 
 PARAMS_FILE = "params.yaml"
 
@@ -185,7 +191,7 @@ class EvalParams(Section):
     num_logged_samples: int = Field(
         20, ge=0, description="Eval prompts whose completions go to the samples file and MLflow table."
     )
-    mia_methods: list[Literal["loss", "zlib", "min_k", "min_k_plus_plus", "reference"]] = Field(
+    mia_methods: list[Literal[tuple(MIA_METHODS)]] = Field(
         ["loss", "zlib", "min_k", "min_k_plus_plus"],
         description="Membership attacks evaluated on the base and trained models: train prompts are the "
         "members, eval prompts the non-members (`reference` needs mia.reference_model).",
@@ -193,7 +199,7 @@ class EvalParams(Section):
 
 
 class MiaParams(Section):
-    method: Literal["loss", "zlib", "min_k", "min_k_plus_plus", "reference", "precomputed"] = Field(
+    method: Literal[(*MIA_METHODS, "precomputed")] = Field(
         "min_k_plus_plus",
         description="Membership score of each train prompt under the base model (higher = more likely a member): "
         "`loss` mean log-likelihood, `zlib` that over zlib bytes, `min_k` mean of the lowest k % token "
@@ -201,7 +207,7 @@ class MiaParams(Section):
         "`precomputed` keep the train files' own `extra_info.mia_weight`.",
     )
     k: float = Field(0.2, gt=0, le=1, description="Share of lowest-scoring tokens averaged by `min_k` and `min_k_plus_plus`.")
-    normalize: Literal["rank", "minmax"] = Field(
+    normalize: Literal[tuple(SCORE_NORMALIZATIONS)] = Field(
         "rank", description="How train scores become weights in [0, 1]: rank (robust to outliers) or min-max."
     )
     reference_model: str | None = Field(
@@ -219,19 +225,8 @@ class MiaParams(Section):
         return self
 
 
-# Each credit-assignment mitigation and its own knobs with their defaults (seed 002's names).
-MITIGATION_KNOBS: dict[str, dict[str, float]] = {
-    "none": {},
-    "outcome_conditional": {"think_discount": 0.5},
-    "inverse_logprob": {"epsilon": 0.1},
-    "attention_credit": {"credit_scale": 2.0},
-    "entropy_weighted": {"entropy_temp": 1.0},
-    "entropy_masking": {"mask_percentile": 80.0},
-}
-
-
 class MitigationParams(Section):
-    name: Literal["none", "outcome_conditional", "inverse_logprob", "attention_credit", "entropy_weighted", "entropy_masking"] = Field(
+    name: Literal[tuple(MITIGATIONS)] = Field(
         "none",
         description="Credit-assignment mitigation: a detached per-token weight on the policy-gradient term "
         "(see the README's table). `none`: plain GRPO.",
@@ -254,16 +249,20 @@ class MitigationParams(Section):
 
     @model_validator(mode="after")
     def _own_knobs_only(self) -> MitigationParams:
-        for knob in ("think_discount", "epsilon", "credit_scale", "entropy_temp", "mask_percentile"):
-            if getattr(self, knob) is not None and knob not in MITIGATION_KNOBS[self.name]:
-                owner = next(name for name, knobs in MITIGATION_KNOBS.items() if knob in knobs)
+        for knob in sorted({k for m in MITIGATIONS.values() for k in m.knobs}):
+            if getattr(self, knob) is not None and knob not in MITIGATIONS[self.name].knobs:
+                owner = next(name for name, m in MITIGATIONS.items() if knob in m.knobs)
                 raise ValueError(f"{knob}: a knob of `{owner}`, not of `{self.name}`")
         return self
 
     def knob(self, knob: str) -> float:
         """The value of one of this mitigation's knobs: as set, else its default."""
         value = getattr(self, knob)
-        return MITIGATION_KNOBS[self.name][knob] if value is None else value
+        return MITIGATIONS[self.name].knobs[knob] if value is None else value
+
+    def knobs(self) -> dict[str, float]:
+        """This mitigation's knobs by name: as set, else their defaults."""
+        return {k: self.knob(k) for k in MITIGATIONS[self.name].knobs}
 
 
 # TracIn's knobs that only the `separate` validation mode reads, with their defaults (seeds 001/003).
@@ -295,11 +294,11 @@ class TracInParams(Section):
         description="`separate`: validation prompts sampled (one completion each) per influence step, from which "
         "`val_selection` picks `val_batch_size`. Default: val_batch_size for `random`, 4x it otherwise.",
     )
-    val_selection: Literal["random", "top", "bottom", "balanced"] | None = Field(
+    val_selection: Literal[tuple(VAL_SELECTIONS)] | None = Field(
         None, description="`separate` (default random): which pooled completions enter L_val: random, the top or "
         "bottom by reward (`top` is the original top-k), or `balanced` half top, half bottom (seed 001).",
     )
-    val_loss: Literal["seqloss-lastadv", "seqloss-reward", "contrastive"] | None = Field(
+    val_loss: Literal[tuple(VAL_LOSS_COEFFICIENTS)] | None = Field(
         None, description="`separate` (default seqloss-lastadv), seed 003's losses over the selected completions: "
         "mean of -log p(y) * advantage, mean of -log p(y) * reward, or -mean log p(good) + mean log p(bad) with "
         "good/bad the top/bottom half by reward. log p(y) is the sum over the completion's tokens.",
@@ -418,11 +417,11 @@ class TrainParams(Section):
     clip_eps_low: float = Field(0.2, ge=0, lt=1, description="Lower PPO clip: the ratio is kept above 1 - clip_eps_low.")
     clip_eps_high: float = Field(0.2, ge=0, description="Upper PPO clip: the ratio is kept below 1 + clip_eps_high (DAPO's clip-higher).")
     kl_beta: float = Field(0.04, ge=0, description="Weight of the KL penalty to the frozen reference; 0 loads no reference.")
-    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator: k1 log-ratio, k2 half squared log-ratio, k3 Schulman's.")
-    scale_rewards: Literal["group", "batch", "none"] = Field(
+    kl_estimator: Literal[tuple(KL_ESTIMATORS)] = Field("k3", description="KL estimator: k1 log-ratio, k2 half squared log-ratio, k3 Schulman's.")
+    scale_rewards: Literal[tuple(ADVANTAGE_SCALES)] = Field(
         "group", description="Advantage scaling: std of the group (GRPO), of the batch, or none (Dr. GRPO)."
     )
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+    loss_agg_mode: Literal[tuple(AGGREGATIONS)] = Field(
         "token-mean", description="How token losses reduce to one number (verl's names)."
     )
     rewards: dict[str, float] | None = Field(
@@ -446,7 +445,7 @@ class TrainParams(Section):
         False, description="Multiply each prompt's policy-gradient loss by its transformed `extra_info.mia_weight` "
         "(seed 000); train data without weights falls back to plain GRPO with a warning."
     )
-    mia_weighting_mode: Literal["linear", "quadratic", "exponential"] = Field(
+    mia_weighting_mode: Literal[tuple(MIA_WEIGHT_TRANSFORMS)] = Field(
         "linear", description="Transform of the MIA weight w: w, w^2 or exp(w - 1)."
     )
     mia_invert_weights: bool = Field(False, description="Use 1 - w before the transform.")

@@ -39,6 +39,9 @@ def membership_scores(
     batch_size: int, reference=None,
 ) -> dict[str, np.ndarray]:
     """{method: scores [len(prompts)]}, higher = more likely a member of `model`'s training data."""
+    unknown = [m for m in methods if m not in S.MIA_METHODS]
+    if unknown:
+        raise ValueError(f"unknown MIA methods {unknown}; choose from {list(S.MIA_METHODS)}")
     model.eval()
     out: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
     for start in range(0, len(prompts), batch_size):
@@ -47,22 +50,14 @@ def membership_scores(
                          eos_ids=stop_ids(model, tokenizer), pad_id=tokenizer.pad_token_id)
         rows = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
                 "completion_ids": rollout.completion_ids, "mask": rollout.completion_mask}
-        mask = rollout.completion_mask
         logp, mu, sigma = completion_token_stats(model, rows, S.token_statistics)  # fp32, [b, T] each
+        needs = set().union(*(S.MIA_METHODS[m].needs for m in methods))
+        zlib_bytes = reference_logp = None
+        if "zlib_bytes" in needs:
+            zlib_bytes = torch.tensor([len(zlib.compress(t.encode("utf-8"))) for t in decode(tokenizer, rollout)])
+        if "reference_logp" in needs:
+            reference_logp = completion_logprobs(reference, rows)[0]
+        span = S.Span(logp, mu, sigma, rollout.completion_mask, zlib_bytes, reference_logp)
         for method in methods:
-            if method == "loss":
-                score = S.score_loss(logp, mask)
-            elif method == "zlib":
-                texts = decode(tokenizer, rollout)
-                zbytes = torch.tensor([len(zlib.compress(t.encode("utf-8"))) for t in texts])
-                score = S.score_zlib(logp, mask, zbytes)
-            elif method == "min_k":
-                score = S.score_min_k(logp, mask, k)
-            elif method == "min_k_plus_plus":
-                score = S.score_min_k_plus_plus(logp, mu, sigma, mask, k)
-            elif method == "reference":
-                score = S.score_reference(logp, completion_logprobs(reference, rows)[0], mask)
-            else:
-                raise ValueError(f"unknown MIA method {method!r}; choose from {list(S.MIA_METHODS)}")
-            out[method].append(score)
+            out[method].append(S.MIA_METHODS[method].score(span, k))
     return {m: torch.cat(v).double().numpy() if v else np.zeros(0) for m, v in out.items()}

@@ -10,6 +10,9 @@ where floor(k n) = 0 still score, and nothing divides by zero.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 SIGMA_FLOOR = 1e-6
@@ -69,4 +72,32 @@ def score_reference(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tens
     return masked_mean(logp, mask) - masked_mean(ref_logp, mask)
 
 
-MIA_METHODS = ("loss", "zlib", "min_k", "min_k_plus_plus", "reference")
+@dataclass(frozen=True)
+class Span:
+    """The per-token statistics of the scored spans of B texts ([B, T] each, from `token_statistics`) and the
+    extras some methods need: filled only when a chosen method asks for them."""
+
+    logp: torch.Tensor
+    mu: torch.Tensor
+    sigma: torch.Tensor
+    mask: torch.Tensor
+    zlib_bytes: torch.Tensor | None = None  # [B] zlib-compressed length of each text
+    reference_logp: torch.Tensor | None = None  # [B, T] the reference model's log p of the same tokens
+
+
+@dataclass(frozen=True)
+class MiaMethod:
+    """A membership attack: `score(span, k) -> [B]`, higher = more likely a member; `needs`: the Span extras it reads."""
+
+    score: Callable[[Span, float], torch.Tensor]
+    needs: frozenset[str] = frozenset()
+
+
+# mia.method / eval.mia_methods: name -> attack
+MIA_METHODS: dict[str, MiaMethod] = {
+    "loss": MiaMethod(lambda s, k: score_loss(s.logp, s.mask)),
+    "zlib": MiaMethod(lambda s, k: score_zlib(s.logp, s.mask, s.zlib_bytes), frozenset({"zlib_bytes"})),
+    "min_k": MiaMethod(lambda s, k: score_min_k(s.logp, s.mask, k)),
+    "min_k_plus_plus": MiaMethod(lambda s, k: score_min_k_plus_plus(s.logp, s.mu, s.sigma, s.mask, k)),
+    "reference": MiaMethod(lambda s, k: score_reference(s.logp, s.reference_logp, s.mask), frozenset({"reference_logp"})),
+}

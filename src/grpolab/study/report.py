@@ -20,13 +20,14 @@ from scipy import stats
 from grpolab import tracking
 from grpolab.errors import ConfigError
 from grpolab.fsutil import atomic_output, atomic_write_text, output_folder
+from grpolab.mia import scores as mia_scores
 from grpolab.paths import ROC_DIR
 from grpolab.study.spec import StudySpec
 
 REPORTS_DIR = Path("reports")
 CURVE_KEY = "train/reward_mean"
 CONFIDENCE = 0.95
-MIA_METHODS = ("loss", "zlib", "min_k", "min_k_plus_plus", "reference")
+MIA_METHODS = tuple(mia_scores.MIA_METHODS)
 
 
 def _pass_at_k(m: dict) -> float | None:

@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 PIP := $(BIN)/pip install --disable-pip-version-check --progress-bar off -qq
 
-.PHONY: install browser postgres run test ui deploy bench bench-mia bench-tracin bench-memory bench-rollout gpu-check gpu-wheels clean clean-all
+.PHONY: install browser postgres run test ui docs reference deploy bench bench-mia bench-tracin bench-memory bench-rollout gpu-check gpu-wheels clean clean-all
 
 install: $(STAMP)
 
@@ -63,6 +63,17 @@ ui: install
 	grpolab ui
 
 # grpolab vs TRL's GRPOTrainer, side by side (needs models/base from `make run`)
+# The manual (docs/, MkDocs Material) on http://127.0.0.1:8000; the suite builds it with --strict.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve -a 127.0.0.1:8000
+
+# The generated reference pages, from the pydantic models and the CLI's parser (a test keeps them current).
+reference: install
+	$(BIN)/python -c "from grpolab import config; import re, pathlib; p = pathlib.Path('docs/reference/params.md'); \
+	  t = p.read_text(); p.write_text(t[: t.index('| key | type |')] + config.params_reference())"
+	$(BIN)/python -c "from grpolab.cli import cli_reference; import pathlib; p = pathlib.Path('docs/reference/cli.md'); \
+	  t = p.read_text(); p.write_text(t[: t.index('## ')] + cli_reference())"
+
 bench: install
 	$(PIP) -r bench/requirements.txt
 	python bench/bench_trl.py

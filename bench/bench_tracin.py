@@ -57,13 +57,13 @@ def naive_influence(tracin, model, batch) -> torch.Tensor:
 
 
 def main() -> None:
-    import grpolab.influence as I
     import grpolab.stages.train as T
+    import grpolab.tracin as I
     import grpolab.trainer as U
     from grpolab import config
-    from grpolab.algos.influence import select
-    from grpolab.influence import TracIn
+    from grpolab.algos.tracin import select
     from grpolab.rewards import Rewarder
+    from grpolab.tracin import TracIn
     from grpolab.variants import Variants
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

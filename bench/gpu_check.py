@@ -96,7 +96,7 @@ def versions_and_collectives(check: Check) -> dict:
 
     from grpolab import distributed as dist
     from grpolab.device import device
-    from grpolab.influence import _reduced
+    from grpolab.tracin import _reduced
 
     dist.init()
     here = device()
@@ -278,9 +278,9 @@ def tracin_memory(check: Check, cfg: dict, root: Path, checkpoint: Path, tokeniz
     import torch
 
     from grpolab.algos.credit import OTHER
-    from grpolab.influence import TracIn
     from grpolab.rewards import Rewarder
     from grpolab.rollout import Rollout, left_pad
+    from grpolab.tracin import TracIn
     from grpolab.trainer import Batch
     from grpolab.variants import LossWeights
 

@@ -14,10 +14,10 @@ from conftest import REPO
 SRC = REPO / "src"
 # Top down; a module is in the layer of its longest matching prefix and imports only from its layer or below.
 LAYERS = {
-    "entry points": ["grpolab.cli", "grpolab.__main__", "grpolab.study", "grpolab.credit_report", "grpolab.ui",
+    "entry points": ["grpolab.cli", "grpolab.__main__", "grpolab.study", "grpolab.analyze_credit", "grpolab.ui",
                      "grpolab.workspace", "grpolab.clean"],
     "stages": ["grpolab.stages"],
-    "trainer and variants": ["grpolab.trainer", "grpolab.recorder", "grpolab.variants", "grpolab.influence"],
+    "trainer and variants": ["grpolab.trainer", "grpolab.recorder", "grpolab.variants", "grpolab.tracin"],
     "libraries": ["grpolab.config", "grpolab.data", "grpolab.device", "grpolab.distributed", "grpolab.models",
                   "grpolab.rollout", "grpolab.rewards", "grpolab.tracking", "grpolab.mia", "grpolab.checkpoints"],
     "foundations": ["grpolab.algos", "grpolab.mia.scores", "grpolab.mia.roc", "grpolab.data.tasks", "grpolab.errors",

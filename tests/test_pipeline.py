@@ -289,7 +289,7 @@ def test_a_verl_users_gsm8k_and_qwen2_checkpoint_with_lora_queued_as_a_dvc_exper
     assert parent.data.metrics["data/num_dropped_long_prompts"] == 6 and parent.data.metrics["data/num_train"] == 36
     assert {"base/success_rate", "trained/success_rate", "trained/mia/min_k_plus_plus/auc"} <= set(parent.data.metrics)
     train_run = stages["train"].info.run_id
-    assert [m.step for m in client.get_metric_history(train_run, "train/reward/openai/gsm8k")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(train_run, "train/reward_by_source/openai/gsm8k")] == [1, 2]
     assert [m.step for m in client.get_metric_history(train_run, "train/reward/auto")] == [1, 2]
     assert client.get_metric_history(train_run, "train/kl")[0].value == 0  # LoRA's B starts at 0: the policy is the reference
     train_artifacts = {f.path for f in client.list_artifacts(train_run)}

@@ -79,6 +79,7 @@ def test_rewards_default_to_auto_for_your_files_and_to_your_reward_file(tmp_path
         (["train.rewards={reward_file: 1.0}"], "train: rewards: the reward_file reward needs train.reward_file"),
         ([f"train.reward_file={tmp_path}/nope.py"], "no Python file (.py) at"),
         (["train.reward_sources={x: exact}"], "x: unknown scorer 'exact'"),
+        (["train.reward_sources={x: answer_tag}"], "x: the scorer 'answer_tag' is now 'answer_match'"),
     ]:
         with pytest.raises(ConfigError) as err:
             config.overridden(overrides, path)

@@ -9,7 +9,7 @@ import torch
 from grpolab import config
 from grpolab.config import schema
 from grpolab.data.tokenizer import train_tokenizer
-from grpolab.models import build_model, load_model, save_checkpoint
+from grpolab.models import build_model, load_model, save_model
 from grpolab.paths import SFT_LOSS_FILE
 from grpolab.stages import run_stage
 from grpolab.stages.sft import IGNORE, _encode
@@ -23,7 +23,7 @@ def test_user_checkpoint_is_loaded_with_its_own_tokenizer(in_tmp, tmp_path):
     params = schema.ModelParams(arch="qwen2", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_length=64)
     user_model = build_model(params, tok, seed=5)
     ckpt = tmp_path / "my-hf-model"
-    save_checkpoint(user_model, tok, ckpt)
+    save_model(user_model, tok, ckpt)
 
     p = config.apply_overrides([*TINY, f"model.name_or_path={ckpt}", "sft.steps=0"])
     assert run_stage("prepare", p)["data/vocab_size"] == len(tok)

@@ -3,7 +3,7 @@ import torch
 from grpolab.config.schema import ModelParams
 from grpolab.data.tasks import arithmetic_problem
 from grpolab.data.tokenizer import TAG_TOKENS, encode_prompt, encode_response, load_tokenizer, train_tokenizer
-from grpolab.models import build_model, load_model, save_checkpoint
+from grpolab.models import build_model, load_model, save_model
 
 CORPUS = [arithmetic_problem(a, "+", b).prompt + arithmetic_problem(a, "+", b).completion for a in range(0, 90, 7) for b in range(3, 99, 11)]
 
@@ -30,7 +30,7 @@ def test_model_save_load_gives_identical_logits(tmp_path):
     for arch in ("llama", "qwen2"):
         model = build_model(params.model_copy(update={"arch": arch}), tok, seed=0)
         assert model.config.model_type == arch and model.config.vocab_size == len(tok)
-        save_checkpoint(model, tok, tmp_path / arch)
+        save_model(model, tok, tmp_path / arch)
         loaded = load_model(tmp_path / arch)
         ids = torch.tensor([encode_prompt(tok, "12+34=")])
         model.eval()

@@ -35,7 +35,7 @@ TINY_TRAIN = [
 ]
 STEP_METRICS = [
     "train/loss", "train/pg_loss", "train/kl", "train/reward_mean", "train/reward_std", "train/reward/answer_match",
-    "train/reward/format", "train/reward/judge", "train/reward/arithmetic", "train/advantage_mean", "train/logprob_mean", "train/entropy", "train/clip_ratio",
+    "train/reward/format", "train/reward/judge", "train/reward_by_source/arithmetic", "train/advantage_mean", "train/logprob_mean", "train/entropy", "train/clip_ratio",
     "train/grad_norm", "train/lr", "train/completion_length", "train/frac_zero_std_groups", "train/tokens_per_s",
     "train/step_time", "credit/answer_share", "credit/think_share", "credit/high_entropy_share", "credit/gini",
 ]
@@ -390,7 +390,7 @@ def test_bf16_on_cpu_starts_at_kl_0_accumulates_in_fp32_and_saves_the_fp32_maste
         ("train.rewards={length: 1}", "train.rewards: unknown reward 'length'"),
         ("train.kl_estimator=k4", "train.kl_estimator: Input should be 'k1', 'k2' or 'k3'"),
         ("train.loss_agg_mode=sum", "train.loss_agg_mode: Input should be 'token-mean'"),
-        ("train.judge_model=nowhere", "train.judge_model: no Hugging Face checkpoint (config.json) at nowhere"),
+        ("train.judge_model=nowhere", "train.judge_model: no Hugging Face model folder (config.json) at nowhere"),
         ("train.num_processes=3", "train: prompts_per_step (4) must divide evenly across num_processes (3)"),
         (["train.deepspeed.offload_optimizer=true", "train.deepspeed.zero_stage=0"],
          "train.deepspeed: offload_optimizer needs zero_stage 1, 2 or 3"),
@@ -551,10 +551,10 @@ def test_tracin_same_batch_holds_one_chunks_captures_at_a_time(trainer, monkeypa
     import math
     import weakref
 
-    import grpolab.influence
+    import grpolab.tracin
 
     taken, held = [], []  # weak references to every chunk's captures; how many were alive at each capture
-    capture = grpolab.influence.GradientProbe.capture
+    capture = grpolab.tracin.GradientProbe.capture
 
     def counted(self, *args, **kwargs):
         gc.collect()
@@ -563,7 +563,7 @@ def test_tracin_same_batch_holds_one_chunks_captures_at_a_time(trainer, monkeypa
         taken.append(weakref.ref(captures))
         return captures
 
-    monkeypatch.setattr(grpolab.influence.GradientProbe, "capture", counted)
+    monkeypatch.setattr(grpolab.tracin.GradientProbe, "capture", counted)
     run_stage("train", config.apply_overrides(["train.steps=1", *SAME_BATCH, "train.micro_batch_size=4"]))
     log = pd.read_parquet("metrics/tracin/step_000001.parquet")
     chunks = math.ceil(int((log["advantage"] != 0).sum()) / 4)
@@ -639,7 +639,7 @@ def test_bad_inputs_are_named_before_any_output(trainer):
     from transformers import AutoTokenizer
 
     from grpolab.data.tokenizer import train_tokenizer
-    from grpolab.models import build_model, save_checkpoint
+    from grpolab.models import build_model, save_model
 
     no_eos = trainer / "no_eos"
     shutil.copytree("models/base", no_eos)
@@ -648,7 +648,7 @@ def test_bad_inputs_are_named_before_any_output(trainer):
     tokenizer.pad_token = None
     tokenizer.save_pretrained(no_eos)
     other = train_tokenizer([f"{i} apples and {i} pears" for i in range(200)], 320)  # merges of its own: another vocabulary
-    save_checkpoint(build_model(config.load().model.model_copy(update={"vocab_size": 320}), other, 0), other, trainer / "other_ref")
+    save_model(build_model(config.load().model.model_copy(update={"vocab_size": 320}), other, 0), other, trainer / "other_ref")
 
     cases = [
         ("train", ["train.max_new_tokens=62"], "train.max_new_tokens: data/train_weighted.parquet: row",
@@ -723,15 +723,15 @@ def test_lora_trains_adapters_against_the_disabled_adapter_reference_and_saves_a
     models/trained holds PEFT's adapter and the merged model."""
     from peft import PeftModel
 
-    import grpolab.influence
     import grpolab.stages.train
+    import grpolab.tracin
     from grpolab.models import ADAPTER_DIR
     from grpolab.paths import BASE_DIR
 
     loads, probes = [], []
     monkeypatch.setattr(grpolab.stages.train, "load_model", lambda path, dtype: loads.append(path) or load_model(path, dtype))
-    probe = grpolab.influence.GradientProbe
-    monkeypatch.setattr(grpolab.influence, "GradientProbe", lambda model: probes.append(probe(model)) or probes[-1])
+    probe = grpolab.tracin.GradientProbe
+    monkeypatch.setattr(grpolab.tracin, "GradientProbe", lambda model: probes.append(probe(model)) or probes[-1])
     params = config.apply_overrides(["train.steps=3", "train.kl_beta=0.1", "model.lora.r=4", "model.lora.alpha=8",
                                      "model.lora.target_modules=[q_proj, v_proj, up_proj]", "train.learning_rate=0.01",
                                      "train.mitigation.name=entropy_weighted", *SAME_BATCH])

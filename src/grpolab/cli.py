@@ -97,7 +97,7 @@ def cmd_ui(args) -> None:
 
 
 def cmd_analyze_credit(args) -> None:
-    from grpolab.credit_report import analyze_credit
+    from grpolab.analyze_credit import analyze_credit
 
     print(analyze_credit(config.load(), args.run_ids, Path(args.out)), end="")
     print(f"plots and summary: {args.out}/ (and the MLflow run `analyze-credit`)")
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-S", "--set", **override)
     run.set_defaults(func=cmd_run)
     stage = sub.add_parser("stage", help="run one stage (what dvc.yaml calls)")
-    stage.add_argument("name")
+    stage.add_argument("name", help="the stage, as dvc.yaml names it (inputs, prepare, sft, mia, train, evaluate, summary)")
     stage.add_argument("-S", "--set", **override)
     stage.set_defaults(func=cmd_stage)
     study = sub.add_parser("study", help="run a study file's variants x seeds (each a DVC experiment) and report")
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="folder for the report (default reports/<study>/)")
     report.set_defaults(func=cmd_report)
     ui = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
     ui.set_defaults(func=cmd_ui)
     credit = sub.add_parser("analyze-credit", help="compare train runs' credit assignment (plots + summary, to MLflow)")
     credit.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="MLflow ids of train runs")
@@ -156,6 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     ref = sub.add_parser("params-reference", help="print the params reference as a markdown table")
     ref.set_defaults(func=cmd_params_reference)
     return parser
+
+
+def cli_reference() -> str:
+    """Markdown of every command with its help and usage: the docs' CLI reference is generated from this."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    out = []
+    for name, command in sub.choices.items():
+        command.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=100)
+        out += [f"## `grpolab {name}`", "", helps[name][0].upper() + helps[name][1:] + ".", "", "```", command.format_help().rstrip(), "```", ""]
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:

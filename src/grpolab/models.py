@@ -38,7 +38,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
     """A local HF causal LM in `dtype` (`device.working_dtype`) on this process's device. `from_pretrained`'s
     dtype keeps the buffers the model computes in fp32 (RoPE's) in fp32: a cast with `.to(dtype)` would not."""
     if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no Hugging Face checkpoint here (config.json missing)")
+        raise FileNotFoundError(f"{path}: no Hugging Face model folder here (config.json missing)")
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device())
 
 
@@ -67,7 +67,7 @@ def reference_policy(policy: torch.nn.Module, frozen: torch.nn.Module | None) ->
         yield policy
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
     """`save_pretrained` of model and tokenizer into one self-contained folder, atomically. A LoRA model is
     saved twice: its adapter in `adapter/` (PEFT's format) and merged into the base weights, so whatever
     loads a plain checkpoint loads it. The merge changes `model` in place: save it last."""

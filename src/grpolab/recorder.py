@@ -21,7 +21,7 @@ from grpolab.trainer import Batch, Sampled, credit_log
 from grpolab.variants import Variants
 
 if TYPE_CHECKING:  # MLflow is imported by the stage's driver; the training loop itself runs without it
-    from grpolab.influence import Selection
+    from grpolab.tracin import Selection
     from grpolab.tracking import Tracker
 
 STEP_LOG_DIRS = [CREDIT_DIR, TRACIN_DIR]  # a parquet file per step, kept in a training checkpoint

@@ -102,14 +102,14 @@ def math_match(completion: str, ground_truth: str) -> float:
 
 
 SCORERS: dict[str, Callable[[str, str], float]] = {
-    "answer_tag": answer_match,
+    "answer_match": answer_match,  # the `answer_match` reward's scorer
     "gsm8k": gsm8k_match,
     "gsm8k_flexible": lambda completion, truth: gsm8k_match(completion, truth, "flexible"),
     "math": math_match,
 }
 # data_source -> scorer name: what `auto` routes each row to (verl's source names).
 SOURCES: dict[str, str] = {
-    "arithmetic": "answer_tag",  # grpolab's generated task (`data.task`)
+    "arithmetic": "answer_match",  # grpolab's generated task (`data.task`)
     "openai/gsm8k": "gsm8k",
     "lighteval/MATH": "math",
     "DigitalLearningGmbH/MATH-lighteval": "math",

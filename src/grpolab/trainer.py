@@ -20,7 +20,7 @@ from grpolab.algos.credit import ANSWER, CLASS_NAMES, THINK, gini, token_credit
 from grpolab.algos.losses import KL_ESTIMATORS, aggregate, aggregation_units, clipped_policy_loss, compose_token_loss
 from grpolab.config import Params
 from grpolab.errors import ConfigError
-from grpolab.models import save_checkpoint
+from grpolab.models import save_model
 from grpolab.rewards import source_means
 from grpolab.rollout import Rollout, by_length, completion_logprobs, take
 from grpolab.variants import LossWeights, Variants
@@ -186,7 +186,7 @@ def step_metrics(params: Params, engine, sums: dict, sampled: Sampled, batch: Ba
         "train/reward_mean": rewards.mean().item(),
         "train/reward_std": rewards.std().item(),
         **{f"train/reward/{name}": v for name, v in parts.items()},
-        **{f"train/reward/{source}": v for source, v in source_means(sampled.sources, rewards).items()},
+        **{f"train/reward_by_source/{source}": v for source, v in source_means(sampled.sources, rewards).items()},
         "train/advantage_mean": group_advantages(rewards, t.group_size, t.scale_rewards).mean().item(),
         "train/logprob_mean": s["logp"] / tokens,
         "train/entropy": s["entropy"] / tokens,
@@ -252,4 +252,4 @@ def save_trained(engine, tokenizer, bf16: bool, path) -> None:
     for p, master in zip(model.parameters(), masters):
         if master is not None:  # None: a frozen weight (LoRA's base), which has no master copy
             p.data.copy_(master)
-    save_checkpoint(model, tokenizer, path)
+    save_model(model, tokenizer, path)

@@ -8,7 +8,7 @@ from grpolab.config.schema import Params
 
 
 def params_reference() -> str:
-    """Markdown table of every knob: the README's params reference is generated from this."""
+    """Markdown table of every knob: docs/reference/params.md is generated from this."""
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
 
     def walk(prefix: str, model: type[BaseModel]) -> None:

@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from grpolab.algos.advantages import ADVANTAGE_SCALES
 from grpolab.algos.credit import MITIGATIONS
-from grpolab.algos.influence import VAL_LOSS_COEFFICIENTS, VAL_SELECTIONS
 from grpolab.algos.losses import AGGREGATIONS, KL_ESTIMATORS
 from grpolab.algos.mia_weights import MIA_WEIGHT_TRANSFORMS, SCORE_NORMALIZATIONS
+from grpolab.algos.tracin import VAL_LOSS_COEFFICIENTS, VAL_SELECTIONS
 from grpolab.data.tasks import problem_space
 from grpolab.errors import ConfigError
 from grpolab.mia.scores import MIA_METHODS
@@ -37,13 +37,14 @@ def _existing_paths(paths: list[str]) -> list[str]:
     return paths
 
 
-def _existing_checkpoint(value: str | None) -> str | None:
+def _existing_model(value: str | None) -> str | None:
     if value is not None and not (Path(value) / "config.json").is_file():
-        raise ValueError(f"no Hugging Face checkpoint (config.json) at {value}")
+        raise ValueError(f"no Hugging Face model folder (config.json) at {value}")
     return value
 
 
 DEFAULT_NUM_VAL = 200
+RENAMED_SCORERS = {"answer_tag": "answer_match"}  # old spelling -> name (refused, not aliased)
 # train.rewards when params.yaml leaves it empty: with a reward file, with the user's data files, for the generated task
 DEFAULT_REWARDS = {"reward_file": {"reward_file": 1.0}, "auto": {"auto": 1.0}, "task": {"answer_match": 1.0, "format": 0.1}}
 
@@ -142,7 +143,7 @@ class LoraParams(Section):
 class ModelParams(Section):
     name_or_path: str | None = Field(
         None,
-        description="Local Hugging Face checkpoint (a `save_pretrained` folder) to start from, with its own "
+        description="Local Hugging Face model folder (what `save_pretrained` writes) to start from, with its own "
         "tokenizer. Empty: build a tiny model and train a tokenizer on the task corpus.",
     )
     arch: Literal["llama", "qwen2"] = Field("llama", description="Architecture of the tiny model built from config.")
@@ -163,7 +164,7 @@ class ModelParams(Section):
         "is the same model with its adapters disabled, and models/trained holds the adapter and the merged model.",
     )
 
-    _check_checkpoint = field_validator("name_or_path")(_existing_checkpoint)
+    _check_model = field_validator("name_or_path")(_existing_model)
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelParams:
@@ -211,12 +212,12 @@ class MiaParams(Section):
         "rank", description="How train scores become weights in [0, 1]: rank (robust to outliers) or min-max."
     )
     reference_model: str | None = Field(
-        None, description="Local causal-LM checkpoint for the `reference` method (same tokenizer as the base model)."
+        None, description="Local causal-LM model folder for the `reference` method (same tokenizer as the base model)."
     )
     max_new_tokens: int = Field(48, ge=1, description="Length of the greedy completion whose tokens are scored.")
     batch_size: int = Field(256, ge=1, description="Prompts scored together.")
 
-    _check_reference = field_validator("reference_model")(_existing_checkpoint)
+    _check_reference = field_validator("reference_model")(_existing_model)
 
     @model_validator(mode="after")
     def _reference_needs_model(self) -> MiaParams:
@@ -229,7 +230,7 @@ class MitigationParams(Section):
     name: Literal[tuple(MITIGATIONS)] = Field(
         "none",
         description="Credit-assignment mitigation: a detached per-token weight on the policy-gradient term "
-        "(see the README's table). `none`: plain GRPO.",
+        "(docs: concepts/credit.md). `none`: plain GRPO.",
     )
     think_discount: float | None = Field(
         None, ge=0, description="`outcome_conditional` (default 0.5): weight of think-section tokens; answer tokens get 1."
@@ -431,7 +432,7 @@ class TrainParams(Section):
     )
     reward_sources: dict[str, str] = Field(
         {}, description="Routes for the `auto` reward on top of the built-in ones: data_source -> scorer "
-        "(`answer_tag`, `gsm8k`, `gsm8k_flexible`, `math`).",
+        "(`answer_match`, `gsm8k`, `gsm8k_flexible`, `math`).",
     )
     reward_file: str | None = Field(
         None, description="Your own reward: a Python file with a function `(data_source, completion, ground_truth, "
@@ -439,7 +440,7 @@ class TrainParams(Section):
     )
     reward_function: str = Field("compute_score", min_length=1, description="The function's name in `reward_file`.")
     judge_model: str | None = Field(
-        None, description="Local sequence-classification checkpoint used by the `judge` reward (frozen)."
+        None, description="Local sequence-classification model folder used by the `judge` reward (frozen)."
     )
     use_mia_weighted_loss: bool = Field(
         False, description="Multiply each prompt's policy-gradient loss by its transformed `extra_info.mia_weight` "
@@ -484,6 +485,8 @@ class TrainParams(Section):
         from grpolab.rewards import SCORERS
 
         for source, scorer in value.items():
+            if scorer in RENAMED_SCORERS:
+                raise ValueError(f"{source}: the scorer {scorer!r} is now {RENAMED_SCORERS[scorer]!r} (one name with the reward)")
             if scorer not in SCORERS:
                 raise ValueError(f"{source}: unknown scorer {scorer!r}; scorers: {', '.join(SCORERS)}")
         return value
@@ -495,7 +498,7 @@ class TrainParams(Section):
             raise ValueError(f"no Python file (.py) at {value}")
         return value
 
-    _check_judge = field_validator("judge_model")(_existing_checkpoint)
+    _check_judge = field_validator("judge_model")(_existing_model)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainParams:
@@ -625,7 +628,7 @@ def validate(raw: dict[str, Any], source: str = PARAMS_FILE) -> Params:
 
 
 def flatten(params: Params) -> dict[str, Any]:
-    """`{"sft.steps": 800, ...}` for MLflow params and the README reference."""
+    """`{"sft.steps": 800, ...}` for MLflow params."""
     out: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:

@@ -15,7 +15,7 @@ from grpolab.config import Params
 from grpolab.data.tokenizer import encode_prompt, encode_response, load_tokenizer
 from grpolab.device import autocast, device, working_dtype
 from grpolab.fsutil import atomic_write_text
-from grpolab.models import build_model, load_model, num_parameters, save_checkpoint
+from grpolab.models import build_model, load_model, num_parameters, save_model
 from grpolab.paths import BASE_DIR, SFT_FILE, SFT_LOSS_FILE, TOKENIZER_DIR
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ def sft(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
         summary["sft/final_loss"] = sum(v for _, v in history[-10:]) / len(history[-10:])
 
     atomic_write_text(SFT_LOSS_FILE, "step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in history))
-    save_checkpoint(model, tokenizer, BASE_DIR)
+    save_model(model, tokenizer, BASE_DIR)
     if tracker:
         tracker.artifacts(BASE_DIR, "base_model")
     return summary

@@ -24,12 +24,12 @@ from grpolab.algos.advantages import group_advantages
 from grpolab.checkpoints import discard, resumable
 from grpolab.config import Params
 from grpolab.data.tokenizer import encode_prompt, load_tokenizer
-from grpolab.influence import TracIn
 from grpolab.models import load_model, reference_policy, with_lora
 from grpolab.paths import BASE_DIR, TRAINED_DIR, VAL_FILE, WEIGHTED_TRAIN_FILE
 from grpolab.recorder import Recorder
 from grpolab.rewards import Rewarder
 from grpolab.rollout import Rollout, by_length, check_room, decode, sample, sample_keys, stop_ids
+from grpolab.tracin import TracIn
 from grpolab.trainer import Batch, Sampled, batch_logprobs, build_engine, deepspeed_config, save_trained, step_metrics, update
 from grpolab.variants import Variants
 

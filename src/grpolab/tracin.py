@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from grpolab import distributed as dist
 from grpolab.algos.advantages import group_advantages
-from grpolab.algos.influence import (
+from grpolab.algos.losses import aggregate, aggregation_units, clipped_policy_loss, compose_token_loss
+from grpolab.algos.tracin import (
     PARAMETER_USES,
     VAL_LOSS_COEFFICIENTS,
     VAL_SELECTIONS,
@@ -41,7 +42,6 @@ from grpolab.algos.influence import (
     unit_scores,
     validation_loss,
 )
-from grpolab.algos.losses import aggregate, aggregation_units, clipped_policy_loss, compose_token_loss
 from grpolab.config import Params
 from grpolab.data.tokenizer import encode_prompt
 from grpolab.errors import DataError

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from grpolab.algos.influence import (
+from grpolab.algos.losses import token_logprobs
+from grpolab.algos.tracin import (
     VAL_LOSS_COEFFICIENTS,
     VAL_SELECTIONS,
     embedding_dot,
@@ -21,8 +22,7 @@ from grpolab.algos.influence import (
     unit_scores,
     validation_loss,
 )
-from grpolab.algos.losses import token_logprobs
-from grpolab.influence import GradientProbe, accumulate, inner_products
+from grpolab.tracin import GradientProbe, accumulate, inner_products
 
 
 def tiny_model(arch: str) -> torch.nn.Module:

@@ -281,7 +281,7 @@ def tracin_memory(check: Check, cfg: dict, root: Path, checkpoint: Path, tokeniz
     from grpolab.rewards import Rewarder
     from grpolab.rollout import Rollout, left_pad
     from grpolab.tracin import TracIn
-    from grpolab.trainer import Batch
+    from grpolab.trainer import Batch, Sampled
     from grpolab.variants import LossWeights
 
     rows, new, micro = cfg["tracin_rows"], cfg["tracin_new"], cfg["tracin_micro_batch"]
@@ -295,13 +295,13 @@ def tracin_memory(check: Check, cfg: dict, root: Path, checkpoint: Path, tokeniz
     advantages = rewards - 0.5
     batch = Batch(rollout, advantages, None, None, LossWeights(torch.ones(rows, new), torch.ones(rows), torch.ones(rows)),
                   torch.full((rows, new), OTHER))
-    info = {"rows": [{"prompt": "p"}] * rows, "texts": ["c"] * rows, "all_rewards": rewards}
+    sampled = Sampled([{"prompt": "p"}] * rows, ["c"] * rows, rewards, {}, rewards, ["bench"] * rows)
     tracin = TracIn(params, engine.module, tokenizer, Rewarder(params))
     check.reset_peak()
     before = check.allocated_gb()
     check.sync()
     began = time.perf_counter()
-    selection = tracin.select(engine.module, batch, info, rollout_index=0, step=1)
+    selection = tracin.select(engine.module, batch, sampled, rollout_index=0, step=1)
     check.sync()
     seconds = time.perf_counter() - began
     chunk_tokens = micro * (cfg["prompt"] + new)

@@ -48,8 +48,10 @@ postgres:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
+# Two workers (CI's two cores), a test file on one worker at a time (its module fixtures built once); the three
+# longest files first, so neither worker is left with one of them at the end.
 test: install browser postgres
-	pytest -q
+	pytest -q -n 2 --dist loadfile tests/test_pipeline.py tests/test_study.py tests/test_train.py tests
 
 # The Prefect deployments of prefect.yaml on a `process` work pool, against the Prefect server that
 # PREFECT_API_URL names (e.g. `prefect server start` elsewhere); then start `prefect worker start --pool grpolab`.

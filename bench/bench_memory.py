@@ -11,7 +11,7 @@ the reward is a hash of the completion (`train.reward_file`), so advantages are 
 
 Blocks alternate which revision goes first; memory is nearly deterministic, two blocks show it.
 
-    python bench/bench_memory.py                    # the README's table (~45 min on 2 cores)
+    python bench/bench_memory.py                    # the table in docs/guide/gpu.md (~45 min on 2 cores)
     python bench/bench_memory.py --against HEAD~3 --blocks 1 --shapes 8x32x64
 """
 

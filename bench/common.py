@@ -90,7 +90,7 @@ def spread(values: Sequence[float], scale: float = 1.0, fmt: str = "{:.1f}") -> 
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A markdown table, ready for the README."""
+    """A markdown table, ready for the docs."""
     lines = [header, ["---"] * len(header), *rows]
     return "\n".join("| " + " | ".join(str(cell) for cell in line) + " |" for line in lines)
 

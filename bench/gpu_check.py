@@ -11,10 +11,10 @@ its figures written as JSON (after every section, so a run cut short keeps what 
      utilisation against the H200's 790 TFLOP/s bf16;
   e. TracIn's same-batch influence pass: peak memory, per token of a chunk.
 
-    PYTHONPATH=src python bench/gpu_check.py --out gpu_check.json       # on a GPU machine (see the README)
+    PYTHONPATH=src python bench/gpu_check.py --out gpu_check.json       # on a GPU machine (see docs/guide/gpu.md)
     python bench/gpu_check.py --tiny --out /tmp/gpu_check.json           # tiny shapes on CPU (the test suite runs it)
 
-It needs torch, transformers, numpy, pandas, pyarrow, tqdm, and the wheels the README names (DeepSpeed built
+It needs torch, transformers, numpy, pandas, pyarrow, tqdm, and the wheels docs/guide/gpu.md names (DeepSpeed built
 with its ops off, pydantic, ruamel.yaml); not MLflow, Prefect, DVC or the rest of grpolab's stack.
 """
 

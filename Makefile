@@ -48,10 +48,8 @@ postgres:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
-# Two workers (CI's two cores), handed tests one at a time, the longest first, so that neither is left with a long
-# one at the end; tests/test_study.py's tests stay on one worker (xdist_group), where its smoke study runs once.
 test: install browser postgres
-	pytest -q -n 2 --dist loadgroup tests/test_study.py tests/test_pipeline.py tests/test_train.py tests
+	pytest -q
 
 # The Prefect deployments of prefect.yaml on a `process` work pool, against the Prefect server that
 # PREFECT_API_URL names (e.g. `prefect server start` elsewhere); then start `prefect worker start --pool grpolab`.

@@ -24,8 +24,6 @@ from grpolab.study.spec import StudySpec, load_study
 from conftest import BIN, REPO, free_port, grpolab, make_project, project_env, run
 from servers import http_ok
 
-pytestmark = pytest.mark.xdist_group("study")  # one worker: the smoke study (a module fixture) runs once
-
 STUDY = """name: s
 base: [sft.steps=5]
 variants:

@@ -47,8 +47,8 @@ def make_batch(params, engine, ref_model, tokenizer, data, rewarder, variants, r
     from grpolab.stages import train as T
 
     rows, rollout = T.sample_rollouts(params, engine, tokenizer, data, rollout_index)
-    sampled = T.score(rows, rollout, tokenizer, rewarder)
-    return T.weigh(params, engine, ref_model, variants, sampled, rollout), sampled
+    sampled = T.score(params, rows, rollout, tokenizer, rewarder)
+    return T.weigh(params, engine, tokenizer, ref_model, variants, sampled, rollout), sampled
 
 
 def block_order(names: Sequence[str], block: int) -> list[str]:

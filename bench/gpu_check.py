@@ -295,7 +295,7 @@ def tracin_memory(check: Check, cfg: dict, root: Path, checkpoint: Path, tokeniz
     advantages = rewards - 0.5
     batch = Batch(rollout, advantages, None, None, LossWeights(torch.ones(rows, new), torch.ones(rows), torch.ones(rows)),
                   torch.full((rows, new), OTHER))
-    sampled = Sampled([{"prompt": "p"}] * rows, ["c"] * rows, rewards, {}, rewards, ["bench"] * rows)
+    sampled = Sampled([{"prompt": "p"}] * rows, ["c"] * rows, rewards, {}, rewards, ["bench"] * rows, torch.full((rows,), new))
     tracin = TracIn(params, engine.module, tokenizer, Rewarder(params))
     check.reset_peak()
     before = check.allocated_gb()

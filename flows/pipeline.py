@@ -19,6 +19,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from grpolab import config
+from grpolab.procs import bound, die_with_parent
 from grpolab.stages import STAGES
 from grpolab.stages.summary import summary_markdown
 from grpolab.tracking import check_store
@@ -26,9 +27,10 @@ from grpolab.workspace import pipeline_lock
 
 
 def _env() -> dict[str, str]:
-    # `dvc` runs `grpolab stage …` through a shell: put this interpreter's scripts first on PATH.
+    # `dvc` runs `grpolab stage …` through a shell: put this interpreter's scripts first on PATH. The stages
+    # die with dvc, and dvc with this flow (`preexec_fn`): a killed flow leaves nothing running.
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return bound({**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"})
 
 
 @task(task_run_name="{stage}", retries=1, retry_delay_seconds=5)
@@ -36,7 +38,7 @@ def run_stage(stage: str) -> None:
     # A retry helps with transient failures (a locked MLflow sqlite store, a killed worker);
     # DVC's run cache means a retried stage redoes only what did not finish.
     print(f"==> stage {stage}")
-    subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", stage], check=True, env=_env())
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", stage], check=True, env=_env(), preexec_fn=die_with_parent)
 
 
 @task

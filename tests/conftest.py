@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["training"]  # the train tests' fixtures (base_project, trainer), in tests/training.py
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)
 
@@ -46,6 +48,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# One thread per process: two pytest workers share CI's two cores, and each test's own processes more of them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Every process the suite starts inherits this (the session's pid): pytest_sessionfinish finds those left running.
+SESSION_MARKER = "GRPOLAB_TEST_SESSION"
+os.environ.setdefault(SESSION_MARKER, str(os.getpid()))  # xdist's workers keep their controller's
+
+MARKER = "GRPOLAB_TEST_MARKER"  # a test puts it in a command's environment: everything the command starts inherits it
+
+
+def marked_processes(marker: str, key: str = MARKER) -> dict[int, str]:
+    """The live processes whose environment holds `key=marker`, by pid (with their command lines)."""
+    import psutil
+
+    found = {}
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(key) == marker:
+                found[proc.pid] = " ".join(proc.cmdline())[:120]
+        except psutil.Error:
+            pass
+    return found
 
 
 def project_env() -> dict[str, str]:
@@ -94,3 +119,29 @@ def in_tmp(tmp_path: Path, monkeypatch) -> Path:
     for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
         monkeypatch.delenv(key)
     return tmp_path
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No process the suite started outlives it (a server, a stage, a worker): those still running a while
+    after the last test are named, stopped, and fail the run."""
+    import time
+
+    import psutil
+
+    if hasattr(session.config, "workerinput"):  # an xdist worker: its controller checks once all have ended
+        return
+    me = psutil.Process()
+    ours = {me.pid} | {p.pid for p in me.children() if "sys.stdin.readline()" in " ".join(p.cmdline())}  # pytest, xdist's workers
+    deadline = time.monotonic() + 30
+    while (left := {pid: cmd for pid, cmd in marked_processes(os.environ[SESSION_MARKER], SESSION_MARKER).items()
+                    if pid not in ours}) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if left:
+        for pid in left:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass
+        session.config.get_terminal_writer().line(
+            "\nprocesses the suite started outlived it:\n" + "\n".join(f"  {pid}: {cmd}" for pid, cmd in left.items()), red=True)
+        session.exitstatus = 1

@@ -11,9 +11,12 @@ from grpolab.algos.losses import (
     KL_ESTIMATORS,
     aggregate,
     aggregation_units,
+    POLICY_LOSSES,
+    cispo_policy_loss,
     clipped_policy_loss,
     compose_token_loss,
     entropy_from_logits,
+    gspo_policy_loss,
     policy_token_stats,
     token_logprobs,
 )
@@ -42,11 +45,11 @@ def test_equal_rewards_give_zero_not_nan():
 def test_clipped_policy_loss_by_hand():
     logp = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))  # ratios 1.5, 0.5, 1.0 against old logp 0
     old = torch.zeros(1, 3)
-    loss, clipped = clipped_policy_loss(logp, old, torch.tensor([2.0]), 0.2, 0.3)
+    loss, clipped = clipped_policy_loss(logp, old, torch.tensor([2.0]), torch.ones_like(logp), 0.2, 0.3)
     # A>0: -min(rA, clip(r)A): r=1.5 -> clip 1.3 -> -2.6; r=0.5 -> -min(1.0, 1.6) = -1.0; r=1 -> -2
     torch.testing.assert_close(loss, torch.tensor([[-2.6, -1.0, -2.0]]))
     assert clipped.tolist() == [[True, False, False]]
-    loss, clipped = clipped_policy_loss(logp, old, torch.tensor([-1.0]), 0.2, 0.3)
+    loss, clipped = clipped_policy_loss(logp, old, torch.tensor([-1.0]), torch.ones_like(logp), 0.2, 0.3)
     # A<0: r=1.5 -> -min(-1.5, -1.3) = 1.5; r=0.5 -> -min(-0.5, -0.8) = 0.8 (clipped at 1-0.2)
     torch.testing.assert_close(loss, torch.tensor([[1.5, 0.8, 1.0]]))
     assert clipped.tolist() == [[False, True, False]]
@@ -151,3 +154,100 @@ def test_rank_normalisation_scales_to_many_prompts():
     w = normalize_scores(s, "rank")
     assert w.shape == (n,) and bool(((w >= 0) & (w <= 1)).all())
     assert w.mean().item() == pytest.approx(0.5, abs=1e-12)  # mean rank (N - 1) / 2, ties or not
+
+
+def test_advantage_estimators_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    none = lambda estimator, **kw: group_advantages(r, 4, "none", estimator=estimator, **kw)  # noqa: E731
+    torch.testing.assert_close(none("grpo"), torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    # leave-one-out: r_i - mean of the other three, e.g. 1 - (0 + 0 + 1) / 3
+    torch.testing.assert_close(none("rloo"), torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3]))
+    # length-weighted baseline: (1*1 + 1*0 + 1*0 + 3*1) / 6 = 2/3
+    torch.testing.assert_close(none("opo", lengths=torch.tensor([1, 1, 1, 3])), torch.tensor([1 / 3, -2 / 3, -2 / 3, 1 / 3]))
+    s = math.sqrt(1 / 3)  # the group's sample std: `scale_rewards` divides each estimator's centred rewards by it
+    torch.testing.assert_close(group_advantages(r, 4, "group", eps=1e-12, estimator="rloo"), torch.tensor([2, -2, -2, 2]) / 3 / s)
+    assert torch.equal(group_advantages(torch.ones(4), 4, "group", estimator="opo", lengths=torch.tensor([1, 2, 3, 4])), torch.zeros(4))
+    with pytest.raises(ValueError, match="unknown advantage estimator"):
+        group_advantages(r, 4, estimator="ppo")
+
+
+def _grad(loss_fn, logp0: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, mode: str, *clip) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the loss aggregated by `mode`, its gradient with respect to logp)."""
+    logp = logp0.clone().requires_grad_(True)
+    mask = torch.ones_like(logp)
+    loss, _ = loss_fn(logp, old, advantages, mask, *clip)
+    total = aggregate(loss, mask, mode, logp.shape[1])
+    total.backward()
+    return total.detach(), logp.grad
+
+
+def test_gspo_is_the_sequence_ratio_and_its_gradient_by_hand():
+    old = torch.log(torch.tensor([[0.25, 0.5]]))
+    adv = torch.tensor([1.0])
+    # token ratios (2, 1): the sequence ratio is their geometric mean, sqrt(2)
+    logp = torch.log(torch.tensor([[0.5, 0.5]]))
+    value, grad = _grad(gspo_policy_loss, logp, old, adv, "seq-mean-token-mean", 10.0, 10.0)
+    torch.testing.assert_close(value, torch.tensor(-math.sqrt(2)))
+    # GSPO: d(-A s)/d logp_t = -A s / |y| for every token; GRPO's would be -A r_t / |y| = (-1, -0.5)
+    torch.testing.assert_close(grad, torch.full((1, 2), -math.sqrt(2) / 2))
+    _, grpo = _grad(clipped_policy_loss, logp, old, adv, "seq-mean-token-mean", 10.0, 10.0)
+    torch.testing.assert_close(grpo, torch.tensor([[-1.0, -0.5]]))
+    # token ratios (2, 0.5): the sequence ratio is 1, GSPO's value is GRPO's at ratio 1 (-A) but GRPO's is -1.25 A,
+    # and the gradients differ: GSPO's -A/2 on both tokens, GRPO's (-A, -A/4)
+    logp = torch.log(torch.tensor([[0.5, 0.25]]))
+    value, grad = _grad(gspo_policy_loss, logp, old, adv, "seq-mean-token-mean", 0.2, 0.2)
+    torch.testing.assert_close((value, grad), (torch.tensor(-1.0), torch.full((1, 2), -0.5)))
+    value, grpo = _grad(clipped_policy_loss, logp, old, adv, "seq-mean-token-mean", 10.0, 10.0)
+    torch.testing.assert_close((value, grpo), (torch.tensor(-1.25), torch.tensor([[-1.0, -0.25]])))
+    # clipped per sequence: s = sqrt(2) > 1 + 0.1 with A > 0: the value is -(1.1) A and no token gets a gradient
+    logp = torch.log(torch.tensor([[0.5, 0.5]]))
+    value, grad = _grad(gspo_policy_loss, logp, old, adv, "seq-mean-token-mean", 0.1, 0.1)
+    torch.testing.assert_close((value, grad), (torch.tensor(-1.1), torch.zeros(1, 2)))
+    _, clipped = gspo_policy_loss(logp, old, adv, torch.tensor([[1.0, 0.0]]), 0.1, 0.1)
+    # with the second token masked s = 2; the clip flag is the sequence's, on its valid tokens only
+    assert clipped.tolist() == [[True, False]]
+
+
+def test_cispo_keeps_the_gradient_ppo_clips_by_hand():
+    old = torch.log(torch.tensor([[0.25, 0.5]]))
+    logp = torch.log(torch.tensor([[0.5, 0.25]]))  # ratios (2, 0.5)
+    adv = torch.tensor([1.0])
+    # weights clip(r, 0, 1.5) = (1.5, 0.5), constants: loss_t = -w_t A logp_t, gradient -w_t A
+    value, grad = _grad(cispo_policy_loss, logp, old, adv, "token-mean", 1.0, 0.5)
+    torch.testing.assert_close(value, torch.tensor(-(1.5 * math.log(0.5) + 0.5 * math.log(0.25)) / 2))
+    torch.testing.assert_close(grad, torch.tensor([[-1.5, -0.5]]) / 2)
+    # PPO's clip (0.2) drops the first token (r = 2 > 1.2, A > 0) and keeps the second (-r A)
+    _, ppo = _grad(clipped_policy_loss, logp, old, adv, "token-mean", 0.2, 0.2)
+    torch.testing.assert_close(ppo, torch.tensor([[0.0, -0.5]]) / 2)
+    _, clipped = cispo_policy_loss(logp, old, adv, torch.ones(1, 2), 1.0, 0.5)
+    assert clipped.tolist() == [[True, False]]
+    # on-policy (ratio 1) all three losses have the same gradient: -A / |y| per token
+    for fn in (clipped_policy_loss, gspo_policy_loss, cispo_policy_loss):
+        _, g = _grad(fn, logp, logp.detach(), adv, "seq-mean-token-mean", 0.2, 0.2)
+        torch.testing.assert_close(g, torch.full((1, 2), -0.5), msg=fn.__name__)
+
+
+def test_the_policy_losses_registry_names_its_clip_params():
+    from grpolab.config import Params
+
+    t = Params().train
+    assert set(POLICY_LOSSES) == {"ppo_clip", "gspo", "cispo"} and t.policy_loss == "ppo_clip"
+    assert POLICY_LOSSES["ppo_clip"].loss is clipped_policy_loss
+    for entry in POLICY_LOSSES.values():
+        assert all(isinstance(getattr(t, key), float) for key in entry.clip)
+
+
+def test_entropy_bonus_at_the_composition_point():
+    pg, entropy = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, 1.5]])
+    loss = compose_token_loss(pg, None, 0.0, torch.ones(1, 2), torch.ones(1), torch.ones(1), entropy, 0.1)
+    torch.testing.assert_close(loss, torch.tensor([[1.0 - 0.05, 2.0 - 0.15]]))
+
+
+def test_overlong_penalty_and_truncation_by_hand():
+    from grpolab.algos.length import overlong_penalty, truncated
+
+    # max 10 tokens, a buffer of 4: no penalty up to 6, then (6 - len) / 4, times the factor
+    torch.testing.assert_close(overlong_penalty(torch.tensor([5, 6, 7, 10]), 10, 4, 0.5), torch.tensor([0.0, 0.0, -0.125, -0.5]))
+    ids = torch.tensor([[5, 6, 2], [5, 6, 7], [5, 2, 0]])  # stop token 2, padding 0
+    mask = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 0]])
+    assert truncated(ids, mask, [2], 3).tolist() == [False, True, False]

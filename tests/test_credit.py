@@ -80,7 +80,7 @@ def _loss_and_grad(weights: torch.Tensor):
     logits = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(0), requires_grad=True)
     targets = torch.tensor([[0, 1, 2, 3], [4, 5, 0, 0]])
     logp, _, _ = policy_token_stats(logits, targets)
-    pg, _ = clipped_policy_loss(logp, logp.detach(), torch.tensor([1.5, -0.5]), 0.2, 0.2)
+    pg, _ = clipped_policy_loss(logp, logp.detach(), torch.tensor([1.5, -0.5]), MASK, 0.2, 0.2)
     loss = aggregate(compose_token_loss(pg, None, 0.0, weights, torch.ones(2), torch.ones(2)), MASK, "token-mean", 4)
     (grad,) = torch.autograd.grad(loss, logits)
     return loss, grad

@@ -242,7 +242,7 @@ def dockerignore_rules() -> list[tuple[bool, re.Pattern]]:
 
 
 def test_dockerignore_keeps_local_state_results_and_secrets_out_of_the_build_context():
-    from grpolab.checkpoints import CHECKPOINT_DIR
+    from grpolab.paths import CHECKPOINT_DIR
     from grpolab.clean import RESULTS, pipeline_outputs
 
     rules = dockerignore_rules()

@@ -21,7 +21,7 @@ LAYERS = {
     "libraries": ["grpolab.config", "grpolab.data", "grpolab.device", "grpolab.distributed", "grpolab.models",
                   "grpolab.rollout", "grpolab.rewards", "grpolab.tracking", "grpolab.mia", "grpolab.checkpoints"],
     "foundations": ["grpolab.algos", "grpolab.mia.scores", "grpolab.mia.roc", "grpolab.data.tasks", "grpolab.errors",
-                    "grpolab.paths", "grpolab.fsutil", "grpolab.procs"],
+                    "grpolab.paths", "grpolab.fsutil", "grpolab.procs", "grpolab.ranks"],
 }
 RANK = {prefix: rank for rank, prefixes in enumerate(reversed(LAYERS.values())) for prefix in prefixes}
 
@@ -104,7 +104,9 @@ def test_the_exchanged_files_are_the_outputs_dvc_yaml_names():
     everything = set().union(*(outputs(s) for s in stages.values()))
     named = {k: v for k, v in vars(paths).items() if isinstance(v, Path)}
     for key, path in named.items():
-        if key == "INPUTS_DIR":
+        if key == "CHECKPOINT_DIR":
+            assert str(path) not in everything  # the train stage's own, to resume from: never a DVC output
+        elif key == "INPUTS_DIR":
             assert all(o.startswith(f"{path}/") for o in outputs(stages["inputs"]))
         else:
             assert str(path) in everything, f"grpolab.paths.{key} ({path}) is no output in dvc.yaml"

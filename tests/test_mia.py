@@ -47,7 +47,7 @@ def _single_prompt_loss(logits: torch.Tensor, weight: float) -> torch.Tensor:
     targets = torch.tensor([[0, 1], [1, 1], [2, 0]])
     logp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     adv = group_advantages(torch.tensor([1.0, 0.0, 0.5]), 3)
-    pg, _ = clipped_policy_loss(logp, logp.detach(), adv, 0.2, 0.2)
+    pg, _ = clipped_policy_loss(logp, logp.detach(), adv, torch.ones_like(logp), 0.2, 0.2)
     mask = torch.ones(3, 2)
     loss = compose_token_loss(pg, None, 0.0, torch.ones(3, 2), torch.full((3,), weight), torch.ones(3))
     return aggregate(loss, mask, "token-mean", 2)

@@ -136,3 +136,30 @@ def test_a_load_lock_left_by_a_killed_run_does_not_hang_the_next(tmp_path):
     finally:
         for lock in left:
             lock.unlink(missing_ok=True)
+
+
+def test_a_killed_grpolab_run_leaves_nothing_running_and_the_next_takes_the_lock(project):
+    """kill -9 of `grpolab run` in the middle of a stage (issue 23, req 6): its `dvc repro`, the stage and
+    Prefect's temporary server go with it, and the next command takes the pipeline lock at once."""
+    from conftest import MARKER, TINY, grpolab, marked_processes
+
+    marker = f"{os.getpid()}-{time.monotonic_ns()}"
+    log = project / "run.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen([f"{BIN}/grpolab", "run", *[f"-S{o}" for o in TINY]], cwd=project,
+                                  env={**project_env(), MARKER: marker}, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while "==> grpolab stage prepare" not in log.read_text():
+        assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    running = marked_processes(marker)
+    assert [c for c in running.values() if "uvicorn" in c and "prefect" in c], running  # its temporary server
+    assert [c for c in running.values() if c.endswith("stage prepare")] and [c for c in running.values() if "dvc repro" in c], running
+    driver.kill()
+    driver.wait()
+    deadline = time.monotonic() + 30
+    while (left := marked_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, left
+    proc = grpolab("stage", "prepare", "-S", "seed=x", cwd=project, check=False)  # the lock is free: it fails on the value
+    assert proc.returncode == 2 and "seed: Input should be a valid integer" in proc.stderr, proc.stderr

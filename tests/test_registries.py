@@ -9,8 +9,8 @@ import torch
 
 from grpolab import config
 from grpolab.algos import credit as C
-from grpolab.algos.advantages import ADVANTAGE_SCALES, group_advantages
-from grpolab.algos.losses import AGGREGATIONS, KL_ESTIMATORS
+from grpolab.algos.advantages import ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES, group_advantages
+from grpolab.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from grpolab.algos.mia_weights import MIA_WEIGHT_TRANSFORMS, SCORE_NORMALIZATIONS
 from grpolab.algos.tracin import VAL_LOSS_COEFFICIENTS, VAL_SELECTIONS
 from grpolab.config import schema
@@ -37,6 +37,8 @@ def allowed(model: type, field: str) -> tuple:
     (schema.MiaParams, "normalize", SCORE_NORMALIZATIONS, ()),
     (schema.TrainParams, "mia_weighting_mode", MIA_WEIGHT_TRANSFORMS, ()),
     (schema.TrainParams, "scale_rewards", ADVANTAGE_SCALES, ()),
+    (schema.TrainParams, "advantage_estimator", ADVANTAGE_ESTIMATORS, ()),
+    (schema.TrainParams, "policy_loss", POLICY_LOSSES, ()),
     (schema.TrainParams, "kl_estimator", KL_ESTIMATORS, ()),
     (schema.TrainParams, "loss_agg_mode", AGGREGATIONS, ()),
     (schema.TracInParams, "val_selection", VAL_SELECTIONS, ()),

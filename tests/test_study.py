@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 from mlflow import MlflowClient
 
@@ -21,7 +22,7 @@ from grpolab.study.report import TABLES, summary_table, welch_interval
 from grpolab.study.run import CELL_MARKER, Progress
 from grpolab.study.spec import StudySpec, load_study
 
-from conftest import BIN, REPO, free_port, grpolab, make_project, project_env, run
+from conftest import BIN, MARKER, REPO, free_port, grpolab, make_project, marked_processes, project_env, run
 from servers import http_ok
 
 STUDY = """name: s
@@ -35,7 +36,6 @@ variants:
 seeds: [0, 1]
 baseline: plain
 """
-
 
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "study.yaml"
@@ -164,15 +164,16 @@ def complete_parents(client: MlflowClient, experiment: str) -> list:
     return [r for r in runs if r.data.tags.get("grpolab.complete") == "true"]
 
 
-def cell_processes(study: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
+def cell_processes(project: Path, study: str) -> dict[int, str]:
+    """The live processes of `study`'s cells in `project`, by pid, with their parent and command line."""
+    found = {}
+    for proc in psutil.process_iter():
         try:
-            if f"{CELL_MARKER}={study}/".encode() in (proc / "environ").read_bytes():
-                pids.append(int(proc.name))
-        except OSError:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(CELL_MARKER, "").startswith(f"{project.resolve()}::{study}/"):
+                found[proc.pid] = f"(parent {proc.ppid()}) {' '.join(proc.cmdline())[:150]}"
+        except psutil.Error:
             pass
-    return pids
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +185,8 @@ def smoke(tmp_path_factory):
     params_before = (project / "params.yaml").read_bytes()
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
 
-    first = subprocess.Popen([f"{BIN}/grpolab", "study", "studies/smoke.yaml", "--jobs", "2"], cwd=project, env=project_env(),
+    marker = f"smoke-{os.getpid()}"
+    first = subprocess.Popen([f"{BIN}/grpolab", "study", "studies/smoke.yaml", "--jobs", "2"], cwd=project, env={**project_env(), MARKER: marker},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 600
     while not ((project / "mlflow.db").exists() and complete_parents(client, "smoke")):
@@ -193,6 +195,9 @@ def smoke(tmp_path_factory):
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     killed_at = int(time.time() * 1000)
+    deadline = time.monotonic() + 30  # its cells and Prefect's temporary server die with it
+    while (left_after_kill := marked_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     done_before = {r.data.tags["grpolab.variant"] + "-s" + r.data.tags["grpolab.seed"]: r for r in complete_parents(client, "smoke")}
 
     # Started again: the flow itself (as a deployment would call it), on Prefect's test server.
@@ -224,7 +229,7 @@ def smoke(tmp_path_factory):
         os.environ.update(saved)
     return {
         "project": project, "client": client, "params_before": params_before, "done_before": done_before,
-        "killed_at": killed_at, "text": text, "artifacts": artifacts,
+        "killed_at": killed_at, "text": text, "artifacts": artifacts, "left_after_kill": left_after_kill,
     }
 
 
@@ -265,7 +270,8 @@ def test_smoke_study_resumed_only_the_cells_that_had_not_finished(smoke):
     for name, parent in smoke["done_before"].items():
         tree = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert tree and all(r.info.start_time < smoke["killed_at"] for r in tree), name  # nothing of it ran again
-    assert not cell_processes("smoke")  # what the killed run left running was stopped
+    assert not smoke["left_after_kill"]  # the killed run's cells and Prefect server died with it
+    assert not (left := cell_processes(project, "smoke")), left
     assert not list((project / ".dvc" / "tmp" / "exps").glob("standalone/tmp*"))
     listed = run([f"{BIN}/dvc", "exp", "ls", "--name-only"], project).stdout.split()
     assert sorted(listed) == ["smoke-outcome_conditional-s0", "smoke-outcome_conditional-s1", "smoke-plain-s0", "smoke-plain-s1"]

@@ -24,8 +24,8 @@ import torch
 from grpolab import distributed as dist
 from grpolab.config import Params
 from grpolab.fsutil import atomic_write_text, content_digest, link_or_copy
+from grpolab.paths import CHECKPOINT_DIR
 
-CHECKPOINT_DIR = Path("checkpoints/train")
 LOGS = "logs"  # CHECKPOINT_DIR/logs/<folder name>/step_*.parquet
 STATE_FILE = "grpolab_state.json"
 HISTORY = "metrics.csv"  # every metric of every step so far: the curve, and what MLflow got

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from grpolab.checkpoints import CHECKPOINT_DIR
-from grpolab.tracking import DEFAULT_ARTIFACTS, DEFAULT_DB
+from grpolab.paths import CHECKPOINT_DIR, DEFAULT_ARTIFACTS, DEFAULT_DB
 
 PIPELINE_FILE = Path("dvc.yaml")
 RESULTS = [Path(DEFAULT_DB), Path(DEFAULT_ARTIFACTS), Path("mlartifacts"), Path(".dvc/cache"), Path(".dvc/tmp"),

@@ -21,11 +21,28 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per downloaded file drowns the output
 
 
+def _temporary_prefect_server() -> None:
+    """With no PREFECT_API_URL, Prefect starts a temporary server on first use, which a killed grpolab would
+    leave serving: started here, and stopped when this process ends, however it ends."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    from grpolab.procs import stop_with_me
+
+    if PREFECT_API_URL.value():
+        return
+    server = SubprocessASGIServer()  # the instance Prefect's client uses
+    server.start()
+    stop_with_me(server.server_process.pid)
+
+
 def _load_flow(name: str):
-    """The flow `name` of the project's flows/<name>.py (the file a deployment would point at)."""
+    """The flow `name` of the project's flows/<name>.py (the file a deployment would point at), with the
+    Prefect API it reports to up."""
     path = FLOWS / f"{name}.py"
     if not path.is_file():
         raise ConfigError(f"{path}: not found (run grpolab from the project root)")
+    _temporary_prefect_server()
     spec = importlib.util.spec_from_file_location(f"grpolab_flows_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -67,18 +84,18 @@ def cmd_report(args) -> None:
 
 
 def cmd_stage(args) -> None:
-    from transformers.utils import logging as hf_logging
-
-    from grpolab import distributed
+    from grpolab import ranks
     from grpolab.stages import run_stage, stage_function
     from grpolab.workspace import pipeline_lock
 
-    hf_logging.disable_progress_bar()  # per-file load/save bars drown the stage's own progress
-
     stage_function(args.name)  # its imports done before the banner, which says the stage's work begins
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-file load/save bars drown the stage's own progress
     with pipeline_lock():
         # rank 0 alone writes: the other workers of a launched job apply the same overrides in memory
-        params = config.apply_overrides(args.set) if distributed.is_rank0() else config.overridden(args.set)[1]
+        params = config.apply_overrides(args.set) if ranks.is_rank0() else config.overridden(args.set)[1]
         print(f"==> grpolab stage {args.name}", flush=True)
         summary = run_stage(args.name, params)
     print("    " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
@@ -171,6 +188,9 @@ def cli_reference() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from grpolab.procs import bind_to_parent
+
+    bind_to_parent()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -1,4 +1,4 @@
-"""Process-group helpers: the one place that knows about ranks.
+"""Process-group helpers (which rank this process is comes from `grpolab.ranks`, re-exported here).
 
 In-process runs (the default) are a world of one; `torchrun` workers read their rank from the
 environment it sets. Either way the group has a backend per device type (`backend()`).
@@ -17,26 +17,9 @@ import torch
 import torch.distributed as dist
 
 from grpolab.procs import die_with_parent, signals_stop
+from grpolab.ranks import is_rank0, launched, rank, world_size  # noqa: F401  (callers ask distributed.*)
 
 LOOPBACK_INTERFACE = "lo"  # Linux's name for it
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_rank0() -> bool:
-    return rank() == 0
-
-
-def launched() -> bool:
-    """True inside a launched worker: grpolab's own (`train.num_processes` on one machine), or an external
-    launcher's (torchrun, `deepspeed --hostfile`, SLURM's srun with the torch variables set), on any node."""
-    return "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
 def backend(cuda: bool | None = None) -> str:

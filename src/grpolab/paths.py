@@ -1,6 +1,6 @@
 """The files the stages hand each other, by the stage that writes them, as `dvc.yaml` names them
-(a test checks that each is an output of its stage there). Paths are relative to the project root,
-where DVC runs every stage."""
+(a test checks that each is an output of its stage there), and the project's other fixed places.
+Paths are relative to the project root, where DVC runs every stage."""
 
 from pathlib import Path
 
@@ -40,3 +40,9 @@ HEADLINES = {
     "train": Path("metrics/train.json"),
     "evaluate": Path("metrics/eval.json"),
 }
+
+# Not outputs of a stage: the training checkpoints (resumed by a killed train stage), and where the
+# MLflow store lives unless `tracking.uri` names one.
+CHECKPOINT_DIR = Path("checkpoints/train")
+DEFAULT_DB = "mlflow.db"  # in the project root
+DEFAULT_ARTIFACTS = "mlruns"  # beside it

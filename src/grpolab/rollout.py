@@ -219,7 +219,8 @@ def completion_token_stats(model, rows: dict, stats: Callable[..., tuple[torch.T
     targets [n])` -> tensors [n], evaluated a chunk of tokens at a time and returned as [b, T] each
     (0 at padding), on the CPU. rows: prompt_ids / prompt_mask [b, P] left-padded, completion_ids / mask
     [b, T] right-padded. Under autograd each chunk's logits are recomputed in the backward pass rather
-    than kept; the first statistic is differentiable, the others should be computed detached."""
+    than kept; the statistics `stats` computes with autograd are differentiable (log p; an entropy bonus's
+    entropy), the others should be computed detached."""
     out = forward_completions(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"],
                               output_hidden_states=True, **last_logits_only(model))
     p = rows["prompt_ids"].shape[1]
@@ -250,11 +251,12 @@ def completion_token_stats(model, rows: dict, stats: Callable[..., tuple[torch.T
     return tuple(results)
 
 
-def completion_logprobs(model, rows: dict, entropy: bool = False):
-    """log p of each completion token under `model` ([b, T]) and, if asked, (entropy, sum_v p_v^2) ([b, T] each)."""
+def completion_logprobs(model, rows: dict, entropy: bool = False, entropy_grad: bool = False):
+    """log p of each completion token under `model` ([b, T]) and, if asked, (entropy, sum_v p_v^2) ([b, T] each;
+    the entropy differentiable with `entropy_grad`)."""
     if not entropy:
         return completion_token_stats(model, rows, lambda logits, y: (token_logprobs(logits, y),))[0], None
-    logp, ent, prob_sq = completion_token_stats(model, rows, policy_token_stats)
+    logp, ent, prob_sq = completion_token_stats(model, rows, lambda logits, y: policy_token_stats(logits, y, entropy_grad))
     return logp, (ent, prob_sq)
 
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from grpolab import distributed as dist
 from grpolab.algos.advantages import group_advantages
-from grpolab.algos.losses import aggregate, aggregation_units, clipped_policy_loss, compose_token_loss
+from grpolab.algos.losses import POLICY_LOSSES, aggregate, aggregation_units, compose_token_loss
 from grpolab.algos.tracin import (
     PARAMETER_USES,
     VAL_LOSS_COEFFICIENTS,
@@ -225,7 +225,8 @@ class TracIn:
         its prompt and token weights, the update's aggregation), on-policy (ratio 1), without KL."""
         t = self.params.train
         logp = completion_logprobs(model, rows)[0]
-        pg, _ = clipped_policy_loss(logp, logp.detach(), rows["advantages"], t.clip_eps_low, t.clip_eps_high)
+        policy_loss = POLICY_LOSSES[t.policy_loss]  # at ratio 1 all three give -A grad(log p) per token
+        pg, _ = policy_loss.loss(logp, logp.detach(), rows["advantages"], rows["mask"], *[getattr(t, k) for k in policy_loss.clip])
         token_loss = compose_token_loss(pg, None, 0.0, rows["w_token"], rows["w_prompt"], torch.ones(len(pg)))
         return aggregate(token_loss, rows["mask"], t.loss_agg_mode, t.max_new_tokens, units)
 

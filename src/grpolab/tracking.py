@@ -31,9 +31,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from grpolab.config import Params, flatten, params_hash
 from grpolab.errors import ConfigError
+from grpolab.paths import DEFAULT_ARTIFACTS, DEFAULT_DB
 
-DEFAULT_DB = "mlflow.db"  # in the project root
-DEFAULT_ARTIFACTS = "mlruns"  # beside it
 PARAMS_HASH_TAG = "grpolab.params_hash"
 STAGE_TAG = "grpolab.stage"
 STUDY_TAG = "grpolab.study"

@@ -15,9 +15,9 @@ import pandas as pd
 import torch
 
 from grpolab import distributed as dist
-from grpolab.algos.advantages import group_advantages, zero_std_groups
+from grpolab.algos.advantages import zero_std_groups
 from grpolab.algos.credit import ANSWER, CLASS_NAMES, THINK, gini, token_credit
-from grpolab.algos.losses import KL_ESTIMATORS, aggregate, aggregation_units, clipped_policy_loss, compose_token_loss
+from grpolab.algos.losses import KL_ESTIMATORS, POLICY_LOSSES, aggregate, aggregation_units, compose_token_loss
 from grpolab.config import Params
 from grpolab.errors import ConfigError
 from grpolab.models import save_model
@@ -37,6 +37,7 @@ class Sampled:
     parts: dict[str, torch.Tensor]  # reward part -> [B] its unweighted values
     all_rewards: torch.Tensor  # [world_size * B] every process's rewards, in rank order (advantages see them all)
     sources: list[str]  # data_source of each reward of all_rewards
+    all_lengths: torch.Tensor  # [world_size * B] the completions' lengths, aligned with all_rewards
 
 
 @dataclass
@@ -137,13 +138,16 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
     grad_norm = math.nan
     columns = batch.columns()
     batch.credit, batch.entropy = torch.zeros(batch.rollout.completion_mask.shape), torch.zeros(batch.rollout.completion_mask.shape)
+    policy_loss = POLICY_LOSSES[t.policy_loss]
+    clip = [getattr(t, key) for key in policy_loss.clip]
     for index in batch.micro_batches(t.micro_batch_size):
         rows = take(columns, index)
-        logp, (entropy, prob_sq) = completion_logprobs(engine, rows, entropy=True)
+        logp, (entropy, prob_sq) = completion_logprobs(engine, rows, entropy=True, entropy_grad=t.entropy_coef > 0)
         old = rows["old_logp"] if rows["old_logp"] is not None else logp.detach()
-        pg, clipped = clipped_policy_loss(logp, old, rows["advantages"], t.clip_eps_low, t.clip_eps_high)
+        pg, clipped = policy_loss.loss(logp, old, rows["advantages"], rows["mask"], *clip)
         kl = KL_ESTIMATORS[t.kl_estimator](logp, rows["ref_logp"]) if rows["ref_logp"] is not None else None
-        token_loss = compose_token_loss(pg, kl, t.kl_beta, rows["w_token"], rows["w_prompt"], rows["keep"])
+        token_loss = compose_token_loss(pg, kl, t.kl_beta, rows["w_token"], rows["w_prompt"], rows["keep"], entropy, t.entropy_coef)
+        entropy = entropy.detach()
         # Each rank's share is scaled by the world size because DeepSpeed averages gradients over ranks.
         loss = aggregate(token_loss, rows["mask"], t.loss_agg_mode, t.max_new_tokens, units) * dist.world_size()
         engine.backward(loss, scale_wrt_gas=False)
@@ -187,7 +191,7 @@ def step_metrics(params: Params, engine, sums: dict, sampled: Sampled, batch: Ba
         "train/reward_std": rewards.std().item(),
         **{f"train/reward/{name}": v for name, v in parts.items()},
         **{f"train/reward_by_source/{source}": v for source, v in source_means(sampled.sources, rewards).items()},
-        "train/advantage_mean": group_advantages(rewards, t.group_size, t.scale_rewards).mean().item(),
+        "train/advantage_mean": dist.all_reduce_sum(batch.advantages.sum()).item() / len(rewards),  # as trained
         "train/logprob_mean": s["logp"] / tokens,
         "train/entropy": s["entropy"] / tokens,
         "train/clip_ratio": s["clipped"] / tokens,

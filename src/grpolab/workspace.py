@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from grpolab import distributed
-from grpolab.checkpoints import CHECKPOINT_DIR
 from grpolab.clean import PIPELINE_FILE, pipeline_outputs
 from grpolab.fsutil import is_temporary, take_lock
+from grpolab.paths import CHECKPOINT_DIR
+from grpolab.ranks import is_rank0
 
 LOCK_FILE = Path(".grpolab/pipeline.lock")
 HOLDER_ENV = "GRPOLAB_PIPELINE_LOCK"  # set, to the lock's path, in the holder and everything it starts
@@ -28,7 +28,7 @@ STAGING = CHECKPOINT_DIR / ".staging"  # a checkpoint being written
 @contextmanager
 def pipeline_lock() -> Iterator[None]:
     path = LOCK_FILE.resolve()
-    if os.environ.get(HOLDER_ENV) == str(path) or not distributed.is_rank0():
+    if os.environ.get(HOLDER_ENV) == str(path) or not is_rank0():
         yield  # started by the holder, or a training worker of an external launcher, whose rank 0 holds it
         return
     lock = take_lock(path, f"another grpolab pipeline is running in {Path.cwd()}: wait for it to end, or stop it")

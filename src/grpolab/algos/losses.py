@@ -1,8 +1,9 @@
-"""Clipped policy loss, KL to the reference, the composition point, and loss aggregation."""
+"""Policy-gradient losses by name, KL to the reference, the composition point, and loss aggregation."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -12,14 +13,18 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def policy_token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From one log-softmax: log p(target) [B, T] (differentiable), and, detached, the entropy
-    [B, T] and sum_v p_v^2 [B, T] (what the credit of a token needs)."""
+def policy_token_stats(
+    logits: torch.Tensor, targets: torch.Tensor, entropy_grad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From one log-softmax: log p(target) [B, T] (differentiable), the entropy [B, T] (differentiable
+    with `entropy_grad`, for an entropy bonus; else detached) and, detached, sum_v p_v^2 [B, T] (what the
+    credit of a token needs)."""
     logp_all = torch.log_softmax(logits.float(), dim=-1)
     detached = logp_all.detach()
     probs = detached.exp()
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return logp, -(probs * detached).sum(-1), probs.square().sum(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1) if entropy_grad else -(probs * detached).sum(-1)
+    return logp, entropy, probs.square().sum(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -29,17 +34,70 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def clipped_policy_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_low: float, clip_high: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate per token: -min(r A, clip(r, 1-clip_low, 1+clip_high) A), r = exp(logp - old_logp).
+    """PPO's clipped surrogate per token (GRPO's, DAPO's with clip_high > clip_low):
+    -min(r A, clip(r, 1-clip_low, 1+clip_high) A), r = exp(logp - old_logp).
 
-    logp, old_logp: [B, T]; advantages: [B]. Returns (loss [B, T], clipped [B, T] bool: where the clip bound won).
+    logp, old_logp, mask: [B, T]; advantages: [B]. Returns (loss [B, T], clipped [B, T] bool: where the clip bound won).
     """
     ratio = torch.exp(logp - old_logp)
     adv = advantages.unsqueeze(-1)
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
     return -torch.minimum(unclipped, clipped), clipped < unclipped
+
+
+def gspo_policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_low: float, clip_high: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GSPO's sequence-level clipped surrogate (Zheng et al. 2025), in its GSPO-token form.
+
+    The sequence ratio s_i = exp(mean_t (logp - old_logp)) over completion i's tokens is clipped per
+    sequence. Per token, s_it = sg[s_i] exp(logp_t - sg[logp_t]) has the value s_i and the gradient
+    s_i grad(logp_t), so averaged over a completion's tokens (`seq-mean-token-mean`) the loss and its
+    gradient are GSPO's, A_i grad(s_i) = A_i s_i mean_t grad(logp_t); a token weight (a mitigation's)
+    multiplies A_i per token, as GSPO-token allows. The log-ratio is capped at 10 (verl's guard against
+    overflow). logp, old_logp, mask: [B, T]; advantages: [B]. Returns (loss [B, T], clipped [B, T] bool).
+    """
+    m = mask.to(logp.dtype)
+    seq_log_ratio = ((logp - old_logp) * m).sum(-1) / m.sum(-1).clamp(min=1)  # [B]
+    log_ratio = logp - logp.detach() + seq_log_ratio.detach().unsqueeze(-1)
+    ratio = torch.exp(torch.clamp(log_ratio, max=10.0))
+    adv = advantages.unsqueeze(-1)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
+    return -torch.minimum(unclipped, clipped), (clipped < unclipped) & mask.bool()
+
+
+def cispo_policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_low: float, clip_high: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CISPO (MiniMax-M1, Chen et al. 2025): REINFORCE with the clipped importance weight as a constant,
+    -sg(clip(r, 1-clip_low, 1+clip_high)) A logp per token. Its gradient, -clip(r) A grad(logp), keeps
+    every token (PPO's min zeroes a clipped token's), and equals PPO's where r lies inside the bounds.
+    logp, old_logp, mask: [B, T]; advantages: [B]. Returns (loss [B, T], clipped [B, T] bool: the weight was cut).
+    """
+    ratio = torch.exp(logp - old_logp).detach()
+    weight = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    return -(weight * advantages.unsqueeze(-1) * logp), weight != ratio
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A policy-gradient loss: `loss(logp, old_logp, advantages, mask, clip_low, clip_high)`, and the
+    `train.*` params that hold its clip bounds."""
+
+    loss: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    clip: tuple[str, str]
+
+
+# train.policy_loss -> its loss
+POLICY_LOSSES: dict[str, PolicyLoss] = {
+    "ppo_clip": PolicyLoss(clipped_policy_loss, ("clip_eps_low", "clip_eps_high")),  # GRPO, DAPO (verl's "vanilla")
+    "gspo": PolicyLoss(gspo_policy_loss, ("gspo_clip_low", "gspo_clip_high")),
+    "cispo": PolicyLoss(cispo_policy_loss, ("cispo_clip_low", "cispo_clip_high")),
+}
 
 
 def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -68,16 +126,21 @@ def compose_token_loss(
     token_weights: torch.Tensor,
     prompt_weights: torch.Tensor,
     keep: torch.Tensor,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
 ) -> torch.Tensor:
-    """The one place a variant changes the loss: L = keep * w_prompt * w_token * L_pg + beta * KL.
+    """The one place a variant changes the loss: L = keep * w_prompt * w_token * L_pg + beta * KL - c * H.
 
-    pg_loss, kl, token_weights: [B, T]; prompt_weights, keep: [B]. Weights are detached: they
-    scale gradients and are never trained. Returns [B, T].
+    pg_loss, kl, token_weights, entropy: [B, T]; prompt_weights, keep: [B]. Weights are detached: they
+    scale gradients and are never trained. The entropy bonus (c = entropy_coef), like the KL, is on every
+    token, whatever the weights. Returns [B, T].
     """
     weight = keep.detach().unsqueeze(-1) * prompt_weights.detach().unsqueeze(-1) * token_weights.detach()
     loss = weight * pg_loss
     if kl is not None and kl_beta > 0:
         loss = loss + kl_beta * kl
+    if entropy is not None and entropy_coef > 0:
+        loss = loss - entropy_coef * entropy
     return loss
 
 

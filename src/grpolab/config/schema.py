@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from grpolab.algos.advantages import ADVANTAGE_SCALES
+from grpolab.algos.advantages import ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES
 from grpolab.algos.credit import MITIGATIONS
-from grpolab.algos.losses import AGGREGATIONS, KL_ESTIMATORS
+from grpolab.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from grpolab.algos.mia_weights import MIA_WEIGHT_TRANSFORMS, SCORE_NORMALIZATIONS
 from grpolab.algos.tracin import VAL_LOSS_COEFFICIENTS, VAL_SELECTIONS
 from grpolab.data.tasks import problem_space
@@ -417,6 +417,35 @@ class TrainParams(Section):
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     clip_eps_low: float = Field(0.2, ge=0, lt=1, description="Lower PPO clip: the ratio is kept above 1 - clip_eps_low.")
     clip_eps_high: float = Field(0.2, ge=0, description="Upper PPO clip: the ratio is kept below 1 + clip_eps_high (DAPO's clip-higher).")
+    policy_loss: Literal[tuple(POLICY_LOSSES)] = Field(
+        "ppo_clip", description="The policy-gradient loss: `ppo_clip` PPO's clipped token ratio (GRPO, DAPO; verl's "
+        "`vanilla`), `gspo` GSPO's clipped sequence ratio (Zheng et al. 2025, in its GSPO-token form: token weights "
+        "still apply), `cispo` CISPO's clipped importance weight as a constant on A log p (MiniMax-M1)."
+    )
+    gspo_clip_low: float = Field(3e-4, ge=0, lt=1, description="GSPO: the sequence ratio is kept above 1 - gspo_clip_low (the paper's 3e-4).")
+    gspo_clip_high: float = Field(4e-4, ge=0, description="GSPO: the sequence ratio is kept below 1 + gspo_clip_high (the paper's 4e-4).")
+    cispo_clip_low: float = Field(
+        1.0, ge=0, le=1, description="CISPO: the importance weight is kept above 1 - cispo_clip_low (1: no lower bound, as in MiniMax-M1)."
+    )
+    cispo_clip_high: float = Field(
+        3.0, ge=0, description="CISPO: the importance weight is kept below 1 + cispo_clip_high (3: at most 4, ScaleRL's and Tinker's cap)."
+    )
+    advantage_estimator: Literal[tuple(ADVANTAGE_ESTIMATORS)] = Field(
+        "grpo", description="The baseline subtracted in each group: `grpo` its mean, `rloo` the mean of the other "
+        "completions (leave-one-out), `opo` its length-weighted mean (verl's `opo`); `scale_rewards` then divides."
+    )
+    entropy_coef: float = Field(
+        0.0, ge=0, description="Entropy bonus: the loss subtracts entropy_coef x each token's policy entropy, aggregated as the loss is."
+    )
+    overlong_buffer_len: int = Field(
+        0, ge=0, description="DAPO's soft overlong punishment: completions longer than max_new_tokens - overlong_buffer_len "
+        "lose reward linearly, up to overlong_penalty_factor at max_new_tokens (the reward part `overlong`; 0: off)."
+    )
+    overlong_penalty_factor: float = Field(1.0, ge=0, description="The most reward the overlong punishment takes (DAPO's 1.0).")
+    mask_truncated_completions: bool = Field(
+        False, description="A completion that reached max_new_tokens without a stop token contributes no policy-gradient "
+        "term (DAPO's overlong filtering); the KL and the entropy bonus still see it."
+    )
     kl_beta: float = Field(0.04, ge=0, description="Weight of the KL penalty to the frozen reference; 0 loads no reference.")
     kl_estimator: Literal[tuple(KL_ESTIMATORS)] = Field("k3", description="KL estimator: k1 log-ratio, k2 half squared log-ratio, k3 Schulman's.")
     scale_rewards: Literal[tuple(ADVANTAGE_SCALES)] = Field(
@@ -513,6 +542,9 @@ class TrainParams(Section):
                 f"micro_batch_size ({self.micro_batch_size}) must divide the per-process batch "
                 f"(prompts_per_step x group_size / num_processes = {per_process})"
             )
+        if self.overlong_buffer_len >= self.max_new_tokens:
+            raise ValueError(f"overlong_buffer_len ({self.overlong_buffer_len}) must be below max_new_tokens "
+                             f"({self.max_new_tokens}): the punishment starts max_new_tokens - overlong_buffer_len tokens in")
         rewards = self.rewards or {}
         if "judge" in rewards and self.judge_model is None:
             raise ValueError("rewards: the judge reward needs train.judge_model")

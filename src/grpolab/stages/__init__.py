@@ -2,7 +2,7 @@
 `dvc.yaml` and the Prefect flow chain them. Each stage reads params and files (`grpolab.paths`) and writes
 files; no stage imports another.
 
-What a stage returns is its headline: written to its file in `paths.HEADLINES` and logged to its own
+What a tracked stage returns is its headline: written to its file in `paths.HEADLINES` and logged to its own
 MLflow child run and to the pipeline's parent run. The last stage, `summary`, logs into the
 parent itself, so the parent holds every stage's record also when DVC restored a stage from its cache.
 """
@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from grpolab import distributed, tracking
+from grpolab import ranks
 from grpolab.config import Params
 from grpolab.errors import ConfigError
 from grpolab.fsutil import atomic_write_text
@@ -26,18 +26,20 @@ from grpolab.paths import HEADLINES
 @dataclass(frozen=True)
 class Stage:
     """A stage of the pipeline: its function is `grpolab.stages.<name>.<name>(params, tracker) -> headline`.
-    Each stage is a process of its own (DVC runs `grpolab stage NAME`), so it imports its own module only:
-    `inputs` needs none of torch's model stack (seconds per stage)."""
+    Each stage is a process of its own (DVC runs `grpolab stage NAME`), so it imports its own module only,
+    and an untracked stage neither MLflow nor the process group: `inputs`, which DVC runs every time, starts
+    in a second or two rather than the 8 s or so a model stage spends importing torch, transformers, MLflow."""
 
     name: str
     processes: bool = False  # runs as `train.num_processes` processes, and resumes its checkpoint's MLflow run
+    tracked: bool = True  # logs to MLflow (its own child run, or the parent: see HEADLINES)
 
     def function(self) -> Callable[..., dict]:
         return getattr(importlib.import_module(f"{__name__}.{self.name}"), self.name)
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("inputs"), Stage("prepare"), Stage("sft"), Stage("mia"), Stage("train", processes=True), Stage("evaluate"),
+    Stage("inputs", tracked=False), Stage("prepare"), Stage("sft"), Stage("mia"), Stage("train", processes=True), Stage("evaluate"),
     Stage("summary"),
 ]}
 
@@ -52,10 +54,10 @@ def _check_processes(params: Params) -> None:
     """The launcher's processes match `train.num_processes`, and this node has a GPU for each (when it has GPUs)."""
     from grpolab.device import check_processes_fit  # torch: not for the stages that need none
 
-    if distributed.launched():
-        if distributed.world_size() != params.train.num_processes:
+    if ranks.launched():
+        if ranks.world_size() != params.train.num_processes:
             raise ConfigError(f"train.num_processes is {params.train.num_processes} but the launcher started "
-                              f"{distributed.world_size()} processes (WORLD_SIZE): set it to the job's total")
+                              f"{ranks.world_size()} processes (WORLD_SIZE): set it to the job's total")
         # the launcher's processes on this node (srun may not say how many: LOCAL_RANK)
         on_node = int(os.environ.get("LOCAL_WORLD_SIZE", int(os.environ["LOCAL_RANK"]) + 1))
         check_processes_fit(on_node, "the launcher's processes on this node (LOCAL_WORLD_SIZE)")
@@ -66,15 +68,19 @@ def _check_processes(params: Params) -> None:
 def run_stage(name: str, params: Params) -> dict:
     function = stage_function(name)
     stage = STAGES[name]
-    if distributed.is_rank0():
+    if not stage.tracked:
+        return function(params, None)
+    from grpolab import distributed, tracking  # torch and MLflow: for the tracked stages only
+
+    if ranks.is_rank0():
         tracking.check_store(params)
     if stage.processes:
         _check_processes(params)
-        if params.train.num_processes > 1 and not distributed.launched():
+        if params.train.num_processes > 1 and not ranks.launched():
             # this machine's copies of the stage, each joining the process group
             distributed.launch_local([sys.executable, "-m", "grpolab.cli", "stage", name], params.train.num_processes)
             return {}
-    if not distributed.is_rank0():  # rank 0 alone talks to MLflow
+    if not ranks.is_rank0():  # rank 0 alone talks to MLflow
         return function(params, None)
     resume = importlib.import_module(function.__module__).resumed_run(params) if stage.processes else None
     with tracking.stage_run(params, name, run_id=resume, own_run=name in HEADLINES) as tracker:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from grpolab import device as dev
 from grpolab import distributed as dist
 from grpolab.algos.advantages import group_advantages
+from grpolab.algos.length import overlong_penalty, truncated
 from grpolab.checkpoints import discard, resumable
 from grpolab.config import Params
 from grpolab.data.tokenizer import encode_prompt, load_tokenizer
@@ -64,24 +65,32 @@ def sample_rollouts(params: Params, engine, tokenizer, data: pd.DataFrame, rollo
     return rows, rollout
 
 
-def score(rows: list[dict], rollout: Rollout, tokenizer, rewarder: Rewarder) -> Sampled:
-    """The rollouts' rewards; every process's too (advantages under batch scaling and the logged stats see the
-    whole batch)."""
+def score(params: Params, rows: list[dict], rollout: Rollout, tokenizer, rewarder: Rewarder) -> Sampled:
+    """The rollouts' rewards (with DAPO's overlong punishment, if on, as the part `overlong`); every process's
+    too, with the completions' lengths (advantages and the logged stats see the whole batch)."""
+    t = params.train
     texts = decode(tokenizer, rollout)
     reward, parts = rewarder(rows, texts, str(WEIGHTED_TRAIN_FILE))
+    lengths = rollout.completion_mask.sum(-1)
+    if t.overlong_buffer_len:
+        parts["overlong"] = overlong_penalty(lengths, t.max_new_tokens, t.overlong_buffer_len, t.overlong_penalty_factor)
+        reward = reward + parts["overlong"]
     all_rewards = dist.all_gather_cat(reward)
     sources = dist.all_gather_objects([r["data_source"] for r in rows])  # aligned with all_rewards
-    return Sampled(rows, texts, reward, parts, all_rewards, sources)
+    return Sampled(rows, texts, reward, parts, all_rewards, sources, dist.all_gather_cat(lengths))
 
 
-def weigh(params: Params, engine, ref_model, variants: Variants, sampled: Sampled, rollout: Rollout) -> Batch:
+def weigh(params: Params, engine, tokenizer, ref_model, variants: Variants, sampled: Sampled, rollout: Rollout) -> Batch:
     """What the update reads: this process's advantages, the variants' weights at the composition point, and the
     old (ppo_epochs > 1) and reference (kl_beta > 0) log-probs."""
     t = params.train
     offset = dist.rank() * len(sampled.rows)
-    advantages = group_advantages(sampled.all_rewards, t.group_size, t.scale_rewards)[offset : offset + len(sampled.rows)]
+    advantages = group_advantages(sampled.all_rewards, t.group_size, t.scale_rewards, estimator=t.advantage_estimator,
+                                  lengths=sampled.all_lengths)[offset : offset + len(sampled.rows)]
     classes = variants.token_classes(rollout)
     weights = variants.loss_weights(rollout, sampled.rows, classes, engine.module, by_length(rollout.completion_mask, t.micro_batch_size))
+    if t.mask_truncated_completions:
+        weights.keep = weights.keep * ~truncated(rollout.completion_ids, rollout.completion_mask, stop_ids(engine.module, tokenizer), t.max_new_tokens)
     batch = Batch(rollout, advantages, None, None, weights, classes)
     engine.module.eval()
     if t.ppo_epochs > 1:
@@ -153,12 +162,12 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
         if (step - 1) % t.ppo_epochs == 0 or step == start + 1:  # a new batch of rollouts each PPO cycle
             rollout_index = (step - 1) // t.ppo_epochs
             rows, rollout = sample_rollouts(params, engine, tokenizer, data, rollout_index)
-            sampled = score(rows, rollout, tokenizer, rewarder)
-            batch = weigh(params, engine, ref_model, variants, sampled, rollout)
+            sampled = score(params, rows, rollout, tokenizer, rewarder)
+            batch = weigh(params, engine, tokenizer, ref_model, variants, sampled, rollout)
             if tracin and tracin.due(rollout_index):  # influence from the batch as sampled, before its first update
                 with dist.gathered(engine):
                     selection = tracin.select(engine.module, batch, sampled, rollout_index, step)
-                batch.weights.keep = selection.keep
+                batch.weights.keep = batch.weights.keep * selection.keep
         sums = update(params, engine, batch)
         metrics = step_metrics(params, engine, sums, sampled, batch, time.perf_counter() - began) | (selection.metrics if selection else {})
         bar.set_postfix(reward=f"{metrics['train/reward_mean']:.3f}", loss=f"{metrics['train/loss']:.4f}")

@@ -15,6 +15,7 @@ once. The user's params.yaml and workspace are never written.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -33,13 +34,14 @@ from grpolab import tracking
 from grpolab.config import flatten
 from grpolab.errors import ConfigError
 from grpolab.fsutil import take_lock
+from grpolab.procs import bound, die_with_parent
 from grpolab.study.spec import Cell, Study
 
 STATE_DIR = Path(".grpolab/studies")  # per study: the lock and one log per cell
 SHARED_STAGES = ("inputs", "prepare", "sft", "mia")  # identical for every variant of a seed (the study checks nothing else)
 STAGE_LINE = re.compile(r"[Ss]tage '([\w-]+)'")  # dvc's "Running stage 'x'" and "Stage 'x' is cached"
 STEP_LINE = re.compile(r"^\w+:\s+\d+%\|.*\| (\d+/\d+) ")  # a stage's progress bar: "train:  45%|███▌ | 90/200 [..."
-CELL_MARKER = "GRPOLAB_STUDY_CELL"  # in the environment of every process of a cell: `<study>/<cell>`
+CELL_MARKER = "GRPOLAB_STUDY_CELL"  # in the environment of every process of a cell: `<project>::<study>/<cell>`
 MAX_JOBS = 32
 USER_PATHS = (  # params that name the user's files and checkpoints
     "data.train_files", "data.eval_files", "data.sft_files", "data.val_files", "model.name_or_path", "mia.reference_model",
@@ -52,8 +54,9 @@ def _dvc(*args: str) -> list[str]:
 
 
 def cell_env(marker: str | None = None) -> dict[str, str]:
-    """The environment of a cell: this interpreter's scripts first on PATH (dvc runs `grpolab stage`)."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    """The environment of a cell: this interpreter's scripts first on PATH (dvc runs `grpolab stage`); a
+    cell's stages die with its `dvc exp run`, which dies with the study (`run_cell`)."""
+    env = bound({**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
     if marker:
         env[CELL_MARKER] = marker
     return env
@@ -261,22 +264,28 @@ class StudyRun:
             raise ConfigError(str(exc)) from None
 
     def _stop_leftovers(self) -> None:
-        """Processes of a killed run of this study (we hold its lock, so they are orphans): stopped, their
-        temporary workspaces removed."""
-        prefix = f"{CELL_MARKER}={self.study.name}/".encode()
-        copies = (self.project / ".dvc" / "tmp" / "exps").resolve()  # <copies>/<kind>/<tmpdir>/...
+        """What a killed run of this study left (we hold its lock, so nothing of it runs on): a cell's processes
+        die with the study, but one started by an older grpolab may not (stopped here); DVC's temporary
+        workspaces of its cells stay behind (removed)."""
+        prefix = f"{CELL_MARKER}={self.marker('')}".encode()  # this project's study only: a namesake elsewhere runs on
         for proc in Path("/proc").glob("[0-9]*"):
             try:
                 if not any(v.startswith(prefix) for v in (proc / "environ").read_bytes().split(b"\0")):
                     continue
-                cwd = (proc / "cwd").resolve()
-                where = cwd.relative_to(copies).parts[:2] if copies in cwd.parents else ()
                 os.kill(int(proc.name), signal.SIGKILL)
             except (OSError, ValueError):
                 continue  # gone, or not ours to read
             print(f"stopped process {proc.name}, left running by an interrupted run of study {self.study.name}", file=sys.stderr)
-            if len(where) == 2:
-                shutil.rmtree(copies.joinpath(*where), ignore_errors=True)
+        copies = (self.project / ".dvc" / "tmp" / "exps").resolve()
+        names = {c.experiment_name for c in self.study.cells}
+        for info in (copies / "run").glob("*/*.run"):  # DVC's record of each `exp run --temp`: its name and copy
+            try:
+                record = json.loads(info.read_text())
+            except (OSError, ValueError):
+                continue
+            root = Path(record.get("root_dir") or "/")
+            if record.get("name") in names and copies in root.parents and root.is_dir():  # a finished one's is gone
+                shutil.rmtree(root, ignore_errors=True)
 
     def _experiments(self, *args: str) -> list[str]:
         """Names of the project's DVC experiments (of the current commit; `--all-commits`: of any)."""
@@ -293,6 +302,10 @@ class StudyRun:
 
     # -- the cells ------------------------------------------------------------------------------
 
+    def marker(self, cell: str) -> str:
+        """The value of CELL_MARKER in the processes of this project's `cell` of this study."""
+        return f"{self.project.resolve()}::{self.study.name}/{cell}"
+
     def log_file(self, cell: Cell) -> Path:
         return self.state_dir / "logs" / f"{cell.name}.log"
 
@@ -308,7 +321,7 @@ class StudyRun:
                 out.write(f"$ {' '.join(cmd)}\n")
                 proc = subprocess.Popen(
                     cmd, cwd=self.project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                    env=cell_env(f"{self.study.name}/{cell.name}"), start_new_session=True,
+                    env=cell_env(self.marker(cell.name)), start_new_session=True, preexec_fn=die_with_parent,
                 )
                 self.running[cell.name] = proc
                 for line in proc.stdout:
@@ -318,7 +331,10 @@ class StudyRun:
                         self.progress.stage(cell, match.group(1))
                     elif match := STEP_LINE.match(line):
                         self.progress.step(cell, match.group(1))
-                ok = proc.wait() == 0
+                status = proc.wait()
+                ok = status == 0
+                if not ok:
+                    out.write(f"(exit status {status}: {f'killed by signal {-status}' if status < 0 else 'failed'})\n")
         finally:
             self.running.pop(cell.name, None)
             self.progress.finished(cell, ok, log)

@@ -1,0 +1,190 @@
+"""The train stage as several processes, and killed and resumed (a real DeepSpeed engine on CPU, gloo)."""
+
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from grpolab import config
+from grpolab.models import load_model
+from grpolab.paths import CHECKPOINT_DIR, CURVE_FILE, TRAINED_DIR
+
+from conftest import BIN, grpolab, project_env
+from training import (
+    SAME_BATCH,
+    SEPARATE,
+    STEP_METRICS,
+    TIMINGS,
+    mlflow_client,
+    train_runs,
+    trained_weights,
+)
+
+
+def _kill_after_a_checkpoint_and_later_steps(project: Path, client: MlflowClient) -> int:
+    """Start the train stage, kill -9 it once a checkpoint exists and MLflow holds steps after it; the
+    checkpoint's step."""
+    proc = subprocess.Popen([f"{BIN}/grpolab", "stage", "train"], cwd=project, env=project_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while True:
+        assert proc.poll() is None and time.time() < deadline, "training ended before a checkpoint and a step after it"
+        latest = project / CHECKPOINT_DIR / "latest"
+        if latest.is_file():
+            state = json.loads((project / CHECKPOINT_DIR / latest.read_text().strip() / "grpolab_state.json").read_text())
+            logged = [m.step for m in client.get_metric_history(state["mlflow_run_id"], "train/loss")]
+            if max(logged, default=0) > state["step"]:
+                break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return state["step"]
+
+
+# The same run resumed (with TracIn and PPO cycles: every step log), and plain GRPO resumed into a new run.
+@pytest.mark.parametrize("case", ["tracin_ppo_epochs", "eval_changed_run_deleted"])
+def test_resume_after_a_kill_gives_an_uninterrupted_runs_outputs(trainer, tmp_path, case):
+    variant = [*SAME_BATCH, "train.ppo_epochs=2"] if case == "tracin_ppo_epochs" else []
+    overrides = ["train.steps=12", "train.save_every=3", "train.credit_log_every=1", "train.log_completions_every=1", *variant]
+    reference = tmp_path / "reference"  # the same params trained in one go, in another copy
+    shutil.copytree(trainer, reference)
+    grpolab("stage", "train", *[f"-S{o}" for o in overrides], cwd=reference)
+
+    config.apply_overrides(overrides)
+    client = mlflow_client()
+    killed_at = _kill_after_a_checkpoint_and_later_steps(trainer, client)
+    assert killed_at % (2 if variant else 1) == 0  # a checkpoint closes a PPO cycle
+    assert not TRAINED_DIR.exists()
+    (killed_run,) = train_runs(client)
+    for output in (TRAINED_DIR, Path("metrics/credit"), Path("metrics/tracin"), CURVE_FILE):  # what `dvc repro` deletes
+        shutil.rmtree(output, ignore_errors=True) if output.is_dir() else output.unlink(missing_ok=True)
+    if case == "eval_changed_run_deleted":
+        config.apply_overrides(["eval.num_samples=3"])  # eval.* does not make another model: the checkpoint stays
+        client.delete_run(killed_run.info.run_id)
+
+    proc = grpolab("stage", "train", cwd=trainer)
+    assert f"train: resuming at step {killed_at} of 12 from {CHECKPOINT_DIR}/step_{killed_at:06d}" in proc.stdout
+    (run,) = train_runs(client)
+    assert run.info.status == "FINISHED" and f"MLflow run {run.info.run_id}" in proc.stdout
+    if case == "eval_changed_run_deleted":
+        assert run.info.run_id != killed_run.info.run_id
+        assert f"the MLflow run {killed_run.info.run_id} of the checkpoint is gone" in proc.stderr
+    else:
+        assert run.info.run_id == killed_run.info.run_id
+    for key in STEP_METRICS:  # each step once: a list, not a set, so a duplicate would show
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(1, 13)), key
+    # a new run holds the completion tables of the steps after the resume only (the lost run had the others)
+    for step in (killed_at + 1, 12) if case == "eval_changed_run_deleted" else (1, killed_at + 1, 12):
+        table = pd.read_json(client.download_artifacts(run.info.run_id, f"completions/step_{step:06d}.json", str(tmp_path)), orient="split")
+        assert len(table) == 16, step
+
+    expected, curve = pd.read_csv(reference / CURVE_FILE), pd.read_csv(CURVE_FILE)
+    assert curve["step"].tolist() == list(range(1, 13))
+    pd.testing.assert_frame_equal(curve.drop(columns=TIMINGS), expected.drop(columns=TIMINGS), rtol=1e-5)
+    for folder in ["metrics/credit", *(["metrics/tracin"] if variant else [])]:
+        logs = sorted(Path(folder).glob("step_*.parquet"))
+        assert [p.name for p in logs] == sorted(p.name for p in (reference / folder).glob("step_*.parquet")), folder
+        assert len(logs) == (6 if folder == "metrics/tracin" else 12)  # TracIn logs once per PPO cycle
+        for log in logs:
+            pd.testing.assert_frame_equal(pd.read_parquet(log), pd.read_parquet(reference / folder / log.name), rtol=1e-5)
+    expected = load_model(reference / TRAINED_DIR).state_dict()
+    for key, value in trained_weights().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
+    assert not CHECKPOINT_DIR.exists()
+
+
+def test_the_checkpoint_fingerprint_covers_train_params_seed_base_model_and_train_data(trainer):
+    from grpolab.checkpoints import fingerprint
+    from grpolab.stages.train import train_inputs
+
+    params = config.load()
+    inputs = train_inputs(params)
+    same = fingerprint(params, inputs)
+    assert fingerprint(config.apply_overrides(["eval.num_samples=7", "mia.k=0.3", "tracking.run_name=x"]), inputs) == same
+    for change in ("train.learning_rate=0.5", "seed=3", "train.mitigation.name=entropy_masking", "model.dtype=bfloat16",
+                   "model.lora.r=4"):
+        assert fingerprint(config.overridden([change])[1], inputs) != same, change
+    weights = Path("models/base/model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))  # a new base model, same params
+    assert fingerprint(params, inputs) != same
+    data = Path("data/train_weighted.parquet")
+    before = fingerprint(params, inputs)
+    pd.read_parquet(data).iloc[:-1].to_parquet(data)
+    assert fingerprint(params, inputs) != before
+
+
+def _two_nodes(project: Path, log: Path) -> None:
+    """`grpolab stage train` on 2 simulated nodes x 1 process: two torchrun invocations with `--nnodes 2`
+    that meet at a c10d rendezvous endpoint, as a cluster's nodes meet at their head node's. The endpoint
+    is a TCPStore this test binds on port 0 and holds (a head node's torchrun would host it on its
+    --rdzv-endpoint port); the process group's own store is the one torchrun's rank 0 binds on port 0."""
+    endpoint = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    env = {**project_env(), "GLOO_SOCKET_IFNAME": "lo"}
+    with open(log, "w") as out:
+        nodes = [subprocess.Popen([f"{BIN}/torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
+                                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{endpoint.port}", "--rdzv-id", "two-nodes",
+                                   "--rdzv-conf", "is_host=false", "--local-addr", "127.0.0.1", "--max-restarts", "0",
+                                   "-m", "grpolab.cli", "stage", "train"], cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)
+                 for node in (0, 1)]
+        codes = [node.wait(timeout=600) for node in nodes]
+    assert codes == [0, 0], log.read_text()[-5000:]
+
+
+def test_two_processes_and_two_nodes_follow_one_process_trajectory(trainer, tmp_path):
+    single, nodes = tmp_path / "single", tmp_path / "nodes"
+    shutil.copytree(trainer, single)
+    shutil.copytree(trainer, nodes)
+    grpolab("stage", "train", "-S", "train.steps=4", cwd=single)
+    two_processes = ["-S", "train.num_processes=2", "-S", "train.micro_batch_size=4"]
+    proc = grpolab("stage", "train", *two_processes, cwd=trainer)
+    config.apply_overrides(["train.num_processes=2", "train.micro_batch_size=4"], nodes / "params.yaml")
+    _two_nodes(nodes, tmp_path / "torchrun.log")
+    # both launchers' workers joined the group as a GPU run does (env://, a backend per device type: on a GPU
+    # cpu:gloo,cuda:nccl), and every collective helper ran in it with the trainer's own tensors
+    for output in (proc.stdout, (tmp_path / "torchrun.log").read_text()):
+        assert "train: 2 processes on cpu, process group cpu:gloo, float32, ZeRO-0" in output
+    one = pd.read_csv(single / CURVE_FILE)
+    # Same global batch, same completions (per-row sampling seeds), gradients averaged over ranks:
+    # the trajectories agree to float32 reduction-order noise, whoever launched the processes.
+    for two in (pd.read_csv(trainer / CURVE_FILE), pd.read_csv(nodes / CURVE_FILE)):
+        for column in ("train/reward_mean", "train/loss", "train/kl", "train/entropy"):
+            torch.testing.assert_close(torch.tensor(two[column].values), torch.tensor(one[column].values), rtol=1e-4, atol=1e-5, msg=column)
+    # rank 0 alone logged: one train run in the store, its steps once each
+    client = mlflow_client(nodes)
+    runs = train_runs(client)
+    assert len(runs) == 1 and [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] == [1, 2, 3, 4]
+    # a launched world that is not train.num_processes is refused before any work
+    config.apply_overrides(["train.num_processes=1", "train.micro_batch_size=8"], nodes / "params.yaml")
+    with pytest.raises(AssertionError, match="train.num_processes is 1 but the launcher started 2 processes"):
+        _two_nodes(nodes, tmp_path / "torchrun.log")
+
+
+
+
+@pytest.mark.parametrize("mode", ["same_batch", "separate"])
+def test_tracin_two_processes_give_one_process_keep_masks(trainer, tmp_path, mode):
+    overrides = SAME_BATCH if mode == "same_batch" else SEPARATE
+    single = tmp_path / "single"
+    shutil.copytree(trainer, single)
+    grpolab("stage", "train", *[f"-S{o}" for o in ["train.steps=3", *overrides]], cwd=single)
+    grpolab("stage", "train", *[f"-S{o}" for o in ["train.steps=3", *overrides, "train.num_processes=2", "train.micro_batch_size=4"]],
+            cwd=trainer)
+    for step in (1, 2, 3):
+        one = pd.read_parquet(single / f"metrics/tracin/step_{step:06d}.parquet")
+        two = pd.read_parquet(trainer / f"metrics/tracin/step_{step:06d}.parquet")
+        assert one["kept"].tolist() == two["kept"].tolist() and one["completion"].tolist() == two["completion"].tolist()
+        torch.testing.assert_close(torch.tensor(two["influence"].values), torch.tensor(one["influence"].values), rtol=1e-3, atol=1e-7)
+    one, two = pd.read_csv(single / CURVE_FILE), pd.read_csv(trainer / CURVE_FILE)
+    for column in ("train/reward_mean", "train/loss", "train/kl", "tracin/val_grad_norm", "tracin/mean_ip"):
+        torch.testing.assert_close(torch.tensor(two[column].values), torch.tensor(one[column].values), rtol=1e-4, atol=1e-5, msg=column)
+
+

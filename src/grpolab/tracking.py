@@ -182,7 +182,11 @@ class Tracker:
         self.client.log_text(self.run_id, text, artifact_file)
 
     def figure(self, figure, artifact_file: str) -> None:
+        """Log a matplotlib figure, then close it (pyplot keeps every figure alive until it is closed)."""
+        import matplotlib.pyplot as plt
+
         self.client.log_figure(self.run_id, figure, artifact_file)
+        plt.close(figure)
 
     def tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():

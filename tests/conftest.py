@@ -67,7 +67,7 @@ def marked_processes(marker: str, key: str = MARKER) -> dict[int, str]:
     for proc in psutil.process_iter():
         try:
             if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(key) == marker:
-                found[proc.pid] = " ".join(proc.cmdline())[:120]
+                found[proc.pid] = " ".join(proc.cmdline())  # whole: a venv's path can push the telling part past any cut
         except psutil.Error:
             pass
     return found

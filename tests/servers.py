@@ -100,7 +100,8 @@ def mlflow_server(backend_store_uri: str, folder: Path) -> Iterator[str]:
     uri = f"http://127.0.0.1:{port}"
     args = [f"{BIN}/mlflow", "server", "--backend-store-uri", backend_store_uri, "--serve-artifacts",
             "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    with serving(args, folder / "mlflow-server.log", lambda: http_ok(f"{uri}/health"), "mlflow server"):
+    env = {**project_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # as `grpolab ui` starts it: no job runner
+    with serving(args, folder / "mlflow-server.log", lambda: http_ok(f"{uri}/health"), "mlflow server", env):
         yield uri
 
 

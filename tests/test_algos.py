@@ -5,13 +5,17 @@ import math
 import pytest
 import torch
 
-from grpolab.algos.advantages import group_advantages, zero_std_groups
+from grpolab.algos.advantages import (
+    dynamic_sampling_groups,
+    group_advantages,
+    zero_std_groups,
+)
 from grpolab.algos.losses import (
     AGGREGATIONS,
     KL_ESTIMATORS,
+    POLICY_LOSSES,
     aggregate,
     aggregation_units,
-    POLICY_LOSSES,
     cispo_policy_loss,
     clipped_policy_loss,
     compose_token_loss,
@@ -20,7 +24,7 @@ from grpolab.algos.losses import (
     policy_token_stats,
     token_logprobs,
 )
-from grpolab.algos.mia_weights import normalize_scores
+from grpolab.algos.mia_weights import mean_one, normalize_scores
 
 
 def test_group_advantages_by_hand():
@@ -156,6 +160,14 @@ def test_rank_normalisation_scales_to_many_prompts():
     assert w.mean().item() == pytest.approx(0.5, abs=1e-12)  # mean rank (N - 1) / 2, ties or not
 
 
+def test_mean_one_rescales_a_batchs_prompt_weights():
+    w = torch.tensor([0.5, 0.5, 0.25, 0.25])  # two prompts, two rows each
+    torch.testing.assert_close(mean_one(w, w.sum().item(), 4), torch.tensor([4 / 3, 4 / 3, 2 / 3, 2 / 3]))
+    # one process's half of a batch whose other half sums to 0.5: the whole batch's mean is what becomes 1
+    torch.testing.assert_close(mean_one(w[:2], 1.5, 4), torch.tensor([4 / 3, 4 / 3]))
+    assert torch.equal(mean_one(torch.zeros(3), 0.0, 3), torch.zeros(3))
+
+
 def test_advantage_estimators_by_hand():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0])
     none = lambda estimator, **kw: group_advantages(r, 4, "none", estimator=estimator, **kw)  # noqa: E731
@@ -169,6 +181,17 @@ def test_advantage_estimators_by_hand():
     assert torch.equal(group_advantages(torch.ones(4), 4, "group", estimator="opo", lengths=torch.tensor([1, 2, 3, 4])), torch.zeros(4))
     with pytest.raises(ValueError, match="unknown advantage estimator"):
         group_advantages(r, 4, estimator="ppo")
+
+
+def test_dynamic_sampling_keeps_the_first_groups_with_signal_then_tops_up():
+    # two rollout batches of 3 groups: signal in groups 1, 3 and 4
+    signal = torch.tensor([False, True, False, True, True, False])
+    assert dynamic_sampling_groups(signal, 2).tolist() == [1, 3]  # group 4, surplus, is not trained
+    assert dynamic_sampling_groups(signal, 3).tolist() == [1, 3, 4]
+    # the cap reached with 3 of 5: topped up with the first groups without signal, in order
+    assert dynamic_sampling_groups(signal, 5).tolist() == [1, 3, 4, 0, 2]
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    assert dynamic_sampling_groups(~zero_std_groups(rewards, 2), 1).tolist() == [1]
 
 
 def _grad(loss_fn, logp0: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, mode: str, *clip) -> tuple[torch.Tensor, torch.Tensor]:

@@ -242,8 +242,8 @@ def dockerignore_rules() -> list[tuple[bool, re.Pattern]]:
 
 
 def test_dockerignore_keeps_local_state_results_and_secrets_out_of_the_build_context():
-    from grpolab.paths import CHECKPOINT_DIR
     from grpolab.clean import RESULTS, pipeline_outputs
+    from grpolab.paths import CHECKPOINT_DIR
 
     rules = dockerignore_rules()
     outputs = [*pipeline_outputs(REPO / "dvc.yaml"), Path("dvc.lock"), CHECKPOINT_DIR, *RESULTS]

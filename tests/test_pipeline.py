@@ -201,12 +201,13 @@ def _pipeline_then_dvc(tmp_path: Path, a: Path, pg: str, uri: str, prefect_env: 
     assert int(count.stdout) == len(runs) and children["train"].info.artifact_uri.startswith("mlflow-artifacts:")
     assert len(list((tmp_path / "artifacts").rglob("model.safetensors"))) == 2  # the base model (sft) and the trained one
 
-    # The same params through plain `dvc repro` in another checkout, killed (kill -9) in the middle of each
-    # stage and run again until it completes: byte-identical outputs, no temporary file left.
+    # The same params through plain `dvc repro` in another checkout, killed (kill -9) in the middle of the
+    # stages that write models and checkpoints (tests/test_files.py has what a kill leaves of the other
+    # writes) and run again until it completes: byte-identical outputs, no temporary file left.
     b = make_project(tmp_path / "b")
     (b / "params.yaml").write_text((a / "params.yaml").read_text())
-    killed = [stage for stage in ("prepare", "sft", "mia", "train", "evaluate") if kill_during(b, stage)]
-    assert len(killed) >= 4, killed  # a stage that ended before its kill is simply done
+    killed = [stage for stage in ("sft", "train") if kill_during(b, stage)]
+    assert killed, killed  # a stage that ended before its kill is simply done
     repro = run(["dvc", "repro"], b)
     assert digests(a) == digests(b)
     left = [p for p in b.rglob(".*") if is_temporary(p) and not {".git", ".dvc", "mlruns"} & set(p.relative_to(b).parts)]
@@ -233,11 +234,11 @@ def _pipeline_then_dvc(tmp_path: Path, a: Path, pg: str, uri: str, prefect_env: 
     assert all(f"Running stage '{s}'" not in repro for s in ("prepare", "sft", "mia", "train"))
 
     # A user's file (here the reference model, which mia and evaluate read) edited in place, its path
-    # unchanged: exactly the stages that read it run again.
+    # unchanged: exactly the stages that read it are out of date (once `inputs` has digested it).
     (reference / "config.json").write_text((reference / "config.json").read_text().replace("{", '{"edited": true,', 1))
-    repro = run(["dvc", "repro"], a).stdout
-    ran = {s for s in ("prepare", "sft", "mia", "train", "evaluate") if f"Running stage '{s}'" in repro}
-    assert ran == {"mia", "evaluate"}, repro
+    run(["dvc", "repro", "inputs"], a)
+    status = run(["dvc", "status"], a).stdout
+    assert {s for s in ("prepare", "sft", "mia", "train", "evaluate") if f"\n{s}:" in f"\n{status}"} == {"mia", "evaluate"}, status
 
 
 def test_project_root_sees_through_dvc_experiment_copies(tmp_path):

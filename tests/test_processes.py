@@ -95,6 +95,8 @@ def test_stopping_grpolab_ui_stops_the_mlflow_server(tmp_path):
                 assert ui.poll() is None and time.monotonic() < deadline, "grpolab ui did not come up"
                 time.sleep(1)
         assert _server_processes(port)
+        served = [" ".join(p.cmdline()) for p in psutil.Process(ui.pid).children(recursive=True)]
+        assert not [c for c in served if "huey" in c or "_job_runner" in c], served  # MLflow's job runner is off
         ui.send_signal(how)
         assert ui.wait(60) != 0
         deadline = time.monotonic() + 30

@@ -9,10 +9,18 @@ import torch
 
 from grpolab import config
 from grpolab.algos import credit as C
-from grpolab.algos.advantages import ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES, group_advantages
+from grpolab.algos.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    ADVANTAGE_SCALES,
+    group_advantages,
+)
 from grpolab.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from grpolab.algos.mia_weights import MIA_WEIGHT_TRANSFORMS, SCORE_NORMALIZATIONS
-from grpolab.algos.tracin import VAL_LOSS_COEFFICIENTS, VAL_SELECTIONS
+from grpolab.algos.tracin import (
+    KEEP_RULES,
+    VAL_LOSS_COEFFICIENTS,
+    VAL_SELECTIONS,
+)
 from grpolab.config import schema
 from grpolab.mia import scores as S
 from grpolab.rewards import REWARDS, SCORERS
@@ -43,6 +51,7 @@ def allowed(model: type, field: str) -> tuple:
     (schema.TrainParams, "loss_agg_mode", AGGREGATIONS, ()),
     (schema.TracInParams, "val_selection", VAL_SELECTIONS, ()),
     (schema.TracInParams, "val_loss", VAL_LOSS_COEFFICIENTS, ()),
+    (schema.TracInParams, "keep", KEEP_RULES, ()),
 ])
 def test_allowed_values_are_the_registrys_names(model, field, registry, extra):
     assert allowed(model, field) == (*registry, *extra)

@@ -7,6 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from grpolab.algos.losses import token_logprobs
 from grpolab.algos.tracin import (
+    KEEP_RULES,
     VAL_LOSS_COEFFICIENTS,
     VAL_SELECTIONS,
     embedding_dot,
@@ -115,6 +116,16 @@ def test_parameter_uses_by_hand():
 def test_selection_keeps_positive_influence():
     keep, fallback = select(torch.tensor([0.5, -0.1, 0.0, 2.0, -3.0]), 0.1, 0.5)
     assert keep.tolist() == [1, 0, 0, 1, 0] and not fallback
+
+
+def test_the_random_control_keeps_as_many_units_at_random():
+    keep = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    assert torch.equal(KEEP_RULES["influence"](keep, torch.Generator().manual_seed(0)), keep)
+    draws = [KEEP_RULES["random"](keep, torch.Generator().manual_seed(seed)) for seed in range(40)]
+    assert all(d.sum() == 3 and set(d.tolist()) <= {0.0, 1.0} for d in draws)
+    assert torch.equal(draws[0], KEEP_RULES["random"](keep, torch.Generator().manual_seed(0)))  # seeded
+    # uniform over the units: each is kept 3/8 of the time, not where the influence put them
+    assert len({tuple(d.tolist()) for d in draws}) > 10 and 0 < torch.stack(draws)[:, 1].mean() < 1
 
 
 def test_all_non_positive_influence_takes_the_fallback():

@@ -28,6 +28,7 @@ from training import (
     TRACIN_KEYS,
     ZERO_RUN,
     mlflow_client,
+    tied_reward,
     train_runs,
     trained_weights,
     working_in,
@@ -174,6 +175,10 @@ def test_bf16_on_cpu_starts_at_kl_0_accumulates_in_fp32_and_saves_the_fp32_maste
         ("train.overlong_buffer_len=24", "train: overlong_buffer_len (24) must be below max_new_tokens (24)"),
         ("train.policy_loss=ppo", "train.policy_loss: Input should be 'ppo_clip', 'gspo' or 'cispo'"),
         ("train.advantage_estimator=remax", "train.advantage_estimator: Input should be 'grpo', 'rloo' or 'opo'"),
+        ("train.gspo_clip_high=0.001", "train: gspo_clip_high: a knob of policy_loss `gspo`, not of `ppo_clip`"),
+        (["train.policy_loss=cispo", "train.clip_eps_high=0.28"], "train: clip_eps_high: a knob of policy_loss `ppo_clip`, not of `cispo`"),
+        ("train.max_rollout_batches=8", "train: max_rollout_batches: a knob of dynamic_sampling, which is off"),
+        ("train.overlong_penalty_factor=0.5", "train: overlong_penalty_factor: a knob of the overlong punishment, which overlong_buffer_len 0"),
     ],
 )
 def test_bad_train_params_are_rejected_before_work(trainer, override, message):
@@ -227,6 +232,12 @@ def test_mia_weighted_loss_logs_its_weights_and_falls_back_to_plain_grpo(trainer
     _rewrite_weights(1.0)
     grpolab("stage", "train", *on[:4], "-S", "train.mia_weighting_mode=linear", "-S", "train.mia_invert_weights=false", cwd=trainer)
     assert all(torch.equal(plain[k], v) for k, v in trained_weights().items())
+    # Rescaled to mean 1 over each batch, weights of 0.5 everywhere are weights of 1 (without: a smaller step).
+    _rewrite_weights(0.5)
+    grpolab("stage", "train", "-S", "train.mia_normalize_weights=true", cwd=trainer)
+    assert all(torch.equal(plain[k], v) for k, v in trained_weights().items())
+    grpolab("stage", "train", "-S", "train.mia_normalize_weights=false", cwd=trainer)
+    assert any(not torch.equal(plain[k], v) for k, v in trained_weights().items())
     _rewrite_weights(None)
     proc = grpolab("stage", "train", *on, cwd=trainer)
     assert "no extra_info.mia_weight: training plain GRPO" in proc.stderr and "MIA-weighted loss enabled" not in proc.stdout
@@ -354,6 +365,17 @@ def test_tracin_every_n_batches(trainer):
     curve = pd.read_csv(CURVE_FILE)
     assert curve["tracin/selected_ratio"].notna().tolist() == [True, False, True]
     assert sorted(p.name for p in Path("metrics/tracin").iterdir()) == ["step_000001.parquet", "step_000003.parquet"]
+
+
+def test_tracins_random_control_trains_as_many_completions_drawn_at_random(trainer):
+    run_stage("train", config.apply_overrides(["train.steps=2", *SEPARATE, "train.tracin.keep=random"]))
+    differ = False
+    for step in (1, 2):
+        log = pd.read_parquet(f"metrics/tracin/step_{step:06d}.parquet")
+        chosen = log["influence"] > 0  # what the influence selection keeps (no fallback here: some are positive)
+        assert chosen.any() and log["kept"].sum() == chosen.sum()
+        differ |= not log["kept"].equals(chosen)
+    assert differ
 
 
 def test_tracin_off_is_plain_grpo_bit_for_bit(trainer, tmp_path):
@@ -538,3 +560,34 @@ def test_the_grpo_family_composes_with_mia_credit_tracin_lora_and_ppo_epochs(tra
     if SAME_BATCH[0] in variant:
         assert "tracin/selected_ratio" in run.data.metrics
 
+
+
+def test_dynamic_sampling_drops_tied_groups_and_samples_more_batches(trainer):
+    from grpolab.paths import WEIGHTED_TRAIN_FILE
+    from grpolab.stages.train import EXTRA_BATCHES, step_prompts
+
+    params = config.apply_overrides(["train.steps=2", *tied_reward(Path(".")), "train.dynamic_sampling=true", "train.max_rollout_batches=6",
+                                     "train.log_completions_every=1"])
+    run_stage("train", params)
+    client = mlflow_client()
+    run = train_runs(client)[0]
+    curve = pd.read_csv(CURVE_FILE)
+    data = pd.read_parquet(WEIGHTED_TRAIN_FILE)
+    tied = data["ground_truth"].astype(int) % 2 == 0
+    more = False
+    for step in (1, 2):
+        at = curve.loc[curve["step"] == step].iloc[0]
+        batches, dropped = int(at["train/rollout_batches"]), int(at["train/groups_dropped"])
+        assert [m.value for m in client.get_metric_history(run.info.run_id, "train/rollout_batches")][step - 1] == batches
+        sampled = [i for j in range(batches) for i in step_prompts(params, len(data), step - 1 + j * EXTRA_BATCHES)]
+        # a first batch with a tied prompt lacks a group with signal: a second batch was sampled
+        assert batches >= 2 or not tied[sampled[:4]].any()
+        more |= batches >= 2
+        assert tied[sampled].sum() <= dropped <= batches * 4 - 4
+        # the cap was not reached: every trained group has signal
+        assert client.get_metric_history(run.info.run_id, "train/frac_zero_std_groups")[step - 1].value == 0
+        table = pd.read_json(client.download_artifacts(run.info.run_id, f"completions/step_{step:06d}.json", "."), orient="split")
+        trained = table["prompt"].iloc[::4].tolist()
+        assert len(trained) == 4 and set(trained) <= set(data["prompt"].iloc[sampled][~tied[sampled].to_numpy()])
+        assert (table.groupby("prompt")["reward"].nunique() > 1).all()
+    assert more  # here step 1's first batch had a tied group

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from grpolab import config
 from grpolab.models import load_model
 from grpolab.paths import CHECKPOINT_DIR, CURVE_FILE, TRAINED_DIR
+from grpolab.stages.train import DYNAMIC_SAMPLING_KEYS
 
 from conftest import BIN, grpolab, project_env
 from training import (
@@ -25,6 +26,7 @@ from training import (
     STEP_METRICS,
     TIMINGS,
     mlflow_client,
+    tied_reward,
     train_runs,
     trained_weights,
 )
@@ -50,10 +52,12 @@ def _kill_after_a_checkpoint_and_later_steps(project: Path, client: MlflowClient
     return state["step"]
 
 
-# The same run resumed (with TracIn and PPO cycles: every step log), and plain GRPO resumed into a new run.
-@pytest.mark.parametrize("case", ["tracin_ppo_epochs", "eval_changed_run_deleted"])
+# The same run resumed (with TracIn, PPO cycles, dynamic sampling and CISPO: every step log), and plain GRPO
+# resumed into a new run.
+@pytest.mark.parametrize("case", ["dynamic_sampling_cispo_tracin_ppo_epochs", "eval_changed_run_deleted"])
 def test_resume_after_a_kill_gives_an_uninterrupted_runs_outputs(trainer, tmp_path, case):
-    variant = [*SAME_BATCH, "train.ppo_epochs=2"] if case == "tracin_ppo_epochs" else []
+    variant = [*SAME_BATCH, "train.ppo_epochs=2", "train.dynamic_sampling=true", "train.policy_loss=cispo", *tied_reward(trainer)] \
+        if case != "eval_changed_run_deleted" else []
     overrides = ["train.steps=12", "train.save_every=3", "train.credit_log_every=1", "train.log_completions_every=1", *variant]
     reference = tmp_path / "reference"  # the same params trained in one go, in another copy
     shutil.copytree(trainer, reference)
@@ -80,7 +84,9 @@ def test_resume_after_a_kill_gives_an_uninterrupted_runs_outputs(trainer, tmp_pa
         assert f"the MLflow run {killed_run.info.run_id} of the checkpoint is gone" in proc.stderr
     else:
         assert run.info.run_id == killed_run.info.run_id
-    for key in STEP_METRICS:  # each step once: a list, not a set, so a duplicate would show
+    keys = [k for k in STEP_METRICS if not k.startswith("train/reward/")] + ["train/reward/reward_file", *DYNAMIC_SAMPLING_KEYS] \
+        if variant else STEP_METRICS
+    for key in keys:  # each step once: a list, not a set, so a duplicate would show
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == list(range(1, 13)), key
     # a new run holds the completion tables of the steps after the resume only (the lost run had the others)
     for step in (killed_at + 1, 12) if case == "eval_changed_run_deleted" else (1, killed_at + 1, 12):
@@ -170,9 +176,12 @@ def test_two_processes_and_two_nodes_follow_one_process_trajectory(trainer, tmp_
 
 
 
+# With the GRPO family: under dynamic sampling two processes keep the same groups as one.
 @pytest.mark.parametrize("mode", ["same_batch", "separate"])
-def test_tracin_two_processes_give_one_process_keep_masks(trainer, tmp_path, mode):
-    overrides = SAME_BATCH if mode == "same_batch" else SEPARATE
+def test_tracin_and_the_grpo_family_two_processes_give_one_process_keep_masks(trainer, tmp_path, mode):
+    overrides = [*SAME_BATCH, "train.policy_loss=cispo", "train.advantage_estimator=rloo", "train.entropy_coef=0.01"] \
+        if mode == "same_batch" else [*SEPARATE, "train.policy_loss=gspo", "train.dynamic_sampling=true", *tied_reward(trainer),
+                                      "train.overlong_buffer_len=8", "train.mask_truncated_completions=true"]
     single = tmp_path / "single"
     shutil.copytree(trainer, single)
     grpolab("stage", "train", *[f"-S{o}" for o in ["train.steps=3", *overrides]], cwd=single)
@@ -186,5 +195,8 @@ def test_tracin_two_processes_give_one_process_keep_masks(trainer, tmp_path, mod
     one, two = pd.read_csv(single / CURVE_FILE), pd.read_csv(trainer / CURVE_FILE)
     for column in ("train/reward_mean", "train/loss", "train/kl", "tracin/val_grad_norm", "tracin/mean_ip"):
         torch.testing.assert_close(torch.tensor(two[column].values), torch.tensor(one[column].values), rtol=1e-4, atol=1e-5, msg=column)
+    if mode == "separate":
+        assert one["train/rollout_batches"].tolist() == two["train/rollout_batches"].tolist() and one["train/rollout_batches"].max() >= 2
+        assert one["train/groups_dropped"].tolist() == two["train/groups_dropped"].tolist()
 
 

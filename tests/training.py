@@ -41,6 +41,19 @@ TIMINGS = ["train/step_time"]  # the curve's one wall-clock column
 ZERO_RUN = ["train.steps=2", "train.kl_beta=0", *SAME_BATCH]  # with TracIn: its influence pass runs on gathered parameters
 
 
+TIED_REWARD = """def compute_score(data_source, completion, ground_truth, extra_info):
+    # every completion of a prompt whose answer is even scores 1: its group is tied
+    return 1.0 if int(ground_truth) % 2 == 0 else float(len(completion) % 2)
+"""
+
+
+def tied_reward(project: Path) -> list[str]:
+    """The overrides of a reward (saved in `project`) under which about half the groups are tied: what
+    dynamic sampling drops."""
+    (project / "tied.py").write_text(TIED_REWARD)
+    return ["train.reward_file=tied.py", "train.rewards={reward_file: 1.0}", "train.judge_model=null"]
+
+
 def save_judge(path: Path) -> None:
     """A tiny frozen sequence classifier (one logit) as the judge, saved as a HF checkpoint:
     its scores vary from completion to completion, so even a barely trained policy gets a signal."""

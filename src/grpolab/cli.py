@@ -106,6 +106,8 @@ def cmd_ui(args) -> None:
     from grpolab.ui import ui_command
 
     cmd, url = ui_command(config.load(), args.port)
+    # MLflow's job runner (seven processes polling the store, for its GenAI features) serves nothing grpolab logs
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     print(f"MLflow UI at {url} (experiments open on their runs table with grpolab's columns)", flush=True)
     try:
         raise SystemExit(run_group(cmd))

@@ -31,8 +31,14 @@ from tqdm import tqdm
 
 from grpolab import distributed as dist
 from grpolab.algos.advantages import group_advantages
-from grpolab.algos.losses import POLICY_LOSSES, aggregate, aggregation_units, compose_token_loss
+from grpolab.algos.losses import (
+    POLICY_LOSSES,
+    aggregate,
+    aggregation_units,
+    compose_token_loss,
+)
 from grpolab.algos.tracin import (
+    KEEP_RULES,
     PARAMETER_USES,
     VAL_LOSS_COEFFICIENTS,
     VAL_SELECTIONS,
@@ -47,7 +53,15 @@ from grpolab.data.tokenizer import encode_prompt
 from grpolab.errors import DataError
 from grpolab.paths import VAL_FILE
 from grpolab.rewards import Rewarder
-from grpolab.rollout import by_length, completion_logprobs, decode, sample, sample_keys, stop_ids, take
+from grpolab.rollout import (
+    by_length,
+    completion_logprobs,
+    decode,
+    sample,
+    sample_keys,
+    stop_ids,
+    take,
+)
 
 if TYPE_CHECKING:
     from grpolab.trainer import Batch, Sampled
@@ -305,7 +319,9 @@ class TracIn:
         everyone = dist.all_gather_cat(influence)
         scores = unit_scores(everyone, t.group_size, cfg.selection_unit)
         keep_units, fallback = select(scores, cfg.fallback_min_positive, cfg.fallback_top_fraction)
-        keep = keep_units if cfg.selection_unit == "completion" else keep_units.repeat_interleave(t.group_size)
+        # the stats describe the influence selection; the control arm trains a random one of its size
+        trained = KEEP_RULES[cfg.keep](keep_units, torch.Generator().manual_seed(self.params.seed * 1_000_003 + rollout_index))
+        keep = trained if cfg.selection_unit == "completion" else trained.repeat_interleave(t.group_size)
         stats = {f"tracin/{k}": v for k, v in influence_stats(scores, keep_units, fallback).items()}
         metrics = {**stats, "tracin/val_grad_norm": _norm(v), **metrics}
         offset = dist.rank() * n

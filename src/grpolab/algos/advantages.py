@@ -71,3 +71,13 @@ def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """[B] -> [n_prompts] bool: groups whose rewards are all equal (they carry no signal)."""
     grouped = rewards.view(-1, group_size)
     return (grouped == grouped[:, :1]).all(dim=1)
+
+
+def dynamic_sampling_groups(has_signal: torch.Tensor, n: int) -> torch.Tensor:
+    """DAPO's dynamic sampling (Yu et al. 2025; verl's `filter_groups`): which of the groups sampled so far
+    a step trains. has_signal: [N] bool, the groups of every rollout batch in order (False: all rewards
+    equal, no gradient signal); n: groups per step, N >= n -> [n] group indices, the first n with signal
+    in sampling order, topped up with the first ones without when fewer than n have it (the cap on
+    rollout batches was reached)."""
+    order = torch.cat([has_signal.nonzero().flatten(), (~has_signal).nonzero().flatten()])
+    return order[:n]

@@ -50,3 +50,10 @@ def transform_mia_weights(weights: torch.Tensor, mode: str, invert: bool) -> tor
     if mode not in MIA_WEIGHT_TRANSFORMS:
         raise ValueError(f"unknown MIA weighting mode {mode!r}; choose from {sorted(MIA_WEIGHT_TRANSFORMS)}")
     return MIA_WEIGHT_TRANSFORMS[mode](1 - weights if invert else weights)
+
+
+def mean_one(weights: torch.Tensor, total: float, count: int) -> torch.Tensor:
+    """Prompt weights rescaled to mean 1 over their batch, which may span processes (`total`: the sum of
+    its `count` weights): a weighting then changes which prompts count, not the step's size.
+    weights: [B] -> [B]; all zero: unchanged (no scale makes them mean 1)."""
+    return weights * (count / total) if total > 0 else weights

@@ -168,6 +168,21 @@ def select(scores: torch.Tensor, fallback_min_positive: float, fallback_top_frac
     return keep, True
 
 
+def same_size_random(keep: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """TracIn's control arm: as many units as `keep` holds, drawn uniformly at random instead of by influence.
+    keep: [N] 0/1 -> [N] 0/1 with the same sum."""
+    out = torch.zeros_like(keep)
+    out[torch.randperm(len(keep), generator=generator)[: int(keep.sum().item())]] = 1.0
+    return out
+
+
+# train.tracin.keep: (the influence selection's keep [N], a seeded generator) -> the keep trained [N]
+KEEP_RULES: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
+    "influence": lambda keep, generator: keep,
+    "random": same_size_random,
+}
+
+
 def influence_stats(scores: torch.Tensor, keep: torch.Tensor, fallback: bool) -> dict[str, float]:
     """Seed 001's diagnostics of one selection. scores, keep: [N]."""
     s = scores.double()

@@ -11,13 +11,24 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from grpolab.algos.advantages import ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES
 from grpolab.algos.credit import MITIGATIONS
 from grpolab.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from grpolab.algos.mia_weights import MIA_WEIGHT_TRANSFORMS, SCORE_NORMALIZATIONS
-from grpolab.algos.tracin import VAL_LOSS_COEFFICIENTS, VAL_SELECTIONS
+from grpolab.algos.tracin import (
+    KEEP_RULES,
+    VAL_LOSS_COEFFICIENTS,
+    VAL_SELECTIONS,
+)
 from grpolab.data.tasks import problem_space
 from grpolab.errors import ConfigError
 from grpolab.mia.scores import MIA_METHODS
@@ -315,6 +326,10 @@ class TracInParams(Section):
         1, ge=1, description="Compute influence on every N-th batch of rollouts (= steps when ppo_epochs is 1); "
         "the batches in between update with every completion, as plain GRPO.",
     )
+    keep: Literal[tuple(KEEP_RULES)] = Field(
+        "influence", description="What is trained: `influence` the units TracIn selects, `random` (the control arm) "
+        "as many units drawn at random, seeded by the step: influence is still computed, for the size and the logs."
+    )
     selection_unit: Literal["completion", "prompt"] = Field(
         "completion", description="What is kept or dropped: each completion by its own influence (the seeds), or "
         "each prompt's whole group by the sum of its completions' influences.",
@@ -446,6 +461,14 @@ class TrainParams(Section):
         False, description="A completion that reached max_new_tokens without a stop token contributes no policy-gradient "
         "term (DAPO's overlong filtering); the KL and the entropy bonus still see it."
     )
+    dynamic_sampling: bool = Field(
+        False, description="DAPO's dynamic sampling (verl's `filter_groups`): groups whose rewards are all equal are "
+        "dropped and more batches of prompts sampled until prompts_per_step groups with signal are gathered."
+    )
+    max_rollout_batches: int = Field(
+        4, ge=1, description="Dynamic sampling: the most batches of rollouts one step samples (verl's `max_num_gen_batches`); "
+        "past them the step trains the groups it has, topped up with groups without signal."
+    )
     kl_beta: float = Field(0.04, ge=0, description="Weight of the KL penalty to the frozen reference; 0 loads no reference.")
     kl_estimator: Literal[tuple(KL_ESTIMATORS)] = Field("k3", description="KL estimator: k1 log-ratio, k2 half squared log-ratio, k3 Schulman's.")
     scale_rewards: Literal[tuple(ADVANTAGE_SCALES)] = Field(
@@ -479,6 +502,10 @@ class TrainParams(Section):
         "linear", description="Transform of the MIA weight w: w, w^2 or exp(w - 1)."
     )
     mia_invert_weights: bool = Field(False, description="Use 1 - w before the transform.")
+    mia_normalize_weights: bool = Field(
+        False, description="Rescale each batch's prompt weights to mean 1 (over every process's rows): the control "
+        "that separates which prompts a weighting favours from how much smaller it makes the step."
+    )
     mitigation: MitigationParams = Field(
         default_factory=MitigationParams, description="Credit-assignment mitigation (seed 002)."
     )
@@ -529,6 +556,21 @@ class TrainParams(Section):
 
     _check_judge = field_validator("judge_model")(_existing_model)
 
+    def _unused_knobs(self) -> None:
+        """A knob changed from its default that the chosen settings never read is a mistake: refused, naming
+        the key that turns it off."""
+        unread = {knob: f"a knob of policy_loss `{name}`, not of `{self.policy_loss}`"
+                  for name, loss in POLICY_LOSSES.items() if name != self.policy_loss for knob in loss.clip}
+        if not self.dynamic_sampling:
+            unread["max_rollout_batches"] = "a knob of dynamic_sampling, which is off"
+        if not self.use_mia_weighted_loss:
+            unread["mia_normalize_weights"] = "a knob of use_mia_weighted_loss, which is off"
+        if not self.overlong_buffer_len:
+            unread["overlong_penalty_factor"] = "a knob of the overlong punishment, which overlong_buffer_len 0 turns off"
+        for knob, why in unread.items():
+            if getattr(self, knob) != type(self).model_fields[knob].default:
+                raise ValueError(f"{knob}: {why}")
+
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainParams:
         batch = self.prompts_per_step * self.group_size
@@ -542,6 +584,7 @@ class TrainParams(Section):
                 f"micro_batch_size ({self.micro_batch_size}) must divide the per-process batch "
                 f"(prompts_per_step x group_size / num_processes = {per_process})"
             )
+        self._unused_knobs()
         if self.overlong_buffer_len >= self.max_new_tokens:
             raise ValueError(f"overlong_buffer_len ({self.overlong_buffer_len}) must be below max_new_tokens "
                              f"({self.max_new_tokens}): the punishment starts max_new_tokens - overlong_buffer_len tokens in")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,8 +21,13 @@ from tqdm import tqdm
 
 from grpolab import device as dev
 from grpolab import distributed as dist
-from grpolab.algos.advantages import group_advantages
+from grpolab.algos.advantages import (
+    dynamic_sampling_groups,
+    group_advantages,
+    zero_std_groups,
+)
 from grpolab.algos.length import overlong_penalty, truncated
+from grpolab.algos.mia_weights import mean_one
 from grpolab.checkpoints import discard, resumable
 from grpolab.config import Params
 from grpolab.data.tokenizer import encode_prompt, load_tokenizer
@@ -29,9 +35,27 @@ from grpolab.models import load_model, reference_policy, with_lora
 from grpolab.paths import BASE_DIR, TRAINED_DIR, VAL_FILE, WEIGHTED_TRAIN_FILE
 from grpolab.recorder import Recorder
 from grpolab.rewards import Rewarder
-from grpolab.rollout import Rollout, by_length, check_room, decode, sample, sample_keys, stop_ids
+from grpolab.rollout import (
+    Rollout,
+    by_length,
+    cat_rollouts,
+    check_room,
+    decode,
+    sample,
+    sample_keys,
+    stop_ids,
+)
 from grpolab.tracin import TracIn
-from grpolab.trainer import Batch, Sampled, batch_logprobs, build_engine, deepspeed_config, save_trained, step_metrics, update
+from grpolab.trainer import (
+    Batch,
+    Sampled,
+    batch_logprobs,
+    build_engine,
+    deepspeed_config,
+    save_trained,
+    step_metrics,
+    update,
+)
 from grpolab.variants import Variants
 
 if TYPE_CHECKING:  # MLflow is imported by the stage's driver; the training loop itself runs without it
@@ -40,22 +64,27 @@ if TYPE_CHECKING:  # MLflow is imported by the stage's driver; the training loop
 DEEPSPEED_CONFIG_ARTIFACT = "deepspeed_config.json"  # the engine's config as generated from params, in the train run
 
 
-def step_prompts(params: Params, n_train: int, rollout_index: int) -> np.ndarray:
-    """The prompts of one batch of rollouts, seeded by (seed, index): the same on every rank and after a resume."""
-    rng = np.random.default_rng([params.seed, rollout_index])
+DYNAMIC_SAMPLING_KEYS = ["train/rollout_batches", "train/groups_dropped"]  # a step's, in the curve too
+EXTRA_BATCHES = 2**20  # batch ids of dynamic sampling's extra rollout batches start past any run's PPO cycles
+
+
+def step_prompts(params: Params, n_train: int, batch_id: int) -> np.ndarray:
+    """The prompts of one batch of rollouts, seeded by (seed, batch id): the same on every rank and after a resume."""
+    rng = np.random.default_rng([params.seed, batch_id])
     return rng.choice(n_train, size=params.train.prompts_per_step, replace=n_train < params.train.prompts_per_step)
 
 
-def sample_rollouts(params: Params, engine, tokenizer, data: pd.DataFrame, rollout_index: int) -> tuple[list[dict], Rollout]:
-    """(this process's data rows, their completions): its share of the prompts of rollout batch
-    `rollout_index`, `group_size` completions each, each seeded by its row's place in the run."""
+def sample_rollouts(params: Params, engine, tokenizer, data: pd.DataFrame, batch_id: int) -> tuple[list[dict], Rollout]:
+    """(this process's data rows, their completions): its share of the prompts of rollout batch `batch_id`
+    (a PPO cycle's index; dynamic sampling's extra batches past EXTRA_BATCHES), `group_size` completions each,
+    each seeded by its row's place in the run."""
     t = params.train
     per_rank = t.prompts_per_step // dist.world_size()
-    prompt_index = step_prompts(params, len(data), rollout_index)
+    prompt_index = step_prompts(params, len(data), batch_id)
     mine = prompt_index[dist.rank() * per_rank : (dist.rank() + 1) * per_rank]
     rows = [data.iloc[i] for i in mine for _ in range(t.group_size)]
     encoded = {i: encode_prompt(tokenizer, data.iloc[i]["prompt"]) for i in set(mine.tolist())}
-    first_row = rollout_index * t.prompts_per_step * t.group_size + dist.rank() * per_rank * t.group_size
+    first_row = batch_id * t.prompts_per_step * t.group_size + dist.rank() * per_rank * t.group_size
     with dist.gathered(engine):
         rollout = sample(
             engine.module, [encoded[i] for i in mine.tolist() for _ in range(t.group_size)], max_new_tokens=t.max_new_tokens,
@@ -63,6 +92,56 @@ def sample_rollouts(params: Params, engine, tokenizer, data: pd.DataFrame, rollo
             keys=sample_keys(params.seed, list(range(first_row, first_row + len(rows)))), batch_size=t.rollout_batch_size,
         )
     return rows, rollout
+
+
+def sample_scored(params: Params, engine, tokenizer, data: pd.DataFrame, rewarder: Rewarder,
+                  rollout_index: int) -> tuple[Sampled, Rollout, dict[str, float]]:
+    """The scored rollouts a PPO cycle trains on, and (dynamic sampling) its `train/…` metrics: with dynamic
+    sampling, batches are sampled until prompts_per_step groups have signal (or max_rollout_batches), and the
+    groups chosen over every process (the same as one process keeps) are dealt out to the processes again."""
+    t = params.train
+    if not t.dynamic_sampling:
+        rows, rollout = sample_rollouts(params, engine, tokenizer, data, rollout_index)
+        return score(params, rows, rollout, tokenizer, rewarder), rollout, {}
+    batches: list[tuple[Sampled, Rollout]] = []
+    for attempt in range(t.max_rollout_batches):
+        rows, rollout = sample_rollouts(params, engine, tokenizer, data, rollout_index + attempt * EXTRA_BATCHES)
+        batches.append((score(params, rows, rollout, tokenizer, rewarder), rollout))
+        has_signal = torch.cat([~zero_std_groups(s.all_rewards, t.group_size) for s, _ in batches])
+        if has_signal.sum() >= t.prompts_per_step:
+            break
+    chosen = dynamic_sampling_groups(has_signal, t.prompts_per_step)
+    sampled, rollout = deal_groups(params, batches, chosen, tokenizer.pad_token_id)
+    dropped = int((~has_signal).sum()) - int((~has_signal[chosen]).sum())
+    return sampled, rollout, dict(zip(DYNAMIC_SAMPLING_KEYS, (float(len(batches)), float(dropped))))
+
+
+def deal_groups(params: Params, batches: list[tuple[Sampled, Rollout]], chosen: torch.Tensor, pad_id: int) -> tuple[Sampled, Rollout]:
+    """This process's share of the groups `chosen` (indices over every batch's groups in order, as
+    `dynamic_sampling_groups` gives them), gathered from whichever process sampled each."""
+    t = params.train
+    size, per_rank = t.group_size, t.prompts_per_step // dist.world_size()
+    shares = dist.all_gather_objects([(s.rows, s.texts, s.reward, s.parts, r) for s, r in batches])  # rank-major
+
+    def locate(group: int) -> tuple[int, slice, int, slice]:  # its batch, its rows there, its share, its rows there
+        batch, index = divmod(group, t.prompts_per_step)
+        rank, local = divmod(index, per_rank)
+        return batch, slice(index * size, (index + 1) * size), rank * len(batches) + batch, slice(local * size, (local + 1) * size)
+
+    located = [locate(g) for g in chosen.tolist()]
+    mine = [(shares[share], at) for _, _, share, at in located[dist.rank() * per_rank : (dist.rank() + 1) * per_rank]]
+    sampled = Sampled(
+        rows=[row for (rows, *_), at in mine for row in rows[at]],
+        texts=[text for (_, texts, *_), at in mine for text in texts[at]],
+        reward=torch.cat([reward[at] for (_, _, reward, *_), at in mine]),
+        parts={name: torch.cat([parts[name][at] for (*_, parts, _), at in mine]) for name in batches[0][0].parts},
+        all_rewards=torch.cat([batches[b][0].all_rewards[at] for b, at, *_ in located]),
+        sources=[source for b, at, *_ in located for source in batches[b][0].sources[at]],
+        all_lengths=torch.cat([batches[b][0].all_lengths[at] for b, at, *_ in located]),
+    )
+    pieces = [Rollout(**{f.name: None if (x := getattr(r, f.name)) is None else x[at] for f in fields(Rollout)})
+              for (*_, r), at in mine]
+    return sampled, cat_rollouts(pieces, pad_id)
 
 
 def score(params: Params, rows: list[dict], rollout: Rollout, tokenizer, rewarder: Rewarder) -> Sampled:
@@ -89,6 +168,8 @@ def weigh(params: Params, engine, tokenizer, ref_model, variants: Variants, samp
                                   lengths=sampled.all_lengths)[offset : offset + len(sampled.rows)]
     classes = variants.token_classes(rollout)
     weights = variants.loss_weights(rollout, sampled.rows, classes, engine.module, by_length(rollout.completion_mask, t.micro_batch_size))
+    if t.mia_normalize_weights:
+        weights.prompt = mean_one(weights.prompt, dist.all_reduce_sum(weights.prompt.sum()).item(), len(sampled.all_rewards))
     if t.mask_truncated_completions:
         weights.keep = weights.keep * ~truncated(rollout.completion_ids, rollout.completion_mask, stop_ids(engine.module, tokenizer), t.max_new_tokens)
     batch = Batch(rollout, advantages, None, None, weights, classes)
@@ -151,7 +232,8 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
     variants = Variants(params, data, tokenizer)
     tracin = TracIn(params, engine.module, tokenizer, rewarder) if t.tracin.use_tracin else None
     inputs = train_inputs(params)
-    record = Recorder(params, tracker, variants, tracin.metric_keys if tracin else [])
+    curve_keys = (tracin.metric_keys if tracin else []) + (DYNAMIC_SAMPLING_KEYS if t.dynamic_sampling else [])
+    record = Recorder(params, tracker, variants, curve_keys)
     start = record.resume(engine, inputs)
 
     bar = tqdm(range(start + 1, t.steps + 1), desc="train", unit="step", dynamic_ncols=True, disable=not dist.is_rank0(), initial=start, total=t.steps)
@@ -161,15 +243,14 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
         selection = None
         if (step - 1) % t.ppo_epochs == 0 or step == start + 1:  # a new batch of rollouts each PPO cycle
             rollout_index = (step - 1) // t.ppo_epochs
-            rows, rollout = sample_rollouts(params, engine, tokenizer, data, rollout_index)
-            sampled = score(params, rows, rollout, tokenizer, rewarder)
+            sampled, rollout, sampling_metrics = sample_scored(params, engine, tokenizer, data, rewarder, rollout_index)
             batch = weigh(params, engine, tokenizer, ref_model, variants, sampled, rollout)
             if tracin and tracin.due(rollout_index):  # influence from the batch as sampled, before its first update
                 with dist.gathered(engine):
                     selection = tracin.select(engine.module, batch, sampled, rollout_index, step)
                 batch.weights.keep = batch.weights.keep * selection.keep
         sums = update(params, engine, batch)
-        metrics = step_metrics(params, engine, sums, sampled, batch, time.perf_counter() - began) | (selection.metrics if selection else {})
+        metrics = step_metrics(params, engine, sums, sampled, batch, time.perf_counter() - began) | sampling_metrics | (selection.metrics if selection else {})
         bar.set_postfix(reward=f"{metrics['train/reward_mean']:.3f}", loss=f"{metrics['train/loss']:.4f}")
         record.step(step, metrics, batch, sampled, selection)
         # at the end of a PPO cycle only: a resume then starts a cycle, with fresh rollouts, as the run did

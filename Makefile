@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 PIP := $(BIN)/pip install --disable-pip-version-check --progress-bar off -qq
 
-.PHONY: install browser postgres run test ui docs reference deploy bench bench-mia bench-tracin bench-memory bench-rollout gpu-check gpu-wheels clean clean-all
+.PHONY: install browser postgres run test ui docs reference deploy bench bench-mia bench-tracin bench-memory bench-rollout bench-losses gpu-check gpu-wheels clean clean-all
 
 install: $(STAMP)
 
@@ -97,6 +97,10 @@ bench-memory: install
 # rollout.sample against transformers' model.generate, same settings, alternating blocks
 bench-rollout: install
 	python bench/bench_rollout.py
+
+# what each policy loss, aggregation and the entropy bonus cost per step against plain GRPO (needs `make run` first)
+bench-losses: install
+	python bench/bench_losses.py
 
 # the GPU check (bench/gpu_check.py): a few minutes on one GPU, its figures in gpu_check.json
 gpu-check: install

@@ -1,6 +1,6 @@
 """Prefect flow: a study's cells as tasks (each one `dvc exp run --temp` of the whole pipeline), then
 its report as a Prefect markdown artifact. Thin: `grpolab.study` runs the cells and builds the report;
-`grpolab study FILE` runs this flow, and so can a deployment (parameters: the study file, jobs).
+`grpolab study FILE` runs this flow, and so can a deployment (parameters: the study file, jobs, GPUs per cell).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def report(run: StudyRun) -> str:
 
 
 @flow(name="grpolab-study", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=MAX_JOBS))
-def study(study_file: str, jobs: int = 1) -> str:
-    run = StudyRun(load_study(study_file), jobs).open()
+def study(study_file: str, jobs: int = 1, gpus_per_cell: int | None = None) -> str:
+    run = StudyRun(load_study(study_file), jobs, gpus_per_cell=gpus_per_cell).open()
     ok = False
     try:
         wait(run.schedule(lambda cell: run_cell.submit(cell, run)))
@@ -48,4 +48,4 @@ def study(study_file: str, jobs: int = 1) -> str:
 
 
 if __name__ == "__main__":
-    print(study(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1))
+    print(study(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1, int(sys.argv[3]) if len(sys.argv) > 3 else None))

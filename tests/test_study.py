@@ -1,6 +1,7 @@
 """Studies: the study file's validation, the report's statistics, and the smoke study end to end
 (real DVC experiments, Prefect, an MLflow sqlite store), interrupted by kill -9 and started again."""
 
+import itertools
 import json
 import math
 import os
@@ -131,6 +132,30 @@ def test_summary_table_gives_mean_std_seeds_and_difference():
     assert math.isnan(a["diff_to_baseline"])
 
 
+def test_each_running_cell_gets_its_own_gpus(tmp_path, monkeypatch):
+    from grpolab.study.run import StudyRun, gpus_needed
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    study = load_study(write(tmp_path, STUDY.replace("      - train.mitigation.mask_percentile=50\n",
+                                                     "      - train.mitigation.mask_percentile=50\n      - train.num_processes=4\n      - train.micro_batch_size=8\n")),
+                       tmp_path / "params.yaml")
+    plain0, plain1, masked0, masked1 = study.cells
+    assert [gpus_needed(c, None) for c in study.cells] == [1, 1, 4, 4] and gpus_needed(plain0, 2) == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-b,GPU-c,GPU-d,GPU-e,GPU-f,GPU-g,GPU-h")  # UUIDs pass through as given
+    run = StudyRun(study, jobs=2, project=tmp_path)
+    run.take_gpus(masked0)
+    run.take_gpus(plain0)
+    assert run.cell_gpus == {masked0.name: ["GPU-a", "GPU-b", "GPU-c", "GPU-d"], plain0.name: ["GPU-e"]}
+    run._give_back_gpus(masked0)
+    run.take_gpus(plain1)
+    run.take_gpus(masked1)  # two at most at once here, but the pool never hands out a GPU twice
+    assert run.cell_gpus[plain1.name] == ["GPU-a"] and run.cell_gpus[masked1.name] == ["GPU-b", "GPU-c", "GPU-d", "GPU-f"]
+    with pytest.raises(ConfigError, match=r"--jobs 3 cells at once with 4 GPUs each need 12 GPUs, and 8 are visible \(CUDA_VISIBLE_DEVICES=GPU-a"):
+        StudyRun(study, jobs=3, project=tmp_path)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert StudyRun(study, jobs=3, project=tmp_path).gpus == []  # no GPU: nothing to hand out, nothing refused
+
+
 def test_progress_gates_a_seed_on_its_shared_stages_and_estimates_time_left(tmp_path):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     study = load_study(write(tmp_path, STUDY), tmp_path / "params.yaml")
@@ -196,7 +221,9 @@ def smoke(tmp_path_factory):
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
 
     marker = f"smoke-{os.getpid()}"
-    first = subprocess.Popen([f"{BIN}/grpolab", "study", "studies/smoke.yaml", "--jobs", "2"], cwd=project, env={**project_env(), MARKER: marker},
+    gpus = {"CUDA_VISIBLE_DEVICES": "3,5"}  # a GPU list given explicitly: each running cell is handed one of them
+    first = subprocess.Popen([f"{BIN}/grpolab", "study", "studies/smoke.yaml", "--jobs", "2"], cwd=project,
+                             env={**project_env(), MARKER: marker, **gpus},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 600
     while not ((project / "mlflow.db").exists() and complete_parents(client, "smoke")):
@@ -215,7 +242,7 @@ def smoke(tmp_path_factory):
 
     from grpolab.cli import _load_flow
 
-    env = project_env()
+    env = {**project_env(), **gpus}
     saved = dict(os.environ)
     cwd = os.getcwd()
     os.environ.clear()
@@ -275,6 +302,13 @@ def test_smoke_study_every_cell_in_mlflow_with_names_and_tags(smoke):
     assert finished["train"] >= 4  # train params differ between variants: never shared
     assert not [r for r in runs if r.info.status == "RUNNING"]
     assert {r.data.tags.get("grpolab.seed") for r in runs if r.data.tags["grpolab.stage"] == "prepare"} == {"0", "1"}
+    # each cell's processes saw the one GPU it was handed (the tag records their CUDA_VISIBLE_DEVICES), and
+    # two cells that ran at once never had the same one
+    assert {r.data.tags["grpolab.gpus"] for r in parents.values()} <= {"3", "5"}
+    trains = [r for r in runs if r.data.tags["grpolab.stage"] == "train" and r.info.status == "FINISHED"]
+    for a, b in itertools.combinations(trains, 2):
+        if a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time:
+            assert a.data.tags["grpolab.gpus"] != b.data.tags["grpolab.gpus"], (a.info.run_id, b.info.run_id)
 
 
 def test_smoke_study_resumed_only_the_cells_that_had_not_finished(smoke):
@@ -309,6 +343,8 @@ def test_smoke_study_report_equals_what_mlflow_holds(smoke, tmp_path):
         assert cells.loc[row.Index, "gain over base (greedy)"] == pytest.approx(metrics["trained/success_rate"] - metrics["base/success_rate"])
         assert cells.loc[row.Index, "trained loss"] == metrics["trained/mia/loss/auc"]
         assert cells.loc[row.Index, "step time (s)"] == metrics["mean/train/step_time"]
+        gpus = client.get_run(row.run_id).data.tags["grpolab.gpus"]
+        assert str(cells.loc[row.Index, "gpus"]) == gpus and f"| {gpus} | `{row.run_id}` |" in smoke["text"]
     summary = pd.read_csv(out / "summary.csv").set_index(["variant", "quantity"])
     plain = cells[cells["variant"] == "plain"]["trained loss"]
     assert summary.loc[("plain", "trained loss"), "mean"] == pytest.approx(plain.mean())
@@ -343,6 +379,16 @@ def test_bad_study_file_fails_before_any_cell(tmp_path):
     (project / "bad.yaml").write_text(STUDY.replace("baseline: plain", "baseline: nope"))
     proc = grpolab("study", "bad.yaml", cwd=project, check=False)
     assert proc.returncode == 2 and "grpolab: error: bad.yaml: baseline: 'nope' is not a variant" in proc.stderr
+    assert not (project / "mlflow.db").exists() and not (project / ".grpolab").exists()
+    # more cells at once than GPU sets: refused before any cell, naming the counts
+    env = {**project_env(), "CUDA_VISIBLE_DEVICES": "0,1,2"}
+    proc = subprocess.run([f"{BIN}/grpolab", "study", "studies/smoke.yaml", "--jobs", "2", "--gpus-per-cell", "2"], cwd=project,
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and ("grpolab: error: --jobs 2 cells at once with 2 GPUs each need 4 GPUs, and 3 are visible "
+                                     "(CUDA_VISIBLE_DEVICES=0,1,2)") in proc.stderr, proc.stderr
+    proc = subprocess.run([f"{BIN}/grpolab", "study", "studies/smoke.yaml", "--gpus-per-cell", "1"], cwd=project,
+                          env={**env, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--gpus-per-cell 1: no GPU is visible (CUDA_VISIBLE_DEVICES=)" in proc.stderr, proc.stderr
     assert not (project / "mlflow.db").exists() and not (project / ".grpolab").exists()
 
 

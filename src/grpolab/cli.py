@@ -63,11 +63,14 @@ def cmd_run(args) -> None:
 def cmd_study(args) -> None:
     from grpolab.fsutil import output_folder
     from grpolab.study.report import REPORTS_DIR
+    from grpolab.study.run import study_gpus
     from grpolab.study.spec import load_study
 
-    name = load_study(args.file).name  # every cell validated before Prefect starts
+    study = load_study(args.file)  # every cell validated before Prefect starts
+    study_gpus(study, args.jobs, args.gpus_per_cell)  # and the GPUs they would need
+    name = study.name
     output_folder(REPORTS_DIR / name, "the report folder")  # refused now, not after the cells ran
-    _load_flow("study")(args.file, args.jobs)
+    _load_flow("study")(args.file, args.jobs, args.gpus_per_cell)
     print(f"report: reports/{name}/report.md, and the MLflow run study-{name} in experiment {name}")
 
 
@@ -157,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     study = sub.add_parser("study", help="run a study file's variants x seeds (each a DVC experiment) and report")
     study.add_argument("file", help="the study file, e.g. studies/credit.yaml")
     study.add_argument("--jobs", type=int, default=1, help="cells run at once (default 1)")
+    study.add_argument("--gpus-per-cell", type=int, help="GPUs each running cell is given, from CUDA_VISIBLE_DEVICES or every "
+                       "visible GPU (default 1 where GPUs are visible; a cell with more train.num_processes gets that many)")
     study.set_defaults(func=cmd_study)
     report = sub.add_parser("report", help="rebuild a study's report from the MLflow store")
     report.add_argument("study", help="the study's name or its file")

@@ -41,6 +41,7 @@ SEED_TAG = "grpolab.seed"
 CHANGED_TAG = "grpolab.changed_params"  # the knobs that differ from the defaults
 COMPLETE_TAG = "grpolab.complete"  # set by the summary stage: every stage's record is in the parent
 REUSED_TAG = "grpolab.reused_stages"  # stages whose outputs DVC restored from its cache: no child run here
+GPUS_TAG = "grpolab.gpus"  # the GPUs a stage's processes were given (a study gives each cell its own)
 NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 MAX_BATCH_METRICS = 1000  # MLflow's limit on metrics per log_batch
@@ -123,6 +124,17 @@ def run_tags(params: Params) -> dict[str, str]:
     t = params.tracking
     named = {STUDY_TAG: t.study, VARIANT_TAG: t.variant}
     return {**t.tags, SEED_TAG: str(params.seed), **{k: v for k, v in named.items() if v is not None}}
+
+
+def given_gpus() -> str:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES as its launcher set it, else every GPU torch
+    sees (`0,1,...`), else `cpu`."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return listed or "none"
+    import torch  # imported already by every stage that logs
+
+    return ",".join(map(str, range(torch.cuda.device_count()))) or "cpu"
 
 
 def _description(params: Params) -> str:
@@ -297,8 +309,10 @@ def stage_run(params: Params, stage: str, run_id: str | None = None, own_run: bo
         tags = {**run_tags(params), MLFLOW_PARENT_RUN_ID: parent_id, STAGE_TAG: stage, PARAMS_HASH_TAG: params_hash(params)}
         run_id = client.create_run(experiment_id, run_name=stage, tags=tags).info.run_id
     runs = list(dict.fromkeys((run_id, parent_id)))
+    gpus = given_gpus()
     for run in runs:
         client.update_run(run, status="RUNNING")
+        client.set_tag(run, GPUS_TAG, gpus)
     status = "FAILED"
     try:
         yield Tracker(client, run_id, parent_id)

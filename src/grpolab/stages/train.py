@@ -1,7 +1,8 @@
 """The `train` stage: GRPO on a DeepSpeed engine, read top to bottom in `train()`.
 
 One step: sample (this process's share of the step's prompts, group_size completions each) -> score
-(rewards, gathered over processes) -> weigh (group-relative advantages, the variants' token and prompt
+(rewards, gathered over processes; with dynamic sampling, more batches until enough groups have
+signal) -> weigh (group-relative advantages, the variants' token and prompt
 weights, old and reference log-probs) -> (TracIn: the keep mask, from `influence.py`) -> update (the
 clipped policy loss over micro-batches, `trainer.py`) -> record (`recorder.py`) -> checkpoint.
 """

@@ -53,6 +53,12 @@ TABLES: dict[str, dict[str, Callable[[dict], float | None]]] = {
         "base greedy success": _key("base/success_rate"),
         "step time (s)": _key("mean/train/step_time"),
     },
+    "Training (mean over steps)": {
+        "reward": _key("mean/train/reward_mean"),
+        "entropy": _key("mean/train/entropy"),
+        "rollout batches per step": _key("mean/train/rollout_batches"),
+        "tied groups dropped per step": _key("mean/train/groups_dropped"),
+    },
     "Membership (ROC AUC, train prompts vs eval prompts)": {
         **{f"trained {m}": _key(f"trained/mia/{m}/auc") for m in MIA_METHODS},
         **{f"base {m}": _key(f"base/mia/{m}/auc") for m in MIA_METHODS},
@@ -79,6 +85,7 @@ class CellResult:
     seed: int
     status: str  # finished | failed | not run
     run_id: str | None = None
+    gpus: str | None = None  # the cell's GPUs, as its stages recorded them
     metrics: dict[str, float] = field(default_factory=dict)
     curve: pd.Series | None = None  # reward by step
     roc: dict[str, pd.DataFrame] = field(default_factory=dict)  # method -> fpr, base, trained
@@ -99,7 +106,8 @@ def collect(client: MlflowClient, experiment: str, cells: list[dict]) -> list[Ce
             continue
         history = client.get_metric_history(run.info.run_id, CURVE_KEY)
         curve = pd.Series({m.step: m.value for m in history}).sort_index()
-        results.append(CellResult(cell["variant"], cell["seed"], "finished", run.info.run_id, run.data.metrics, curve, _rocs(client, run.info.run_id)))
+        results.append(CellResult(cell["variant"], cell["seed"], "finished", run.info.run_id, run.data.tags.get(tracking.GPUS_TAG),
+                                  run.data.metrics, curve, _rocs(client, run.info.run_id)))
     return results
 
 
@@ -122,7 +130,7 @@ def cell_table(results: list[CellResult]) -> pd.DataFrame:
     """One row per cell: variant, seed, status, run id and every quantity of the report."""
     rows = []
     for r in results:
-        row = {"variant": r.variant, "seed": r.seed, "status": r.status, "run_id": r.run_id}
+        row = {"variant": r.variant, "seed": r.seed, "status": r.status, "run_id": r.run_id, "gpus": r.gpus}
         for quantities in TABLES.values():
             for label, get in quantities.items():
                 value = get(r.metrics) if r.status == "finished" else None
@@ -199,6 +207,10 @@ def markdown(spec: StudySpec, cells: pd.DataFrame, summary: pd.DataFrame, store:
         lines += [f"- `{r.variant}` seed {r.seed}: {r.status}" + (f" (run `{r.run_id}`)" if r.run_id else "") for r in unfinished.itertuples()]
         lines.append("")
     lines += ["![reward by variant](reward_curves.png)", "", "![membership ROC by variant](mia_roc.png)", ""]
+    lines += ["## Cells", "", "| variant | seed | status | GPUs | MLflow run |", "|---|---|---|---|---|"]
+    lines += [f"| `{r.variant}` | {r.seed} | {r.status} | {r.gpus if isinstance(r.gpus, str) else '–'} | `{r.run_id}` |" if r.run_id
+              else f"| `{r.variant}` | {r.seed} | {r.status} | – | – |" for r in cells.itertuples()]
+    lines.append("")
     variants = "\n".join(f"- `{v.name}`: {' '.join(f'`{o}`' for o in v.overrides) or 'the base params'}" + (f" — {v.description}" if v.description else "") for v in spec.variants)
     lines += ["## Variants", "", variants, "", f"Base overrides: {' '.join(f'`{o}`' for o in spec.base) or 'none'}.", ""]
     return "\n".join(lines)

@@ -62,6 +62,41 @@ def cell_env(marker: str | None = None) -> dict[str, str]:
     return env
 
 
+def visible_gpus() -> tuple[list[str], str]:
+    """The GPUs a study may hand out, and where the list comes from: the entries of CUDA_VISIBLE_DEVICES
+    when it is set (indices or UUIDs, passed on as given), else every GPU torch sees."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        gpus = [] if listed.strip() in ("", "-1") else [g.strip() for g in listed.split(",") if g.strip()]
+        return gpus, f"CUDA_VISIBLE_DEVICES={listed}"
+    import torch  # only here: a study's driver otherwise has no use for it
+
+    count = torch.cuda.device_count()
+    return [str(i) for i in range(count)], f"{count} GPU{'s' if count != 1 else ''} visible"
+
+
+def gpus_needed(cell: Cell, gpus_per_cell: int | None) -> int:
+    """GPUs a cell is given: --gpus-per-cell (1 by default), or its train.num_processes if more."""
+    return max(gpus_per_cell or 1, cell.params.train.num_processes)
+
+
+def study_gpus(study: Study, jobs: int, gpus_per_cell: int | None) -> list[str]:
+    """The GPUs a study hands out to its cells; refused before any cell when `jobs` cells at once would
+    have to share one. No GPU visible: none (the cells run as anywhere else)."""
+    if gpus_per_cell is not None and gpus_per_cell < 1:
+        raise ConfigError(f"--gpus-per-cell: {gpus_per_cell} is not at least 1")
+    gpus, source = visible_gpus()
+    if not gpus:
+        if gpus_per_cell is not None:
+            raise ConfigError(f"--gpus-per-cell {gpus_per_cell}: no GPU is visible ({source})")
+        return []
+    need = max(gpus_needed(c, gpus_per_cell) for c in study.cells)
+    if jobs * need > len(gpus):
+        raise ConfigError(f"--jobs {jobs} cells at once with {need} GPU{'s' if need > 1 else ''} each need {jobs * need} GPUs, "
+                          f"and {len(gpus)} are visible ({source}): lower --jobs or --gpus-per-cell")
+    return gpus
+
+
 def _untracked_paths(project: Path, cells: list[Cell]) -> list[str]:
     """The user's relative files and checkpoints that git does not track: a DVC experiment's copy of the
     workspace holds tracked files only, so they are copied in (`dvc exp run -C`)."""
@@ -218,10 +253,15 @@ class StudyRun:
     study: Study
     jobs: int = 1
     project: Path = field(default_factory=Path.cwd)
+    gpus_per_cell: int | None = None  # None: 1 where GPUs are visible
 
     def __post_init__(self) -> None:
         if not 1 <= self.jobs <= MAX_JOBS:
             raise ConfigError(f"--jobs: {self.jobs} is not between 1 and {MAX_JOBS}")
+        self.gpus = study_gpus(self.study, self.jobs, self.gpus_per_cell)
+        self._free_gpus = list(self.gpus)  # held by no running cell
+        self.cell_gpus: dict[str, list[str]] = {}  # running cell -> its GPUs
+        self._gpu_lock = threading.Lock()
         self.state_dir = self.project / STATE_DIR / self.study.name
         self.client = MlflowClient(tracking.tracking_uri(self.study.cells[0].params))
         self._lock = None
@@ -232,6 +272,18 @@ class StudyRun:
         self.progress: Progress | None = None
 
     # -- before any cell ------------------------------------------------------------------------
+
+    def take_gpus(self, cell: Cell) -> None:
+        """A starting cell's own GPUs, from those no running cell holds (there are enough: `_check_gpus`)."""
+        if self.gpus:
+            need = gpus_needed(cell, self.gpus_per_cell)
+            with self._gpu_lock:
+                self.cell_gpus[cell.name], self._free_gpus = self._free_gpus[:need], self._free_gpus[need:]
+
+    def _give_back_gpus(self, cell: Cell) -> None:
+        with self._gpu_lock:
+            free = set(self._free_gpus) | set(self.cell_gpus.pop(cell.name, []))
+            self._free_gpus = [g for g in self.gpus if g in free]  # in the machine's order
 
     def open(self, stream=None) -> StudyRun:
         """Check the project, take the lock, clean up after a killed run, find the cells left to run."""
@@ -319,9 +371,12 @@ class StudyRun:
         try:
             with open(log, "w") as out:
                 out.write(f"$ {' '.join(cmd)}\n")
+                env = cell_env(self.marker(cell.name))
+                if cell.name in self.cell_gpus:  # its own GPUs: every process of the cell sees those only
+                    env["CUDA_VISIBLE_DEVICES"] = ",".join(self.cell_gpus[cell.name])
                 proc = subprocess.Popen(
                     cmd, cwd=self.project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                    env=cell_env(self.marker(cell.name)), start_new_session=True, preexec_fn=die_with_parent,
+                    env=env, start_new_session=True, preexec_fn=die_with_parent,
                 )
                 self.running[cell.name] = proc
                 for line in proc.stdout:
@@ -337,6 +392,7 @@ class StudyRun:
                     out.write(f"(exit status {status}: {f'killed by signal {-status}' if status < 0 else 'failed'})\n")
         finally:
             self.running.pop(cell.name, None)
+            self._give_back_gpus(cell)
             self.progress.finished(cell, ok, log)
         return ok
 
@@ -347,6 +403,7 @@ class StudyRun:
         while pending or self.progress.running:
             for cell in [c for c in pending if self.progress.ready(c)][: self.jobs - self.progress.running]:
                 pending.remove(cell)
+                self.take_gpus(cell)
                 self.progress.started(cell)
                 futures.append(submit(cell))
             self.progress.wait(timeout=1.0)

@@ -20,16 +20,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from common import (
-    block_order,
-    engine_on_base,
-    make_batch,
-    markdown_table,
-    scratch_params,
-    seconds,
-    spread,
-    take_turns,
-)
+from common import block_order, engine_on_base, make_batch, markdown_table, scratch_params, seconds, spread, take_turns
 
 ROOT = Path.cwd()
 CONTENDERS = {  # name -> overrides of the default params (the baselines study's arms, where they touch the update)

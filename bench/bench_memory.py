@@ -28,14 +28,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from common import (
-    block_order,
-    byte_prompts,
-    byte_tokenizer,
-    markdown_table,
-    qwen2_config,
-    spread,
-)
+from common import block_order, byte_prompts, byte_tokenizer, markdown_table, qwen2_config, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP = 4

@@ -26,16 +26,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from common import (
-    block_order,
-    engine_on_base,
-    make_batch,
-    markdown_table,
-    scratch_params,
-    seconds,
-    spread,
-    take_turns,
-)
+from common import block_order, engine_on_base, make_batch, markdown_table, scratch_params, seconds, spread, take_turns
 
 ROOT = Path.cwd()
 

@@ -18,16 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    EOS_ID,
-    PAD_ID,
-    QWEN_SHAPES,
-    QWEN_VOCAB,
-    block_order,
-    markdown_table,
-    qwen2_config,
-    spread,
-)
+from common import EOS_ID, PAD_ID, QWEN_SHAPES, QWEN_VOCAB, block_order, markdown_table, qwen2_config, spread  # noqa: E402
 
 
 def build_model(shape: str, dtype, device):

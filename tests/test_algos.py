@@ -5,11 +5,7 @@ import math
 import pytest
 import torch
 
-from grpolab.algos.advantages import (
-    dynamic_sampling_groups,
-    group_advantages,
-    zero_std_groups,
-)
+from grpolab.algos.advantages import dynamic_sampling_groups, group_advantages, zero_std_groups
 from grpolab.algos.losses import (
     AGGREGATIONS,
     KL_ESTIMATORS,

@@ -7,12 +7,7 @@ import torch
 
 from grpolab import config
 from grpolab.algos import credit as C
-from grpolab.algos.losses import (
-    aggregate,
-    clipped_policy_loss,
-    compose_token_loss,
-    policy_token_stats,
-)
+from grpolab.algos.losses import aggregate, clipped_policy_loss, compose_token_loss, policy_token_stats
 from grpolab.config import schema
 from grpolab.errors import ConfigError
 

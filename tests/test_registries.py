@@ -9,18 +9,10 @@ import torch
 
 from grpolab import config
 from grpolab.algos import credit as C
-from grpolab.algos.advantages import (
-    ADVANTAGE_ESTIMATORS,
-    ADVANTAGE_SCALES,
-    group_advantages,
-)
+from grpolab.algos.advantages import ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES, group_advantages
 from grpolab.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from grpolab.algos.mia_weights import MIA_WEIGHT_TRANSFORMS, SCORE_NORMALIZATIONS
-from grpolab.algos.tracin import (
-    KEEP_RULES,
-    VAL_LOSS_COEFFICIENTS,
-    VAL_SELECTIONS,
-)
+from grpolab.algos.tracin import KEEP_RULES, VAL_LOSS_COEFFICIENTS, VAL_SELECTIONS
 from grpolab.config import schema
 from grpolab.mia import scores as S
 from grpolab.rewards import REWARDS, SCORERS

@@ -23,17 +23,7 @@ from grpolab.study.report import TABLES, summary_table, welch_interval
 from grpolab.study.run import CELL_MARKER, Progress
 from grpolab.study.spec import StudySpec, load_study
 
-from conftest import (
-    BIN,
-    MARKER,
-    REPO,
-    free_port,
-    grpolab,
-    make_project,
-    marked_processes,
-    project_env,
-    run,
-)
+from conftest import BIN, MARKER, REPO, free_port, grpolab, make_project, marked_processes, project_env, run
 from servers import http_ok
 
 STUDY = """name: s
@@ -253,12 +243,7 @@ def smoke(tmp_path_factory):
             flow = _load_flow("study")
             text = flow("studies/smoke.yaml", 2)
             from prefect.client.orchestration import get_client
-            from prefect.client.schemas.filters import (
-                ArtifactFilter,
-                ArtifactFilterKey,
-                FlowRunFilter,
-                TaskRunFilter,
-            )
+            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
 
             with get_client(sync_client=True) as prefect_client:  # every filter spelled out: this server rejects nulls
                 artifacts = prefect_client.read_artifacts(

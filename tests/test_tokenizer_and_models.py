@@ -2,13 +2,7 @@ import torch
 
 from grpolab.config.schema import ModelParams
 from grpolab.data.tasks import arithmetic_problem
-from grpolab.data.tokenizer import (
-    TAG_TOKENS,
-    encode_prompt,
-    encode_response,
-    load_tokenizer,
-    train_tokenizer,
-)
+from grpolab.data.tokenizer import TAG_TOKENS, encode_prompt, encode_response, load_tokenizer, train_tokenizer
 from grpolab.models import build_model, load_model, save_model
 
 CORPUS = [arithmetic_problem(a, "+", b).prompt + arithmetic_problem(a, "+", b).completion for a in range(0, 90, 7) for b in range(3, 99, 11)]

@@ -20,16 +20,7 @@ from grpolab.paths import CHECKPOINT_DIR, CURVE_FILE, TRAINED_DIR
 from grpolab.stages.train import DYNAMIC_SAMPLING_KEYS
 
 from conftest import BIN, grpolab, project_env
-from training import (
-    SAME_BATCH,
-    SEPARATE,
-    STEP_METRICS,
-    TIMINGS,
-    mlflow_client,
-    tied_reward,
-    train_runs,
-    trained_weights,
-)
+from training import SAME_BATCH, SEPARATE, STEP_METRICS, TIMINGS, mlflow_client, tied_reward, train_runs, trained_weights
 
 
 def _kill_after_a_checkpoint_and_later_steps(project: Path, client: MlflowClient) -> int:

@@ -72,9 +72,7 @@ def load_native_ops(*builders: str) -> None:
     remove such leftovers; DeepSpeed keeps the loaded op, so its own loads later take no file lock."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
-    from torch.utils.cpp_extension import (
-        _get_build_directory,  # where torch builds (and locks) an op
-    )
+    from torch.utils.cpp_extension import _get_build_directory  # where torch builds (and locks) an op
 
     ops = [op for op in map(get_accelerator().create_op_builder, builders)
            if op is not None and deepspeed.ops.__compatible_ops__.get(op.NAME, False)]  # what DeepSpeed would load

@@ -7,12 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from grpolab.config.schema import LoraParams, ModelParams
 from grpolab.device import device

@@ -12,23 +12,11 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from grpolab import distributed as dist
-from grpolab.checkpoints import (
-    clear_step_logs,
-    discard,
-    load_training_checkpoint,
-    resumable,
-    save_training_checkpoint,
-)
+from grpolab.checkpoints import clear_step_logs, discard, load_training_checkpoint, resumable, save_training_checkpoint
 from grpolab.config import Params
 from grpolab.data.schema import write_parquet
 from grpolab.fsutil import atomic_write_text
-from grpolab.paths import (
-    CHECKPOINT_DIR,
-    CREDIT_DIR,
-    CURVE_FILE,
-    TRACIN_DIR,
-    TRAINED_DIR,
-)
+from grpolab.paths import CHECKPOINT_DIR, CREDIT_DIR, CURVE_FILE, TRACIN_DIR, TRAINED_DIR
 from grpolab.trainer import Batch, Sampled, credit_log
 from grpolab.variants import Variants
 

@@ -31,12 +31,7 @@ from tqdm import tqdm
 
 from grpolab import distributed as dist
 from grpolab.algos.advantages import group_advantages
-from grpolab.algos.losses import (
-    POLICY_LOSSES,
-    aggregate,
-    aggregation_units,
-    compose_token_loss,
-)
+from grpolab.algos.losses import POLICY_LOSSES, aggregate, aggregation_units, compose_token_loss
 from grpolab.algos.tracin import (
     KEEP_RULES,
     PARAMETER_USES,
@@ -53,15 +48,7 @@ from grpolab.data.tokenizer import encode_prompt
 from grpolab.errors import DataError
 from grpolab.paths import VAL_FILE
 from grpolab.rewards import Rewarder
-from grpolab.rollout import (
-    by_length,
-    completion_logprobs,
-    decode,
-    sample,
-    sample_keys,
-    stop_ids,
-    take,
-)
+from grpolab.rollout import by_length, completion_logprobs, decode, sample, sample_keys, stop_ids, take
 
 if TYPE_CHECKING:
     from grpolab.trainer import Batch, Sampled

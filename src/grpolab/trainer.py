@@ -17,13 +17,7 @@ import torch
 from grpolab import distributed as dist
 from grpolab.algos.advantages import zero_std_groups
 from grpolab.algos.credit import ANSWER, CLASS_NAMES, THINK, gini, token_credit
-from grpolab.algos.losses import (
-    KL_ESTIMATORS,
-    POLICY_LOSSES,
-    aggregate,
-    aggregation_units,
-    compose_token_loss,
-)
+from grpolab.algos.losses import KL_ESTIMATORS, POLICY_LOSSES, aggregate, aggregation_units, compose_token_loss
 from grpolab.config import Params
 from grpolab.errors import ConfigError
 from grpolab.models import save_model

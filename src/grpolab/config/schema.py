@@ -11,24 +11,13 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from grpolab.algos.advantages import ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES
 from grpolab.algos.credit import MITIGATIONS
 from grpolab.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from grpolab.algos.mia_weights import MIA_WEIGHT_TRANSFORMS, SCORE_NORMALIZATIONS
-from grpolab.algos.tracin import (
-    KEEP_RULES,
-    VAL_LOSS_COEFFICIENTS,
-    VAL_SELECTIONS,
-)
+from grpolab.algos.tracin import KEEP_RULES, VAL_LOSS_COEFFICIENTS, VAL_SELECTIONS
 from grpolab.data.tasks import problem_space
 from grpolab.errors import ConfigError
 from grpolab.mia.scores import MIA_METHODS

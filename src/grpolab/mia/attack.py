@@ -18,13 +18,7 @@ from grpolab.data.tokenizer import encode_prompt, load_tokenizer
 from grpolab.errors import ConfigError
 from grpolab.mia import scores as S
 from grpolab.models import load_model
-from grpolab.rollout import (
-    completion_logprobs,
-    completion_token_stats,
-    decode,
-    sample,
-    stop_ids,
-)
+from grpolab.rollout import completion_logprobs, completion_token_stats, decode, sample, stop_ids
 
 
 def load_reference(path: str, tokenizer, dtype: torch.dtype) -> torch.nn.Module:

@@ -9,10 +9,7 @@ def membership_roc(member_scores: np.ndarray, nonmember_scores: np.ndarray, fprs
     """{"auc", "tpr@<fpr>" for each fpr, "fpr": [...], "tpr": [...]} with members as positives.
 
     TPR at FPR f is the best TPR among thresholds whose FPR is at most f."""
-    from sklearn.metrics import (  # scikit-learn loads with the stages that score ROCs only
-        roc_auc_score,
-        roc_curve,
-    )
+    from sklearn.metrics import roc_auc_score, roc_curve  # scikit-learn loads with the stages that score ROCs only
 
     labels = np.r_[np.ones(len(member_scores)), np.zeros(len(nonmember_scores))]
     scores = np.r_[member_scores, nonmember_scores].astype(np.float64)

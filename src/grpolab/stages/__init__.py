@@ -52,9 +52,7 @@ def stage_function(name: str) -> Callable[..., dict]:
 
 def _check_processes(params: Params) -> None:
     """The launcher's processes match `train.num_processes`, and this node has a GPU for each (when it has GPUs)."""
-    from grpolab.device import (
-        check_processes_fit,  # torch: not for the stages that need none
-    )
+    from grpolab.device import check_processes_fit  # torch: not for the stages that need none
 
     if ranks.launched():
         if ranks.world_size() != params.train.num_processes:
@@ -72,10 +70,7 @@ def run_stage(name: str, params: Params) -> dict:
     stage = STAGES[name]
     if not stage.tracked:
         return function(params, None)
-    from grpolab import (  # torch and MLflow: for the tracked stages only
-        distributed,
-        tracking,
-    )
+    from grpolab import distributed, tracking  # torch and MLflow: for the tracked stages only
 
     if ranks.is_rank0():
         tracking.check_store(params)

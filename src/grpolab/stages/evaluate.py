@@ -19,14 +19,7 @@ from grpolab.fsutil import atomic_output, atomic_write_text
 from grpolab.mia.attack import load_reference, membership_scores
 from grpolab.mia.roc import membership_roc
 from grpolab.models import load_model
-from grpolab.paths import (
-    BASE_DIR,
-    EVAL_FILE,
-    ROC_DIR,
-    SAMPLES_FILE,
-    TRAIN_FILE,
-    TRAINED_DIR,
-)
+from grpolab.paths import BASE_DIR, EVAL_FILE, ROC_DIR, SAMPLES_FILE, TRAIN_FILE, TRAINED_DIR
 from grpolab.rewards import Rewarder, format_reward
 from grpolab.rollout import Completions, check_room, generate
 

@@ -20,13 +20,7 @@ from grpolab.errors import DataError
 from grpolab.mia.attack import load_reference, membership_scores
 from grpolab.mia.roc import membership_roc
 from grpolab.models import load_model
-from grpolab.paths import (
-    BASE_DIR,
-    EVAL_FILE,
-    SCORES_FILE,
-    TRAIN_FILE,
-    WEIGHTED_TRAIN_FILE,
-)
+from grpolab.paths import BASE_DIR, EVAL_FILE, SCORES_FILE, TRAIN_FILE, WEIGHTED_TRAIN_FILE
 
 
 def _precomputed_weights(train: pd.DataFrame) -> np.ndarray | None:

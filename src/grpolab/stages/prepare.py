@@ -13,13 +13,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from grpolab.config import Params
-from grpolab.data.schema import (
-    SOURCE,
-    read_rl_files,
-    read_sft_files,
-    render_prompt,
-    write_parquet,
-)
+from grpolab.data.schema import SOURCE, read_rl_files, read_sft_files, render_prompt, write_parquet
 from grpolab.data.tasks import Problem, generate_arithmetic
 from grpolab.data.tokenizer import encode_prompt, load_tokenizer, train_tokenizer
 from grpolab.errors import DataError

@@ -22,11 +22,7 @@ from tqdm import tqdm
 
 from grpolab import device as dev
 from grpolab import distributed as dist
-from grpolab.algos.advantages import (
-    dynamic_sampling_groups,
-    group_advantages,
-    zero_std_groups,
-)
+from grpolab.algos.advantages import dynamic_sampling_groups, group_advantages, zero_std_groups
 from grpolab.algos.length import overlong_penalty, truncated
 from grpolab.algos.mia_weights import mean_one
 from grpolab.checkpoints import discard, resumable
@@ -36,27 +32,9 @@ from grpolab.models import load_model, reference_policy, with_lora
 from grpolab.paths import BASE_DIR, TRAINED_DIR, VAL_FILE, WEIGHTED_TRAIN_FILE
 from grpolab.recorder import Recorder
 from grpolab.rewards import Rewarder
-from grpolab.rollout import (
-    Rollout,
-    by_length,
-    cat_rollouts,
-    check_room,
-    decode,
-    sample,
-    sample_keys,
-    stop_ids,
-)
+from grpolab.rollout import Rollout, by_length, cat_rollouts, check_room, decode, sample, sample_keys, stop_ids
 from grpolab.tracin import TracIn
-from grpolab.trainer import (
-    Batch,
-    Sampled,
-    batch_logprobs,
-    build_engine,
-    deepspeed_config,
-    save_trained,
-    step_metrics,
-    update,
-)
+from grpolab.trainer import Batch, Sampled, batch_logprobs, build_engine, deepspeed_config, save_trained, step_metrics, update
 from grpolab.variants import Variants
 
 if TYPE_CHECKING:  # MLflow is imported by the stage's driver; the training loop itself runs without it

@@ -97,7 +97,7 @@ def _pipeline_then_dvc(tmp_path: Path, a: Path, pg: str, uri: str, prefect_env: 
     prefect("--no-prompt", "deploy", "--all", env=prefect_env, cwd=a)
     deployments = {d["name"]: d for d in prefect_api(prefect_env, "deployments/filter", {})}
     assert set(deployments) == {"pipeline", "study"} and {d["work_pool_name"] for d in deployments.values()} == {"grpolab"}
-    assert set(deployments["study"]["parameter_openapi_schema"]["properties"]) == {"study_file", "jobs"}
+    assert set(deployments["study"]["parameter_openapi_schema"]["properties"]) == {"study_file", "jobs", "gpus_per_cell"}
     assert deployments["pipeline"]["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(a)
 
     # With a mitigation whose weights need an extra model pass and TracIn on a separate validation

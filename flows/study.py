@@ -1,6 +1,8 @@
-"""Prefect flow: a study's cells as tasks (each one `dvc exp run --temp` of the whole pipeline), then
-its report as a Prefect markdown artifact. Thin: `grpolab.study` runs the cells and builds the report;
-`grpolab study FILE` runs this flow, and so can a deployment (parameters: the study file, jobs, GPUs per cell).
+"""Prefect flows: a study's cells as tasks (each one `dvc exp run --temp` of the whole pipeline, here or,
+with a work pool, as a flow run of `cell` on one of its workers), then its report as a Prefect markdown
+artifact; and `cell`, one cell on the worker that picks it up. Thin: `grpolab.study` runs the cells and builds
+the report; `grpolab study FILE` runs `study`, and so can a deployment (parameters: the study file, jobs,
+GPUs per cell, pool).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from grpolab.errors import StudyError
 from grpolab.study.report import report_from_store
-from grpolab.study.run import MAX_JOBS, StudyRun
+from grpolab.study.run import CELL_FLOW, MAX_JOBS, StudyRun, run_pool_cell
 from grpolab.study.spec import Cell, load_study
 
 
@@ -32,8 +34,8 @@ def report(run: StudyRun) -> str:
 
 
 @flow(name="grpolab-study", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=MAX_JOBS))
-def study(study_file: str, jobs: int = 1, gpus_per_cell: int | None = None) -> str:
-    run = StudyRun(load_study(study_file), jobs, gpus_per_cell=gpus_per_cell).open()
+def study(study_file: str, jobs: int | None = None, gpus_per_cell: int | None = None, pool: str | None = None) -> str:
+    run = StudyRun(load_study(study_file), jobs, gpus_per_cell=gpus_per_cell, pool=pool).open()
     ok = False
     try:
         wait(run.schedule(lambda cell: run_cell.submit(cell, run)))
@@ -47,5 +49,11 @@ def study(study_file: str, jobs: int = 1, gpus_per_cell: int | None = None) -> s
     return text
 
 
+@flow(name=CELL_FLOW, log_prints=True)
+def cell(study_file: str, cell: str, commit: str, tracking: str) -> None:
+    """One cell of a study sent to a work pool (`grpolab study FILE --pool NAME` creates these flow runs)."""
+    run_pool_cell(study_file, cell, commit, tracking)
+
+
 if __name__ == "__main__":
-    print(study(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1, int(sys.argv[3]) if len(sys.argv) > 3 else None))
+    print(study(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None, int(sys.argv[3]) if len(sys.argv) > 3 else None))

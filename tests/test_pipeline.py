@@ -1,5 +1,6 @@
 """End to end: the real CLI, Prefect's temporary server, DVC in a git repo, an MLflow sqlite store."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from transformers import AutoConfig
 from grpolab import config
 from grpolab.fsutil import is_temporary
 
-from conftest import BIN, REPO, TINY, free_port, grpolab, make_project, project_env, run
+from conftest import BIN, MARKER, REPO, TINY, free_port, grpolab, make_project, marked_processes, project_env, run
 from servers import mlflow_server, postgres, postgres_bin, prefect_server, serving
 
 EVAL_KEYS = {
@@ -80,24 +81,34 @@ def prefect_api(env: dict[str, str], path: str, body: dict) -> list | dict:
         return json.loads(response.read())
 
 
-def test_pipeline_as_a_deployment_on_a_worker_then_dvc(tmp_path):
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """What a lab runs beside its nodes, each a real server on 127.0.0.1 (tests/servers.py): an MLflow
+    tracking server on PostgreSQL with a served artifact store, and a Prefect server; shared by this file's
+    deployment tests. Yields (PostgreSQL's host:port, the MLflow URI, the Prefect clients' environment, the
+    MLflow server's folder)."""
+    folder = tmp_path_factory.mktemp("servers")
+    with (postgres(["mlflow"]) as pg, mlflow_server(f"postgresql://grpolab@{pg}/mlflow", folder) as uri,
+          prefect_server(folder) as prefect_env):
+        yield pg, uri, prefect_env, folder
+
+
+def test_pipeline_as_a_deployment_on_a_worker_then_dvc(tmp_path, servers):
     """What a lab runs: the pipeline deployed from prefect.yaml on a `process` work pool and picked up by
-    a worker, tracking into an MLflow server on PostgreSQL with a served artifact store (each a real server
-    on 127.0.0.1, tests/servers.py); then plain `dvc repro` of the same params in another checkout."""
+    a worker, tracking into the MLflow server; then plain `dvc repro` of the same params in another checkout."""
     a = make_project(tmp_path / "a")
     shutil.copy(REPO / "prefect.yaml", a)
-    with (postgres(["mlflow"]) as pg, mlflow_server(f"postgresql://grpolab@{pg}/mlflow", tmp_path) as uri,
-          prefect_server(tmp_path) as prefect_env):
-        _pipeline_then_dvc(tmp_path, a, pg, uri, prefect_env)
+    pg, uri, prefect_env, folder = servers
+    _pipeline_then_dvc(tmp_path, a, pg, uri, prefect_env, folder)
 
 
-def _pipeline_then_dvc(tmp_path: Path, a: Path, pg: str, uri: str, prefect_env: dict[str, str]) -> None:
+def _pipeline_then_dvc(tmp_path: Path, a: Path, pg: str, uri: str, prefect_env: dict[str, str], folder: Path) -> None:
     # What `make deploy` runs.
     prefect("work-pool", "create", "grpolab", "--type", "process", "--overwrite", env=prefect_env, cwd=a)
     prefect("--no-prompt", "deploy", "--all", env=prefect_env, cwd=a)
     deployments = {d["name"]: d for d in prefect_api(prefect_env, "deployments/filter", {})}
-    assert set(deployments) == {"pipeline", "study"} and {d["work_pool_name"] for d in deployments.values()} == {"grpolab"}
-    assert set(deployments["study"]["parameter_openapi_schema"]["properties"]) == {"study_file", "jobs", "gpus_per_cell"}
+    assert set(deployments) == {"pipeline", "study", "cell"} and {d["work_pool_name"] for d in deployments.values()} == {"grpolab"}
+    assert set(deployments["study"]["parameter_openapi_schema"]["properties"]) == {"study_file", "jobs", "gpus_per_cell", "pool"}
     assert deployments["pipeline"]["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(a)
 
     # With a mitigation whose weights need an extra model pass and TracIn on a separate validation
@@ -199,7 +210,7 @@ def _pipeline_then_dvc(tmp_path: Path, a: Path, pg: str, uri: str, prefect_env: 
     count = subprocess.run([postgres_bin("psql"), "-h", host, "-p", port, "-U", "grpolab", "-At", "-c", "select count(*) from runs", "mlflow"],
                            capture_output=True, text=True, check=True)
     assert int(count.stdout) == len(runs) and children["train"].info.artifact_uri.startswith("mlflow-artifacts:")
-    assert len(list((tmp_path / "artifacts").rglob("model.safetensors"))) == 2  # the base model (sft) and the trained one
+    assert len(list((folder / "artifacts").rglob("model.safetensors"))) == 2  # the base model (sft) and the trained one
 
     # The same params through plain `dvc repro` in another checkout, killed (kill -9) in the middle of the
     # stages that write models and checkpoints (tests/test_files.py has what a kill leaves of the other
@@ -303,3 +314,79 @@ def test_a_verl_users_gsm8k_and_qwen2_checkpoint_with_lora_queued_as_a_dvc_exper
     completions = pd.read_json(client.download_artifacts(train_run, "completions/step_000002.json", str(tmp_path)), orient="split")
     assert completions["prompt"].str.startswith("<|im_start|>user\nTom has").all()  # the checkpoint's chat template
     assert not list((project / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def test_a_study_on_a_work_pool_with_two_workers_in_their_own_clones(tmp_path, servers):
+    """The smoke study sent to a Prefect work pool (`grpolab study --pool`) whose two process workers each run
+    in their own clone of the project (two folders for two nodes), every cell logging to the MLflow server and
+    the clones sharing one DVC cache: both workers ran cells, each seed's shared stages ran once in all, the
+    report is what MLflow holds, and no clone's params.yaml or git tree changed."""
+    from test_study import committed_project, complete_parents
+
+    _, uri, prefect_env, _ = servers
+    origin = committed_project(tmp_path / "origin")  # the driver's checkout
+    shutil.copy(REPO / "prefect.yaml", origin)
+    identity = ["-c", "user.name=grpolab-test", "-c", "user.email=test@localhost"]
+    run(["git", "add", "prefect.yaml"], origin)
+    run(["git", *identity, "commit", "-qm", "deployments"], origin)
+    cache = tmp_path / "shared-dvc-cache"  # a cache folder on the nodes' shared file system
+    clones = {name: tmp_path / name for name in ("node-a", "node-b")}
+    for clone in clones.values():
+        run(["git", "clone", "-q", str(origin), str(clone)], tmp_path)
+        run([f"{BIN}/dvc", "cache", "dir", "--local", str(cache)], clone)  # .dvc/config.local: this clone's setting only
+    before = {p: (p / "params.yaml").read_bytes() for p in (origin, *clones.values())}
+
+    env = {**prefect_env, "MLFLOW_TRACKING_URI": uri, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    prefect("work-pool", "create", "nodes", "--type", "process", "--overwrite", env=env, cwd=clones["node-a"])
+    prefect("--no-prompt", "deploy", "--name", "cell", "--pool", "nodes", env=env, cwd=clones["node-a"])
+    marker = f"pool-{os.getpid()}"
+    with contextlib.ExitStack() as workers:
+        for name, clone in clones.items():  # one flow run at a time each, as a worker per GPU would be
+            worker_env = {**env, "GRPOLAB_PROJECT": str(clone), MARKER: marker}
+            workers.enter_context(serving([f"{BIN}/prefect", "worker", "start", "--pool", "nodes", "--type", "process", "--limit", "1",
+                                           "--name", name], tmp_path / f"{name}.log", lambda: True, f"worker {name}", worker_env))
+        study = subprocess.run([f"{BIN}/grpolab", "study", "studies/smoke.yaml", "--pool", "nodes"], cwd=origin, env={**env, MARKER: marker},
+                               capture_output=True, text=True, timeout=900)
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in clones}
+    assert study.returncode == 0, f"{study.stdout[-3000:]}\n{study.stderr[-4000:]}\n{logs['node-a'][-2000:]}\n{logs['node-b'][-2000:]}"
+    assert "done   plain-s0" in study.stderr and "4/4 cells done" in study.stderr
+
+    # Prefect's records: four cell flow runs, all completed, on both workers' clones (each cell says where it ran)
+    [deployment] = [d for d in prefect_api(env, "deployments/filter", {}) if d["name"] == "cell"]
+    flow_runs = prefect_api(env, "flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}})
+    assert len(flow_runs) == 4 and {r["state"]["type"] for r in flow_runs} == {"COMPLETED"}
+    ran_in = {}
+    for flow_run in flow_runs:
+        messages = [e["message"] for e in prefect_api(env, "logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}})]
+        [where] = [m for m in messages if m.startswith("cell ") and " of study smoke in " in m]
+        ran_in[where.split()[1]] = Path(where.split(" in ")[1].split(" on ")[0])
+    assert set(ran_in) == {"plain-s0", "plain-s1", "outcome_conditional-s0", "outcome_conditional-s1"}
+    assert set(ran_in.values()) == {c.resolve() for c in clones.values()}, ran_in  # both workers ran cells
+
+    # MLflow: the four complete pipelines; the shared stages of each seed ran once in all (restored from the
+    # shared cache by the other cell of the seed, wherever it ran)
+    client = MlflowClient(uri)
+    parents = {f"{r.data.tags['grpolab.variant']}-s{r.data.tags['grpolab.seed']}": r for r in complete_parents(client, "smoke")}
+    assert set(parents) == set(ran_in)
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id], max_results=1000)
+    finished = pd.Series([r.data.tags["grpolab.stage"] for r in runs if r.info.status == "FINISHED"]).value_counts()
+    assert {s: finished.get(s, 0) for s in ("prepare", "sft", "mia", "train")} == {"prepare": 2, "sft": 2, "mia": 2, "train": 4}
+    for seed in (0, 1):
+        assert {"prepare", "sft", "mia"} <= set(parents[f"outcome_conditional-s{seed}"].data.tags["grpolab.reused_stages"].split(", "))
+
+    # the report, built by the driver, is what the store holds; each cell's DVC experiment is in its worker's clone
+    from grpolab.study.report import report_from_store
+
+    text = (origin / "reports" / "smoke" / "report.md").read_text()
+    assert text == report_from_store(client, "smoke", tmp_path / "rebuilt") and "| `outcome_conditional` |" in text
+    listed = {c: run([f"{BIN}/dvc", "exp", "ls", "--name-only"], clone).stdout.split() for c, clone in clones.items()}
+    assert sorted(n for names in listed.values() for n in names) == sorted(f"smoke-{cell}" for cell in ran_in)
+    for checkout in (origin, *clones.values()):
+        assert (checkout / "params.yaml").read_bytes() == before[checkout]
+        assert run(["git", "status", "--porcelain"], checkout).stdout == ""
+    assert not marked_processes(marker)  # the workers' cells ended with them
+
+    # On the local sqlite store, cells on other machines could not log: refused before any cell, naming why
+    proc = subprocess.run([f"{BIN}/grpolab", "study", "studies/smoke.yaml", "--pool", "nodes"], cwd=origin, env=prefect_env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--pool nodes: the tracking store is sqlite:///" in proc.stderr, proc.stderr

@@ -146,6 +146,26 @@ def test_each_running_cell_gets_its_own_gpus(tmp_path, monkeypatch):
     assert StudyRun(study, jobs=3, project=tmp_path).gpus == []  # no GPU: nothing to hand out, nothing refused
 
 
+def test_a_study_for_a_pool_is_refused_before_any_cell_where_its_cells_could_not_run(tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from grpolab.study.run import StudyRun
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    study = load_study(write(tmp_path, STUDY), tmp_path / "params.yaml")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        run = StudyRun(study, project=tmp_path, pool="nodes")
+        assert run.jobs == 4 and run.gpus == []  # every cell in flight at once; a worker's GPUs are its own
+        with pytest.raises(ConfigError, match=r"--gpus-per-cell 2 with --pool nodes: on a pool, a cell has the GPUs of the worker"):
+            StudyRun(study, project=tmp_path, pool="nodes", gpus_per_cell=2)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")
+        with pytest.raises(ConfigError, match=r"--pool nodes: the tracking store is sqlite:///.*, a file on this machine"):
+            StudyRun(study, project=tmp_path, pool="nodes")
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), pytest.raises(ConfigError, match=r"--pool nodes: PREFECT_API_URL is not set"):
+        StudyRun(study, project=tmp_path, pool="nodes")
+
+
 def test_progress_gates_a_seed_on_its_shared_stages_and_estimates_time_left(tmp_path):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     study = load_study(write(tmp_path, STUDY), tmp_path / "params.yaml")

@@ -63,14 +63,14 @@ def cmd_run(args) -> None:
 def cmd_study(args) -> None:
     from grpolab.fsutil import output_folder
     from grpolab.study.report import REPORTS_DIR
-    from grpolab.study.run import study_gpus
+    from grpolab.study.run import StudyRun
     from grpolab.study.spec import load_study
 
     study = load_study(args.file)  # every cell validated before Prefect starts
-    study_gpus(study, args.jobs, args.gpus_per_cell)  # and the GPUs they would need
+    StudyRun(study, args.jobs, gpus_per_cell=args.gpus_per_cell, pool=args.pool)  # and the jobs and GPUs they would need
     name = study.name
     output_folder(REPORTS_DIR / name, "the report folder")  # refused now, not after the cells ran
-    _load_flow("study")(args.file, args.jobs, args.gpus_per_cell)
+    _load_flow("study")(args.file, args.jobs, args.gpus_per_cell, args.pool)
     print(f"report: reports/{name}/report.md, and the MLflow run study-{name} in experiment {name}")
 
 
@@ -159,9 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     stage.set_defaults(func=cmd_stage)
     study = sub.add_parser("study", help="run a study file's variants x seeds (each a DVC experiment) and report")
     study.add_argument("file", help="the study file, e.g. studies/credit.yaml")
-    study.add_argument("--jobs", type=int, default=1, help="cells run at once (default 1)")
+    study.add_argument("--jobs", type=int, help="cells run at once (default 1); with --pool, cells sent to the pool at once (default every cell)")
     study.add_argument("--gpus-per-cell", type=int, help="GPUs each running cell is given, from CUDA_VISIBLE_DEVICES or every "
                        "visible GPU (default 1 where GPUs are visible; a cell with more train.num_processes gets that many)")
+    study.add_argument("--pool", help="a Prefect work pool: each cell a flow run of its `cell` deployment, on whichever worker is free "
+                       "(the project at this commit on every worker, one MLflow server, a shared DVC cache)")
     study.set_defaults(func=cmd_study)
     report = sub.add_parser("report", help="rebuild a study's report from the MLflow store")
     report.add_argument("study", help="the study's name or its file")

@@ -355,6 +355,19 @@ def pipeline_runs(client: MlflowClient, experiment: str, key: str) -> list:
     )
 
 
+def latest_stage(client: MlflowClient, experiment: str, key: str, since_ms: int) -> str | None:
+    """The stage of the newest stage run of this params hash started at `since_ms` or later (a cell that
+    runs elsewhere, seen from the store it logs to), or None."""
+    experiment_id = _find_experiment(client, experiment)
+    if experiment_id is None:
+        return None
+    runs = client.search_runs(
+        [experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+        filter_string=f"tags.`{PARAMS_HASH_TAG}` = '{key}' and tags.`{STAGE_TAG}` != 'pipeline' and attributes.start_time >= {since_ms}",
+    )
+    return runs[0].data.tags.get(STAGE_TAG) if runs else None
+
+
 def end_unfinished(client: MlflowClient, experiment: str, key: str) -> None:
     """Runs of this params hash left RUNNING by a killed process: KILLED."""
     for run in pipeline_runs(client, experiment, key):

@@ -11,6 +11,11 @@ once. The user's params.yaml and workspace are never written.
 - One study runs at a time per name (a lock the kernel drops with the process, also on kill -9); the
   next one stops what a killed one left running (found by an environment marker) and marks its
   unfinished MLflow runs KILLED.
+- On a Prefect work pool (`--pool NAME`) every cell is a flow run of the `cell` deployment, which runs the
+  same `dvc exp run --temp` in the clone of the project of whichever worker picks it up (`run_pool_cell`).
+  The driver learns a cell's stage from the MLflow server every cell logs to, and its end from Prefect; the
+  workers' clones share one DVC cache, so a seed's shared stages run once in all. A killed driver's cells
+  still queued or running are cancelled by the next run of the study.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from grpolab.config import flatten
 from grpolab.errors import ConfigError
 from grpolab.fsutil import take_lock
 from grpolab.procs import bound, die_with_parent
-from grpolab.study.spec import Cell, Study
+from grpolab.study.spec import Cell, Study, load_study
 
 STATE_DIR = Path(".grpolab/studies")  # per study: the lock and one log per cell
 SHARED_STAGES = ("inputs", "prepare", "sft", "mia")  # identical for every variant of a seed (the study checks nothing else)
@@ -43,6 +48,9 @@ STAGE_LINE = re.compile(r"[Ss]tage '([\w-]+)'")  # dvc's "Running stage 'x'" and
 STEP_LINE = re.compile(r"^\w+:\s+\d+%\|.*\| (\d+/\d+) ")  # a stage's progress bar: "train:  45%|███▌ | 90/200 [..."
 CELL_MARKER = "GRPOLAB_STUDY_CELL"  # in the environment of every process of a cell: `<project>::<study>/<cell>`
 MAX_JOBS = 32
+CELL_FLOW = "grpolab-study-cell"  # the flow of prefect.yaml's `cell` deployment (flows/study.py)
+PROJECT_ENV = "GRPOLAB_PROJECT"  # a worker's clone of the project, where it is not the deployment's folder
+POLL_S = 2.0  # how often a pool cell's flow run and MLflow record are read
 USER_PATHS = (  # params that name the user's files and checkpoints
     "data.train_files", "data.eval_files", "data.sft_files", "data.val_files", "model.name_or_path", "mia.reference_model",
     "train.judge_model",
@@ -114,6 +122,84 @@ def _git_head(project: Path) -> str | None:
     return proc.stdout.strip() or None
 
 
+def _experiments(project: Path, *args: str) -> list[str]:
+    """Names of the project's DVC experiments (of the current commit; `--all-commits`: of any)."""
+    proc = subprocess.run(_dvc("exp", "ls", "--name-only", *args), cwd=project, capture_output=True, text=True, env=cell_env())
+    return proc.stdout.split()
+
+
+def free_experiment_name(project: Path, name: str) -> None:
+    """A cell about to run whose DVC experiment exists on this commit (its MLflow record is not complete):
+    the old experiment goes, DVC would refuse the name."""
+    if name in _experiments(project):
+        subprocess.run(_dvc("--wait-for-lock", "exp", "remove", name), cwd=project, check=True, capture_output=True, env=cell_env())
+
+
+def run_experiment(project: Path, cell: Cell, copy_paths: list[str], env: dict[str, str], log: Path, on_line=None, on_start=None) -> int:
+    """`cell` as one DVC experiment in a temporary copy of `project`'s workspace, its output in `log` (and
+    each line to `on_line`); returns its exit status. It runs in a process group of its own (given to
+    `on_start`, for a driver to stop), which dies with the caller."""
+    args = [a for o in cell.overrides for a in ("-S", o)] + [a for p in copy_paths for a in ("-C", p)]
+    cmd = _dvc("--wait-for-lock", "exp", "run", "--temp", "--name", cell.experiment_name, *args)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        out.write(f"$ {' '.join(cmd)}\n")
+        proc = subprocess.Popen(
+            cmd, cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            env=env, start_new_session=True, preexec_fn=die_with_parent,
+        )
+        if on_start:
+            on_start(proc)
+        try:
+            for line in proc.stdout:
+                out.write(line)
+                out.flush()
+                if on_line:
+                    on_line(line)
+            status = proc.wait()
+        finally:
+            if proc.poll() is None:  # the caller was interrupted
+                os.killpg(proc.pid, signal.SIGTERM)
+        if status != 0:
+            out.write(f"(exit status {status}: {f'killed by signal {-status}' if status < 0 else 'failed'})\n")
+    return status
+
+
+def run_pool_cell(study_file: str, cell_name: str, commit: str, tracking: str) -> None:
+    """What the `cell` deployment runs on a worker: one cell of a study, in the worker's clone of the project
+    (PROJECT_ENV, or the working directory), which must be at the driver's commit. Raises StudyError if it fails.
+    What it prints goes to the flow run's logs (the flow's `log_prints`), which the driver keeps as the cell's log."""
+    from grpolab.errors import StudyError
+
+    def say(text: str) -> None:
+        print(text, flush=True)  # looked up when called: Prefect's log_prints replaces print while the flow runs
+
+    project = Path(os.environ.get(PROJECT_ENV) or Path.cwd()).resolve()
+    head = _git_head(project)
+    if head != commit:
+        raise ConfigError(f"{project}: at commit {head}, the study's driver at {commit}: a worker runs the driver's commit "
+                          f"(git fetch && git checkout {commit} in this clone)")
+    study = load_study(project / study_file, project / "params.yaml")
+    cell = next((c for c in study.cells if c.name == cell_name), None)
+    if cell is None:
+        raise ConfigError(f"{study_file}: no cell {cell_name!r} at commit {commit}")
+    say(f"cell {cell.name} of study {study.name} in {project} on {os.uname().nodename}")
+    free_experiment_name(project, cell.experiment_name)
+    env = cell_env(f"{project}::{study.name}/{cell.name}")
+    env["MLFLOW_TRACKING_URI"] = tracking  # the driver's store, also where the clone's params name none
+    log = project / STATE_DIR / study.name / "logs" / f"{cell.name}.log"
+
+    def stage_lines(line: str) -> None:  # what the driver's log of the cell shows (Prefect's logs of the flow run)
+        if STAGE_LINE.search(line):
+            say(f"{cell.name}: {line.strip()}")
+
+    status = run_experiment(project, cell, _untracked_paths(project, [cell]), env, log, stage_lines)
+    if status != 0:
+        tail = "".join(log.read_text(errors="replace").splitlines(True)[-20:])
+        raise StudyError(f"cell {cell.name} failed in {project} (exit status {status}; log: {log}):\n{tail}")
+    say(f"cell {cell.name} done in {project}")
+
+
 @dataclass
 class CellState:
     cell: Cell
@@ -172,7 +258,8 @@ class Progress:
         if ok:
             self._say(f"  done   {cell.name} in {_clock(seconds)}")
         else:
-            tail = "".join(f"         | {line}" for line in log.read_text(errors="replace").splitlines(True)[-6:])
+            text = log.read_text(errors="replace") if log.is_file() else ""
+            tail = "".join(f"         | {line}" for line in text.splitlines(True)[-6:])
             self._say(f"  FAILED {cell.name} after {_clock(seconds)} (log: {log})\n{tail.rstrip()}")
         self._update(cell, status="done" if ok else "failed", seconds=seconds)
 
@@ -251,25 +338,44 @@ class StudyRun:
     """One run of a study in a project: its lock, what is done, the cells to run and how they go."""
 
     study: Study
-    jobs: int = 1
+    jobs: int | None = None  # cells at once: 1 here by default; on a pool, cells in flight (every cell by default)
     project: Path = field(default_factory=Path.cwd)
     gpus_per_cell: int | None = None  # None: 1 where GPUs are visible
+    pool: str | None = None  # a Prefect work pool: its workers run the cells
 
     def __post_init__(self) -> None:
+        if self.jobs is None:
+            self.jobs = min(len(self.study.cells), MAX_JOBS) if self.pool else 1
         if not 1 <= self.jobs <= MAX_JOBS:
             raise ConfigError(f"--jobs: {self.jobs} is not between 1 and {MAX_JOBS}")
-        self.gpus = study_gpus(self.study, self.jobs, self.gpus_per_cell)
+        if self.pool and self.gpus_per_cell is not None:
+            raise ConfigError(f"--gpus-per-cell {self.gpus_per_cell} with --pool {self.pool}: on a pool, a cell has the GPUs of the worker "
+                              "that runs it (start one worker per GPU set, each with its CUDA_VISIBLE_DEVICES)")
+        if self.pool:
+            from prefect.settings import PREFECT_API_URL
+
+            if not PREFECT_API_URL.value():
+                raise ConfigError(f"--pool {self.pool}: PREFECT_API_URL is not set; it names the Prefect server whose workers "
+                                  "poll the pool (http://HOST:4200/api)")
+        self.gpus = [] if self.pool else study_gpus(self.study, self.jobs, self.gpus_per_cell)
         self._free_gpus = list(self.gpus)  # held by no running cell
         self.cell_gpus: dict[str, list[str]] = {}  # running cell -> its GPUs
         self._gpu_lock = threading.Lock()
         self.state_dir = self.project / STATE_DIR / self.study.name
-        self.client = MlflowClient(tracking.tracking_uri(self.study.cells[0].params))
+        self.uri = tracking.tracking_uri(self.study.cells[0].params)
+        if self.pool and not self.uri.startswith(("http://", "https://")):
+            raise ConfigError(f"--pool {self.pool}: the tracking store is {self.uri}, a file on this machine, which cells on other "
+                              "machines cannot write: set tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow server")
+        self.client = MlflowClient(self.uri)
         self._lock = None
         self.study_run_id: str | None = None
         self.copy_paths: list[str] = []
         self.running: dict[str, subprocess.Popen] = {}  # cell name -> its `dvc exp run`, a process group of its own
         self.todo: list[Cell] = []
         self.progress: Progress | None = None
+        self.deployment_id = None  # of the `cell` deployment on the pool
+        self.commit: str | None = None
+        self.flow_runs: dict[str, str] = {}  # pool cell name -> its flow run's id, while it runs
 
     # -- before any cell ------------------------------------------------------------------------
 
@@ -294,18 +400,21 @@ class StudyRun:
                 f"{self.project}: no git commit: every cell runs as a DVC experiment, which starts from one "
                 "(git add -A && git commit -m 'project')"
             )
+        self.commit = _git_head(self.project)
+        if self.pool:
+            self._check_pool()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         self._stop_leftovers()
         params = self.study.cells[0].params
         self.study_run_id = tracking.record_study(self.client, params, self.study.source, [_cell_record(c) for c in self.study.cells], self.jobs)
         complete = tracking.complete_pipelines(self.client, params.tracking.experiment)
-        recorded = set(self._experiments("--all-commits"))
-        self.todo = [c for c in self.study.cells if not (c.params_hash in complete and c.experiment_name in recorded)]
+        # on a pool, a cell's DVC experiment is in the clone of the worker that ran it: MLflow's record alone says
+        recorded = None if self.pool else set(_experiments(self.project, "--all-commits"))
+        self.todo = [c for c in self.study.cells if not (c.params_hash in complete and (recorded is None or c.experiment_name in recorded))]
         for cell in self.todo:  # a killed run's stages stay RUNNING in MLflow otherwise
             tracking.end_unfinished(self.client, params.tracking.experiment, cell.params_hash)
-        self._free_experiment_names()
-        self.copy_paths = _untracked_paths(self.project, self.todo)
+        self.copy_paths = [] if self.pool else _untracked_paths(self.project, self.todo)
         self.progress = Progress(self.study, self.todo, len(self.study.cells) - len(self.todo), self.jobs, stream)
         return self
 
@@ -318,7 +427,9 @@ class StudyRun:
     def _stop_leftovers(self) -> None:
         """What a killed run of this study left (we hold its lock, so nothing of it runs on): a cell's processes
         die with the study, but one started by an older grpolab may not (stopped here); DVC's temporary
-        workspaces of its cells stay behind (removed)."""
+        workspaces of its cells stay behind (removed); on a pool, its cells' flow runs go on (cancelled)."""
+        if self.pool:
+            self._cancel_flow_runs()
         prefix = f"{CELL_MARKER}={self.marker('')}".encode()  # this project's study only: a namesake elsewhere runs on
         for proc in Path("/proc").glob("[0-9]*"):
             try:
@@ -339,18 +450,25 @@ class StudyRun:
             if record.get("name") in names and copies in root.parents and root.is_dir():  # a finished one's is gone
                 shutil.rmtree(root, ignore_errors=True)
 
-    def _experiments(self, *args: str) -> list[str]:
-        """Names of the project's DVC experiments (of the current commit; `--all-commits`: of any)."""
-        proc = subprocess.run(_dvc("exp", "ls", "--name-only", *args), cwd=self.project, capture_output=True, text=True, env=cell_env())
-        return proc.stdout.split()
+    def _check_pool(self) -> None:
+        """A study on a pool: cells on other machines log to one MLflow server, run the driver's commit (the
+        study file and params as committed), and go to the pool's `cell` deployment."""
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowFilter, FlowFilterName, WorkPoolFilter, WorkPoolFilterName
 
-    def _free_experiment_names(self) -> None:
-        """A cell to run whose DVC experiment exists on this commit (its MLflow record is not complete):
-        the old experiment goes, DVC would refuse the name."""
-        existing = set(self._experiments())
-        for cell in self.todo:
-            if cell.experiment_name in existing:
-                subprocess.run(_dvc("exp", "remove", cell.experiment_name), cwd=self.project, check=True, capture_output=True, env=cell_env())
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=self.project, capture_output=True, text=True).stdout
+        source = os.path.relpath(self.study.source.resolve(), self.project.resolve())
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "--", source], cwd=self.project, capture_output=True).returncode == 0
+        if changed.strip() or not tracked:
+            what = changed.strip().replace("\n", "; ") if changed.strip() else f"{source} is not committed"
+            raise ConfigError(f"--pool {self.pool}: the workers run commit {self.commit}, and this checkout differs ({what}): commit first")
+        with get_client(sync_client=True) as client:
+            found = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[CELL_FLOW])),
+                                            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self.pool])))
+        if not found:
+            raise ConfigError(f"--pool {self.pool}: no deployment of flow {CELL_FLOW} on work pool {self.pool!r} "
+                              f"(make deploy POOL={self.pool}, from prefect.yaml)")
+        self.deployment_id = found[0].id
 
     # -- the cells ------------------------------------------------------------------------------
 
@@ -362,39 +480,91 @@ class StudyRun:
         return self.state_dir / "logs" / f"{cell.name}.log"
 
     def run_cell(self, cell: Cell) -> bool:
-        """One cell as one DVC experiment in a temporary copy of the workspace; True if it finished."""
-        args = [a for o in cell.overrides for a in ("-S", o)] + [a for p in self.copy_paths for a in ("-C", p)]
-        cmd = _dvc("--wait-for-lock", "exp", "run", "--temp", "--name", cell.experiment_name, *args)
-        log = self.log_file(cell)
-        log.parent.mkdir(parents=True, exist_ok=True)
+        """One cell as one DVC experiment in a temporary copy of the workspace, here or on a worker of the
+        pool; True if it finished."""
         ok = False
         try:
-            with open(log, "w") as out:
-                out.write(f"$ {' '.join(cmd)}\n")
-                env = cell_env(self.marker(cell.name))
-                if cell.name in self.cell_gpus:  # its own GPUs: every process of the cell sees those only
-                    env["CUDA_VISIBLE_DEVICES"] = ",".join(self.cell_gpus[cell.name])
-                proc = subprocess.Popen(
-                    cmd, cwd=self.project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                    env=env, start_new_session=True, preexec_fn=die_with_parent,
-                )
-                self.running[cell.name] = proc
-                for line in proc.stdout:
-                    out.write(line)
-                    out.flush()
-                    if match := STAGE_LINE.search(line):
-                        self.progress.stage(cell, match.group(1))
-                    elif match := STEP_LINE.match(line):
-                        self.progress.step(cell, match.group(1))
-                status = proc.wait()
-                ok = status == 0
-                if not ok:
-                    out.write(f"(exit status {status}: {f'killed by signal {-status}' if status < 0 else 'failed'})\n")
+            ok = self._on_pool(cell) if self.pool else self._here(cell)
+        finally:
+            self._give_back_gpus(cell)
+            self.progress.finished(cell, ok, self.log_file(cell))
+        return ok
+
+    def _here(self, cell: Cell) -> bool:
+        free_experiment_name(self.project, cell.experiment_name)
+        env = cell_env(self.marker(cell.name))
+        if cell.name in self.cell_gpus:  # its own GPUs: every process of the cell sees those only
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.cell_gpus[cell.name])
+
+        def progress(line: str) -> None:
+            if match := STAGE_LINE.search(line):
+                self.progress.stage(cell, match.group(1))
+            elif match := STEP_LINE.match(line):
+                self.progress.step(cell, match.group(1))
+
+        try:
+            return run_experiment(self.project, cell, self.copy_paths, env, self.log_file(cell), progress,
+                                  lambda proc: self.running.__setitem__(cell.name, proc)) == 0
         finally:
             self.running.pop(cell.name, None)
-            self._give_back_gpus(cell)
-            self.progress.finished(cell, ok, log)
-        return ok
+
+    def _on_pool(self, cell: Cell) -> bool:
+        """The cell as a flow run of the pool's `cell` deployment, followed until it ends: its stage from the
+        MLflow server its stages log to, its end from Prefect; the flow run's logs become the cell's log here."""
+        from prefect.client.orchestration import get_client
+
+        params = {"study_file": os.path.relpath(self.study.source.resolve(), self.project.resolve()), "cell": cell.name,
+                  "commit": self.commit, "tracking": self.uri}
+        since = int(time.time() * 1000)
+        with get_client(sync_client=True) as client:
+            run = client.create_flow_run_from_deployment(self.deployment_id, parameters=params, tags=[self._tag()],
+                                                         name=f"{self.study.name}-{cell.name}")
+            self.flow_runs[cell.name] = str(run.id)
+            try:
+                while not (state := client.read_flow_run(run.id).state) or not state.is_final():
+                    if stage := tracking.latest_stage(self.client, cell.params.tracking.experiment, cell.params_hash, since):
+                        self.progress.stage(cell, stage)
+                    time.sleep(POLL_S)
+            finally:
+                self.flow_runs.pop(cell.name, None)
+            self._write_log(client, run.id, cell, state)
+        return state.is_completed()
+
+    def _write_log(self, client, flow_run_id, cell: Cell, state) -> None:
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+        from prefect.client.schemas.sorting import LogSort
+
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200, sort=LogSort.TIMESTAMP_ASC)
+        log = self.log_file(cell)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        lines = [f"flow run {flow_run_id} of deployment {self.deployment_id} on pool {self.pool}: {state.type.value}"]
+        log.write_text("\n".join([*lines, *(entry.message for entry in logs)]) + "\n")
+
+    def _tag(self) -> str:
+        """The Prefect tag of this study's cell flow runs (the project's study, as the cell marker names it)."""
+        return f"grpolab-study:{self.study.name}@{self.commit[:12]}"
+
+    def _cancel_flow_runs(self, ids: list[str] | None = None) -> None:
+        """Cancel this study's cell flow runs that have not ended (`ids`, or every one with its tag: a killed
+        driver's); a worker stops a running one's processes."""
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
+        from prefect.client.schemas.objects import StateType
+        from prefect.states import Cancelled, Cancelling
+
+        live = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED]
+        with get_client(sync_client=True) as client:
+            if ids is None:
+                found = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[self._tag()]),
+                                                                            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=live))))
+            else:
+                found = [client.read_flow_run(i) for i in ids]
+            for run in found:
+                if run.state and not run.state.is_final():
+                    started = run.state.type in (StateType.RUNNING, StateType.PENDING)
+                    client.set_flow_run_state(run.id, Cancelling() if started else Cancelled(), force=True)
+                    if ids is None:
+                        print(f"cancelled flow run {run.name} ({run.id}), left by an interrupted run of study {self.study.name}", file=sys.stderr)
 
     def schedule(self, submit) -> list:
         """Start every cell to run through `submit(cell)` (a Prefect task's `.submit`), at most `jobs` at a
@@ -418,6 +588,8 @@ class StudyRun:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+        if self.flow_runs:
+            self._cancel_flow_runs(list(self.flow_runs.values()))
         if self.study_run_id:
             self.client.set_terminated(self.study_run_id, "FINISHED" if ok else "FAILED")
         if self._lock:

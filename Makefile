@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 PIP := $(BIN)/pip install --disable-pip-version-check --progress-bar off -qq
 
-.PHONY: install browser postgres run test ui docs reference deploy bench bench-mia bench-tracin bench-memory bench-rollout bench-losses gpu-check gpu-wheels clean clean-all
+.PHONY: install browser postgres run test ui docs reference deploy bench bench-mia bench-tracin bench-memory bench-rollout bench-losses bench-pool gpu-check gpu-wheels clean clean-all
 
 install: $(STAMP)
 
@@ -101,6 +101,10 @@ bench-rollout: install
 # what each policy loss, aggregation and the entropy bonus cost per step against plain GRPO (needs `make run` first)
 bench-losses: install
 	python bench/bench_losses.py
+
+# a study through a Prefect work pool with two workers against --jobs 2 (PostgreSQL, MLflow and Prefect servers on 127.0.0.1)
+bench-pool: install
+	python bench/bench_pool.py
 
 # the GPU check (bench/gpu_check.py): a few minutes on one GPU, its figures in gpu_check.json
 gpu-check: install

@@ -481,6 +481,21 @@ def test_the_worker_gets_the_gpus_the_project_and_the_servers(compose):
     assert not is_allowed_host_header(allowed, f"evil.example:{mlflow_port}")
 
 
+def test_a_worker_on_a_second_host_reaches_the_first_hosts_servers(example_env):
+    """The settings of two hosts for one work pool: the first publishes its servers on its private address,
+    which MLflow then answers to; the second's worker (`up --no-deps worker`) calls them there."""
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    first = interpolate(yaml.safe_load(COMPOSE.read_text()), {**example_env, "GRPOLAB_PUBLISH_ADDRESS": "10.0.0.5"})["services"]
+    assert first["mlflow"]["ports"] == ["10.0.0.5:5000:5000"] and first["prefect-server"]["ports"] == ["10.0.0.5:4200:4200"]
+    allowed = option(first["mlflow"]["command"], "--allowed-hosts").split(",")
+    assert is_allowed_host_header(allowed, "10.0.0.5:5000") and is_allowed_host_header(allowed, "mlflow:5000")
+    second = interpolate(yaml.safe_load(COMPOSE.read_text()), {
+        **example_env, "GRPOLAB_PREFECT_API_URL": "http://10.0.0.5:4200/api", "GRPOLAB_TRACKING_URI": "http://10.0.0.5:5000"})
+    env = second["services"]["worker"]["environment"]
+    assert (env["PREFECT_API_URL"], env["MLFLOW_TRACKING_URI"]) == ("http://10.0.0.5:4200/api", "http://10.0.0.5:5000")
+
+
 def test_one_postgres_holds_mlflows_and_prefects_databases(compose):
     services = compose["services"]
     postgres = services["postgres"]

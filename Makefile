@@ -16,13 +16,15 @@ install: $(STAMP)
 # torch first: 2.13.0 is the CPU build that installs from a local file here; asking for it
 # before anything else keeps pip from pulling a multi-GB CUDA build as a dependency.
 # DeepSpeed ships as an sdist: built against that torch (no build isolation), before the rest.
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock requirements-vllm.lock
 	@echo "==> installing into $(VENV) (once)"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) --no-build-isolation deepspeed==0.19.8
 	$(PIP) -r requirements.lock
 	$(PIP) --no-deps -e .
+	@# vLLM's CPU build for train.rollout.backend=vllm, exact pins without its own deps (why: requirements-vllm.lock)
+	$(PIP) --no-deps -r requirements-vllm.lock
 	@# DeepSpeed JIT-builds its CPU shared-memory comm op on first use (~1 min): do it here, once,
 	@# rather than inside the first training (where an interrupted build leaves a lock behind).
 	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"

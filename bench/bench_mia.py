@@ -37,7 +37,9 @@ def bench_scoring(a) -> list[tuple[float, float]]:
     from grpolab.data.tokenizer import encode_prompt, load_tokenizer
     from grpolab.mia import scores as S
     from grpolab.models import load_model
-    from grpolab.rollout import completion_token_stats, sample, stop_ids
+    from grpolab.logprobs import completion_token_stats
+    from grpolab.samplers import stop_ids
+    from grpolab.samplers.hf import sample
 
     model, tokenizer = load_model(ROOT / "models/base").eval(), load_tokenizer(str(ROOT / "models/base"))
     prompts = pd.read_parquet(ROOT / "data/train.parquet")["prompt"].tolist()[: a.batch]
@@ -69,7 +71,7 @@ def bench_weighted_loss(a) -> list[tuple[float, float, float]]:
     turns, so the difference is the weighting's cost alone, without two diverging trajectories' noise."""
     from grpolab import config
     from grpolab.rewards import Rewarder
-    from grpolab.rollout import by_length
+    from grpolab.logprobs import by_length
     from grpolab.trainer import update
     from grpolab.variants import Variants
 

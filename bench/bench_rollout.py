@@ -1,4 +1,4 @@
-"""grpolab's rollout sampler (`rollout.sample`) against transformers' `model.generate`, same model, prompts and
+"""grpolab's rollout sampler (`samplers.hf.sample`) against transformers' `model.generate`, same model, prompts and
 settings (temperature, top_p, no top-k, the same stop ids, a KV cache each), side by side in alternating
 blocks (sample, generate; then generate, sample; ...). Prints each block's generated tokens/s and the ratio
 sample / generate, median [min, max]. A random model almost never emits EOS, so both generate every token.
@@ -44,7 +44,8 @@ def measure(model, prompts: list[list[int]], new_tokens: int, blocks: int, tempe
     """Generated tokens/s of each contender in each block (alternating order), on the model's device."""
     import torch
 
-    from grpolab.rollout import left_pad, sample, sample_keys
+    from grpolab.samplers import left_pad, sample_keys
+    from grpolab.samplers.hf import sample
 
     device = next(model.parameters()).device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -65,7 +66,7 @@ def measure(model, prompts: list[list[int]], new_tokens: int, blocks: int, tempe
         finished = (generated == EOS_ID).cumsum(-1)
         return int(((finished == 0) | ((finished == 1) & (generated == EOS_ID))).sum())
 
-    contenders = {"rollout.sample": grpolab_sample, "model.generate": hf_generate}
+    contenders = {"samplers.hf.sample": grpolab_sample, "model.generate": hf_generate}
     for fn in contenders.values():  # warm-up: kernels, allocator, caches
         fn(0)
     rates: dict[str, list[float]] = {name: [] for name in contenders}
@@ -77,13 +78,13 @@ def measure(model, prompts: list[list[int]], new_tokens: int, blocks: int, tempe
             sync()
             rates[name].append(tokens / (time.perf_counter() - began))
         log(f"block {block + 1}: " + ", ".join(f"{n} {rates[n][-1]:,.0f} tok/s" for n in contenders)
-            + f" -> {rates['rollout.sample'][-1] / rates['model.generate'][-1]:.2f}x")
+            + f" -> {rates['samplers.hf.sample'][-1] / rates['model.generate'][-1]:.2f}x")
     return rates
 
 
 def summary(rates: dict[str, list[float]]) -> dict[str, float]:
-    ratios = [a / b for a, b in zip(rates["rollout.sample"], rates["model.generate"])]
-    return {"sample_tokens_per_s": statistics.median(rates["rollout.sample"]),
+    ratios = [a / b for a, b in zip(rates["samplers.hf.sample"], rates["model.generate"])]
+    return {"sample_tokens_per_s": statistics.median(rates["samplers.hf.sample"]),
             "generate_tokens_per_s": statistics.median(rates["model.generate"]),
             "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
 
@@ -113,7 +114,7 @@ def main() -> None:
           f"{a.prompt_tokens // 2}-{a.prompt_tokens} tokens, temperature {a.temperature}, top_p {a.top_p}, {a.blocks} blocks")
     print(markdown_table(["contender", "tokens/s, median [min, max]"],
                          [[name, spread(v, fmt="{:,.0f}")] for name, v in rates.items()]))
-    print(f"\nrollout.sample / model.generate: {s['ratio_median']:.2f}x [{s['ratio_min']:.2f}, {s['ratio_max']:.2f}]")
+    print(f"\nsamplers.hf.sample / model.generate: {s['ratio_median']:.2f}x [{s['ratio_min']:.2f}, {s['ratio_max']:.2f}]")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import alternate, engine_on_base, make_batch, scratch_params, spread
+from common import alternate, engine_on_base, hf_sampler, make_batch, scratch_params, spread
 
 ROOT = Path.cwd()
 CONTENDERS = ("plain", "same_batch", "separate", "naive")
@@ -75,7 +75,9 @@ def main() -> None:
     separate = config.apply_overrides(["train.tracin.validation=separate"], scratch)  # defaults: 64, random, seqloss-lastadv
     engine, optimizer, ref, tokenizer, data = engine_on_base(ROOT, plain)
     variants, rewarder = Variants(plain, data, tokenizer), Rewarder(plain)
-    tracins = {"same_batch": TracIn(same, engine.module, tokenizer, Rewarder(same)), "separate": TracIn(separate, engine.module, tokenizer, Rewarder(separate))}
+    sampler = hf_sampler(plain, engine, tokenizer)
+    tracins = {"same_batch": TracIn(same, engine.module, tokenizer, Rewarder(same), sampler),
+               "separate": TracIn(separate, engine.module, tokenizer, Rewarder(separate), sampler)}
     tracins["naive"] = tracins["same_batch"]
     snapshot = (copy.deepcopy(engine.module.state_dict()), copy.deepcopy(optimizer.state_dict()))
     g = plain.train.group_size

@@ -42,11 +42,18 @@ def engine_on_base(root: Path, params):
     return engine, engine.optimizer, ref, tokenizer, pd.read_parquet(root / WEIGHTED_TRAIN_FILE)
 
 
+def hf_sampler(params, engine, tokenizer):
+    """The default rollout sampler of a training on `engine` (grpolab's decoder over the policy)."""
+    from grpolab.samplers import make_sampler
+
+    return make_sampler("hf", engine.module, tokenizer, batch_size=params.train.rollout_batch_size)
+
+
 def make_batch(params, engine, ref_model, tokenizer, data, rewarder, variants, rollout_index: int):
     """(Batch, Sampled) of rollout batch `rollout_index` as a train step makes it: sample, score, weigh."""
     from grpolab.stages import train as T
 
-    rows, rollout = T.sample_rollouts(params, engine, tokenizer, data, rollout_index)
+    rows, rollout = T.sample_rollouts(params, engine, hf_sampler(params, engine, tokenizer), tokenizer, data, rollout_index)
     sampled = T.score(params, rows, rollout, tokenizer, rewarder)
     return T.weigh(params, engine, tokenizer, ref_model, variants, sampled, rollout), sampled
 

@@ -6,7 +6,7 @@ its figures written as JSON (after every section, so a run cut short keeps what 
   b. 3 GRPO steps (the trainer's own `make_batch` and `update`) with gradient checkpointing on, a Qwen2.5-0.5B-
      shaped model in bf16 (random weights from its config, saved and loaded as a user's checkpoint): step 1's KL
      (the reference loaded as the policy is: exactly 0), the policy's and reference's buffer dtypes, peak memory;
-  c. rollout tokens/s of `rollout.sample` against `model.generate` at 128 and 512 rows x 256 new tokens, peak memory;
+  c. rollout tokens/s of `samplers.hf.sample` against `model.generate` at 128 and 512 rows x 256 new tokens, peak memory;
   d. one GRPO update (`train.update`) at micro-batch 8, 16 and 32: time, tokens/s, peak memory, and model FLOPs
      utilisation against the H200's 790 TFLOP/s bf16;
   e. TracIn's same-batch influence pass: peak memory, per token of a chunk.
@@ -234,7 +234,7 @@ def updates(check: Check, cfg: dict, root: Path, checkpoint: Path, tokenizer, dt
 
     from grpolab.algos.credit import OTHER
     from grpolab.models import load_model
-    from grpolab.rollout import Rollout, left_pad
+    from grpolab.samplers import Rollout, left_pad
     from grpolab.trainer import Batch, batch_logprobs, update
     from grpolab.variants import LossWeights
 
@@ -254,7 +254,7 @@ def updates(check: Check, cfg: dict, root: Path, checkpoint: Path, tokenizer, dt
             engine = _engine(params, checkpoint, dtype)
             weights = LossWeights(torch.ones(rows, new), torch.ones(rows), torch.ones(rows))
             batch = Batch(rollout, advantages, None, None, weights, torch.full((rows, new), OTHER))
-            batch.ref_logp = batch_logprobs(reference, batch, micro)
+            batch.ref_logp = batch_logprobs(reference, batch, micro, 1.0)
             times = []
             for _ in range(3):  # the first warms up kernels and the allocator
                 check.sync()
@@ -279,7 +279,7 @@ def tracin_memory(check: Check, cfg: dict, root: Path, checkpoint: Path, tokeniz
 
     from grpolab.algos.credit import OTHER
     from grpolab.rewards import Rewarder
-    from grpolab.rollout import Rollout, left_pad
+    from grpolab.samplers import Rollout, left_pad, make_sampler
     from grpolab.tracin import TracIn
     from grpolab.trainer import Batch, Sampled
     from grpolab.variants import LossWeights
@@ -296,7 +296,7 @@ def tracin_memory(check: Check, cfg: dict, root: Path, checkpoint: Path, tokeniz
     batch = Batch(rollout, advantages, None, None, LossWeights(torch.ones(rows, new), torch.ones(rows), torch.ones(rows)),
                   torch.full((rows, new), OTHER))
     sampled = Sampled([{"prompt": "p"}] * rows, ["c"] * rows, rewards, {}, rewards, ["bench"] * rows, torch.full((rows,), new))
-    tracin = TracIn(params, engine.module, tokenizer, Rewarder(params))
+    tracin = TracIn(params, engine.module, tokenizer, Rewarder(params), make_sampler("hf", engine.module, tokenizer, batch_size=rows))
     check.reset_peak()
     before = check.allocated_gb()
     check.sync()

@@ -21,6 +21,7 @@ from grpolab.algos.losses import (
     token_logprobs,
 )
 from grpolab.algos.mia_weights import mean_one, normalize_scores
+from grpolab.algos.rollout_correction import rollout_correction
 
 
 def test_group_advantages_by_hand():
@@ -270,3 +271,41 @@ def test_overlong_penalty_and_truncation_by_hand():
     ids = torch.tensor([[5, 6, 2], [5, 6, 7], [5, 2, 0]])  # stop token 2, padding 0
     mask = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 0]])
     assert truncated(ids, mask, [2], 3).tolist() == [False, True, False]
+
+
+# --- the rollout correction (algos/rollout_correction.py): rho = pi_old / pi_sampler per token or per completion
+LN = math.log
+CORRECTION_OLD = torch.tensor([[LN(0.5), 0.0, LN(3.0)], [LN(1.5), LN(4.0), 0.0]])  # log pi_old - log pi_sampler, as old
+CORRECTION_SAMPLER = torch.zeros(2, 3)
+CORRECTION_MASK = torch.tensor([[1, 1, 1], [1, 0, 0]])  # row 1: one token, then padding
+
+
+@pytest.mark.parametrize("mode, low, high, weights, bounded", [
+    # per token: rho = [0.5, 1, 3] and [1.5]; padding weighs 1 and is never bounded
+    ("token_truncate", 0.0, 2.0, [[0.5, 1.0, 2.0], [1.5, 1.0, 1.0]], [[0, 0, 1], [0, 0, 0]]),
+    ("token_truncate", 0.8, 2.0, [[0.8, 1.0, 2.0], [1.5, 1.0, 1.0]], [[1, 0, 1], [0, 0, 0]]),
+    ("token_mask", 0.6, 2.0, [[0.0, 1.0, 0.0], [1.5, 1.0, 1.0]], [[1, 0, 1], [0, 0, 0]]),
+    # per completion: rho = 0.5 * 1 * 3 = 1.5 on each token of row 0, 1.5 on row 1's
+    ("sequence_truncate", 0.0, 1.2, [[1.2, 1.2, 1.2], [1.2, 1.0, 1.0]], [[1, 1, 1], [1, 0, 0]]),
+    ("sequence_mask", 0.0, 2.0, [[1.5, 1.5, 1.5], [1.5, 1.0, 1.0]], [[0, 0, 0], [0, 0, 0]]),
+    ("sequence_mask", 0.0, 1.2, [[0.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1, 1, 1], [1, 0, 0]]),
+])
+def test_rollout_correction_by_hand(mode, low, high, weights, bounded):
+    w, ratio, cut = rollout_correction(CORRECTION_OLD, CORRECTION_SAMPLER, CORRECTION_MASK, mode, low, high)
+    torch.testing.assert_close(w, torch.tensor(weights), atol=1e-6, rtol=0)
+    assert cut.int().tolist() == bounded
+    expected = [0.5, 1.0, 3.0] if mode.startswith("token") else [1.5, 1.5, 1.5]
+    torch.testing.assert_close(ratio[0], torch.tensor(expected), atol=1e-6, rtol=0)
+
+
+def test_rollout_correction_enters_the_composition_point_as_a_detached_factor():
+    pg = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
+    correction = torch.tensor([[0.5, 1.0, 2.0]], requires_grad=True)
+    ones = torch.ones(1, 3)
+    loss = compose_token_loss(pg, None, 0.0, ones, torch.ones(1), torch.ones(1), correction=correction)
+    torch.testing.assert_close(loss, torch.tensor([[0.5, 2.0, 6.0]]))
+    loss.sum().backward()
+    assert correction.grad is None  # detached: it scales the gradient, it is not trained
+    torch.testing.assert_close(pg.grad, torch.tensor([[0.5, 1.0, 2.0]]))
+    plain = compose_token_loss(pg, None, 0.0, ones, torch.ones(1), torch.ones(1))
+    assert torch.equal(plain, pg)  # None: no factor at all (the hf sampler's loss, bit for bit)

@@ -141,10 +141,15 @@ def test_dockerfiles_pass_hadolint():
 
 def test_the_images_install_what_make_install_installs():
     pips, python_c, exports = make_install()
-    assert [re.sub(r"==.*", "", p[-1]) for p in pips] == ["torch", "deepspeed", "requirements.lock", "."]  # the recipe as read
+    assert [re.sub(r"==.*", "", p[-1]) for p in pips] == ["torch", "deepspeed", "requirements.lock", ".", "requirements-vllm.lock"]
     python = re.fullmatch(r">=(3\.\d+),<3\.\d+", tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"])[1]
     for dockerfile in (CPU_IMAGE, CUDA_IMAGE):
         installs = pip_installs(dockerfile)
+        if dockerfile == CUDA_IMAGE:  # vLLM's CUDA release instead of its CPU build: the lock's other pins, vllm, its kernels
+            vllm = installs[len(pips) - 1 :]
+            assert vllm == [["--no-cache-dir", "--no-deps", "-r", "/tmp/vllm-cuda.lock", "vllm==0.32.0"],
+                            ["--no-cache-dir", "-c", "requirements.lock", "-r", "docker/requirements-vllm-cuda.txt"]]
+            installs = [*installs[: len(pips) - 1], ["--no-cache-dir", "--no-deps", "-r", "requirements-vllm.lock"]]
         # the same installs, in the same order; only the torch line names an index (its CPU or CUDA build)
         indexes = [i[i.index("--index-url") + 1] if "--index-url" in i else None for i in installs]
         plain = [[a for a in i if a != "--no-cache-dir" and a not in ("--index-url", index)] for i, index in zip(installs, indexes)]

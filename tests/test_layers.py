@@ -19,7 +19,7 @@ LAYERS = {
     "stages": ["grpolab.stages"],
     "trainer and variants": ["grpolab.trainer", "grpolab.recorder", "grpolab.variants", "grpolab.tracin"],
     "libraries": ["grpolab.config", "grpolab.data", "grpolab.device", "grpolab.distributed", "grpolab.models",
-                  "grpolab.rollout", "grpolab.rewards", "grpolab.tracking", "grpolab.mia", "grpolab.checkpoints"],
+                  "grpolab.samplers", "grpolab.logprobs", "grpolab.rewards", "grpolab.tracking", "grpolab.mia", "grpolab.checkpoints"],
     "foundations": ["grpolab.algos", "grpolab.mia.scores", "grpolab.mia.roc", "grpolab.data.tasks", "grpolab.errors",
                     "grpolab.paths", "grpolab.fsutil", "grpolab.procs", "grpolab.ranks"],
 }

@@ -16,7 +16,9 @@ from grpolab.algos.tracin import KEEP_RULES, VAL_LOSS_COEFFICIENTS, VAL_SELECTIO
 from grpolab.config import schema
 from grpolab.mia import scores as S
 from grpolab.rewards import REWARDS, SCORERS
-from grpolab.rollout import Rollout
+from grpolab.samplers import Rollout
+from grpolab.algos.rollout_correction import CORRECTION_MODES
+from grpolab.samplers import SAMPLERS
 from grpolab.stages import STAGES
 from grpolab.variants import Variants
 
@@ -44,6 +46,8 @@ def allowed(model: type, field: str) -> tuple:
     (schema.TracInParams, "val_selection", VAL_SELECTIONS, ()),
     (schema.TracInParams, "val_loss", VAL_LOSS_COEFFICIENTS, ()),
     (schema.TracInParams, "keep", KEEP_RULES, ()),
+    (schema.RolloutParams, "backend", SAMPLERS, ()),
+    (schema.RolloutParams, "vllm_importance_sampling_mode", CORRECTION_MODES, ()),
 ])
 def test_allowed_values_are_the_registrys_names(model, field, registry, extra):
     assert allowed(model, field) == (*registry, *extra)

@@ -10,7 +10,8 @@ from grpolab.data.schema import read_rl_files, render_prompt
 from grpolab.data.tokenizer import encode_prompt, load_tokenizer
 from grpolab.errors import ConfigError, RewardError
 from grpolab.rewards import Rewarder, RewardFile, gsm8k_answer, last_boxed, math_match, source_means
-from grpolab.rollout import sample, stop_ids
+from grpolab.samplers import stop_ids
+from grpolab.samplers.hf import sample
 
 from userfiles import gsm8k_corpus, gsm8k_rows, save_gsm8k, save_qwen2_checkpoint
 

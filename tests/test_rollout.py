@@ -1,4 +1,4 @@
-"""Generation and completion log-probabilities (rollout.py, algos/sampling.py): the noise against SplitMix64's
+"""Generation and completion log-probabilities (samplers/hf.py, logprobs.py, algos/sampling.py): the noise against SplitMix64's
 published outputs, sampling against hand-computed draws and the distribution it should follow, batch
 invariance, greedy decoding against a recompute-everything loop, eval mode whatever the caller's, and the
 chunked output head against the full logits."""
@@ -10,10 +10,12 @@ import torch
 from scipy.stats import chisquare
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from grpolab import rollout
+from grpolab import logprobs
 from grpolab.algos.losses import policy_token_stats
 from grpolab.algos.sampling import MASK_64, counter_uniform, sample_tokens, splitmix64
-from grpolab.rollout import by_length, completion_token_stats, sample, sample_keys, take
+from grpolab.logprobs import by_length, completion_token_stats, take
+from grpolab.samplers import sample_keys
+from grpolab.samplers.hf import sample
 
 VOCAB, PAD, EOS = 24, 0, 1
 
@@ -154,13 +156,13 @@ def test_chunked_completion_stats_equal_the_full_logits_and_their_gradient(arch,
     weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0))
     p = rows["prompt_ids"].shape[1]
 
-    full = rollout.forward_completions(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"])
+    full = logprobs.forward_completions(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"])
     expected = policy_token_stats(full.logits[:, p - 1 : -1], rows["completion_ids"])
     (expected[0] * weights * mask).sum().backward()
     expected_grads = {n: q.grad.clone() for n, q in model.named_parameters()}
     model.zero_grad()
 
-    monkeypatch.setattr(rollout, "LOGIT_CHUNK_ELEMENTS", 3 * VOCAB)
+    monkeypatch.setattr(logprobs, "LOGIT_CHUNK_ELEMENTS", 3 * VOCAB)
     chunk_sizes = []
     handle = model.lm_head.register_forward_hook(lambda m, args, out: chunk_sizes.append(args[0].shape[:-1]))
     got = completion_token_stats(model, rows, policy_token_stats)

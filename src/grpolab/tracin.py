@@ -48,7 +48,8 @@ from grpolab.data.tokenizer import encode_prompt
 from grpolab.errors import DataError
 from grpolab.paths import VAL_FILE
 from grpolab.rewards import Rewarder
-from grpolab.rollout import by_length, completion_logprobs, decode, sample, sample_keys, stop_ids, take
+from grpolab.logprobs import by_length, completion_logprobs, take
+from grpolab.samplers import Sampler, decode, sample_keys
 
 if TYPE_CHECKING:
     from grpolab.trainer import Batch, Sampled
@@ -175,9 +176,9 @@ def _take(rows: dict, index: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Te
     return out, torch.cat([out["prompt_mask"], out["mask"]], dim=1).bool(), out["mask"].bool().nonzero()[:, 0]
 
 
-def _sequence_logp(model, rows: dict) -> torch.Tensor:
-    """log p(y) of each completion: the sum of its token log-probs. -> [b]"""
-    return (completion_logprobs(model, rows)[0] * rows["mask"]).sum(-1)
+def _sequence_logp(model, rows: dict, temperature: float) -> torch.Tensor:
+    """log p(y) of each completion at the sampling temperature: the sum of its token log-probs. -> [b]"""
+    return (completion_logprobs(model, rows, temperature=temperature)[0] * rows["mask"]).sum(-1)
 
 
 def _norm(v: dict[str, torch.Tensor]) -> float:
@@ -194,8 +195,9 @@ class Selection:
 class TracIn:
     """Built once per training; `select` gives a batch of rollouts its keep mask."""
 
-    def __init__(self, params: Params, model: nn.Module, tokenizer, rewarder: Rewarder):
+    def __init__(self, params: Params, model: nn.Module, tokenizer, rewarder: Rewarder, sampler: Sampler):
         self.params = params
+        self.sampler = sampler  # the train rollouts' (validation rollouts follow the train backend)
         self.cfg = params.train.tracin
         self.tokenizer = tokenizer
         self.rewarder = rewarder
@@ -225,7 +227,7 @@ class TracIn:
         """sum_i L_i over `rows`: each row's term of the update's policy-gradient loss (its advantage,
         its prompt and token weights, the update's aggregation), on-policy (ratio 1), without KL."""
         t = self.params.train
-        logp = completion_logprobs(model, rows)[0]
+        logp = completion_logprobs(model, rows, temperature=t.temperature)[0]
         policy_loss = POLICY_LOSSES[t.policy_loss]  # at ratio 1 all three give -A grad(log p) per token
         pg, _ = policy_loss.loss(logp, logp.detach(), rows["advantages"], rows["mask"], *[getattr(t, k) for k in policy_loss.clip])
         token_loss = compose_token_loss(pg, None, 0.0, rows["w_token"], rows["w_prompt"], torch.ones(len(pg)))
@@ -239,10 +241,9 @@ class TracIn:
         first = dist.rank() * per_rank
         rows = [self.val.iloc[i] for i in pool[first : first + per_rank]]
         row_ids = [VAL_ROW_OFFSET + rollout_index * cfg.pool_size + first + j for j in range(per_rank)]
-        rollout = sample(
-            model, [encode_prompt(self.tokenizer, r["prompt"]) for r in rows], max_new_tokens=t.max_new_tokens,
-            eos_ids=stop_ids(model, self.tokenizer), pad_id=self.tokenizer.pad_token_id, temperature=t.temperature, top_p=t.top_p,
-            keys=sample_keys(self.params.seed, row_ids), batch_size=t.rollout_batch_size,
+        rollout = self.sampler.sample(
+            [encode_prompt(self.tokenizer, r["prompt"]) for r in rows], max_new_tokens=t.max_new_tokens,
+            temperature=t.temperature, top_p=t.top_p, keys=sample_keys(self.params.seed, row_ids),
         )
         texts = decode(self.tokenizer, rollout)
         reward, _ = self.rewarder(rows, texts, str(VAL_FILE))
@@ -258,7 +259,7 @@ class TracIn:
                     "mask": r.completion_mask, "coefficients": mine}
         for idx in by_length(r.completion_mask, t.micro_batch_size, mine.nonzero().squeeze(-1)):  # a 0 coefficient adds nothing
             rows, valid, packed = _take(val_rows, idx)
-            loss = lambda: validation_loss(_sequence_logp(model, rows), rows["coefficients"])  # noqa: E731
+            loss = lambda: validation_loss(_sequence_logp(model, rows, t.temperature), rows["coefficients"])  # noqa: E731
             accumulate(self.probe.capture(loss, valid, packed), v)
         metrics = {
             "tracin/val_reward_mean": rewards[chosen].mean().item(),

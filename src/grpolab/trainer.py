@@ -18,12 +18,21 @@ from grpolab import distributed as dist
 from grpolab.algos.advantages import zero_std_groups
 from grpolab.algos.credit import ANSWER, CLASS_NAMES, THINK, gini, token_credit
 from grpolab.algos.losses import KL_ESTIMATORS, POLICY_LOSSES, aggregate, aggregation_units, compose_token_loss
+from grpolab.algos.rollout_correction import rollout_correction
 from grpolab.config import Params
 from grpolab.errors import ConfigError
 from grpolab.models import save_model
 from grpolab.rewards import source_means
-from grpolab.rollout import Rollout, by_length, completion_logprobs, take
+from grpolab.logprobs import by_length, completion_logprobs, take
+from grpolab.samplers import Rollout
 from grpolab.variants import LossWeights, Variants
+
+
+# update's sums of the sampler/trainer mismatch: |log pi_old - log pi_sampler|, the ratio, tokens bounded
+MISMATCH_SUMS = ("logp_diff", "is_ratio", "is_bounded")
+SAMPLING_KEYS = ["sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",
+                 "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/mean",
+                 "sampling/importance_sampling_ratio/max", "sampling/importance_sampling_ratio/bounded_share"]
 
 
 @dataclass
@@ -60,6 +69,7 @@ class Batch:
             "prompt_ids": r.prompt_ids, "prompt_mask": r.prompt_mask, "completion_ids": r.completion_ids,
             "mask": r.completion_mask, "advantages": self.advantages, "old_logp": self.old_logp, "ref_logp": self.ref_logp,
             "w_token": self.weights.token, "w_prompt": self.weights.prompt, "keep": self.weights.keep,
+            "sampler_logp": r.token_logp,
         }
 
     def micro_batches(self, size: int) -> list[torch.Tensor]:
@@ -119,14 +129,29 @@ def build_engine(params: Params, model: torch.nn.Module, ds_config: dict):
     return engine
 
 
-def batch_logprobs(model, batch: Batch, size: int) -> torch.Tensor:
-    """log p of every completion token of the batch under `model`, micro-batch by micro-batch. -> [B, T]"""
+def batch_logprobs(model, batch: Batch, size: int, temperature: float) -> torch.Tensor:
+    """log p of every completion token of the batch under `model` at the sampling temperature, micro-batch by
+    micro-batch. -> [B, T]"""
     columns, out = batch.columns(), torch.zeros(batch.rollout.completion_mask.shape)
     with torch.inference_mode():
         for index in batch.micro_batches(size):
-            logp = completion_logprobs(model, take(columns, index))[0]
+            logp = completion_logprobs(model, take(columns, index), temperature=temperature)[0]
             out[index, : logp.shape[1]] = logp
     return out.clone()  # an ordinary tensor: it meets the policy's log-probs in the loss
+
+
+def rollout_entropies(model, rollout: Rollout, size: int, temperature: float) -> torch.Tensor:
+    """The entropy of every completion token's distribution at the sampling temperature under `model`, micro-batch
+    by micro-batch (for a sampler that returns none: vLLM). -> [B, T]"""
+    columns = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
+               "completion_ids": rollout.completion_ids, "mask": rollout.completion_mask}
+    out = torch.zeros(rollout.completion_mask.shape)
+    with torch.inference_mode():
+        for index in by_length(rollout.completion_mask, size):
+            rows = take(columns, index)
+            entropy = completion_logprobs(model, rows, entropy=True, temperature=temperature)[1][0] * rows["mask"]
+            out[index, : entropy.shape[1]] = entropy
+    return out.clone()
 
 
 def update(params: Params, engine, batch: Batch) -> dict[str, float]:
@@ -134,7 +159,10 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
     t = params.train
     engine.module.train()
     units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss_agg_mode))
-    sums = {k: 0.0 for k in ("loss", "pg", "kl", "entropy", "logp", "clipped", "tokens")}
+    sums = {k: 0.0 for k in ("loss", "pg", "kl", "entropy", "logp", "clipped", "tokens", *MISMATCH_SUMS)}
+    extremes = torch.tensor([math.inf, -math.inf, 0.0], dtype=torch.float64)  # ratio min, ratio max, max |logp diff|
+    r = t.rollout
+    correct = r.backend == "vllm" and r.vllm_importance_sampling_correction
     grad_norm = math.nan
     columns = batch.columns()
     batch.credit, batch.entropy = torch.zeros(batch.rollout.completion_mask.shape), torch.zeros(batch.rollout.completion_mask.shape)
@@ -142,11 +170,27 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
     clip = [getattr(t, key) for key in policy_loss.clip]
     for index in batch.micro_batches(t.micro_batch_size):
         rows = take(columns, index)
-        logp, (entropy, prob_sq) = completion_logprobs(engine, rows, entropy=True, entropy_grad=t.entropy_coef > 0)
+        logp, (entropy, prob_sq) = completion_logprobs(engine, rows, entropy=True, entropy_grad=t.entropy_coef > 0,
+                                                       temperature=t.temperature)
         old = rows["old_logp"] if rows["old_logp"] is not None else logp.detach()
         pg, clipped = policy_loss.loss(logp, old, rows["advantages"], rows["mask"], *clip)
         kl = KL_ESTIMATORS[t.kl_estimator](logp, rows["ref_logp"]) if rows["ref_logp"] is not None else None
-        token_loss = compose_token_loss(pg, kl, t.kl_beta, rows["w_token"], rows["w_prompt"], rows["keep"], entropy, t.entropy_coef)
+        w_is = None
+        if rows["sampler_logp"] is not None:  # how far the sampler's log-probs are from the trainer's pi_old
+            w_is, ratio, bounded = rollout_correction(old, rows["sampler_logp"], rows["mask"], r.vllm_importance_sampling_mode,
+                                                      r.vllm_importance_sampling_clip_min, r.vllm_importance_sampling_clip_max)
+            valid = rows["mask"].bool()
+            diff = (old.detach() - rows["sampler_logp"]).abs()[valid]
+            if diff.numel():
+                extremes = torch.stack([torch.minimum(extremes[0], ratio[valid].min().double()),
+                                        torch.maximum(extremes[1], ratio[valid].max().double()),
+                                        torch.maximum(extremes[2], diff.max().double())])
+            sums["logp_diff"] += diff.sum().item()
+            sums["is_ratio"] += ratio[valid].sum().item()
+            sums["is_bounded"] += bounded.sum().item()
+            w_is = w_is if correct else None
+        token_loss = compose_token_loss(pg, kl, t.kl_beta, rows["w_token"], rows["w_prompt"], rows["keep"], entropy, t.entropy_coef,
+                                        correction=w_is)
         entropy = entropy.detach()
         # Each rank's share is scaled by the world size because DeepSpeed averages gradients over ranks.
         loss = aggregate(token_loss, rows["mask"], t.loss_agg_mode, t.max_new_tokens, units) * dist.world_size()
@@ -170,6 +214,7 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
         sums["tokens"] += mask.sum().item()
     reported = engine.get_global_grad_norm()
     sums["grad_norm"] = float(reported) if reported is not None else grad_norm
+    sums["extremes"] = extremes
     return sums
 
 
@@ -178,6 +223,7 @@ def step_metrics(params: Params, engine, sums: dict, sampled: Sampled, batch: Ba
     t = params.train
     sums = dict(sums)
     grad_norm = sums.pop("grad_norm")  # the same on every rank: not summed
+    extremes = dist.all_gather_cat(sums.pop("extremes").unsqueeze(0))  # [world, 3]
     totals = dist.all_reduce_sum(torch.tensor([sums[k] for k in sums], dtype=torch.float64))
     s = dict(zip(sums, totals.tolist()))
     tokens = max(s["tokens"], 1.0)
@@ -203,6 +249,15 @@ def step_metrics(params: Params, engine, sums: dict, sampled: Sampled, batch: Ba
         "train/step_time": seconds,
         **credit_metrics(batch),
     }
+    if batch.rollout.token_logp is not None:  # TRL's names for the sampler/trainer mismatch and its correction
+        metrics |= {
+            "sampling/sampling_logp_difference/mean": s["logp_diff"] / tokens,
+            "sampling/sampling_logp_difference/max": extremes[:, 2].max().item(),
+            "sampling/importance_sampling_ratio/min": extremes[:, 0].min().item(),
+            "sampling/importance_sampling_ratio/mean": s["is_ratio"] / tokens,
+            "sampling/importance_sampling_ratio/max": extremes[:, 1].max().item(),
+            "sampling/importance_sampling_ratio/bounded_share": s["is_bounded"] / tokens,
+        }
     return metrics
 
 

@@ -17,7 +17,8 @@ import torch
 from grpolab.algos import credit
 from grpolab.algos.mia_weights import transform_mia_weights
 from grpolab.config import Params
-from grpolab.rollout import Rollout, forward_completions, last_logits_only, take
+from grpolab.logprobs import forward_completions, last_logits_only, take
+from grpolab.samplers import Rollout
 
 
 @dataclass

@@ -129,6 +129,7 @@ class Mitigation:
     weights: Callable[..., torch.Tensor]
     knobs: dict[str, float] = field(default_factory=dict)
     needs_attention: bool = False  # the policy's attention, computed a micro-batch at a time by the trainer
+    needs_entropy: bool = False  # the tokens' entropies (a sampler that returns none: the trainer computes them)
 
 
 # name -> mitigation (seed 002's names and knobs); `none` is plain GRPO
@@ -140,9 +141,9 @@ MITIGATIONS: dict[str, Mitigation] = {
     "attention_credit": Mitigation(lambda x, credit_scale: attention_credit(x.attention, x.classes, x.mask, credit_scale),
                                    {"credit_scale": 2.0}, needs_attention=True),
     "entropy_weighted": Mitigation(lambda x, entropy_temp: entropy_weighted(x.entropy, x.mask, entropy_temp),
-                                   {"entropy_temp": 1.0}),
+                                   {"entropy_temp": 1.0}, needs_entropy=True),
     "entropy_masking": Mitigation(lambda x, mask_percentile: entropy_masking(x.entropy, x.mask, mask_percentile),
-                                  {"mask_percentile": 80.0}),
+                                  {"mask_percentile": 80.0}, needs_entropy=True),
 }
 
 

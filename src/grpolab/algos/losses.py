@@ -128,14 +128,18 @@ def compose_token_loss(
     keep: torch.Tensor,
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
+    correction: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The one place a variant changes the loss: L = keep * w_prompt * w_token * L_pg + beta * KL - c * H.
+    """The one place a variant changes the loss: L = keep * w_prompt * w_token * w_is * L_pg + beta * KL - c * H.
 
-    pg_loss, kl, token_weights, entropy: [B, T]; prompt_weights, keep: [B]. Weights are detached: they
-    scale gradients and are never trained. The entropy bonus (c = entropy_coef), like the KL, is on every
+    pg_loss, kl, token_weights, entropy, correction: [B, T]; prompt_weights, keep: [B]. Weights are detached:
+    they scale gradients and are never trained. `correction` is w_is, the rollout correction's weight
+    (`algos.rollout_correction`; None: 1). The entropy bonus (c = entropy_coef), like the KL, is on every
     token, whatever the weights. Returns [B, T].
     """
     weight = keep.detach().unsqueeze(-1) * prompt_weights.detach().unsqueeze(-1) * token_weights.detach()
+    if correction is not None:
+        weight = weight * correction.detach()
     loss = weight * pg_loss
     if kl is not None and kl_beta > 0:
         loss = loss + kl_beta * kl

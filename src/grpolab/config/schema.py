@@ -21,6 +21,8 @@ from grpolab.algos.tracin import KEEP_RULES, VAL_LOSS_COEFFICIENTS, VAL_SELECTIO
 from grpolab.data.tasks import problem_space
 from grpolab.errors import ConfigError
 from grpolab.mia.scores import MIA_METHODS
+from grpolab.algos.rollout_correction import CORRECTION_MODES
+from grpolab.samplers import SAMPLERS
 
 PARAMS_FILE = "params.yaml"
 
@@ -395,6 +397,60 @@ class DeepSpeedParams(Section):
         return 1 if bf16 or self.offload_optimizer else 0
 
 
+class RolloutParams(Section):
+    backend: Literal[tuple(SAMPLERS)] = Field(
+        "hf", description="What generates the rollouts: `hf` grpolab's own decoder over the policy (the default; the "
+        "same completions as before this knob), `vllm` a vLLM engine in each training process that holds the policy's "
+        "weights, pushed in place before each batch of rollouts (`make install-vllm`). TracIn's validation rollouts, "
+        "the mia stage's and evaluate's completions follow it.",
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.3, gt=0, lt=1, description="vLLM: the share of the device's memory the engine may take for its weights, "
+        "activations and KV cache (TRL's name and colocate default), beside the DeepSpeed engine on the same device. "
+        "On the CPU it is a share of the host's memory.",
+    )
+    vllm_kv_cache_gib: float | None = Field(
+        None, gt=0, description="vLLM: the KV cache's size in GiB (vLLM's `kv_cache_memory_bytes`), instead of what "
+        "vllm_gpu_memory_utilization leaves. Empty: that on a GPU, 1 GiB on the CPU. Refused before any work when it "
+        "holds less than one sequence of the model's positions.",
+    )
+    vllm_enforce_eager: bool = Field(
+        False, description="vLLM: no CUDA graphs (slower decoding, less memory and a faster start). Always eager on the CPU."
+    )
+    vllm_enable_sleep_mode: bool = Field(
+        False, description="vLLM: between batches of rollouts the engine sleeps (its weights offloaded to the host, its KV "
+        "cache freed: TRL's knob), so the update has the device's memory; woken before the next weight push. GPU only.",
+    )
+    vllm_importance_sampling_correction: bool = Field(
+        True, description="vLLM: multiply each token's policy-gradient term by the truncated or masked ratio "
+        "pi_old / pi_sampler of the trainer's and vLLM's log-probs (TRL's knob; verl's `rollout_is`), which corrects "
+        "for the two engines' numerical mismatch. The hf backend samples from the policy itself: no correction.",
+    )
+    vllm_importance_sampling_mode: Literal[tuple(CORRECTION_MODES)] = Field(
+        "token_truncate", description="vLLM: `token_*` a ratio per token, `sequence_*` one per completion (the "
+        "product of its tokens' ratios); `*_truncate` clamps the ratio into [clip_min, clip_max] (TIS), `*_mask` "
+        "drops the token or completion whose ratio lies outside (MIS; with both bounds, IcePop).",
+    )
+    vllm_importance_sampling_clip_min: float = Field(
+        0.0, ge=0, description="vLLM: the lower bound of the correction's ratio (0: none, as TRL and verl default)."
+    )
+    vllm_importance_sampling_clip_max: float = Field(
+        2.0, gt=0, description="vLLM: the upper bound of the correction's ratio (verl's `rollout_is_threshold` 2; TRL "
+        "uses 3)."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> RolloutParams:
+        if self.vllm_importance_sampling_clip_min >= self.vllm_importance_sampling_clip_max:
+            raise ValueError(f"vllm_importance_sampling_clip_min ({self.vllm_importance_sampling_clip_min}) must be below "
+                             f"vllm_importance_sampling_clip_max ({self.vllm_importance_sampling_clip_max})")
+        if self.backend != "vllm":
+            for knob, field in type(self).model_fields.items():
+                if knob.startswith("vllm_") and getattr(self, knob) != field.default:
+                    raise ValueError(f"{knob}: a knob of backend `vllm`, not of `{self.backend}`")
+        return self
+
+
 class TrainParams(Section):
     steps: int = Field(100, ge=0, description="Optimizer steps of GRPO.")
     prompts_per_step: int = Field(16, ge=1, description="Prompts drawn per batch of rollouts (across all processes).")
@@ -506,6 +562,9 @@ class TrainParams(Section):
     num_processes: int = Field(
         1, ge=1, description="Training processes in all. On one machine the train stage starts them itself; under an "
         "external launcher (torchrun --nnodes, deepspeed --hostfile, srun) it must equal the job's WORLD_SIZE."
+    )
+    rollout: RolloutParams = Field(
+        default_factory=RolloutParams, description="The rollout engine (hf or vLLM) and vLLM's mismatch correction."
     )
     tracin: TracInParams = Field(default_factory=TracInParams, description="TracIn sample selection (seeds 001/003).")
     deepspeed: DeepSpeedParams = Field(default_factory=DeepSpeedParams, description="DeepSpeed engine settings.")

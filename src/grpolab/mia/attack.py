@@ -18,7 +18,8 @@ from grpolab.data.tokenizer import encode_prompt, load_tokenizer
 from grpolab.errors import ConfigError
 from grpolab.mia import scores as S
 from grpolab.models import load_model
-from grpolab.rollout import completion_logprobs, completion_token_stats, decode, sample, stop_ids
+from grpolab.logprobs import completion_logprobs, completion_token_stats
+from grpolab.samplers import Sampler, decode
 
 
 def load_reference(path: str, tokenizer, dtype: torch.dtype) -> torch.nn.Module:
@@ -36,9 +37,11 @@ def load_reference(path: str, tokenizer, dtype: torch.dtype) -> torch.nn.Module:
 @torch.no_grad()
 def membership_scores(
     model, tokenizer, prompts: list[str], methods: list[str], *, k: float, max_new_tokens: int,
-    batch_size: int, reference=None,
+    batch_size: int, sampler: Sampler, reference=None,
 ) -> dict[str, np.ndarray]:
-    """{method: scores [len(prompts)]}, higher = more likely a member of `model`'s training data."""
+    """{method: scores [len(prompts)]}, higher = more likely a member of `model`'s training data: the statistics
+    of `model`'s own (untempered) distribution over each prompt's greedy completion, which `sampler` (of `model`)
+    generates, `batch_size` prompts at a time."""
     unknown = [m for m in methods if m not in S.MIA_METHODS]
     if unknown:
         raise ValueError(f"unknown MIA methods {unknown}; choose from {list(S.MIA_METHODS)}")
@@ -46,8 +49,7 @@ def membership_scores(
     out: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        rollout = sample(model, [encode_prompt(tokenizer, p) for p in chunk], max_new_tokens=max_new_tokens,
-                         eos_ids=stop_ids(model, tokenizer), pad_id=tokenizer.pad_token_id)
+        rollout = sampler.sample([encode_prompt(tokenizer, p) for p in chunk], max_new_tokens=max_new_tokens)
         rows = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
                 "completion_ids": rollout.completion_ids, "mask": rollout.completion_mask}
         logp, mu, sigma = completion_token_stats(model, rows, S.token_statistics)  # fp32, [b, T] each

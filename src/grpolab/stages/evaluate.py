@@ -21,7 +21,7 @@ from grpolab.mia.roc import membership_roc
 from grpolab.models import load_model
 from grpolab.paths import BASE_DIR, EVAL_FILE, ROC_DIR, SAMPLES_FILE, TRAIN_FILE, TRAINED_DIR
 from grpolab.rewards import Rewarder, format_reward
-from grpolab.rollout import Completions, check_room, generate
+from grpolab.samplers import Completions, Sampler, check_room, generate, make_sampler
 
 FPR_GRID = np.linspace(0.0, 1.0, 101)
 
@@ -35,15 +35,15 @@ def score(completions: Completions, rows: list[dict], rewarder: Rewarder) -> dic
     }
 
 
-def evaluate_model(model, tokenizer, eval_data: pd.DataFrame, params: Params, rewarder: Rewarder) -> tuple[dict[str, float], list[dict]]:
-    """Metrics (un-prefixed keys) and per-prompt sample rows for one checkpoint."""
+def evaluate_model(sampler: Sampler, tokenizer, eval_data: pd.DataFrame, params: Params, rewarder: Rewarder) -> tuple[dict[str, float], list[dict]]:
+    """Metrics (un-prefixed keys) and per-prompt sample rows for one model, its completions from `sampler`."""
     e = params.eval
     prompts, truths = eval_data["prompt"].tolist(), eval_data["ground_truth"].tolist()
     rows = eval_data.to_dict("records")
-    greedy = generate(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+    greedy = generate(sampler, tokenizer, prompts, max_new_tokens=e.max_new_tokens)
     sampled = generate(
-        model, tokenizer, prompts, max_new_tokens=e.max_new_tokens, n_per_prompt=e.num_samples,
-        do_sample=True, temperature=e.temperature, top_p=e.top_p, batch_size=e.batch_size, seed=params.seed,
+        sampler, tokenizer, prompts, max_new_tokens=e.max_new_tokens, n_per_prompt=e.num_samples,
+        do_sample=True, temperature=e.temperature, top_p=e.top_p, seed=params.seed,
     )
     g = score(greedy, rows, rewarder)
     s = score(sampled, [r for r in rows for _ in range(e.num_samples)], rewarder)
@@ -70,13 +70,14 @@ def evaluate_model(model, tokenizer, eval_data: pd.DataFrame, params: Params, re
     return {k: round(float(v), 6) for k, v in metrics.items()}, samples
 
 
-def membership_rocs(model, tokenizer, members: list[str], nonmembers: list[str], params: Params, reference=None) -> dict[str, dict]:
+def membership_rocs(model, tokenizer, members: list[str], nonmembers: list[str], params: Params, sampler: Sampler,
+                    reference=None) -> dict[str, dict]:
     """ROC of each of `eval.mia_methods` under `model`, members as positives (`mia.roc.membership_roc`)."""
     e, m = params.eval, params.mia
     if not e.mia_methods:
         return {}
     scores = membership_scores(model, tokenizer, members + nonmembers, list(e.mia_methods), k=m.k,
-                               max_new_tokens=m.max_new_tokens, batch_size=m.batch_size, reference=reference)
+                               max_new_tokens=m.max_new_tokens, batch_size=m.batch_size, sampler=sampler, reference=reference)
     return {method: membership_roc(s[: len(members)], s[len(members) :]) for method, s in scores.items()}
 
 
@@ -140,8 +141,11 @@ def evaluate(params: Params, tracker=None) -> dict[str, float]:
     curves: dict[str, dict] = {}  # method -> model -> ROC
     for tag, model_dir in {"base": BASE_DIR, "trained": TRAINED_DIR}.items():
         model, tokenizer = load_model(model_dir, dtype), load_tokenizer(str(model_dir))
-        model_metrics, samples = evaluate_model(model, tokenizer, eval_data, params, rewarder)
-        rocs = membership_rocs(model, tokenizer, members, nonmembers, params, reference)
+        sampler = make_sampler(params.train.rollout.backend, model, tokenizer, batch_size=params.eval.batch_size,
+                               settings=params.train.rollout, model_dir=model_dir, seed=params.seed)
+        model_metrics, samples = evaluate_model(sampler, tokenizer, eval_data, params, rewarder)
+        rocs = membership_rocs(model, tokenizer, members, nonmembers, params, sampler, reference)
+        sampler.close()
         model_metrics.update(roc_metrics(rocs))
         for method, roc in rocs.items():
             curves.setdefault(method, {})[tag] = roc

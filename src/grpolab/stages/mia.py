@@ -18,6 +18,7 @@ from grpolab.data.tokenizer import load_tokenizer
 from grpolab.device import working_dtype
 from grpolab.errors import DataError
 from grpolab.mia.attack import load_reference, membership_scores
+from grpolab.samplers import make_sampler
 from grpolab.mia.roc import membership_roc
 from grpolab.models import load_model
 from grpolab.paths import BASE_DIR, EVAL_FILE, SCORES_FILE, TRAIN_FILE, WEIGHTED_TRAIN_FILE
@@ -58,8 +59,11 @@ def mia(params: Params, tracker=None) -> dict[str, float]:
         model, tokenizer = load_model(BASE_DIR, dtype), load_tokenizer(str(BASE_DIR))
         reference = load_reference(m.reference_model, tokenizer, dtype) if m.method == "reference" else None
         prompts = [*train["prompt"], *eval_["prompt"]]
+        sampler = make_sampler(params.train.rollout.backend, model, tokenizer, batch_size=m.batch_size,
+                               settings=params.train.rollout, model_dir=BASE_DIR, seed=params.seed)
         all_scores = membership_scores(model, tokenizer, prompts, [m.method], k=m.k, max_new_tokens=m.max_new_tokens,
-                                       batch_size=m.batch_size, reference=reference)[m.method]
+                                       batch_size=m.batch_size, sampler=sampler, reference=reference)[m.method]
+        sampler.close()
         train_scores, eval_scores = all_scores[: len(train)], all_scores[len(train) :]
         weights = normalize_scores(torch.from_numpy(train_scores), m.normalize).numpy()
         scored = pd.DataFrame({"split": ["train"] * len(train) + ["eval"] * len(eval_), "prompt": prompts, "score": all_scores})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from grpolab import device as dev
 from grpolab import distributed as dist
 from grpolab.algos.advantages import dynamic_sampling_groups, group_advantages, zero_std_groups
+from grpolab.algos.credit import MITIGATIONS
 from grpolab.algos.length import overlong_penalty, truncated
 from grpolab.algos.mia_weights import mean_one
 from grpolab.checkpoints import discard, resumable
@@ -32,9 +34,10 @@ from grpolab.models import load_model, reference_policy, with_lora
 from grpolab.paths import BASE_DIR, TRAINED_DIR, VAL_FILE, WEIGHTED_TRAIN_FILE
 from grpolab.recorder import Recorder
 from grpolab.rewards import Rewarder
-from grpolab.rollout import Rollout, by_length, cat_rollouts, check_room, decode, sample, sample_keys, stop_ids
+from grpolab.logprobs import by_length
+from grpolab.samplers import Rollout, Sampler, cat_rollouts, check_room, decode, make_sampler, sample_keys, stop_ids
 from grpolab.tracin import TracIn
-from grpolab.trainer import Batch, Sampled, batch_logprobs, build_engine, deepspeed_config, save_trained, step_metrics, update
+from grpolab.trainer import SAMPLING_KEYS, Batch, Sampled, batch_logprobs, rollout_entropies, build_engine, deepspeed_config, save_trained, step_metrics, update
 from grpolab.variants import Variants
 
 if TYPE_CHECKING:  # MLflow is imported by the stage's driver; the training loop itself runs without it
@@ -53,7 +56,7 @@ def step_prompts(params: Params, n_train: int, batch_id: int) -> np.ndarray:
     return rng.choice(n_train, size=params.train.prompts_per_step, replace=n_train < params.train.prompts_per_step)
 
 
-def sample_rollouts(params: Params, engine, tokenizer, data: pd.DataFrame, batch_id: int) -> tuple[list[dict], Rollout]:
+def sample_rollouts(params: Params, engine, sampler: Sampler, tokenizer, data: pd.DataFrame, batch_id: int) -> tuple[list[dict], Rollout]:
     """(this process's data rows, their completions): its share of the prompts of rollout batch `batch_id`
     (a PPO cycle's index; dynamic sampling's extra batches past EXTRA_BATCHES), `group_size` completions each,
     each seeded by its row's place in the run."""
@@ -64,27 +67,26 @@ def sample_rollouts(params: Params, engine, tokenizer, data: pd.DataFrame, batch
     rows = [data.iloc[i] for i in mine for _ in range(t.group_size)]
     encoded = {i: encode_prompt(tokenizer, data.iloc[i]["prompt"]) for i in set(mine.tolist())}
     first_row = batch_id * t.prompts_per_step * t.group_size + dist.rank() * per_rank * t.group_size
-    with dist.gathered(engine):
-        rollout = sample(
-            engine.module, [encoded[i] for i in mine.tolist() for _ in range(t.group_size)], max_new_tokens=t.max_new_tokens,
-            eos_ids=stop_ids(engine.module, tokenizer), pad_id=tokenizer.pad_token_id, temperature=t.temperature, top_p=t.top_p,
-            keys=sample_keys(params.seed, list(range(first_row, first_row + len(rows)))), batch_size=t.rollout_batch_size,
+    with dist.gathered(engine) if sampler.reads_policy else nullcontext():
+        rollout = sampler.sample(
+            [encoded[i] for i in mine.tolist() for _ in range(t.group_size)], max_new_tokens=t.max_new_tokens,
+            temperature=t.temperature, top_p=t.top_p, keys=sample_keys(params.seed, list(range(first_row, first_row + len(rows)))),
         )
     return rows, rollout
 
 
-def sample_scored(params: Params, engine, tokenizer, data: pd.DataFrame, rewarder: Rewarder,
+def sample_scored(params: Params, engine, sampler: Sampler, tokenizer, data: pd.DataFrame, rewarder: Rewarder,
                   rollout_index: int) -> tuple[Sampled, Rollout, dict[str, float]]:
     """The scored rollouts a PPO cycle trains on, and (dynamic sampling) its `train/…` metrics: with dynamic
     sampling, batches are sampled until prompts_per_step groups have signal (or max_rollout_batches), and the
     groups chosen over every process (the same as one process keeps) are dealt out to the processes again."""
     t = params.train
     if not t.dynamic_sampling:
-        rows, rollout = sample_rollouts(params, engine, tokenizer, data, rollout_index)
+        rows, rollout = sample_rollouts(params, engine, sampler, tokenizer, data, rollout_index)
         return score(params, rows, rollout, tokenizer, rewarder), rollout, {}
     batches: list[tuple[Sampled, Rollout]] = []
     for attempt in range(t.max_rollout_batches):
-        rows, rollout = sample_rollouts(params, engine, tokenizer, data, rollout_index + attempt * EXTRA_BATCHES)
+        rows, rollout = sample_rollouts(params, engine, sampler, tokenizer, data, rollout_index + attempt * EXTRA_BATCHES)
         batches.append((score(params, rows, rollout, tokenizer, rewarder), rollout))
         has_signal = torch.cat([~zero_std_groups(s.all_rewards, t.group_size) for s, _ in batches])
         if has_signal.sum() >= t.prompts_per_step:
@@ -146,6 +148,9 @@ def weigh(params: Params, engine, tokenizer, ref_model, variants: Variants, samp
     advantages = group_advantages(sampled.all_rewards, t.group_size, t.scale_rewards, estimator=t.advantage_estimator,
                                   lengths=sampled.all_lengths)[offset : offset + len(sampled.rows)]
     classes = variants.token_classes(rollout)
+    if rollout.token_entropy is None and MITIGATIONS[t.mitigation.name].needs_entropy:  # vLLM returns no entropies
+        engine.module.eval()
+        rollout.token_entropy = rollout_entropies(engine.module, rollout, t.micro_batch_size, t.temperature)
     weights = variants.loss_weights(rollout, sampled.rows, classes, engine.module, by_length(rollout.completion_mask, t.micro_batch_size))
     if t.mia_normalize_weights:
         weights.prompt = mean_one(weights.prompt, dist.all_reduce_sum(weights.prompt.sum()).item(), len(sampled.all_rewards))
@@ -154,10 +159,10 @@ def weigh(params: Params, engine, tokenizer, ref_model, variants: Variants, samp
     batch = Batch(rollout, advantages, None, None, weights, classes)
     engine.module.eval()
     if t.ppo_epochs > 1:
-        batch.old_logp = batch_logprobs(engine.module, batch, t.micro_batch_size)
+        batch.old_logp = batch_logprobs(engine.module, batch, t.micro_batch_size, t.temperature)
     if t.kl_beta > 0:
         with reference_policy(engine.module, ref_model) as reference:
-            batch.ref_logp = batch_logprobs(reference, batch, t.micro_batch_size)
+            batch.ref_logp = batch_logprobs(reference, batch, t.micro_batch_size, t.temperature)
     return batch
 
 
@@ -205,13 +210,17 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
     ref_model = None  # with LoRA the reference is the policy with its adapters disabled
     if t.kl_beta > 0 and not params.model.lora.r:
         ref_model = load_model(BASE_DIR, dtype).eval().requires_grad_(False)  # the policy's dtypes, buffers included
+    # the rollout engine before the training engine: what it cannot run is refused before any work
+    sampler = make_sampler(t.rollout.backend, model, tokenizer, batch_size=t.rollout_batch_size, settings=t.rollout,
+                           model_dir=BASE_DIR, seed=params.seed)
     engine = build_engine(params, model, ds_config)
     if tracker:
         tracker.text(json.dumps(ds_config, indent=2), DEEPSPEED_CONFIG_ARTIFACT)
     variants = Variants(params, data, tokenizer)
-    tracin = TracIn(params, engine.module, tokenizer, rewarder) if t.tracin.use_tracin else None
+    tracin = TracIn(params, engine.module, tokenizer, rewarder, sampler) if t.tracin.use_tracin else None
     inputs = train_inputs(params)
-    curve_keys = (tracin.metric_keys if tracin else []) + (DYNAMIC_SAMPLING_KEYS if t.dynamic_sampling else [])
+    curve_keys = ((tracin.metric_keys if tracin else []) + (DYNAMIC_SAMPLING_KEYS if t.dynamic_sampling else [])
+                  + (SAMPLING_KEYS if t.rollout.backend != "hf" else []))
     record = Recorder(params, tracker, variants, curve_keys)
     start = record.resume(engine, inputs)
 
@@ -222,12 +231,15 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
         selection = None
         if (step - 1) % t.ppo_epochs == 0 or step == start + 1:  # a new batch of rollouts each PPO cycle
             rollout_index = (step - 1) // t.ppo_epochs
-            sampled, rollout, sampling_metrics = sample_scored(params, engine, tokenizer, data, rewarder, rollout_index)
+            with dist.gathered(engine):  # the policy's current weights into the rollout engine (vLLM: pushed in place)
+                sampler.sync(engine.module)
+            sampled, rollout, sampling_metrics = sample_scored(params, engine, sampler, tokenizer, data, rewarder, rollout_index)
             batch = weigh(params, engine, tokenizer, ref_model, variants, sampled, rollout)
             if tracin and tracin.due(rollout_index):  # influence from the batch as sampled, before its first update
                 with dist.gathered(engine):
                     selection = tracin.select(engine.module, batch, sampled, rollout_index, step)
                 batch.weights.keep = batch.weights.keep * selection.keep
+            sampler.rest()
         sums = update(params, engine, batch)
         metrics = step_metrics(params, engine, sums, sampled, batch, time.perf_counter() - began) | sampling_metrics | (selection.metrics if selection else {})
         bar.set_postfix(reward=f"{metrics['train/reward_mean']:.3f}", loss=f"{metrics['train/loss']:.4f}")
@@ -240,5 +252,6 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
         save_trained(engine, tokenizer, bf16, TRAINED_DIR)
     dist.barrier()
     summary = record.finish(metrics)
+    sampler.close()
     discard()  # only now: the trained model is saved and every upload went through
     return summary

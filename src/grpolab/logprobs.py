@@ -1,0 +1,126 @@
+"""The log-probabilities of completions under a model, and the micro-batch slicing every pass over a batch uses.
+
+One forward pass over [prompt | completion] that keeps the final hidden states, then the output head and
+the log-softmax over the completion tokens only, a chunk of tokens at a time (recomputed in the backward
+pass), so no [rows, positions, vocabulary] tensor is ever held. Log-probs are those of the distribution
+the completions were sampled from: softmax(logits / temperature), as TRL and verl compute them (top_p is
+not applied here: a vLLM rollout's mismatch correction covers it).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+
+from grpolab.algos.losses import policy_token_stats, token_logprobs
+
+# Logits formed at once in a log-prob pass (tokens x vocabulary): 256 MB of fp32 whatever the vocabulary.
+LOGIT_CHUNK_ELEMENTS = 2**26
+
+
+def language_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside a DeepSpeed engine and/or a PEFT wrapper (adapters are injected in place)."""
+    if any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def last_logits_only(model: torch.nn.Module, keep: int = 1) -> dict:
+    """The forward kwarg that has the model form logits for its last `keep` positions only (when it takes it)."""
+    return {"logits_to_keep": keep} if _takes_logits_to_keep(type(language_model(model))) else {}
+
+
+@functools.cache
+def _takes_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def forward_completions(model, prompt_ids, prompt_mask, completion_ids, completion_mask, **kwargs):
+    """One forward pass over [prompt | completion] (prompt left-padded, completion right-padded);
+    the model's output, `kwargs` passed on."""
+    device = next(model.parameters()).device
+    ids = torch.cat([prompt_ids, completion_ids], dim=1).to(device)
+    mask = torch.cat([prompt_mask, completion_mask], dim=1).to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+
+
+def completion_token_stats(model, rows: dict, stats: Callable[..., tuple[torch.Tensor, ...]],
+                           temperature: float = 1.0) -> tuple[torch.Tensor, ...]:
+    """Per-token statistics of each valid completion token under `model`: `stats(logits [n, V] fp32,
+    targets [n])` -> tensors [n], evaluated a chunk of tokens at a time and returned as [b, T] each
+    (0 at padding), on the CPU. rows: prompt_ids / prompt_mask [b, P] left-padded, completion_ids / mask
+    [b, T] right-padded. Under autograd each chunk's logits are recomputed in the backward pass rather
+    than kept; `stats` sees logits / temperature. The statistics `stats` computes with autograd are differentiable (log p; an entropy bonus's
+    entropy), the others should be computed detached."""
+    out = forward_completions(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"],
+                              output_hidden_states=True, **last_logits_only(model))
+    p = rows["prompt_ids"].shape[1]
+    hidden = out.hidden_states[-1][:, p - 1 : -1]  # position p - 1 + t predicts completion token t
+    valid = rows["mask"].bool().to(hidden.device)
+    h, targets = hidden[valid], rows["completion_ids"].to(hidden.device)[valid]  # [n, H], [n]
+    lm = language_model(model)
+    head, cap = lm.get_output_embeddings(), getattr(lm.config, "final_logit_softcapping", None)
+
+    def chunk_stats(h_chunk: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = head(h_chunk).float()
+        if cap:  # Gemma 2/3 soft-cap their logits in the forward that this bypasses
+            logits = torch.tanh(logits / cap) * cap
+        return stats(logits / temperature if temperature != 1.0 else logits, y)
+
+    vocab = getattr(head, "out_features", None) or lm.config.get_text_config().vocab_size  # (ZeRO-3 empties .weight)
+    size = max(1, LOGIT_CHUNK_ELEMENTS // vocab)
+    pieces = []
+    for start in range(0, len(h), size):
+        args = (h[start : start + size], targets[start : start + size])
+        pieces.append(checkpoint(chunk_stats, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk_stats(*args))
+    valid = valid.cpu()
+    results = []
+    for i in range(len(pieces[0]) if pieces else 0):
+        values = torch.cat([piece[i] for piece in pieces]).cpu()
+        full = torch.zeros(valid.shape, dtype=values.dtype)
+        results.append(full.masked_scatter(valid, values))
+    return tuple(results)
+
+
+def completion_logprobs(model, rows: dict, entropy: bool = False, entropy_grad: bool = False, temperature: float = 1.0):
+    """log p of each completion token under softmax(`model`'s logits / temperature) ([b, T]) and, if asked,
+    (entropy, sum_v p_v^2) of that distribution ([b, T] each; the entropy differentiable with `entropy_grad`)."""
+    if not entropy:
+        return completion_token_stats(model, rows, lambda logits, y: (token_logprobs(logits, y),), temperature)[0], None
+    logp, ent, prob_sq = completion_token_stats(model, rows, lambda logits, y: policy_token_stats(logits, y, entropy_grad),
+                                                temperature)
+    return logp, (ent, prob_sq)
+
+
+PROMPT_COLUMNS = ("prompt_ids", "prompt_mask")  # left-padded; every other [rows, width] column is a completion's
+
+
+def take(rows: dict, index: torch.Tensor) -> dict:
+    """Rows `index` of a batch's columns, cut to their own width: prompt columns lose the leading and
+    completion columns the trailing positions that are padding in every taken row."""
+    out = {k: None if x is None else x[index] for k, x in rows.items()}
+    first = int(out["prompt_mask"].any(0).nonzero()[0])
+    last = int(out["mask"].any(0).nonzero()[-1]) + 1 if out["mask"].any() else 1
+    width = rows["mask"].shape[1]
+    for k, x in out.items():
+        if k in PROMPT_COLUMNS:
+            out[k] = x[:, first:]
+        elif isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] == width:
+            out[k] = x[:, :last]
+    return out
+
+
+def by_length(mask: torch.Tensor, size: int, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Row indices (`rows`, default all rows of mask [B, T]) in chunks of `size`, longest completion
+    first (stable), so that each chunk, cut to its own width (`take`), carries little padding."""
+    rows = torch.arange(mask.shape[0]) if rows is None else rows
+    order = rows[torch.argsort(mask[rows].sum(-1), descending=True, stable=True)]
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+

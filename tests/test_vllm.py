@@ -1,0 +1,162 @@
+"""Rollouts on vLLM (its CPU build, fp32) and the training log-probs under the sampling temperature: the
+train stage end to end with `train.rollout.backend=vllm` on a real DeepSpeed engine and a tiny Llama whose
+head size vLLM's CPU attention takes (32)."""
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from grpolab import config
+from grpolab.errors import ConfigError
+from grpolab.logprobs import completion_logprobs
+from grpolab.models import load_model
+from grpolab.paths import BASE_DIR, CURVE_FILE
+from grpolab.samplers import sample_keys
+from grpolab.samplers.hf import sample
+from grpolab.stages import run_stage
+from grpolab.trainer import SAMPLING_KEYS
+
+from conftest import TINY, grpolab
+from training import mlflow_client, train_runs, working_in
+
+VLLM = ["train.rollout.backend=vllm", "train.rollout.vllm_kv_cache_gib=0.25"]
+# head size 32 (hidden 64 / 2 heads): one that vLLM's CPU attention takes
+SHAPE = ["model.hidden_size=64", "model.num_heads=2", "model.intermediate_size=128", "train.rewards={answer_match: 1.0}"]
+
+
+@pytest.fixture(scope="module")
+def vllm_base(tmp_path_factory):
+    """prepare + sft + mia once, with the hf backend, shared read-only by the tests below."""
+    root = tmp_path_factory.mktemp("vllm-base")
+    shutil.copy(Path(__file__).parents[1] / "params.yaml", root / "params.yaml")
+    with working_in(root):
+        params = config.apply_overrides([*TINY, *SHAPE])
+        for stage in ("prepare", "sft", "mia"):
+            run_stage(stage, params)
+    return root
+
+
+@pytest.fixture
+def project(vllm_base, tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "p"
+    shutil.copytree(vllm_base, root)
+    monkeypatch.chdir(root)
+    return root
+
+
+def test_training_logprobs_are_the_sampling_distributions(project):
+    """At temperature 0.7 the trainer's log-probs are those of softmax(logits / 0.7), the distribution the rollouts
+    were drawn from: equal to the decoder's own sampling log-probs, so step 1's ratio to them is 1."""
+    model = load_model(BASE_DIR).eval()
+    prompts = [[5, 6, 7, 8], [9, 10, 11]] * 4
+    rollout = sample(model, prompts, max_new_tokens=12, eos_ids=[2], pad_id=0, temperature=0.7,
+                     keys=sample_keys(0, list(range(len(prompts)))))
+    rows = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
+            "completion_ids": rollout.completion_ids, "mask": rollout.completion_mask}
+    trainer_logp = completion_logprobs(model, rows, temperature=0.7)[0]
+    with torch.no_grad():  # by hand: one forward over [prompt | completion], log-softmax of logits / 0.7
+        ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+        mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        p = rollout.prompt_ids.shape[1]
+        by_hand = torch.log_softmax(logits[:, p - 1 : -1].float() / 0.7, -1).gather(-1, rollout.completion_ids[..., None])[..., 0]
+    valid = rollout.completion_mask.bool()
+    torch.testing.assert_close(trainer_logp[valid], by_hand[valid], atol=1e-5, rtol=0)
+    torch.testing.assert_close(rollout.token_logp[valid], by_hand[valid], atol=1e-5, rtol=0)
+
+    params = config.apply_overrides(["train.steps=1", "train.temperature=0.7"])
+    run_stage("train", params)
+    curve = pd.read_csv(CURVE_FILE)  # hf: the mismatch is logged to MLflow, not in the curve
+    assert "sampling/importance_sampling_ratio/max" not in curve
+    metrics = train_runs(mlflow_client())[0].data.metrics
+    assert metrics["sampling/sampling_logp_difference/max"] < 1e-5
+    assert abs(metrics["sampling/importance_sampling_ratio/max"] - 1) < 1e-5
+
+
+def _watch_sync(monkeypatch) -> list[bool]:
+    """Before each sampled batch of rollouts, whether the vLLM engine's greedy completions equal the policy's own
+    (the hf decoder over the module last synced), bit for bit."""
+    from grpolab.samplers import vllm
+
+    checks: list[bool] = []
+    sync, sample_ = vllm.VLLMSampler.sync, vllm.VLLMSampler.sample
+
+    def synced(self, model):
+        self.policy = model
+        return sync(self, model)
+
+    def sampled(self, prompts, **kwargs):
+        if kwargs.get("keys") is not None:
+            engine = sample_(self, prompts, max_new_tokens=kwargs["max_new_tokens"])
+            policy = sample(self.policy, prompts, max_new_tokens=kwargs["max_new_tokens"], eos_ids=self.eos_ids, pad_id=self.pad_id)
+            checks.append(torch.equal(engine.completion_ids, policy.completion_ids))
+        return sample_(self, prompts, **kwargs)
+
+    monkeypatch.setattr(vllm.VLLMSampler, "sync", synced)
+    monkeypatch.setattr(vllm.VLLMSampler, "sample", sampled)
+    return checks
+
+
+@pytest.mark.parametrize("lora", [[], ["model.lora.r=4", "model.lora.alpha=8"]], ids=["full", "lora"])
+def test_vllm_holds_the_policys_weights_before_every_batch(project, monkeypatch, lora):
+    checks = _watch_sync(monkeypatch)
+    params = config.apply_overrides([*VLLM, "train.steps=4", "train.learning_rate=0.01", *lora])
+    run_stage("train", params)
+    assert checks == [True] * 4  # steps 1-4: the weights after 0, 1, 2 and 3 updates
+    curve = pd.read_csv(CURVE_FILE)
+    assert set(SAMPLING_KEYS) <= set(curve)
+    # fp32 on the CPU: vLLM's and the trainer's log-probs agree, and the correction changes nothing measurable
+    assert (curve["sampling/sampling_logp_difference/max"] < 1e-4).all()
+    assert (curve["sampling/importance_sampling_ratio/min"] > 1 - 1e-4).all()
+    assert (curve["sampling/importance_sampling_ratio/max"] < 1 + 1e-4).all()
+    assert (curve["sampling/importance_sampling_ratio/bounded_share"] == 0).all()
+
+
+def test_vllm_runs_repeat_exactly(project, tmp_path):
+    """Two trainings with the same params on vLLM: the same curve (but the wall-clock column) and model."""
+    params = config.apply_overrides([*VLLM, "train.steps=2", "train.mitigation.name=entropy_masking"])
+    run_stage("train", params)
+    first = pd.read_csv(CURVE_FILE).drop(columns="train/step_time")
+    shutil.copytree("models/trained", tmp_path / "first")
+    run_stage("train", params)
+    pd.testing.assert_frame_equal(pd.read_csv(CURVE_FILE).drop(columns="train/step_time"), first)
+    a, b = load_model(tmp_path / "first").state_dict(), load_model("models/trained").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["model.hidden_size=48", "model.num_heads=2"], "head sizes"),
+    (["train.rollout.vllm_kv_cache_gib=0.00001"], "train.rollout.vllm_kv_cache_gib"),
+    (["train.rollout.vllm_enable_sleep_mode=true"], "train.rollout.vllm_enable_sleep_mode"),
+])
+def test_what_vllm_cannot_run_is_refused_before_work(project, override, message):
+    """Each refusal names its param, exits 2, and leaves no output behind."""
+    if override[0].startswith("model."):  # a base model of another shape, saved where the stage reads it
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = AutoConfig.from_pretrained(BASE_DIR)
+        cfg.hidden_size, cfg.head_dim = 48, 24
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(BASE_DIR)
+        override = []
+    result = grpolab("stage", "train", *[f"-S{o}" for o in [*VLLM[:1], *override]], cwd=project, check=False)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert not Path("models/trained").exists() and not Path("checkpoints").exists()
+
+
+def test_an_architecture_vllm_lacks_and_vllm_missing_are_named(project, monkeypatch):
+    from transformers import AutoConfig
+
+    from grpolab.samplers import vllm
+
+    settings = config.apply_overrides(VLLM).train.rollout
+    cfg = AutoConfig.from_pretrained(BASE_DIR)
+    cfg.architectures = ["NoSuchForCausalLM"]
+    with pytest.raises(ConfigError, match="does not implement the model's architecture"):
+        vllm.check(cfg, settings, torch.float32, on_gpu=False)
+    monkeypatch.setattr(vllm.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="vLLM is not installed.*make install"):
+        vllm.check(cfg, settings, torch.float32, on_gpu=False)

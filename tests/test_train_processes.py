@@ -1,18 +1,14 @@
 """The train stage as several processes, and killed and resumed (a real DeepSpeed engine on CPU, gloo)."""
 
 
-import json
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from mlflow import MlflowClient
 
 from grpolab import config
 from grpolab.models import load_model
@@ -20,27 +16,8 @@ from grpolab.paths import CHECKPOINT_DIR, CURVE_FILE, TRAINED_DIR
 from grpolab.stages.train import DYNAMIC_SAMPLING_KEYS
 
 from conftest import BIN, grpolab, project_env
-from training import SAME_BATCH, SEPARATE, STEP_METRICS, TIMINGS, mlflow_client, tied_reward, train_runs, trained_weights
-
-
-def _kill_after_a_checkpoint_and_later_steps(project: Path, client: MlflowClient) -> int:
-    """Start the train stage, kill -9 it once a checkpoint exists and MLflow holds steps after it; the
-    checkpoint's step."""
-    proc = subprocess.Popen([f"{BIN}/grpolab", "stage", "train"], cwd=project, env=project_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    while True:
-        assert proc.poll() is None and time.time() < deadline, "training ended before a checkpoint and a step after it"
-        latest = project / CHECKPOINT_DIR / "latest"
-        if latest.is_file():
-            state = json.loads((project / CHECKPOINT_DIR / latest.read_text().strip() / "grpolab_state.json").read_text())
-            logged = [m.step for m in client.get_metric_history(state["mlflow_run_id"], "train/loss")]
-            if max(logged, default=0) > state["step"]:
-                break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return state["step"]
+from training import (SAME_BATCH, SEPARATE, STEP_METRICS, TIMINGS, kill_after_a_checkpoint_and_later_steps, mlflow_client,
+                      tied_reward, train_runs, trained_weights)
 
 
 # The same run resumed (with TracIn, PPO cycles, dynamic sampling and CISPO: every step log), and plain GRPO
@@ -56,7 +33,7 @@ def test_resume_after_a_kill_gives_an_uninterrupted_runs_outputs(trainer, tmp_pa
 
     config.apply_overrides(overrides)
     client = mlflow_client()
-    killed_at = _kill_after_a_checkpoint_and_later_steps(trainer, client)
+    killed_at = kill_after_a_checkpoint_and_later_steps(trainer, client)
     assert killed_at % (2 if variant else 1) == 0  # a checkpoint closes a PPO cycle
     assert not TRAINED_DIR.exists()
     (killed_run,) = train_runs(client)

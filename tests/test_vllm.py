@@ -20,7 +20,7 @@ from grpolab.stages import run_stage
 from grpolab.trainer import SAMPLING_KEYS
 
 from conftest import TINY, grpolab
-from training import mlflow_client, train_runs, working_in
+from training import kill_after_a_checkpoint_and_later_steps, mlflow_client, train_runs, working_in
 
 VLLM = ["train.rollout.backend=vllm", "train.rollout.vllm_kv_cache_gib=0.25"]
 # head size 32 (hidden 64 / 2 heads): one that vLLM's CPU attention takes
@@ -160,3 +160,47 @@ def test_an_architecture_vllm_lacks_and_vllm_missing_are_named(project, monkeypa
     monkeypatch.setattr(vllm.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="vLLM is not installed.*make install"):
         vllm.check(cfg, settings, torch.float32, on_gpu=False)
+
+
+@pytest.mark.parametrize("variant", [
+    ["train.tracin.use_tracin=true", "train.ppo_epochs=2", "train.policy_loss=cispo", "train.mitigation.name=entropy_weighted",
+     "train.steps=4"],
+    ["train.tracin.use_tracin=true", "train.tracin.validation=separate", "train.tracin.val_batch_size=8",
+     "train.tracin.val_pool_size=16", "train.dynamic_sampling=true", "train.advantage_estimator=rloo",
+     "train.use_mia_weighted_loss=true", "train.rollout.vllm_importance_sampling_mode=sequence_mask", "train.steps=2"],
+], ids=["same_batch-ppo_epochs-cispo-entropy", "separate-dynamic_sampling-rloo-mia"])
+def test_the_variants_train_on_vllm_rollouts(project, variant):
+    run_stage("train", config.apply_overrides([*VLLM, *variant]))
+    curve = pd.read_csv(CURVE_FILE)
+    assert curve["train/loss"].notna().all() and curve["tracin/selected_ratio"].notna().sum() == 2  # once per batch
+    assert (curve["sampling/importance_sampling_ratio/max"] < 1 + 1e-4).all()
+    assert len(list(Path("metrics/tracin").glob("step_*.parquet"))) == 2  # a batch of rollouts each
+
+
+def test_a_killed_vllm_training_resumes_to_the_uninterrupted_curve(project, tmp_path):
+    overrides = [*VLLM, "train.steps=8", "train.save_every=2"]
+    reference = tmp_path / "reference"
+    shutil.copytree(project, reference)
+    grpolab("stage", "train", *[f"-S{o}" for o in overrides], cwd=reference)
+    config.apply_overrides(overrides)
+    killed_at = kill_after_a_checkpoint_and_later_steps(project, mlflow_client())
+    Path(CURVE_FILE).unlink(missing_ok=True)
+    proc = grpolab("stage", "train", cwd=project)
+    assert f"train: resuming at step {killed_at} of 8" in proc.stdout
+    pd.testing.assert_frame_equal(pd.read_csv(CURVE_FILE).drop(columns="train/step_time"),
+                                  pd.read_csv(reference / CURVE_FILE).drop(columns="train/step_time"), rtol=1e-5)
+
+
+def test_two_processes_each_with_its_engine_sample_one_process_groups(project, tmp_path):
+    """train.num_processes=2 on vLLM: an engine per process, each row seeded by its place in the run, so the
+    two processes' rollouts are one process's (the same rewards, step by step) and the losses agree."""
+    one = tmp_path / "one"
+    shutil.copytree(project, one)
+    grpolab("stage", "train", *[f"-S{o}" for o in [*VLLM, "train.steps=3"]], cwd=one)
+    proc = grpolab("stage", "train", *[f"-S{o}" for o in [*VLLM, "train.steps=3", "train.num_processes=2",
+                                                          "train.micro_batch_size=4"]], cwd=project)
+    assert "train: 2 processes on cpu" in proc.stdout
+    single, two = pd.read_csv(one / CURVE_FILE), pd.read_csv(CURVE_FILE)
+    assert two["train/reward_mean"].tolist() == single["train/reward_mean"].tolist()
+    assert two["train/completion_length"].tolist() == single["train/completion_length"].tolist()
+    torch.testing.assert_close(torch.tensor(two["train/loss"].values), torch.tensor(single["train/loss"].values), rtol=1e-4, atol=1e-5)

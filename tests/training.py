@@ -2,8 +2,12 @@
 worker), a copy of it per test, and the MLflow searches the tests make."""
 
 
+import json
 import os
 import shutil
+import signal
+import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,10 +17,10 @@ from mlflow import MlflowClient
 
 from grpolab import config
 from grpolab.models import load_model
-from grpolab.paths import TRAINED_DIR
+from grpolab.paths import CHECKPOINT_DIR, TRAINED_DIR
 from grpolab.stages import run_stage
 
-from conftest import REPO, TINY
+from conftest import BIN, REPO, TINY, project_env
 
 TINY_TRAIN = [
     "train.steps=4", "train.prompts_per_step=4", "train.group_size=4", "train.micro_batch_size=8",
@@ -119,3 +123,23 @@ def mlflow_client(root: Path = Path(".")) -> MlflowClient:
 def train_runs(client: MlflowClient, **search) -> list:
     """The train stage's runs of the `grpolab` experiment (MlflowClient.search_runs keywords in `search`)."""
     return client.search_runs([client.get_experiment_by_name("grpolab").experiment_id], "tags.`grpolab.stage` = 'train'", **search)
+
+
+def kill_after_a_checkpoint_and_later_steps(project: Path, client: MlflowClient) -> int:
+    """Start the train stage, kill -9 it once a checkpoint exists and MLflow holds steps after it; the
+    checkpoint's step."""
+    proc = subprocess.Popen([f"{BIN}/grpolab", "stage", "train"], cwd=project, env=project_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while True:
+        assert proc.poll() is None and time.time() < deadline, "training ended before a checkpoint and a step after it"
+        latest = project / CHECKPOINT_DIR / "latest"
+        if latest.is_file():
+            state = json.loads((project / CHECKPOINT_DIR / latest.read_text().strip() / "grpolab_state.json").read_text())
+            logged = [m.step for m in client.get_metric_history(state["mlflow_run_id"], "train/loss")]
+            if max(logged, default=0) > state["step"]:
+                break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return state["step"]

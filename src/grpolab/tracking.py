@@ -41,6 +41,7 @@ SEED_TAG = "grpolab.seed"
 CHANGED_TAG = "grpolab.changed_params"  # the knobs that differ from the defaults
 COMPLETE_TAG = "grpolab.complete"  # set by the summary stage: every stage's record is in the parent
 REUSED_TAG = "grpolab.reused_stages"  # stages whose outputs DVC restored from its cache: no child run here
+ROLLOUT_BACKEND_TAG = "grpolab.rollout_backend"  # what generated the rollouts: train.rollout.backend
 GPUS_TAG = "grpolab.gpus"  # the GPUs a stage's processes were given (a study gives each cell its own)
 NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
@@ -55,6 +56,8 @@ RUNS_VIEW_COLUMNS = [
     "tags.`grpolab.variant`", "tags.`grpolab.seed`", "metrics.`trained/success_rate`", "metrics.`trained/sampled/success_rate`",
     "metrics.`base/success_rate`", "metrics.`mean/train/reward_mean`", "metrics.`trained/mia/loss/auc`",
     "metrics.`trained/mia/min_k_plus_plus/auc`", "metrics.`mean/credit/answer_share`", "metrics.`mean/train/step_time`",
+    "tags.`grpolab.rollout_backend`", "metrics.`mean/sampling/sampling_logp_difference/mean`",
+    "metrics.`mean/sampling/importance_sampling_ratio/bounded_share`",
 ]
 
 
@@ -120,10 +123,11 @@ def run_name(params: Params) -> str:
 
 
 def run_tags(params: Params) -> dict[str, str]:
-    """Tags of every run of the pipeline: the user's, the seed, and the study and variant when set."""
+    """Tags of every run of the pipeline: the user's, the seed, the rollout backend, and the study and variant when set."""
     t = params.tracking
     named = {STUDY_TAG: t.study, VARIANT_TAG: t.variant}
-    return {**t.tags, SEED_TAG: str(params.seed), **{k: v for k, v in named.items() if v is not None}}
+    return {**t.tags, SEED_TAG: str(params.seed), ROLLOUT_BACKEND_TAG: params.train.rollout.backend,
+            **{k: v for k, v in named.items() if v is not None}}
 
 
 def given_gpus() -> str:

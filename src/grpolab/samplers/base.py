@@ -32,7 +32,7 @@ class Rollout:
 
 
 def cat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
-    """Rollouts of consecutive rows as one: prompts re-padded on the left, completions on the right."""
+    """Rollouts of consecutive rows as one (of one sampler): prompts re-padded on the left, completions on the right."""
     if len(parts) == 1:
         return parts[0]
     prompt_width = max(p.prompt_ids.shape[1] for p in parts)
@@ -41,7 +41,8 @@ def cat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     right = lambda t, value: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)  # noqa: E731
     pads = {"prompt_ids": (left, pad_id), "prompt_mask": (left, 0), "completion_ids": (right, pad_id),
             "completion_mask": (right, 0), "token_logp": (right, 0.0), "token_entropy": (right, 0.0)}
-    return Rollout(**{f.name: torch.cat([pads[f.name][0](getattr(p, f.name), pads[f.name][1]) for p in parts])
+    return Rollout(**{f.name: None if getattr(parts[0], f.name) is None  # a column the sampler does not return
+                      else torch.cat([pads[f.name][0](getattr(p, f.name), pads[f.name][1]) for p in parts])
                       for f in fields(Rollout)})
 
 

@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 PIP := $(BIN)/pip install --disable-pip-version-check --progress-bar off -qq
 
-.PHONY: install browser postgres run test ui docs reference deploy bench bench-mia bench-tracin bench-memory bench-rollout bench-losses bench-pool gpu-check gpu-wheels clean clean-all
+.PHONY: install browser postgres run test ui docs reference deploy bench bench-mia bench-tracin bench-memory bench-rollout bench-vllm bench-losses bench-pool gpu-check gpu-wheels clean clean-all
 
 install: $(STAMP)
 
@@ -99,6 +99,11 @@ bench-memory: install
 # rollout.sample against transformers' model.generate, same settings, alternating blocks
 bench-rollout: install
 	python bench/bench_rollout.py
+
+# the rollout backends' tokens/s side by side: vLLM's sampler, grpolab's decoder, model.generate (SHAPE=qwen2.5-0.5b: 494 M)
+SHAPE ?= default
+bench-vllm: install
+	python bench/bench_vllm.py --shape $(SHAPE)
 
 # what each policy loss, aggregation and the entropy bonus cost per step against plain GRPO (needs `make run` first)
 bench-losses: install

@@ -19,7 +19,7 @@ from grpolab.samplers.hf import sample
 from grpolab.stages import run_stage
 from grpolab.trainer import SAMPLING_KEYS
 
-from conftest import TINY, grpolab
+from conftest import TINY, grpolab, make_project, run
 from training import kill_after_a_checkpoint_and_later_steps, mlflow_client, train_runs, working_in
 
 VLLM = ["train.rollout.backend=vllm", "train.rollout.vllm_kv_cache_gib=0.25"]
@@ -204,3 +204,21 @@ def test_two_processes_each_with_its_engine_sample_one_process_groups(project, t
     assert two["train/reward_mean"].tolist() == single["train/reward_mean"].tolist()
     assert two["train/completion_length"].tolist() == single["train/completion_length"].tolist()
     torch.testing.assert_close(torch.tensor(two["train/loss"].values), torch.tensor(single["train/loss"].values), rtol=1e-4, atol=1e-5)
+
+
+def test_the_pipeline_on_vllm_through_the_prefect_flow_and_dvc_tracked_in_mlflow(tmp_path):
+    """`grpolab run` (the Prefect flow, a `dvc repro` per stage) with the vLLM backend: every stage that generates
+    (mia, train, evaluate) on vLLM, the backend a param and a tag of every run, the mismatch in the train run and
+    the parent's headline metrics, and DVC up to date afterwards."""
+    project = make_project(tmp_path / "e2e")
+    grpolab("run", *[f"-S{o}" for o in [*TINY, *SHAPE, *VLLM]], cwd=project)
+    client = mlflow_client(project)
+    runs = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id])
+    stages = {r.data.tags.get("grpolab.stage"): r for r in runs}
+    assert {"pipeline", "prepare", "sft", "mia", "train", "evaluate"} <= set(stages)
+    assert {r.data.tags["grpolab.rollout_backend"] for r in runs} == {"vllm"}
+    assert stages["pipeline"].data.params["train.rollout.backend"] == "vllm"  # the parent holds the params
+    assert abs(stages["train"].data.metrics["sampling/importance_sampling_ratio/mean"] - 1) < 1e-4
+    assert "mean/sampling/sampling_logp_difference/mean" in stages["pipeline"].data.metrics
+    assert "trained/success_rate" in stages["pipeline"].data.metrics
+    assert run(["dvc", "status"], project).stdout.split() == ["inputs:", "always", "changed"]  # the rest up to date

@@ -51,10 +51,10 @@ postgres:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
 # Two workers (CI's two cores), a test file on one worker (its module fixtures built once; pytest-xdist's
-# loadgroup does not group here). Each worker starts with two files, in this order: the four longest, paired so
-# the two finish together (about 10 minutes each), then the rest as they free.
+# loadgroup does not group here). The five longest files first, in this order (test_pipeline on one worker, the
+# next four on the other as they free), then the rest as workers free.
 test: install browser postgres
-	pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests/test_pipeline.py tests/test_study.py tests/test_train.py \
+	pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests/test_pipeline.py tests/test_study.py tests/test_train.py tests/test_vllm.py \
 	  tests/test_train_processes.py tests
 
 # The Prefect deployments of prefect.yaml on a `process` work pool, against the Prefect server that

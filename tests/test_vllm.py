@@ -100,10 +100,11 @@ def _watch_sync(monkeypatch) -> list[bool]:
     return checks
 
 
-@pytest.mark.parametrize("lora", [[], ["model.lora.r=4", "model.lora.alpha=8"]], ids=["full", "lora"])
-def test_vllm_holds_the_policys_weights_before_every_batch(project, monkeypatch, lora):
+@pytest.mark.parametrize("setting", [[], ["model.lora.r=4", "model.lora.alpha=8"], ["train.deepspeed.zero_stage=3"]],
+                         ids=["full", "lora", "zero3"])
+def test_vllm_holds_the_policys_weights_before_every_batch(project, monkeypatch, setting):
     checks = _watch_sync(monkeypatch)
-    params = config.apply_overrides([*VLLM, "train.steps=4", "train.learning_rate=0.01", *lora])
+    params = config.apply_overrides([*VLLM, "train.steps=4", "train.learning_rate=0.01", *setting])
     run_stage("train", params)
     assert checks == [True] * 4  # steps 1-4: the weights after 0, 1, 2 and 3 updates
     curve = pd.read_csv(CURVE_FILE)
@@ -113,6 +114,34 @@ def test_vllm_holds_the_policys_weights_before_every_batch(project, monkeypatch,
     assert (curve["sampling/importance_sampling_ratio/min"] > 1 - 1e-4).all()
     assert (curve["sampling/importance_sampling_ratio/max"] < 1 + 1e-4).all()
     assert (curve["sampling/importance_sampling_ratio/bounded_share"] == 0).all()
+
+
+def test_tied_embeddings_stay_tied_through_a_push(tmp_path):
+    """A Qwen2 with tied embeddings (as Qwen2.5-0.5B): after a push of changed weights the engine's greedy
+    completions are the changed model's (vLLM ties the output head to the pushed embeddings)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from grpolab.samplers.vllm import VLLMSampler
+
+    cfg = AutoConfig.for_model("qwen2", vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               num_key_value_heads=1, intermediate_size=128, max_position_embeddings=64,
+                               tie_word_embeddings=True, eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.save_pretrained(tmp_path / "m")
+    settings = config.validate({"train": {"rollout": {"backend": "vllm", "vllm_kv_cache_gib": 0.25}}}).train.rollout
+    engine = VLLMSampler(tmp_path / "m", cfg, eos_ids=[1], pad_id=0, settings=settings, seed=0, dtype=torch.float32)
+    prompts = [[5 + i, 7, 9 + i % 5] for i in range(16)]
+    before = engine.sample(prompts, max_new_tokens=12)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(-1.5)  # the output head with it: they are one tensor
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    engine.sync(model)
+    pushed = engine.sample(prompts, max_new_tokens=12)
+    engine.close()
+    expected = sample(model, prompts, max_new_tokens=12, eos_ids=[1], pad_id=0)
+    assert torch.equal(pushed.completion_ids, expected.completion_ids)
+    assert not torch.equal(before.completion_ids, expected.completion_ids)  # the push changed what it generates
 
 
 def test_vllm_runs_repeat_exactly(project, tmp_path):
@@ -178,7 +207,7 @@ def test_the_variants_train_on_vllm_rollouts(project, variant):
 
 
 def test_a_killed_vllm_training_resumes_to_the_uninterrupted_curve(project, tmp_path):
-    overrides = [*VLLM, "train.steps=8", "train.save_every=2"]
+    overrides = [*VLLM, "train.steps=6", "train.save_every=2"]
     reference = tmp_path / "reference"
     shutil.copytree(project, reference)
     grpolab("stage", "train", *[f"-S{o}" for o in overrides], cwd=reference)
@@ -186,7 +215,7 @@ def test_a_killed_vllm_training_resumes_to_the_uninterrupted_curve(project, tmp_
     killed_at = kill_after_a_checkpoint_and_later_steps(project, mlflow_client())
     Path(CURVE_FILE).unlink(missing_ok=True)
     proc = grpolab("stage", "train", cwd=project)
-    assert f"train: resuming at step {killed_at} of 8" in proc.stdout
+    assert f"train: resuming at step {killed_at} of 6" in proc.stdout
     pd.testing.assert_frame_equal(pd.read_csv(CURVE_FILE).drop(columns="train/step_time"),
                                   pd.read_csv(reference / CURVE_FILE).drop(columns="train/step_time"), rtol=1e-5)
 

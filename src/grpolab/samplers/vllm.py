@@ -136,11 +136,16 @@ class VLLMSampler:
 
         gib = kv_cache_gib(settings, on_gpu)
         self.eos_ids, self.pad_id = eos_ids, pad_id
+        # Several training processes on GPUs: vLLM's own executor would put every rank's engine on cuda:0; the
+        # external launcher's (TRL's colocate mode) takes each rank's device and process group as they are.
+        # (Not run on a GPU here: the CPU processes, tested, use the default executor.)
+        launcher = {"distributed_executor_backend": "external_launcher"} if on_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
         self.llm = LLM(
             model=str(model_dir), skip_tokenizer_init=True, dtype=str(dtype).removeprefix("torch."), seed=seed,
             enforce_eager=settings.vllm_enforce_eager or not on_gpu, gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
             kv_cache_memory_bytes=None if gib is None else int(gib * 2**30), logprobs_mode="processed_logprobs",
             max_model_len=config.get_text_config().max_position_embeddings, enable_sleep_mode=settings.vllm_enable_sleep_mode,
+            **launcher,
         )
         self.sleep_mode, self.asleep = settings.vllm_enable_sleep_mode, False
 

@@ -231,7 +231,8 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
         selection = None
         if (step - 1) % t.ppo_epochs == 0 or step == start + 1:  # a new batch of rollouts each PPO cycle
             rollout_index = (step - 1) // t.ppo_epochs
-            with dist.gathered(engine):  # the policy's current weights into the rollout engine (vLLM: pushed in place)
+            # the policy's current weights into the rollout engine (vLLM: pushed in place, gathered at ZeRO-3)
+            with dist.gathered(engine) if not sampler.reads_policy else nullcontext():
                 sampler.sync(engine.module)
             sampled, rollout, sampling_metrics = sample_scored(params, engine, sampler, tokenizer, data, rewarder, rollout_index)
             batch = weigh(params, engine, tokenizer, ref_model, variants, sampled, rollout)

@@ -121,6 +121,15 @@ def keep_default_group() -> None:
     parallel_state.destroy_distributed_environment = destroy_own_groups
 
 
+def _repack_tied_head(model: torch.nn.Module) -> None:
+    """vLLM's in-place reload skips a tied output head (its weight is the embeddings', which the reload did
+    update), so on the CPU the head's packed GEMM copy of that weight stays the old one: pack it again."""
+    head = getattr(model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(head)
+
+
 class VLLMSampler:
     name = "vllm"
     reads_policy = False
@@ -148,12 +157,15 @@ class VLLMSampler:
             **launcher,
         )
         self.sleep_mode, self.asleep = settings.vllm_enable_sleep_mode, False
+        self.tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
 
     def sync(self, model: torch.nn.Module) -> None:
         if self.asleep:
             self.llm.wake_up()
             self.asleep = False
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": hf_weights(model)})
+        if self.tied:
+            self.llm.apply_model(_repack_tied_head)
         self.llm.reset_prefix_cache()
 
     def sample(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,

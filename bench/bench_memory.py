@@ -57,13 +57,14 @@ def source_tree(revision: str, into: Path) -> Path:
     return into
 
 
-def build_base(path: Path) -> None:
-    """A Qwen2-shaped model with the real vocabulary (narrow body) and a byte-level tokenizer of as many ids."""
+def build_base(path: Path, shape: str = "narrow") -> None:
+    """A Qwen2-shaped model with the real vocabulary (`shape` of common.QWEN_SHAPES: by default a narrow body) and
+    a byte-level tokenizer of as many ids."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(qwen2_config("narrow", max_positions=1024)).save_pretrained(path)
+    AutoModelForCausalLM.from_config(qwen2_config(shape, max_positions=1024)).save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
 
 

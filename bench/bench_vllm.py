@@ -7,6 +7,11 @@ almost never emits its stop token, so every contender generates every token.
     python bench/bench_vllm.py                              # (a) grpolab's default tiny Llama, 32 rows x 128 new tokens
     python bench/bench_vllm.py --shape qwen2.5-0.5b         # (b) Qwen2.5-0.5B's shape and vocabulary (494 M parameters)
     python bench/bench_vllm.py --shape qwen2.5-0.5b --dtype bfloat16
+    python bench/bench_vllm.py --train --shape qwen2.5-0.5b --rows 8 --new-tokens 32 --blocks 2   # (c, d) a train step, peak RSS
+
+With --train, each block runs the train stage (`grpolab stage train`, a fresh process, 2 steps) once per backend
+in a workspace of its own (bench_memory's: the shape's Qwen2 at the real vocabulary, a byte-level tokenizer, a
+hashed reward), and reports step 2's `train/step_time` and the process's peak resident set (wait4's ru_maxrss).
 """
 
 from __future__ import annotations
@@ -37,6 +42,38 @@ def model_config(shape: str):
     return qwen2_config(shape, max_positions=1024)
 
 
+def train_steps(shape: str, blocks: int, rows: int, prompt_tokens: int, new_tokens: int) -> None:
+    """(c, d): one train step's wall time and the train stage's peak RSS with each backend, alternating blocks."""
+    import shutil
+
+    import pandas as pd
+    from bench_memory import REWARD, build_base, overrides, peak_rss_mb, source_tree, write_data, write_params
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench_vllm_"))
+    tree = source_tree("", scratch / "tree")
+    base = scratch / "base"
+    build_base(base, shape)
+    settings = {**overrides(rows, prompt_tokens, new_tokens), "train.steps": 2}
+    step, peak = {"hf": [], "vllm": []}, {"hf": [], "vllm": []}
+    for block in range(blocks):
+        for backend in block_order(["hf", "vllm"], block):
+            workspace = scratch / f"run-{block}-{backend}"
+            (workspace / "models").mkdir(parents=True)
+            (workspace / "models/base").symlink_to(base)
+            write_data(workspace / "data", prompt_tokens)
+            (workspace / "reward.py").write_text(REWARD)
+            write_params(tree, workspace, {**settings, "train.rollout": {"backend": backend}})
+            peak[backend].append(peak_rss_mb(tree, workspace, "train", []) / 1024)
+            step[backend].append(float(pd.read_csv(workspace / "metrics/train_curve.csv")["train/step_time"].iloc[-1]))
+            print(f"block {block + 1}: {backend:>4}: step 2 {step[backend][-1]:.1f} s, peak RSS {peak[backend][-1]:.2f} GB", flush=True)
+            shutil.rmtree(workspace)
+    shutil.rmtree(scratch)
+    print(f"\n{shape}, fp32 on the CPU, the train stage: {rows} rows ({rows // 4} prompts x 4), prompts of {prompt_tokens} "
+          f"tokens, {new_tokens} new tokens, KL to the reference on, {blocks} blocks")
+    print(markdown_table(["backend", "step 2 wall time, s, median [min, max]", "peak RSS, GB, median [min, max]"],
+                         [[b, spread(step[b]), spread(peak[b], fmt="{:.2f}")] for b in step]))
+
+
 def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
@@ -53,7 +90,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--blocks", type=int, default=3)
+    parser.add_argument("--train", action="store_true", help="a train step's wall time and the stage's peak RSS instead")
     a = parser.parse_args()
+    if a.train:
+        return train_steps(a.shape, a.blocks, a.rows, a.prompt_tokens, a.new_tokens)
     dtype = getattr(torch, a.dtype)
     cfg = model_config(a.shape)
     torch.manual_seed(0)

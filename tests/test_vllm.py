@@ -146,13 +146,15 @@ def test_tied_embeddings_stay_tied_through_a_push(tmp_path):
 
 
 def test_vllm_runs_repeat_exactly(project, tmp_path):
-    """Two trainings with the same params on vLLM: the same curve (but the wall-clock column) and model."""
-    params = config.apply_overrides([*VLLM, "train.steps=2", "train.mitigation.name=entropy_masking"])
+    """Two trainings with the same params on vLLM: the same curve (but the wall-clock column), model and eval metrics."""
+    params = config.apply_overrides([*VLLM, "train.steps=2", "train.mitigation.name=entropy_masking", "eval.mia_methods=[loss]"])
     run_stage("train", params)
     first = pd.read_csv(CURVE_FILE).drop(columns="train/step_time")
+    first_eval = run_stage("evaluate", params)  # greedy and sampled completions on vLLM too
     shutil.copytree("models/trained", tmp_path / "first")
     run_stage("train", params)
     pd.testing.assert_frame_equal(pd.read_csv(CURVE_FILE).drop(columns="train/step_time"), first)
+    assert run_stage("evaluate", params) == first_eval
     a, b = load_model(tmp_path / "first").state_dict(), load_model("models/trained").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 

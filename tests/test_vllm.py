@@ -120,6 +120,7 @@ def test_tied_embeddings_stay_tied_through_a_push(tmp_path):
     """A Qwen2 with tied embeddings (as Qwen2.5-0.5B): after a push of changed embeddings the engine's sampling
     log-probs are the changed model's, so its output head follows the embeddings (on the CPU vLLM kept a packed
     copy of the old head until the sampler packs it again)."""
+    import mlflow.server  # noqa: F401  Flask's context-bound proxies in sys.modules, as in a worker that ran MLflow's server
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from grpolab.samplers.vllm import VLLMSampler

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -121,6 +122,33 @@ def keep_default_group() -> None:
     parallel_state.destroy_distributed_environment = destroy_own_groups
 
 
+def tolerate_context_proxies() -> None:
+    """vLLM's CPU platform rebinds its kernel overrides by scanning every loaded module's globals with `hasattr`,
+    which raises on a context-bound proxy (Flask's `current_app`, `request`, ... once MLflow's server code is
+    imported): the same scan, skipping what cannot be inspected."""
+    from vllm.triton_utils import dispatcher
+
+    def rebind(overrides) -> None:
+        wrappers = {id(original): wrapper for original, wrapper in overrides}  # the originals stay alive: ids are theirs
+        for module in list(sys.modules.values()):
+            namespace = getattr(module, "__dict__", None)
+            for attr, value in list((namespace or {}).items()):
+                if id(value) in wrappers:
+                    setattr(module, attr, wrappers[id(value)])
+                    continue
+                try:
+                    kernel = vars(value).get("kernel") if hasattr(value, "__dict__") else None
+                except Exception:  # a proxy bound to a context that is not there
+                    continue
+                if kernel is None or id(kernel) not in wrappers:
+                    continue
+                value.kernel = wrappers[id(kernel)]
+                if not isinstance(value, type):
+                    value.__dict__.pop("_kernel_arg_names", None)
+
+    dispatcher._rebind_kernels = rebind
+
+
 def _repack_tied_head(model: torch.nn.Module) -> None:
     """vLLM's in-place reload skips a tied output head (its weight is the embeddings', which the reload did
     update), so on the CPU the head's packed GEMM copy of that weight stays the old one: pack it again."""
@@ -142,6 +170,7 @@ class VLLMSampler:
         from vllm import LLM
 
         keep_default_group()
+        tolerate_context_proxies()
 
         gib = kv_cache_gib(settings, on_gpu)
         self.eos_ids, self.pad_id = eos_ids, pad_id

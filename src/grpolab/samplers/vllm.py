@@ -215,14 +215,11 @@ class VLLMSampler:
             ids[row, : len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
             if logp is not None:
                 logp[row, : len(c.token_ids)] = torch.tensor([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)])
-        is_stop = torch.isin(ids, torch.tensor(self.eos_ids))  # valid = generated before or at the first stop token
-        seen = is_stop.long().cumsum(-1)
-        mask = ((seen == 0) | ((seen == 1) & is_stop)).long()
-        for row, c in enumerate(completions):
-            mask[row, len(c.token_ids) :] = 0
+        # vLLM stops a row at its first stop token and returns it: a row's tokens are exactly its completion
+        lengths = torch.tensor([len(c.token_ids) for c in completions])
+        mask = (torch.arange(width) < lengths[:, None]).long()
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_id)
-        return Rollout(prompt_ids, prompt_mask, ids.masked_fill(mask == 0, self.pad_id), mask,
-                       None if logp is None else logp * mask, None)
+        return Rollout(prompt_ids, prompt_mask, ids, mask, logp, None)
 
     def rest(self) -> None:
         if self.sleep_mode and not self.asleep:

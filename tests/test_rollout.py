@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from grpolab import logprobs
 from grpolab.algos.losses import policy_token_stats
 from grpolab.algos.sampling import MASK_64, counter_uniform, sample_tokens, splitmix64
-from grpolab.logprobs import by_length, completion_token_stats, take
+from grpolab.logprobs import by_length, by_tokens, completion_token_stats, take
 from grpolab.samplers import sample_keys
 from grpolab.samplers.hf import sample
 
@@ -192,3 +192,8 @@ def test_take_cuts_rows_to_their_own_width_and_by_length_puts_the_longest_first(
     assert rows["prompt_ids"].shape == (2, 4) and rows["completion_ids"].tolist() == [[9, 9], [9, 0]]
     assert [c.tolist() for c in by_length(mask, 3, torch.tensor([0, 2, 3]))] == [[3, 0, 2]]
     assert math.isclose(float(take(columns, torch.tensor([2]))["mask"].sum()), 1.0)
+    # a token budget: rows 1 (P 3, T 4) and 3 (P 1, T 3) take 2 x (3 + 4) = 14 positions cut to their width
+    assert [c.tolist() for c in by_tokens(prompt_mask, mask, 14)] == [[1, 3], [0, 2]]
+    assert [c.tolist() for c in by_tokens(prompt_mask, mask, 13)] == [[1], [3, 0], [2]]  # 3 and 0: 2 x (2 + 3)
+    assert [c.tolist() for c in by_tokens(prompt_mask, mask, 5)] == [[1], [3], [0], [2]]  # row 1 (7 positions) alone
+    assert [c.tolist() for c in by_tokens(prompt_mask, mask, 100, torch.tensor([0, 2]))] == [[0, 2]]

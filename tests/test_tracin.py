@@ -23,7 +23,7 @@ from grpolab.algos.tracin import (
     unit_scores,
     validation_loss,
 )
-from grpolab.tracin import GradientProbe, accumulate, inner_products
+from grpolab.tracin import GradientProbe, InnerProducts, accumulate
 
 
 def tiny_model(arch: str) -> torch.nn.Module:
@@ -61,20 +61,32 @@ def batch():
     return ids, mask, weights
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases; both: tied embedding and head
-def test_ghost_inner_products_match_per_sample_autograd(arch, batch):
+# qwen2: q/k/v biases; both: tied embedding and head. Checkpointed: each layer's forward recomputed in the
+# backward pass that hands over the captured gradients (as training with gradient_checkpointing runs it).
+@pytest.mark.parametrize("arch, checkpointed", [("llama", False), ("qwen2", False), ("qwen2", True)])
+def test_ghost_inner_products_match_per_sample_autograd(arch, checkpointed, batch):
     ids, mask, weights = batch
     model = tiny_model(arch)
+    if checkpointed:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
     probe = GradientProbe(model)
     names = set(probe.params)
     trainable = {n for n, p in model.named_parameters()}
     assert trainable - names == {n for n in trainable if "norm" in n}  # every parameter but the norm scales
     if arch == "qwen2":
         assert any(n.endswith("q_proj.bias") for n in names)
-    captures = probe.capture(lambda: per_row_losses(model, ids, mask, weights).sum(), mask.bool())
+    loss = lambda: per_row_losses(model, ids, mask, weights).sum()  # noqa: E731
     v = {n: t.double() for n, t in probe.zeros().items()}
-    accumulate(captures, v)
-    same_batch = inner_products(captures, v)
+    probe.capture(loss, mask.bool(), accumulate(v))
+    assert all(p.grad is None for p in model.parameters())  # gradients at the layers' outputs only
+
+    def inner_products(vector):
+        products = InnerProducts(vector, len(ids))
+        probe.capture(loss, mask.bool(), products)
+        return products.out
+
+    same_batch = inner_products(v)
 
     grads = brute_force_grads(model, names, ids, mask, weights)
     flat_v = torch.cat([v[n].reshape(-1) for n, _ in model.named_parameters() if n in names])
@@ -85,7 +97,7 @@ def test_ghost_inner_products_match_per_sample_autograd(arch, batch):
     g = torch.Generator().manual_seed(2)
     fixed = {n: torch.randn(t.shape, generator=g, dtype=torch.float64) for n, t in v.items()}
     flat_fixed = torch.cat([fixed[n].reshape(-1) for n, _ in model.named_parameters() if n in names])
-    torch.testing.assert_close(inner_products(captures, fixed), grads @ flat_fixed, rtol=1e-4, atol=0)
+    torch.testing.assert_close(inner_products(fixed), grads @ flat_fixed, rtol=1e-4, atol=0)
 
 
 def test_pairwise_ghost_product_matches_materialised_gradients():

@@ -141,6 +141,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(value: int) -> int:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate equal-shaped tensors of every rank along dim 0, in rank order."""
     if not dist.is_initialized():
@@ -165,9 +173,12 @@ def barrier() -> None:
 
 
 def gathered(engine):
-    """Under ZeRO-3 a DeepSpeed engine's parameters are partitioned: gather them (e.g. to generate or save)."""
+    """Under ZeRO-3 a DeepSpeed engine's parameters are partitioned: gather them (to generate, to run TracIn's
+    passes, to save) with ZeRO-3's module hooks off meanwhile. With the hooks on, every module call re-gathers
+    its parameters (a collective) even inside GatheredParameters, and ranks whose loops run a different number
+    of forwards (a decode loop stops when this rank's rows finish) would wait on each other for ever."""
     if engine.zero_optimization_stage() != 3:
         return nullcontext()
-    import deepspeed
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
-    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    return unwrap_model_for_generation(engine)

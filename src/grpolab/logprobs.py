@@ -17,6 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
+from grpolab import distributed as dist
 from grpolab.algos.losses import policy_token_stats, token_logprobs
 
 # Logits formed at once in a log-prob pass (tokens x vocabulary): 256 MB of fp32 whatever the vocabulary.
@@ -51,12 +52,13 @@ def forward_completions(model, prompt_ids, prompt_mask, completion_ids, completi
 
 
 def completion_token_stats(model, rows: dict, stats: Callable[..., tuple[torch.Tensor, ...]],
-                           temperature: float = 1.0) -> tuple[torch.Tensor, ...]:
+                           temperature: float = 1.0, chunk_tokens: int | None = None) -> tuple[torch.Tensor, ...]:
     """Per-token statistics of each valid completion token under `model`: `stats(logits [n, V] fp32,
     targets [n])` -> tensors [n], evaluated a chunk of tokens at a time and returned as [b, T] each
     (0 at padding), on the CPU. rows: prompt_ids / prompt_mask [b, P] left-padded, completion_ids / mask
     [b, T] right-padded. Under autograd each chunk's logits are recomputed in the backward pass rather
-    than kept; `stats` sees logits / temperature. The statistics `stats` computes with autograd are differentiable (log p; an entropy bonus's
+    than kept; `stats` sees logits / temperature; `chunk_tokens` tokens at a time (default: LOGIT_CHUNK_ELEMENTS /
+    vocabulary). The statistics `stats` computes with autograd are differentiable (log p; an entropy bonus's
     entropy), the others should be computed detached."""
     out = forward_completions(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"],
                               output_hidden_states=True, **last_logits_only(model))
@@ -74,7 +76,15 @@ def completion_token_stats(model, rows: dict, stats: Callable[..., tuple[torch.T
         return stats(logits / temperature if temperature != 1.0 else logits, y)
 
     vocab = getattr(head, "out_features", None) or lm.config.get_text_config().vocab_size  # (ZeRO-3 empties .weight)
-    size = max(1, LOGIT_CHUNK_ELEMENTS // vocab)
+    size = chunk_tokens or max(1, LOGIT_CHUNK_ELEMENTS // vocab)
+    n = len(h)
+    if _partitioned(head):
+        # ZeRO-3 gathers the head's weight for each call, forward and backward (a collective), and checks that
+        # every rank calls the same modules in the same order: every rank makes as many calls, of full chunks
+        # (zero rows past this rank's tokens, whose statistics are dropped).
+        calls = dist.all_reduce_max(-(-n // size))
+        h = torch.cat([h, h.new_zeros(calls * size - n, h.shape[1])])
+        targets = torch.cat([targets, targets.new_zeros(calls * size - n)])
     pieces = []
     for start in range(0, len(h), size):
         args = (h[start : start + size], targets[start : start + size])
@@ -82,19 +92,31 @@ def completion_token_stats(model, rows: dict, stats: Callable[..., tuple[torch.T
     valid = valid.cpu()
     results = []
     for i in range(len(pieces[0]) if pieces else 0):
-        values = torch.cat([piece[i] for piece in pieces]).cpu()
+        values = torch.cat([piece[i] for piece in pieces])[:n].cpu()
         full = torch.zeros(valid.shape, dtype=values.dtype)
         results.append(full.masked_scatter(valid, values))
     return tuple(results)
 
 
-def completion_logprobs(model, rows: dict, entropy: bool = False, entropy_grad: bool = False, temperature: float = 1.0):
+def _partitioned(module: torch.nn.Module) -> bool:
+    """Whether ZeRO-3 holds `module`'s parameters partitioned now (its hooks gather them for each call)."""
+    statuses = [p.ds_status for p in module.parameters() if hasattr(p, "ds_status")]
+    if not statuses:
+        return False
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return ZeroParamStatus.NOT_AVAILABLE in statuses
+
+
+def completion_logprobs(model, rows: dict, entropy: bool = False, entropy_grad: bool = False, temperature: float = 1.0,
+                        chunk_tokens: int | None = None):
     """log p of each completion token under softmax(`model`'s logits / temperature) ([b, T]) and, if asked,
-    (entropy, sum_v p_v^2) of that distribution ([b, T] each; the entropy differentiable with `entropy_grad`)."""
+    (entropy, sum_v p_v^2) of that distribution ([b, T] each; the entropy differentiable with `entropy_grad`);
+    the output head `chunk_tokens` tokens at a time (`completion_token_stats`)."""
     if not entropy:
-        return completion_token_stats(model, rows, lambda logits, y: (token_logprobs(logits, y),), temperature)[0], None
+        return completion_token_stats(model, rows, lambda logits, y: (token_logprobs(logits, y),), temperature, chunk_tokens)[0], None
     logp, ent, prob_sq = completion_token_stats(model, rows, lambda logits, y: policy_token_stats(logits, y, entropy_grad),
-                                                temperature)
+                                                temperature, chunk_tokens)
     return logp, (ent, prob_sq)
 
 
@@ -124,3 +146,22 @@ def by_length(mask: torch.Tensor, size: int, rows: torch.Tensor | None = None) -
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
+
+
+def by_tokens(prompt_mask: torch.Tensor, mask: torch.Tensor, budget: int, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Row indices (`rows`, default all rows of mask [B, T]) in chunks whose [prompt | completion] block, cut to
+    its own width (`take`), holds at most `budget` positions (a row longer than that alone), longest completion
+    first (stable) as `by_length`. prompt_mask: [B, P] left-padded."""
+    rows = torch.arange(mask.shape[0]) if rows is None else rows
+    order = rows[torch.argsort(mask[rows].sum(-1), descending=True, stable=True)].tolist()
+    prompt_lengths, lengths = prompt_mask.sum(-1).tolist(), mask.sum(-1).tolist()
+    chunks: list[list[int]] = []
+    width_p = width_c = 0
+    for i in order:
+        wp, wc = max(width_p, prompt_lengths[i]), max(width_c, lengths[i])
+        if not chunks or (len(chunks[-1]) + 1) * (wp + wc) > budget:
+            chunks.append([])
+            wp, wc = prompt_lengths[i], lengths[i]
+        chunks[-1].append(i)
+        width_p, width_c = wp, wc
+    return [torch.tensor(c, dtype=torch.long) for c in chunks]

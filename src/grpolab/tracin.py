@@ -1,5 +1,5 @@
 """TracIn beside the training loop: activation captures, the influence pass, validation
-rollouts and the per-step influence log. The math is in `algos/influence.py`; the loop only
+rollouts and the per-step influence log. The math is in `algos/tracin.py`; the loop only
 asks `TracIn.select` for a batch's keep mask, which enters the loss at the composition point.
 
 Which parameters enter the inner product: every trainable parameter used by an `nn.Linear`
@@ -11,15 +11,18 @@ normalised input, not its input. With a PEFT model only the adapters train, so o
 Rows whose advantage is 0 (a group whose completions all scored alike) have no policy-gradient
 term: their influence is exactly 0 and they skip the influence pass.
 
-Memory: one chunk of rows (`train.micro_batch_size`) is captured at a time, the output head's
-gradients for its completion tokens only. Same-batch influence needs the whole batch's gradient
-before any product, so it takes two passes: one sums the batch gradient chunk by chunk and keeps
-the last chunk's captures for its products, the next recomputes every other chunk's (a batch of k
-chunks costs 2k - 1 captures instead of k, with the memory of one chunk; one chunk costs one).
+Memory: one chunk of rows is captured at a time (`train.tracin.capture_tokens` positions), and within it
+one layer's gradients at a time: each layer's output gradient is consumed (added into the batch
+gradient, or turned into per-row inner products) as the backward pass produces it, then dropped; the
+layers' inputs are the forward's own tensors, copied to fp32 one layer at a time. The output head's
+gradients are those of the completion tokens only, one logit chunk at a time. Same-batch influence
+needs the whole batch's gradient before any product, so it takes two passes over the chunks: one sums
+the batch gradient, the next takes the products (2k captures for k chunks).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,7 +51,7 @@ from grpolab.data.tokenizer import encode_prompt
 from grpolab.errors import DataError
 from grpolab.paths import VAL_FILE
 from grpolab.rewards import Rewarder
-from grpolab.logprobs import by_length, completion_logprobs, take
+from grpolab.logprobs import by_tokens, completion_logprobs, take
 from grpolab.samplers import Sampler, decode, sample_keys
 
 if TYPE_CHECKING:
@@ -70,17 +73,9 @@ class Record:
 
     kind: str  # a key of algos.influence.PARAMETER_USES
     param: str  # the parameter's name (tied parameters share one)
-    inputs: torch.Tensor  # [N, d_in] activations, or [N] ids, at the positions it saw that have a gradient
-    grad: torch.Tensor  # [N, d_out]
+    inputs: torch.Tensor  # [N, d_in] activations (fp32 or wider), or [N] ids, at the positions it saw that have a gradient
+    grad: torch.Tensor  # [N, d_out] (fp32 or wider)
     rows: torch.Tensor  # [N] the row each position belongs to
-
-
-@dataclass
-class Captures:
-    """What one forward and backward of a batch of rows leaves: its parameter uses, packed."""
-
-    records: list[Record]
-    n_rows: int
 
 
 class GradientProbe:
@@ -105,55 +100,73 @@ class GradientProbe:
         # ZeRO-3 partitions parameters: their full shape is `ds_shape`.
         return {n: torch.zeros(getattr(p, "ds_shape", p.shape), device=self.device) for n, p in self.params.items()}
 
-    def capture(self, forward, valid: torch.Tensor, packed_rows: torch.Tensor | None = None) -> Captures:
-        """Run `forward` (returns the scalar loss of a batch whose valid positions are `valid`
-        [B, S] bool), then one autograd.grad to the hooked outputs: no parameter gradient is
-        formed, so neither DeepSpeed's gradient buffers nor its ZeRO-3 parameter hooks are touched.
+    def capture(self, forward, valid: torch.Tensor, consume: Callable[[Record], None],
+                packed_rows: torch.Tensor | None = None) -> None:
+        """Run `forward` (returns the scalar loss of a batch whose valid positions are `valid` [B, S] bool), then
+        one backward to the hooked layers' outputs only: each layer's output gradient goes to `consume` as a
+        `Record` the moment autograd has it, and is dropped after, so at most one layer's fp32 copies exist at
+        a time. No parameter gradient is formed, so neither DeepSpeed's gradient buffers nor its ZeRO-3
+        parameter hooks are touched.
 
         A layer called on [B, S, ...] keeps its valid positions. A layer called on packed positions
-        [n, d] (the output head, which `rollout.completion_token_stats` applies to the completion
+        [n, d] (the output head, which `logprobs.completion_token_stats` applies to the completion
         tokens only, a chunk at a time) takes their rows from `packed_rows` [N], in call order."""
-        calls = []
-        hook = lambda module, args, output: calls.append((module, args[0], output))  # noqa: E731
-        handles = [m.register_forward_hook(hook) for m in self.uses]
-        try:
-            loss = forward()
-        finally:
-            for h in handles:
-                h.remove()
-        grads = torch.autograd.grad(loss, [out for _, _, out in calls], allow_unused=True)
+        # Every hooked output gets a zero scalar added: one backward to that scalar reaches every hooked
+        # output (a backward to the outputs themselves would return all their gradients at once).
+        anchor = torch.zeros((), device=self.device, requires_grad=True)
         valid = valid.to(self.device)
         valid_rows = valid.nonzero()[:, 0]
         cursor: dict[nn.Module, int] = {}  # per layer: how many packed positions its calls have taken
-        out = []
-        for (module, inputs, _), g in zip(calls, grads):
+        recording = True
+
+        def hook(module, args, output):
+            out = output + anchor  # also when checkpointing recomputes the forward: the same graph
+            if not recording:
+                return out
+            inputs = args[0]
             if not (inputs.dim() == 2 and inputs.is_floating_point()):  # [B, S, d] activations or [B, S] ids
                 keep, rows = valid, valid_rows
             else:  # packed: one chunk of positions after another
                 start = cursor.get(module, 0)
                 cursor[module] = start + len(inputs)
                 keep, rows = slice(None), packed_rows[start : start + len(inputs)].to(self.device)
-            if g is None:
-                continue
-            inputs = _at_least_fp32(inputs.detach()[keep]) if inputs.is_floating_point() else inputs[keep]
-            out += [Record(kind, param, inputs, _at_least_fp32(g[keep]), rows) for kind, param in self.uses[module]]
-        return Captures(out, valid.shape[0])
+
+            def on_grad(g: torch.Tensor) -> None:
+                x = _at_least_fp32(inputs.detach()[keep]) if inputs.is_floating_point() else inputs[keep]
+                g = _at_least_fp32(g[keep])
+                for kind, param in self.uses[module]:
+                    consume(Record(kind, param, x, g, rows))
+
+            out.register_hook(on_grad)
+            return out
+
+        handles = [m.register_forward_hook(hook) for m in self.uses]
+        try:
+            loss = forward()
+            recording = False
+            torch.autograd.grad(loss, anchor, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def accumulate(captures: Captures, v: dict[str, torch.Tensor]) -> None:
-    """Add the captured batch gradient into v (parameter name -> tensor)."""
-    for r in captures.records:
-        PARAMETER_USES[r.kind][0](r.inputs, r.grad, v[r.param])
+def accumulate(v: dict[str, torch.Tensor]) -> Callable[[Record], None]:
+    """A `capture` consumer that adds the captured batch gradient into v (parameter name -> tensor)."""
+    return lambda r: PARAMETER_USES[r.kind][0](r.inputs, r.grad, v[r.param])
 
 
-def inner_products(captures: Captures, v: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per row <grad L_b, v> over every captured parameter use -> [B] (float64)."""
-    return sum(per_row(PARAMETER_USES[r.kind][1](r.inputs, r.grad, v[r.param]).double(), r.rows, captures.n_rows)
-               for r in captures.records).cpu()
+class InnerProducts:
+    """A `capture` consumer: per row <grad L_b, v> over every captured parameter use, summed into `out` [B] (float64)."""
+
+    def __init__(self, v: dict[str, torch.Tensor], n_rows: int, device: torch.device | str = "cpu"):
+        self.v, self.out = v, torch.zeros(n_rows, dtype=torch.float64, device=device)
+
+    def __call__(self, r: Record) -> None:
+        self.out += per_row(PARAMETER_USES[r.kind][1](r.inputs, r.grad, self.v[r.param]).double(), r.rows, len(self.out))
 
 
 def _reduced(v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -176,9 +189,9 @@ def _take(rows: dict, index: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Te
     return out, torch.cat([out["prompt_mask"], out["mask"]], dim=1).bool(), out["mask"].bool().nonzero()[:, 0]
 
 
-def _sequence_logp(model, rows: dict, temperature: float) -> torch.Tensor:
+def _sequence_logp(model, rows: dict, temperature: float, chunk_tokens: int | None) -> torch.Tensor:
     """log p(y) of each completion at the sampling temperature: the sum of its token log-probs. -> [b]"""
-    return (completion_logprobs(model, rows, temperature=temperature)[0] * rows["mask"]).sum(-1)
+    return (completion_logprobs(model, rows, temperature=temperature, chunk_tokens=chunk_tokens)[0] * rows["mask"]).sum(-1)
 
 
 def _norm(v: dict[str, torch.Tensor]) -> float:
@@ -227,7 +240,7 @@ class TracIn:
         """sum_i L_i over `rows`: each row's term of the update's policy-gradient loss (its advantage,
         its prompt and token weights, the update's aggregation), on-policy (ratio 1), without KL."""
         t = self.params.train
-        logp = completion_logprobs(model, rows, temperature=t.temperature)[0]
+        logp = completion_logprobs(model, rows, temperature=t.temperature, chunk_tokens=self.params.model.logit_chunk_tokens)[0]
         policy_loss = POLICY_LOSSES[t.policy_loss]  # at ratio 1 all three give -A grad(log p) per token
         pg, _ = policy_loss.loss(logp, logp.detach(), rows["advantages"], rows["mask"], *[getattr(t, k) for k in policy_loss.clip])
         token_loss = compose_token_loss(pg, None, 0.0, rows["w_token"], rows["w_prompt"], torch.ones(len(pg)))
@@ -257,16 +270,22 @@ class TracIn:
         r = rollout
         val_rows = {"prompt_ids": r.prompt_ids, "prompt_mask": r.prompt_mask, "completion_ids": r.completion_ids,
                     "mask": r.completion_mask, "coefficients": mine}
-        for idx in by_length(r.completion_mask, t.micro_batch_size, mine.nonzero().squeeze(-1)):  # a 0 coefficient adds nothing
+        for idx in self._chunks(val_rows, mine.nonzero().squeeze(-1)):  # a 0 coefficient adds nothing
             rows, valid, packed = _take(val_rows, idx)
-            loss = lambda: validation_loss(_sequence_logp(model, rows, t.temperature), rows["coefficients"])  # noqa: E731
-            accumulate(self.probe.capture(loss, valid, packed), v)
+            loss = lambda: validation_loss(_sequence_logp(model, rows, t.temperature, self.params.model.logit_chunk_tokens), rows["coefficients"])  # noqa: E731
+            self.probe.capture(loss, valid, accumulate(v), packed)
         metrics = {
             "tracin/val_reward_mean": rewards[chosen].mean().item(),
             "tracin/val_advantage_min": advantages.min().item(),
             "tracin/val_advantage_max": advantages.max().item(),
         }
         return _reduced(v), metrics
+
+    def _chunks(self, columns: dict, rows: torch.Tensor) -> list[torch.Tensor]:
+        """`rows` in the chunks one capture takes: train.tracin.capture_tokens positions each (default: a
+        train micro-batch of the batch's width)."""
+        budget = self.cfg.capture_tokens or self.params.train.micro_batch_size * (columns["prompt_mask"].shape[1] + columns["mask"].shape[1])
+        return by_tokens(columns["prompt_mask"], columns["mask"], budget, rows)
 
     # ---- selection ----
 
@@ -278,32 +297,25 @@ class TracIn:
         units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss_agg_mode))
         n = len(batch.advantages)
         columns = batch.columns()
-        chunks = by_length(batch.rollout.completion_mask, t.micro_batch_size, batch.advantages.nonzero().squeeze(-1))
+        chunks = self._chunks(columns, batch.advantages.nonzero().squeeze(-1))  # a 0 advantage has no gradient
 
-        def capture(idx: torch.Tensor) -> Captures:
+        def capture(idx: torch.Tensor, consume: Callable[[Record], None]) -> None:
             rows, valid, packed = _take(columns, idx)
-            return self.probe.capture(lambda: self._pg_loss(model, rows, units), valid, packed)
+            self.probe.capture(lambda: self._pg_loss(model, rows, units), valid, consume, packed)
 
-        influence = torch.zeros(n, dtype=torch.float64)
         metrics: dict[str, float] = {}
         if cfg.validation == "separate":
             v, metrics = self._validation_gradient(model, rollout_index)
-        elif chunks:  # v is the whole batch's gradient: one pass sums it chunk by chunk, keeping the last chunk only
+        else:  # v is the whole batch's gradient, summed chunk by chunk, before any product
             v = self.probe.zeros()
-            for i, idx in enumerate(chunks):
-                captures = capture(idx)
-                accumulate(captures, v)
-                if i < len(chunks) - 1:
-                    del captures  # before the next chunk's are taken: one chunk's captures at a time
+            for idx in chunks:
+                capture(idx, accumulate(v))
             v = _reduced(v)
-            influence[chunks[-1]] = inner_products(captures, v)
-            del captures
-            chunks = chunks[:-1]
-        else:
-            v = _reduced(self.probe.zeros())
-        # v is known: each (other) chunk's products, its captures recomputed and dropped before the next
-        for idx in chunks:
-            influence[idx] = inner_products(capture(idx), v)
+        influence = torch.zeros(n, dtype=torch.float64)
+        for idx in chunks:  # each chunk captured again (same-batch), its products taken as its gradients arrive
+            products = InnerProducts(v, len(idx), self.probe.device)
+            capture(idx, products)
+            influence[idx] = products.out.cpu()
         everyone = dist.all_gather_cat(influence)
         scores = unit_scores(everyone, t.group_size, cfg.selection_unit)
         keep_units, fallback = select(scores, cfg.fallback_min_positive, cfg.fallback_top_fraction)

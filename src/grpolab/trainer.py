@@ -92,6 +92,7 @@ def deepspeed_config(params: Params, bf16: bool) -> dict:
         "train_batch_size": per_process * t.num_processes,
         "gradient_clipping": t.max_grad_norm,
         "zero_optimization": {"stage": stage}
+        | ({"stage3_param_persistence_threshold": threshold} if (threshold := t.deepspeed.stage3_param_persistence_threshold) is not None else {})
         | ({"offload_optimizer": {"device": "cpu", "pin_memory": torch.cuda.is_available()}} if t.deepspeed.offload_optimizer else {}),
         "bf16": {"enabled": bf16},
         # fp32 gradient accumulation: with bf16 weights DeepSpeed would otherwise sum micro-batch gradients in bf16
@@ -129,18 +130,18 @@ def build_engine(params: Params, model: torch.nn.Module, ds_config: dict):
     return engine
 
 
-def batch_logprobs(model, batch: Batch, size: int, temperature: float) -> torch.Tensor:
+def batch_logprobs(model, batch: Batch, size: int, temperature: float, chunk_tokens: int | None = None) -> torch.Tensor:
     """log p of every completion token of the batch under `model` at the sampling temperature, micro-batch by
     micro-batch. -> [B, T]"""
     columns, out = batch.columns(), torch.zeros(batch.rollout.completion_mask.shape)
     with torch.inference_mode():
         for index in batch.micro_batches(size):
-            logp = completion_logprobs(model, take(columns, index), temperature=temperature)[0]
+            logp = completion_logprobs(model, take(columns, index), temperature=temperature, chunk_tokens=chunk_tokens)[0]
             out[index, : logp.shape[1]] = logp
     return out.clone()  # an ordinary tensor: it meets the policy's log-probs in the loss
 
 
-def rollout_entropies(model, rollout: Rollout, size: int, temperature: float) -> torch.Tensor:
+def rollout_entropies(model, rollout: Rollout, size: int, temperature: float, chunk_tokens: int | None = None) -> torch.Tensor:
     """The entropy of every completion token's distribution at the sampling temperature under `model`, micro-batch
     by micro-batch (for a sampler that returns none: vLLM). -> [B, T]"""
     columns = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
@@ -149,7 +150,7 @@ def rollout_entropies(model, rollout: Rollout, size: int, temperature: float) ->
     with torch.inference_mode():
         for index in by_length(rollout.completion_mask, size):
             rows = take(columns, index)
-            entropy = completion_logprobs(model, rows, entropy=True, temperature=temperature)[1][0] * rows["mask"]
+            entropy = completion_logprobs(model, rows, entropy=True, temperature=temperature, chunk_tokens=chunk_tokens)[1][0] * rows["mask"]
             out[index, : entropy.shape[1]] = entropy
     return out.clone()
 
@@ -171,7 +172,7 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
     for index in batch.micro_batches(t.micro_batch_size):
         rows = take(columns, index)
         logp, (entropy, prob_sq) = completion_logprobs(engine, rows, entropy=True, entropy_grad=t.entropy_coef > 0,
-                                                       temperature=t.temperature)
+                                                       temperature=t.temperature, chunk_tokens=params.model.logit_chunk_tokens)
         old = rows["old_logp"] if rows["old_logp"] is not None else logp.detach()
         pg, clipped = policy_loss.loss(logp, old, rows["advantages"], rows["mask"], *clip)
         kl = KL_ESTIMATORS[t.kl_estimator](logp, rows["ref_logp"]) if rows["ref_logp"] is not None else None

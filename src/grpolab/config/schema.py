@@ -161,6 +161,11 @@ class ModelParams(Section):
         "and MIA statistics are fp32 whatever it is. SFT trains fp32 weights under bf16 autocast, GRPO on "
         "DeepSpeed's bf16 (fp32 master weights, fp32 gradient accumulation).",
     )
+    logit_chunk_tokens: int | None = Field(
+        None, ge=1, description="Tokens whose logits every log-prob pass (SFT's loss, GRPO's log-probs, TracIn, MIA) "
+        "forms at once: the output head runs over the response tokens this many at a time, each chunk recomputed "
+        "in the backward pass. Empty: 2^26 / vocabulary (256 MB of fp32 logits; 441 tokens at Qwen2.5's 151,936).",
+    )
     lora: LoraParams = Field(
         default_factory=LoraParams, description="LoRA adapters for GRPO: the base weights stay frozen, the KL reference "
         "is the same model with its adapters disabled, and models/trained holds the adapter and the merged model.",
@@ -317,6 +322,12 @@ class TracInParams(Section):
         1, ge=1, description="Compute influence on every N-th batch of rollouts (= steps when ppo_epochs is 1); "
         "the batches in between update with every completion, as plain GRPO.",
     )
+    capture_tokens: int | None = Field(
+        None, ge=1, description="Positions (prompt + completion, padding included) the influence pass captures at "
+        "once: each hooked layer's input stays alive over them until its gradient arrives. Rows are taken longest "
+        "first until the next would pass this (a longer row alone). Smaller: less memory, more forward passes. "
+        "Empty: a train micro-batch at the batch's width (train.micro_batch_size rows).",
+    )
     keep: Literal[tuple(KEEP_RULES)] = Field(
         "influence", description="What is trained: `influence` the units TracIn selects, `random` (the control arm) "
         "as many units drawn at random, seeded by the step: influence is still computed, for the size and the logs."
@@ -376,6 +387,11 @@ class DeepSpeedParams(Section):
         "CPU Adam (a C++ op compiled for the CPU that runs it: `make install` builds it, the CUDA image on first use). "
         "Needs zero_stage >= 1."
     )
+    stage3_param_persistence_threshold: int | None = Field(
+        None, ge=0, description="ZeRO-3: parameters with fewer elements than this stay whole on every process (DeepSpeed's "
+        "knob of this name; empty: DeepSpeed's default, 100,000). 0 partitions every parameter, as a 0.5B model's "
+        "matrices are anyway: what a multi-process test of a tiny model sets to exercise ZeRO-3's gathers."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -388,6 +404,8 @@ class DeepSpeedParams(Section):
     def _offload_needs_zero(self) -> DeepSpeedParams:
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (ZeRO partitions the optimizer state it offloads)")
+        if self.stage3_param_persistence_threshold is not None and self.zero_stage != 3:
+            raise ValueError("stage3_param_persistence_threshold is a knob of zero_stage 3")
         return self
 
     def stage(self, bf16: bool) -> int:

@@ -37,11 +37,11 @@ def load_reference(path: str, tokenizer, dtype: torch.dtype) -> torch.nn.Module:
 @torch.no_grad()
 def membership_scores(
     model, tokenizer, prompts: list[str], methods: list[str], *, k: float, max_new_tokens: int,
-    batch_size: int, sampler: Sampler, reference=None,
+    batch_size: int, sampler: Sampler, reference=None, chunk_tokens: int | None = None,
 ) -> dict[str, np.ndarray]:
     """{method: scores [len(prompts)]}, higher = more likely a member of `model`'s training data: the statistics
     of `model`'s own (untempered) distribution over each prompt's greedy completion, which `sampler` (of `model`)
-    generates, `batch_size` prompts at a time."""
+    generates, `batch_size` prompts at a time (the output head `chunk_tokens` tokens at a time)."""
     unknown = [m for m in methods if m not in S.MIA_METHODS]
     if unknown:
         raise ValueError(f"unknown MIA methods {unknown}; choose from {list(S.MIA_METHODS)}")
@@ -52,13 +52,13 @@ def membership_scores(
         rollout = sampler.sample([encode_prompt(tokenizer, p) for p in chunk], max_new_tokens=max_new_tokens)
         rows = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
                 "completion_ids": rollout.completion_ids, "mask": rollout.completion_mask}
-        logp, mu, sigma = completion_token_stats(model, rows, S.token_statistics)  # fp32, [b, T] each
+        logp, mu, sigma = completion_token_stats(model, rows, S.token_statistics, chunk_tokens=chunk_tokens)  # fp32, [b, T] each
         needs = set().union(*(S.MIA_METHODS[m].needs for m in methods))
         zlib_bytes = reference_logp = None
         if "zlib_bytes" in needs:
             zlib_bytes = torch.tensor([len(zlib.compress(t.encode("utf-8"))) for t in decode(tokenizer, rollout)])
         if "reference_logp" in needs:
-            reference_logp = completion_logprobs(reference, rows)[0]
+            reference_logp = completion_logprobs(reference, rows, chunk_tokens=chunk_tokens)[0]
         span = S.Span(logp, mu, sigma, rollout.completion_mask, zlib_bytes, reference_logp)
         for method in methods:
             out[method].append(S.MIA_METHODS[method].score(span, k))

@@ -77,7 +77,8 @@ def membership_rocs(model, tokenizer, members: list[str], nonmembers: list[str],
     if not e.mia_methods:
         return {}
     scores = membership_scores(model, tokenizer, members + nonmembers, list(e.mia_methods), k=m.k,
-                               max_new_tokens=m.max_new_tokens, batch_size=m.batch_size, sampler=sampler, reference=reference)
+                               max_new_tokens=m.max_new_tokens, batch_size=m.batch_size, sampler=sampler, reference=reference,
+                               chunk_tokens=params.model.logit_chunk_tokens)
     return {method: membership_roc(s[: len(members)], s[len(members) :]) for method, s in scores.items()}
 
 

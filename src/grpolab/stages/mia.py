@@ -62,7 +62,8 @@ def mia(params: Params, tracker=None) -> dict[str, float]:
         sampler = make_sampler(params.train.rollout.backend, model, tokenizer, batch_size=m.batch_size,
                                settings=params.train.rollout, model_dir=BASE_DIR, seed=params.seed)
         all_scores = membership_scores(model, tokenizer, prompts, [m.method], k=m.k, max_new_tokens=m.max_new_tokens,
-                                       batch_size=m.batch_size, sampler=sampler, reference=reference)[m.method]
+                                       batch_size=m.batch_size, sampler=sampler, reference=reference,
+                                       chunk_tokens=params.model.logit_chunk_tokens)[m.method]
         sampler.close()
         train_scores, eval_scores = all_scores[: len(train)], all_scores[len(train) :]
         weights = normalize_scores(torch.from_numpy(train_scores), m.normalize).numpy()

@@ -150,7 +150,7 @@ def weigh(params: Params, engine, tokenizer, ref_model, variants: Variants, samp
     classes = variants.token_classes(rollout)
     if rollout.token_entropy is None and MITIGATIONS[t.mitigation.name].needs_entropy:  # vLLM returns no entropies
         engine.module.eval()
-        rollout.token_entropy = rollout_entropies(engine.module, rollout, t.micro_batch_size, t.temperature)
+        rollout.token_entropy = rollout_entropies(engine.module, rollout, t.micro_batch_size, t.temperature, params.model.logit_chunk_tokens)
     weights = variants.loss_weights(rollout, sampled.rows, classes, engine.module, by_length(rollout.completion_mask, t.micro_batch_size))
     if t.mia_normalize_weights:
         weights.prompt = mean_one(weights.prompt, dist.all_reduce_sum(weights.prompt.sum()).item(), len(sampled.all_rewards))
@@ -159,10 +159,10 @@ def weigh(params: Params, engine, tokenizer, ref_model, variants: Variants, samp
     batch = Batch(rollout, advantages, None, None, weights, classes)
     engine.module.eval()
     if t.ppo_epochs > 1:
-        batch.old_logp = batch_logprobs(engine.module, batch, t.micro_batch_size, t.temperature)
+        batch.old_logp = batch_logprobs(engine.module, batch, t.micro_batch_size, t.temperature, params.model.logit_chunk_tokens)
     if t.kl_beta > 0:
         with reference_policy(engine.module, ref_model) as reference:
-            batch.ref_logp = batch_logprobs(reference, batch, t.micro_batch_size, t.temperature)
+            batch.ref_logp = batch_logprobs(reference, batch, t.micro_batch_size, t.temperature, params.model.logit_chunk_tokens)
     return batch
 
 
@@ -235,10 +235,13 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
             with dist.gathered(engine) if not sampler.reads_policy else nullcontext():
                 sampler.sync(engine.module)
             sampled, rollout, sampling_metrics = sample_scored(params, engine, sampler, tokenizer, data, rewarder, rollout_index)
-            batch = weigh(params, engine, tokenizer, ref_model, variants, sampled, rollout)
-            if tracin and tracin.due(rollout_index):  # influence from the batch as sampled, before its first update
-                with dist.gathered(engine):
+            # passes without an optimizer step on whole parameters (ZeRO-3: gathered once, its per-call gathers off,
+            # so loops whose length differs between ranks cannot leave them waiting on each other)
+            with dist.gathered(engine):
+                batch = weigh(params, engine, tokenizer, ref_model, variants, sampled, rollout)
+                if tracin and tracin.due(rollout_index):  # influence from the batch as sampled, before its first update
                     selection = tracin.select(engine.module, batch, sampled, rollout_index, step)
+            if selection:
                 batch.weights.keep = batch.weights.keep * selection.keep
             sampler.rest()
         sums = update(params, engine, batch)

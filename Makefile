@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
+DEEPSPEED := deepspeed==0.19.8
 PIP := $(BIN)/pip install --disable-pip-version-check --progress-bar off -qq
 
 .PHONY: install browser postgres run test ui docs reference deploy bench bench-mia bench-tracin bench-memory bench-rollout bench-vllm bench-losses bench-pool gpu-check gpu-wheels clean clean-all
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml requirements.lock requirements-vllm.lock
 	@echo "==> installing into $(VENV) (once)"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) --no-build-isolation deepspeed==0.19.8
+	$(PIP) --no-build-isolation $(DEEPSPEED)
 	$(PIP) -r requirements.lock
 	$(PIP) --no-deps -e .
 	@# vLLM's CPU build for train.rollout.backend=vllm, exact pins without its own deps (why: requirements-vllm.lock)
@@ -117,18 +118,24 @@ bench-pool: install
 gpu-check: install
 	python bench/gpu_check.py --out gpu_check.json
 
-# What bench/gpu_check.py needs on a GPU machine whose Python has torch and transformers (and numpy, pandas,
-# pyarrow) only, as wheels in .whl/: DeepSpeed built here with its ops off (it JIT-builds none on that path),
-# its pure-Python needs, pydantic and ruamel.yaml, at requirements.lock's versions, for GPU_PYTHON.
+# What bench/gpu_check.py needs on a GPU machine whose Python has torch and transformers (and numpy, pandas, pyarrow,
+# tqdm) only, as wheels in $(WHEELS), at requirements.lock's versions: DeepSpeed built here with its ops off (the GPU
+# path JIT-builds none of them), its pure-Python needs, pydantic and ruamel.yaml. For GPU_PYTHON's CPython: pydantic_core
+# and msgpack are built per version. typing_extensions too: pydantic_core needs a newer one than such a machine may have.
+# No `install`: DeepSpeed's sdist builds in pip's isolated build environment, without torch; with DS_BUILD_OPS=0 its
+# setup.py then records torch 0.0 (the "detect at runtime" value DeepSpeed's op loaders read) and installs no op: the
+# same wheel as one built against .venv's CPU torch. tests/test_gpu_check.py runs the check on these wheels.
 GPU_PYTHON ?= 3.12
-GPU_WHEELS := hjson msgpack ninja psutil py-cpuinfo einops pydantic pydantic_core annotated-types typing-inspection ruamel.yaml
-gpu-wheels: install
-	rm -rf .whl
-	DS_BUILD_OPS=0 $(BIN)/pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
-	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
-	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-	  $$(for p in $(GPU_WHEELS); do grep -i "^$$p==" requirements.lock; done)
-	@ls .whl
+WHEELS ?= .whl
+GPU_WHEELS := hjson msgpack ninja psutil py-cpuinfo einops pydantic pydantic_core annotated-types typing-inspection \
+  typing_extensions ruamel.yaml
+gpu-wheels:
+	rm -rf $(WHEELS)
+	DS_BUILD_OPS=0 $(PYTHON) -m pip wheel -q --disable-pip-version-check --no-deps -w $(WHEELS) $(DEEPSPEED)
+	$(PYTHON) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d $(WHEELS) $$(for p in $(GPU_WHEELS); do grep -i "^$$p==" requirements.lock; done)
+	@ls $(WHEELS)
 
 # the pipeline's outputs (as dvc.yaml names them), dvc.lock and checkpoints; each path deleted is printed
 clean: install

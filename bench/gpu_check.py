@@ -9,21 +9,30 @@ its figures written as JSON (after every section, so a run cut short keeps what 
   c. rollout tokens/s of `samplers.hf.sample` against `model.generate` at 128 and 512 rows x 256 new tokens, peak memory;
   d. one GRPO update (`train.update`) at micro-batch 8, 16 and 32: time, tokens/s, peak memory, and model FLOPs
      utilisation against the H200's 790 TFLOP/s bf16;
-  e. TracIn's same-batch influence pass: peak memory, per token of a chunk.
+  e. TracIn's same-batch influence pass: peak memory, per token of a chunk;
+  f. 2 processes (`torchrun --nproc_per_node 2`; skipped on one GPU): 2 GRPO steps at ZeRO-1, 2 and 3, whose ranks
+     decode different lengths (rank 0's prompts stop at once, rank 1's run every new token): per stage, whether it
+     finished, its time, each rank's decode length and losses, and else its error (a stage that hangs is stopped after
+     a timeout, its ranks' stacks recorded; the other stages still run).
 
     PYTHONPATH=src python bench/gpu_check.py --out gpu_check.json       # on a GPU machine (see docs/guide/gpu.md)
     python bench/gpu_check.py --tiny --out /tmp/gpu_check.json           # tiny shapes on CPU (the test suite runs it)
 
-It needs torch, transformers, numpy, pandas, pyarrow, tqdm, and the wheels docs/guide/gpu.md names (DeepSpeed built
-with its ops off, pydantic, ruamel.yaml); not MLflow, Prefect, DVC or the rest of grpolab's stack.
+It needs torch, transformers, numpy, pandas, pyarrow, tqdm, and the wheels `make gpu-wheels` builds (DeepSpeed built
+with its ops off, pydantic with its typing_extensions, ruamel.yaml); not MLflow, Prefect, DVC or the rest of grpolab's
+stack (tests/test_gpu_check.py runs it so, in a fresh virtual environment).
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import json
+import os
 import platform
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # grpolab from source when not installed
 
-from common import PAD_ID, byte_prompts, byte_tokenizer, make_batch, qwen2_config  # noqa: E402
+from common import EOS_ID, PAD_ID, byte_prompts, byte_tokenizer, make_batch, qwen2_config  # noqa: E402
 
 PEAK_BF16_FLOPS = 790e12  # an H200's dense bf16 matmul rate, measured (DESIGN.md)
 REWARD = '''import zlib
@@ -45,10 +54,14 @@ def compute_score(data_source, completion, ground_truth, extra_info):
 '''
 FULL = {"shape": "qwen2.5-0.5b", "vocab": 151_936, "prompt": 128, "steps_rows": 64, "steps_new": 256,
         "rollout_rows": [128, 512], "rollout_new": 256, "rollout_blocks": 2, "update_rows": 64, "update_new": 512,
-        "micro_batches": [8, 16, 32], "tracin_rows": 32, "tracin_new": 256, "tracin_micro_batch": 8}
+        "micro_batches": [8, 16, 32], "tracin_rows": 32, "tracin_new": 256, "tracin_micro_batch": 8,
+        "procs_shape": "qwen2.5-0.5b", "procs_rows": 32, "procs_new": 64, "procs_micro_batch": 8, "procs_timeout": 300}
 TINY = {"shape": "tiny", "vocab": 1024, "prompt": 8, "steps_rows": 8, "steps_new": 8,
         "rollout_rows": [4, 8], "rollout_new": 8, "rollout_blocks": 1, "update_rows": 8, "update_new": 8,
-        "micro_batches": [2, 4], "tracin_rows": 8, "tracin_new": 8, "tracin_micro_batch": 4}
+        "micro_batches": [2, 4], "tracin_rows": 8, "tracin_new": 8, "tracin_micro_batch": 4,
+        "procs_shape": "tiny", "procs_rows": 16, "procs_new": 8, "procs_micro_batch": 4, "procs_timeout": 120}
+PROCESSES = 2
+STOP = "!"  # a prompt ending in it makes section f's checkpoint say EOS at once (byte_prompts never contain it)
 
 
 class Check:
@@ -163,10 +176,10 @@ def _engine(params, checkpoint: Path, dtype):
     return build_engine(params, load_model(checkpoint, dtype), deepspeed_config(params, dtype == torch.bfloat16))
 
 
-def _train_data(cfg: dict, rows: int):
+def _train_data(cfg: dict, rows: int, ending: str = ""):
     import pandas as pd
 
-    return pd.DataFrame({"prompt": byte_prompts(rows, cfg["prompt"]), "ground_truth": ["0"] * rows,
+    return pd.DataFrame({"prompt": [p[: len(p) - len(ending)] + ending for p in byte_prompts(rows, cfg["prompt"])], "ground_truth": ["0"] * rows,
                          "data_source": ["bench"] * rows, "extra_info": [{"split": "train", "index": i} for i in range(rows)]})
 
 
@@ -312,16 +325,128 @@ def tracin_memory(check: Check, cfg: dict, root: Path, checkpoint: Path, tokeniz
             "mb_per_chunk_token": None if peak is None else round((peak - before) * 1024 / chunk_tokens, 3)}
 
 
+def _stopping_checkpoint(cfg: dict, root: Path, dtype) -> Path:
+    """Section f's checkpoint: after a prompt that ends in STOP its first token is EOS, after any other EOS is as
+    unlikely as any token. The layers' output projections are zeroed, so the last hidden state is the last token's
+    embedding; hidden unit 0 belongs to STOP's and EOS's embeddings alone, so only STOP's scores EOS (by 10 x sqrt
+    hidden) and no other token's does. Ranks given such prompts and others decode 1 and max_new_tokens tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from grpolab.device import device
+
+    checkpoint = root / "stopping"
+    torch.manual_seed(0)
+    with torch.device(device()), torch.no_grad():
+        model = AutoModelForCausalLM.from_config(qwen2_config(cfg["procs_shape"], cfg["vocab"]), dtype=dtype)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embedding = model.get_input_embeddings().weight  # tied: also the output head
+        stop = byte_tokenizer(cfg["vocab"]).convert_tokens_to_ids(STOP)
+        embedding[:, 0] = 0
+        embedding[[stop, EOS_ID]] = 0
+        embedding[stop, 0], embedding[EOS_ID, 0] = 1.0, 10.0
+        model.save_pretrained(checkpoint)
+    byte_tokenizer(cfg["vocab"]).save_pretrained(checkpoint)
+    return checkpoint
+
+
+def zero_stages(check: Check, cfg: dict, root: Path, dtype, tiny: bool) -> dict:
+    """f: each ZeRO stage's 2 steps in its own torchrun, so a stage that fails or hangs costs only its own result."""
+    import torch
+
+    if check.cuda and torch.cuda.device_count() < PROCESSES:
+        return {"skipped": f"{torch.cuda.device_count()} GPU: the {PROCESSES}-process section needs {PROCESSES}"}
+    _stopping_checkpoint(cfg, root, dtype)
+    env = {"GLOO_SOCKET_IFNAME": "lo", **os.environ}  # one node: gloo on the loopback, not the first interface it resolves
+    out: dict = {"processes": PROCESSES, "rows": cfg["procs_rows"], "new_tokens": cfg["procs_new"], "shape": cfg["procs_shape"]}
+    for stage in (1, 2, 3):
+        log, began = root / f"zero{stage}.log", time.perf_counter()
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(PROCESSES),
+                   __file__, "--zero-worker", str(stage), "--workdir", str(root), *(["--tiny"] if tiny else [])]
+        with open(log, "w") as sink:
+            launcher = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+            try:
+                error = None if launcher.wait(timeout=cfg["procs_timeout"]) == 0 else f"torchrun exited {launcher.returncode}"
+            except subprocess.TimeoutExpired:
+                error = f"hung: stopped after {cfg['procs_timeout']} s"
+                _stop(launcher, root.glob(f"zero{stage}_rank*.pid"))
+        ranks = [json.loads(p.read_text()) for p in sorted(root.glob(f"zero{stage}_rank*.json"))]
+        out[f"zero_{stage}"] = {"finished": error is None and len(ranks) == PROCESSES,
+                                "seconds": round(time.perf_counter() - began, 2), "ranks": ranks}
+        if error is not None:
+            stacks = {p.stem.split("_")[1]: p.read_text() for p in sorted(root.glob(f"zero{stage}_rank*.stack")) if p.stat().st_size}
+            out[f"zero_{stage}"].update(error=error, stacks=stacks, log_tail=log.read_text()[-3000:])
+    failed = [f"ZeRO-{s}: {out[f'zero_{s}'].get('error')}" for s in (1, 2, 3) if not out[f"zero_{s}"]["finished"]]
+    return {**out, **({"error": "; ".join(failed)} if failed else {})}
+
+
+def _stop(launcher: subprocess.Popen, pid_files) -> None:
+    """torchrun stops its workers on SIGTERM (they run in sessions of their own); a worker still alive after is killed
+    by the pid it wrote."""
+    launcher.send_signal(signal.SIGTERM)
+    try:
+        launcher.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        launcher.wait()
+    for pid_file in pid_files:
+        pid = int(pid_file.read_text())
+        try:
+            if b"--zero-worker" in Path(f"/proc/{pid}/cmdline").read_bytes():  # still that worker, not a reused pid
+                os.kill(pid, signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+
+
+def zero_worker(stage: int, root: Path, cfg: dict) -> None:
+    """One rank of section f: 2 GRPO steps (the trainer's `make_batch` and `update`) at ZeRO `stage`; rank 0's
+    prompts end in STOP, so the ranks decode different lengths. Writes its figures to root/zero{stage}_rank{rank}.json."""
+    from grpolab import distributed as dist
+    from grpolab.data.tokenizer import load_tokenizer
+    from grpolab.device import working_dtype
+    from grpolab.models import load_model
+    from grpolab.rewards import Rewarder
+    from grpolab.trainer import update
+    from grpolab.variants import Variants
+
+    rank = int(os.environ["RANK"])
+    (root / f"zero{stage}_rank{rank}.pid").write_text(str(os.getpid()))
+    stack = open(root / f"zero{stage}_rank{rank}.stack", "w")  # open while the rank runs: a signal writes to it
+    faulthandler.register(signal.SIGTERM, file=stack, all_threads=False, chain=True)  # a hung rank, stopped, says where
+    dist.init()
+    dtype, checkpoint = working_dtype("auto"), root / "stopping"
+    params = _params(root, cfg["procs_rows"], cfg["procs_new"], cfg["procs_micro_batch"], steps=2,
+                     num_processes=PROCESSES, deepspeed={"zero_stage": stage})
+    engine = _engine(params, checkpoint, dtype)
+    reference = load_model(checkpoint, dtype).eval().requires_grad_(False)
+    tokenizer = load_tokenizer(str(checkpoint))
+    data = _train_data(cfg, cfg["procs_rows"], STOP if rank == 0 else "")
+    rewarder, variants = Rewarder(params), Variants(params, data, tokenizer)
+    steps = []
+    for step in (1, 2):
+        batch, _ = make_batch(params, engine, reference, tokenizer, data, rewarder, variants, step - 1)
+        sums = update(params, engine, batch)
+        steps.append({"step": step, "decoded": batch.rollout.completion_ids.shape[1],
+                      "lengths": batch.rollout.completion_mask.sum(1).tolist(), "loss": sums["loss"]})
+    (root / f"zero{stage}_rank{rank}.json").write_text(json.dumps({"rank": rank, "steps": steps}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (runs on CPU in seconds)")
+    parser.add_argument("--zero-worker", type=int, help=argparse.SUPPRESS)  # a rank of section f, as torchrun starts it
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     a = parser.parse_args()
     import torch
 
     from grpolab.device import working_dtype
 
     cfg = TINY if a.tiny else FULL
+    if a.zero_worker is not None:
+        return zero_worker(a.zero_worker, a.workdir, cfg)
     check = Check(a.out, a.tiny)
     dtype = working_dtype("auto")
     check.report["settings"] = {**cfg, "dtype": str(dtype)}
@@ -333,6 +458,7 @@ def main() -> None:
         check.section("c_rollouts", lambda: rollouts(check, cfg, checkpoint, dtype))
         check.section("d_updates", lambda: updates(check, cfg, root, checkpoint, tokenizer, dtype))
         check.section("e_tracin_same_batch", lambda: tracin_memory(check, cfg, root, checkpoint, tokenizer, dtype))
+        check.section("f_zero_stages_2_processes", lambda: zero_stages(check, cfg, root, dtype, a.tiny))
     failed = [name for name, part in check.report.items() if isinstance(part, dict) and "error" in part]
     print(f"\n{a.out}: {'sections failed: ' + ', '.join(failed) if failed else 'every section ran'}"
           f"{'' if torch.cuda.is_available() else ' (CPU: no GPU figures)'}")

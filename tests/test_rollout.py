@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from grpolab import logprobs
 from grpolab.algos.losses import policy_token_stats
-from grpolab.algos.sampling import MASK_64, counter_uniform, sample_tokens, splitmix64
+from grpolab.algos.sampling import MASK_64, counter_uniform, fixed_point_cumsum, sample_tokens, splitmix64
 from grpolab.logprobs import by_length, by_tokens, completion_token_stats, take
 from grpolab.samplers import sample_keys
 from grpolab.samplers.hf import sample
@@ -54,6 +54,17 @@ def test_sample_tokens_by_hand():
     assert [draw(u, top_p=0.6) for u in (0.6, 0.63, 0.99)] == [0, 1, 1]
     # temperature 0.5 squares and renormalises: 0.25 / 0.38 = 0.658, 0.09 / 0.38 = 0.237, 0.04 / 0.38 = 0.105
     assert [draw(u, temperature=0.5) for u in (0.65, 0.66, 0.89, 0.9)] == [0, 1, 1, 2]
+
+
+def test_the_fixed_point_cdf_of_deterministic_gpu_sampling_draws_what_the_float_cdf_draws():
+    """Under train.deterministic on a GPU the sampler sums its CDF as integers (torch's float cumsum has no
+    deterministic CUDA kernel): at a real vocabulary, the same CDF to float64 rounding and the same tokens."""
+    probs = torch.softmax(torch.randn(8, 151936, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 4, -1)
+    exact, summed = fixed_point_cumsum(probs), probs.cumsum(-1)
+    torch.testing.assert_close(exact, summed, rtol=0, atol=1e-13)
+    u = counter_uniform(sample_keys(0, list(range(8))), 2000)
+    draws = [torch.searchsorted(cdf, u * cdf[:, -1:], right=True) for cdf in (exact, summed)]
+    assert torch.equal(*draws)
 
 
 def test_sampled_completions_follow_softmax_of_logits_over_temperature_within_top_p():

@@ -25,6 +25,7 @@ from training import (
     SAME_BATCH,
     SEPARATE,
     STEP_METRICS,
+    TIMINGS,
     TRACIN_KEYS,
     ZERO_RUN,
     mlflow_client,
@@ -591,3 +592,39 @@ def test_dynamic_sampling_drops_tied_groups_and_samples_more_batches(trainer):
         assert len(trained) == 4 and set(trained) <= set(data["prompt"].iloc[sampled][~tied[sampled].to_numpy()])
         assert (table.groupby("prompt")["reward"].nunique() > 1).all()
     assert more  # here step 1's first batch had a tied group
+
+
+def test_rng_states_round_trip_through_a_checkpoints_json():
+    from grpolab.checkpoints import rng_state, set_rng_state
+
+    state = json.loads(json.dumps(rng_state()))  # as the checkpoint's state file holds it
+    assert ("cuda" in state) == torch.cuda.is_available()
+    devices = ["cpu", *([f"cuda:{i}" for i in range(torch.cuda.device_count())])]
+    drawn = [torch.rand(4, device=d) for d in devices]
+    set_rng_state(state, "test")
+    assert all(torch.equal(torch.rand(4, device=d), x) for d, x in zip(devices, drawn))
+    set_rng_state({"cpu": state["cpu"]}, "test")  # written without CUDA: the CPU's restored all the same
+    assert torch.equal(torch.rand(4), drawn[0])
+
+
+@pytest.mark.timeout(300)
+def test_deterministic_changes_nothing_on_cpu(trainer, tmp_path):
+    """train.deterministic turns torch's deterministic kernels on (with TracIn's index_add_ in the step): on the
+    CPU, where runs repeat anyway, the same model bit for bit."""
+    plain = tmp_path / "plain"
+    shutil.copytree(trainer, plain)
+    overrides = ["train.steps=2", *SAME_BATCH]
+    with working_in(plain):
+        run_stage("train", config.apply_overrides(overrides))
+    had_cublas = "CUBLAS_WORKSPACE_CONFIG" in os.environ
+    try:
+        run_stage("train", config.apply_overrides([*overrides, "train.deterministic=true"]))
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        if not had_cublas:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    other = load_model(plain / TRAINED_DIR).state_dict()
+    assert all(torch.equal(other[k], v) for k, v in trained_weights().items())
+    pd.testing.assert_frame_equal(pd.read_csv(CURVE_FILE).drop(columns=TIMINGS), pd.read_csv(plain / CURVE_FILE).drop(columns=TIMINGS),
+                                  check_exact=True)

@@ -1,10 +1,13 @@
 """The train stage as several processes, and killed and resumed (a real DeepSpeed engine on CPU, gloo)."""
 
 
+import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pandas as pd
 import pytest
@@ -94,6 +97,69 @@ def test_the_checkpoint_fingerprint_covers_train_params_seed_base_model_and_trai
     before = fingerprint(params, inputs)
     pd.read_parquet(data).iloc[:-1].to_parquet(data)
     assert fingerprint(params, inputs) != before
+
+
+def test_the_fingerprint_is_hashed_once_until_an_input_changes_and_another_base_model_is_not_resumed(trainer, capsys):
+    from grpolab.checkpoints import STATE_FILE, fingerprint, resumable
+    from grpolab.stages.train import train_inputs
+
+    params = config.load()
+    inputs = train_inputs(params)
+    time.sleep(1.1)  # the fixture's copies were just written: a stamp less than a second old is not trusted
+    key = fingerprint(params, inputs)
+    (CHECKPOINT_DIR / "step_000002").mkdir(parents=True)  # what a killed training leaves
+    (CHECKPOINT_DIR / "step_000002" / STATE_FILE).write_text(json.dumps({"step": 2, "fingerprint": key, "mlflow_run_id": None}))
+    (CHECKPOINT_DIR / "latest").write_text("step_000002")
+    assert resumable(fingerprint(params, inputs)).step == 2
+    assert capsys.readouterr().out.count("train: rank 0 hashed models/base, data/train_weighted.parquet, judge") == 1
+    weights = Path("models/base/model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))  # same size, same inode
+    assert resumable(fingerprint(params, inputs)) is None
+    assert capsys.readouterr().out.count("hashed") == 1
+
+
+# An MLflow artifact-repository plugin (an entry point of a distribution on PYTHONPATH): a local folder behind a
+# slow link, where uploading a folder (the trained model) takes SLOW_STORE_DELAY_S seconds more.
+SLOW_STORE = """import os, time
+from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+class SlowArtifactRepository(LocalArtifactRepository):
+    def __init__(self, artifact_uri, *args, **kwargs):
+        super().__init__("file" + artifact_uri.removeprefix("slowfile"), *args, **kwargs)
+
+    def log_artifacts(self, local_dir, artifact_path=None):
+        time.sleep(float(os.environ["SLOW_STORE_DELAY_S"]))
+        super().log_artifacts(local_dir, artifact_path)
+"""
+
+
+@pytest.mark.timeout(600)  # a rank stuck in a collective
+def test_two_processes_hash_the_inputs_once_and_outlast_an_upload_longer_than_the_group_timeout(trainer, tmp_path, monkeypatch):
+    plugin = tmp_path / "plugin"
+    (plugin / "slow_store-0.dist-info").mkdir(parents=True)
+    (plugin / "slow_store.py").write_text(SLOW_STORE)
+    (plugin / "slow_store-0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: slow-store\nVersion: 0\n")
+    (plugin / "slow_store-0.dist-info" / "entry_points.txt").write_text(
+        "[mlflow.artifact_repository]\nslowfile = slow_store:SlowArtifactRepository\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(plugin), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    store = tmp_path / "store"
+    client = mlflow_client()
+    experiment = client.create_experiment("slow", artifact_location=f"slowfile://{store}")
+    # from 30 minutes; 15 s was once too short for an ordinary collective on a loaded machine
+    monkeypatch.setenv("GRPOLAB_PROCESS_GROUP_TIMEOUT_S", "30")
+    monkeypatch.setenv("SLOW_STORE_DELAY_S", "40")
+    began = time.monotonic()
+    proc = grpolab("stage", "train", *[f"-S{o}" for o in ["train.num_processes=2", "train.micro_batch_size=4", "tracking.experiment=slow"]],
+                   cwd=trainer)
+    assert time.monotonic() - began > 40
+    (run,) = client.search_runs([experiment], "tags.`grpolab.stage` = 'train'")
+    assert run.info.status == "FINISHED"
+    uploaded = Path(urlparse(run.info.artifact_uri).path) / "trained_model"
+    assert (uploaded / "model.safetensors").read_bytes() == (TRAINED_DIR / "model.safetensors").read_bytes()
+    assert not CHECKPOINT_DIR.exists()
+    # rank 0 hashed the base model and data once (for the MLflow run to resume, and the training's broadcast);
+    # rank 1 received it, and the checkpoint at step 2 did not hash again
+    assert proc.stdout.count("hashed") == 1 and "train: rank 0 hashed models/base" in proc.stdout
 
 
 def _two_nodes(project: Path, log: Path) -> None:

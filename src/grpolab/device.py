@@ -37,6 +37,16 @@ def working_dtype(setting: str) -> torch.dtype:
     return DTYPES[setting]
 
 
+def use_deterministic(on: bool) -> None:
+    """`train.deterministic`: torch's deterministic kernels (where an op has none, torch warns naming it rather
+    than failing a long run), with the cuBLAS workspace setting they need. Call it before the process's first
+    matmul on a GPU: cuBLAS reads the setting when torch creates its handle."""
+    if not on:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # or a user's ":16:8" (less memory, slower)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def autocast(dtype: torch.dtype):
     """The context SFT's forward runs in: autocast to bf16 when working in bf16 (fp32 weights stay fp32), else nothing."""
     if dtype == torch.float32:

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -20,6 +21,9 @@ from grpolab.procs import die_with_parent, signals_stop
 from grpolab.ranks import is_rank0, launched, rank, world_size  # noqa: F401  (callers ask distributed.*)
 
 LOOPBACK_INTERFACE = "lo"  # Linux's name for it
+# Seconds a collective may wait for the slowest rank before the group fails it (torch's default: 30 minutes).
+# grpolab creates the group itself, so DeepSpeed's own DEEPSPEED_TIMEOUT never reaches it.
+TIMEOUT_ENV = "GRPOLAB_PROCESS_GROUP_TIMEOUT_S"
 
 
 def backend(cuda: bool | None = None) -> str:
@@ -44,10 +48,12 @@ def init() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process on a node
         if world_size() > 1:  # nccl's communicator set up eagerly on this GPU, as DeepSpeed's own init does
             options["device_id"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if os.environ.get(TIMEOUT_ENV):
+        options["timeout"] = timedelta(seconds=float(os.environ[TIMEOUT_ENV]))
     if not launched():
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
         os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK_INTERFACE)
-        dist.init_process_group(backend(), store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend(), store=dist.HashStore(), rank=0, world_size=1, timeout=options.get("timeout"))
     else:
         dist.init_process_group(backend(), init_method="env://", rank=rank(), world_size=world_size(), **options)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False,
@@ -165,6 +171,15 @@ def all_gather_objects(items: list) -> list:
     parts: list = [None] * world_size()
     dist.all_gather_object(parts, items)
     return [x for part in parts for x in part]
+
+
+def broadcast_object(item):
+    """Rank 0's picklable `item`, on every rank (what the others pass is ignored)."""
+    if not dist.is_initialized():
+        return item
+    box = [item]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

@@ -52,11 +52,11 @@ class Recorder:
     def run_id(self) -> str | None:
         return self.tracker.run_id if self.tracker else None
 
-    def resume(self, engine, inputs: list[Path]) -> int:
-        """The last step done: from the checkpoint of this training if one was left behind (see checkpoints.py),
-        with every step's metrics so far, else 0 (from scratch); says so in the terminal."""
+    def resume(self, engine, key: str) -> int:
+        """The last step done: from the checkpoint of this training (fingerprint `key`) if one was left behind (see
+        checkpoints.py), with every step's metrics so far, else 0 (from scratch); says so in the terminal."""
         params, tracker = self.params, self.tracker
-        checkpoint = resumable(params, inputs)
+        checkpoint = resumable(key)
         if checkpoint:
             history = load_training_checkpoint(engine, checkpoint, STEP_LOG_DIRS)
         else:
@@ -93,10 +93,10 @@ class Recorder:
         if dist.is_rank0() and selection:
             self._step_log(selection.log, TRACIN_DIR, step)
 
-    def checkpoint(self, engine, inputs: list[Path], step: int) -> None:
-        """A training checkpoint after `step` (checkpoints.py), with the curve so far."""
+    def checkpoint(self, engine, key: str, step: int) -> None:
+        """A training checkpoint after `step` (checkpoints.py), with the curve so far; `key`: the training's fingerprint."""
         self.save_curve()
-        save_training_checkpoint(engine, self.params, inputs, step, self.run_id, self.history, STEP_LOG_DIRS)
+        save_training_checkpoint(engine, key, step, self.run_id, self.history, STEP_LOG_DIRS)
 
     def _step_log(self, frame: pd.DataFrame, folder: Path, step: int) -> None:
         path = folder / f"step_{step:06d}.parquet"

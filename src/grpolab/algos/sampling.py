@@ -54,13 +54,28 @@ def sample_tokens(logits: torch.Tensor, uniform: torch.Tensor, temperature: floa
     logits: [B, V]; uniform: [B] in [0, 1) -> [B] token ids. A token of probability 0 is never drawn."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p >= 1.0:
-        cdf = probs.double().cumsum(-1)
+        cdf = _cumsum(probs.double())
         return _first_above(cdf, uniform * cdf[:, -1])
     probs, order = torch.sort(probs, dim=-1, descending=True)
-    cdf = probs.double().cumsum(-1)
+    cdf = _cumsum(probs.double())
     kept = (cdf - probs.double()) <= top_p  # a prefix of the sorted tokens
     total = torch.where(kept, probs.double(), 0.0).sum(-1)
     return order.gather(-1, _first_above(cdf, uniform * total).unsqueeze(-1)).squeeze(-1)
+
+
+def _cumsum(probs: torch.Tensor) -> torch.Tensor:
+    """probs.cumsum(-1); on CUDA under torch.use_deterministic_algorithms, where torch's float cumsum has no
+    deterministic kernel, `fixed_point_cumsum` (as torch's own ops switch kernels under that mode)."""
+    if probs.is_cuda and torch.are_deterministic_algorithms_enabled():
+        return fixed_point_cumsum(probs)
+    return probs.cumsum(-1)
+
+
+def fixed_point_cumsum(probs: torch.Tensor) -> torch.Tensor:
+    """Cumulative sums of probabilities in [0, 1] (float64, last dim), summed exactly as integers in units of
+    2^-62, so in any order: the same bits on every run. Each term is rounded by at most 2^-63, a CDF over V terms
+    by at most V 2^-63 (1.6e-14 at V = 151,936), the order of a float64 cumsum's own rounding. [..., V] -> [..., V]"""
+    return (probs * 2.0**62).round().long().cumsum(-1).double() * 2.0**-62
 
 
 def _first_above(cdf: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

@@ -489,6 +489,11 @@ class TrainParams(Section):
         False, description="Recompute each layer's activations in the backward pass instead of keeping them "
         "(transformers' gradient checkpointing): activation memory for about one more forward pass of compute."
     )
+    deterministic: bool = Field(
+        False, description="Bit-for-bit repeatable runs on a GPU: torch's deterministic kernels "
+        "(`torch.use_deterministic_algorithms`, `CUBLAS_WORKSPACE_CONFIG=:4096:8`); an op that has none is named in a "
+        "warning. Slower on a GPU; on the CPU runs repeat without it. See concepts/trainer.md, Reproducibility."
+    )
     learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps before the cosine decay.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")

@@ -27,7 +27,7 @@ from grpolab.algos.advantages import dynamic_sampling_groups, group_advantages, 
 from grpolab.algos.credit import MITIGATIONS
 from grpolab.algos.length import overlong_penalty, truncated
 from grpolab.algos.mia_weights import mean_one
-from grpolab.checkpoints import discard, resumable
+from grpolab.checkpoints import broadcast_fingerprint, discard, fingerprint, resumable
 from grpolab.config import Params
 from grpolab.data.tokenizer import encode_prompt, load_tokenizer
 from grpolab.models import load_model, reference_policy, with_lora
@@ -181,7 +181,7 @@ def train_inputs(params: Params) -> list[Path]:
 
 def resumed_run(params: Params) -> str | None:
     """The MLflow run of the training checkpoint this training would resume, if any: the stage logs into it again."""
-    checkpoint = resumable(params, train_inputs(params))
+    checkpoint = resumable(fingerprint(params, train_inputs(params)))
     return checkpoint.run_id if checkpoint else None
 
 
@@ -191,6 +191,7 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
         raise FileNotFoundError(f"{BASE_DIR}: no base model (run the sft stage first)")
     if not WEIGHTED_TRAIN_FILE.is_file():
         raise FileNotFoundError(f"{WEIGHTED_TRAIN_FILE}: no train data (run the mia stage first)")
+    dev.use_deterministic(t.deterministic)  # before any GPU work
     dist.init()
     torch.manual_seed(params.seed)
     dtype = dev.working_dtype(params.model.dtype)
@@ -218,11 +219,11 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
         tracker.text(json.dumps(ds_config, indent=2), DEEPSPEED_CONFIG_ARTIFACT)
     variants = Variants(params, data, tokenizer)
     tracin = TracIn(params, engine.module, tokenizer, rewarder, sampler) if t.tracin.use_tracin else None
-    inputs = train_inputs(params)
+    key = broadcast_fingerprint(params, train_inputs(params))
     curve_keys = ((tracin.metric_keys if tracin else []) + (DYNAMIC_SAMPLING_KEYS if t.dynamic_sampling else [])
                   + (SAMPLING_KEYS if t.rollout.backend != "hf" else []))
     record = Recorder(params, tracker, variants, curve_keys)
-    start = record.resume(engine, inputs)
+    start = record.resume(engine, key)
 
     bar = tqdm(range(start + 1, t.steps + 1), desc="train", unit="step", dynamic_ncols=True, disable=not dist.is_rank0(), initial=start, total=t.steps)
     metrics: dict[str, float] = {}
@@ -250,12 +251,13 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
         record.step(step, metrics, batch, sampled, selection)
         # at the end of a PPO cycle only: a resume then starts a cycle, with fresh rollouts, as the run did
         if t.save_every and step % t.save_every == 0 and step % t.ppo_epochs == 0 and step < t.steps:
-            record.checkpoint(engine, inputs, step)
+            record.checkpoint(engine, key, step)
 
     with dist.gathered(engine):
         save_trained(engine, tokenizer, bf16, TRAINED_DIR)
-    dist.barrier()
+    # No collective follows: rank 0 goes on alone, and the others leave. Writing and uploading a multi-GB model
+    # to a slow store can outlast the process group's timeout, which a rank waiting in a barrier would hit.
     summary = record.finish(metrics)
     sampler.close()
-    discard()  # only now: the trained model is saved and every upload went through
+    discard(wait=False)  # only now: the trained model is saved and every upload went through
     return summary

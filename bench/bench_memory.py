@@ -1,17 +1,19 @@
-"""Peak memory of one train step, one TracIn step and one eval pass at Qwen2.5's vocabulary (151,936), this
-revision against an earlier one (default: 854f33e, the commit before the GPU-path work), side by side.
+"""Peak memory of every stage at Qwen2.5's vocabulary (151,936) and the everyday sequence lengths: an SFT step,
+the mia stage's pass, a train step, a TracIn step and an eval pass, this revision against an earlier one (default:
+6898a70, the commit before issue 30's micro-batched SFT and streamed TracIn captures), side by side.
 
 The model is Qwen2-shaped but narrow (hidden 64, 2 layers, tied embeddings, random weights) so it runs on
-a laptop's CPU; what grows with the shapes is what the issue is about: logits and log-softmax copies of
-[rows, positions, vocabulary]. Each measurement is a fresh process (`python -m grpolab.cli stage train` or
-`... evaluate`, the revision's own source on PYTHONPATH) in a workspace of its own, its peak resident set
+a laptop's CPU; what grows with the shapes is what the issues are about: logits and log-softmax copies of
+[rows, positions, vocabulary], and TracIn's captures. Each measurement is a fresh process (`python -m grpolab.cli
+stage <stage>`, the revision's own source on PYTHONPATH) in a workspace of its own, its peak resident set
 read from the kernel (wait4's ru_maxrss), so imports count alike for both (~0.8 GB). Prompts are P letters of
 a byte-level tokenizer of as many ids (P tokens); a random model almost never says EOS, so completions run all T tokens;
-the reward is a hash of the completion (`train.reward_file`), so advantages are not 0 and TracIn works.
+SFT responses are T letters; the reward is a hash of the completion (`train.reward_file`), so advantages are not
+0 and TracIn works. Knobs the earlier revision lacks are set for this revision only (NEW_KNOBS).
 
-Blocks alternate which revision goes first; memory is nearly deterministic, two blocks show it.
+Blocks alternate which revision goes first; memory is nearly deterministic, one block shows it.
 
-    python bench/bench_memory.py                    # the table in docs/guide/gpu.md (~45 min on 2 cores)
+    python bench/bench_memory.py --blocks 1          # the table in docs/guide/gpu.md (~40 min on 2 cores)
     python bench/bench_memory.py --against HEAD~3 --blocks 1 --shapes 8x32x64
 """
 
@@ -38,11 +40,16 @@ REWARD = '''import zlib
 def compute_score(data_source, completion, ground_truth, extra_info):
     return (zlib.crc32(completion.encode()) % 7) / 6
 '''
+# name -> (stage, overrides); sft last: it writes models/base, which the others read
 WORKLOADS = {
     "train step": ("train", []),
     "TracIn step": ("train", ["train.tracin.use_tracin=true"]),
     "eval pass": ("evaluate", []),
+    "mia pass": ("mia", []),
+    "SFT step": ("sft", []),
 }
+SFT_MICRO_BATCH = 2
+NEW_KNOBS = {"sft.micro_batch_size": SFT_MICRO_BATCH}  # this revision's; the earlier one trains SFT in one pass
 
 
 def source_tree(revision: str, into: Path) -> Path:
@@ -68,16 +75,18 @@ def build_base(path: Path, shape: str = "narrow") -> None:
     byte_tokenizer().save_pretrained(path)
 
 
-def write_data(data: Path, prompt_tokens: int, n_train: int = 16, n_eval: int = 8) -> None:
+def write_data(data: Path, prompt_tokens: int, new_tokens: int, n_train: int = 16, n_eval: int = 8) -> None:
     import pandas as pd
 
     def rows(n: int, split: str, seed: int) -> pd.DataFrame:
         return pd.DataFrame({"prompt": byte_prompts(n, prompt_tokens, seed=seed), "ground_truth": ["0"] * n,
                              "data_source": ["bench"] * n, "extra_info": [{"split": split, "index": i} for i in range(n)]})
-    data.mkdir(parents=True)
+    data.mkdir(parents=True, exist_ok=True)
     rows(n_train, "train", 0).to_parquet(data / "train.parquet")
     rows(n_train, "train", 0).to_parquet(data / "train_weighted.parquet")
     rows(n_eval, "eval", 1).to_parquet(data / "eval.parquet")
+    pd.DataFrame({"prompt": byte_prompts(n_train, prompt_tokens, seed=2), "response": byte_prompts(n_train, new_tokens, seed=3)}
+                 ).to_parquet(data / "sft.parquet")
 
 
 def overrides(rows: int, prompt_tokens: int, new_tokens: int) -> dict[str, object]:
@@ -86,7 +95,8 @@ def overrides(rows: int, prompt_tokens: int, new_tokens: int) -> dict[str, objec
         "train.max_new_tokens": new_tokens, "train.save_every": 0, "train.credit_log_every": 0, "train.warmup_steps": 0,
         "train.reward_file": "reward.py", "train.rewards": {"reward_file": 1.0},
         "eval.max_new_tokens": new_tokens, "eval.num_samples": 1, "eval.batch_size": rows, "eval.num_logged_samples": 0,
-        "mia.max_new_tokens": new_tokens, "mia.batch_size": rows,
+        "mia.max_new_tokens": new_tokens, "mia.batch_size": rows, "mia.method": "min_k_plus_plus",
+        "sft.steps": 1, "sft.batch_size": rows, "sft.warmup_steps": 0, "model.name_or_path": "models/user",
     }
 
 
@@ -120,9 +130,9 @@ def peak_rss_mb(tree: Path, workspace: Path, stage: str, extra: list[str]) -> fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--against", default="854f33e", help="the earlier revision (a git commit)")
+    parser.add_argument("--against", default="6898a70", help="the earlier revision (a git commit)")
     parser.add_argument("--blocks", type=int, default=2)
-    parser.add_argument("--shapes", nargs="+", default=["8x32x64", "8x32x256", "8x32x512", "8x256x64", "16x32x256"],
+    parser.add_argument("--shapes", nargs="+", default=["8x32x64", "8x128x256", "8x128x512", "16x128x512"],
                         help="ROWSxPxT: rows per step (= micro-batch), prompt tokens, completion tokens")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     a = parser.parse_args()
@@ -138,9 +148,11 @@ def main() -> None:
                 workspace = scratch / f"run-{block}-{'x'.join(map(str, shape))}-{'old' if name == a.against else 'new'}"
                 (workspace / "models").mkdir(parents=True)
                 shutil.copytree(base, workspace / "models/base")
-                write_data(workspace / "data", shape[1])
+                shutil.copytree(base, workspace / "models/user")  # the checkpoint SFT starts from
+                shutil.copytree(base, workspace / "data/tokenizer")
+                write_data(workspace / "data", shape[1], shape[2])
                 (workspace / "reward.py").write_text(REWARD)
-                write_params(trees[name], workspace, overrides(*shape))
+                write_params(trees[name], workspace, overrides(*shape) | (NEW_KNOBS if name == "this revision" else {}))
                 for workload, (stage, extra) in WORKLOADS.items():
                     mb = peak_rss_mb(trees[name], workspace, stage, extra)
                     results.setdefault((workload, shape, name), []).append(mb)

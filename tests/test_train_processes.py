@@ -15,7 +15,8 @@ import torch
 
 from grpolab import config
 from grpolab.models import load_model
-from grpolab.paths import CHECKPOINT_DIR, CURVE_FILE, TRAINED_DIR
+from grpolab.data.tokenizer import load_tokenizer
+from grpolab.paths import CHECKPOINT_DIR, CURVE_FILE, TOKENIZER_DIR, TRAINED_DIR
 from grpolab.stages.train import DYNAMIC_SAMPLING_KEYS
 
 from conftest import BIN, grpolab, project_env
@@ -211,16 +212,33 @@ def test_two_processes_and_two_nodes_follow_one_process_trajectory(trainer, tmp_
 
 
 # With the GRPO family: under dynamic sampling two processes keep the same groups as one.
-@pytest.mark.parametrize("mode", ["same_batch", "separate"])
+# zero3: every parameter partitioned (ZeRO-3 gathers each for every module call, a collective), ranks whose rows
+# decode different lengths, head chunks of 16 tokens (a different number per rank), TracIn chunks skipping rows
+# of advantage 0, reference log-probs: every loop whose length differs between ranks. A hang fails at the timeout.
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("mode", ["same_batch", "separate", "zero3"])
 def test_tracin_and_the_grpo_family_two_processes_give_one_process_keep_masks(trainer, tmp_path, mode):
-    overrides = [*SAME_BATCH, "train.policy_loss=cispo", "train.advantage_estimator=rloo", "train.entropy_coef=0.01"] \
-        if mode == "same_batch" else [*SEPARATE, "train.policy_loss=gspo", "train.dynamic_sampling=true", *tied_reward(trainer),
-                                      "train.overlong_buffer_len=8", "train.mask_truncated_completions=true"]
+    overrides = {
+        "same_batch": [*SAME_BATCH, "train.policy_loss=cispo", "train.advantage_estimator=rloo", "train.entropy_coef=0.01"],
+        "separate": [*SEPARATE, "train.policy_loss=gspo", "train.dynamic_sampling=true", *tied_reward(trainer),
+                     "train.overlong_buffer_len=8", "train.mask_truncated_completions=true"],
+        "zero3": [*SAME_BATCH, "train.kl_beta=0.05", "model.logit_chunk_tokens=16", "train.max_new_tokens=64"],
+    }[mode]
+    processes = ["train.num_processes=2", "train.micro_batch_size=4"] + (
+        ["train.deepspeed.zero_stage=3", "train.deepspeed.stage3_param_persistence_threshold=0"] if mode == "zero3" else [])
     single = tmp_path / "single"
     shutil.copytree(trainer, single)
     grpolab("stage", "train", *[f"-S{o}" for o in ["train.steps=3", *overrides]], cwd=single)
-    grpolab("stage", "train", *[f"-S{o}" for o in ["train.steps=3", *overrides, "train.num_processes=2", "train.micro_batch_size=4"]],
-            cwd=trainer)
+    proc = grpolab("stage", "train", *[f"-S{o}" for o in ["train.steps=3", *overrides, *processes]], cwd=trainer)
+    if mode == "zero3":
+        assert "ZeRO-3" in proc.stdout
+        tokenizer = load_tokenizer(str(trainer / TOKENIZER_DIR))
+        longest = []  # per step, each rank's longest completion: how many steps its decode loop ran
+        for step in (1, 2, 3):
+            completions = pd.read_parquet(trainer / f"metrics/tracin/step_{step:06d}.parquet")["completion"].tolist()
+            half = len(completions) // 2  # rank-major
+            longest.append([max(len(tokenizer.encode(c)) for c in part) for part in (completions[:half], completions[half:])])
+        assert any(a != b for a, b in longest), longest
     for step in (1, 2, 3):
         one = pd.read_parquet(single / f"metrics/tracin/step_{step:06d}.parquet")
         two = pd.read_parquet(trainer / f"metrics/tracin/step_{step:06d}.parquet")

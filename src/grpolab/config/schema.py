@@ -183,6 +183,10 @@ class ModelParams(Section):
 class SFTParams(Section):
     steps: int = Field(350, ge=0, description="Optimizer steps of supervised warm start; 0 skips training.")
     batch_size: int = Field(64, ge=1, description="Sequences per optimizer step.")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Sequences per forward and backward pass; their gradients accumulate over the step "
+        "(the loss is the step's token mean either way, up to summation order). Empty: batch_size, one pass.",
+    )
     learning_rate: float = Field(3e-3, gt=0, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(35, ge=0, description="Linear warm-up steps before the cosine decay.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")

@@ -1,5 +1,6 @@
 """`sft` stage: the base model. Build the tiny model (or load the user's checkpoint) and warm-start
-it by supervised fine-tuning on the SFT set, loss on response tokens only."""
+it by supervised fine-tuning on the SFT set, loss on response tokens only, in micro-batches (gradient
+accumulation) with the output head over the response tokens a chunk at a time (as the train stage)."""
 
 from __future__ import annotations
 
@@ -15,37 +16,53 @@ from grpolab.config import Params
 from grpolab.data.tokenizer import encode_prompt, encode_response, load_tokenizer
 from grpolab.device import autocast, device, working_dtype
 from grpolab.fsutil import atomic_write_text
+from grpolab.logprobs import completion_logprobs
 from grpolab.models import build_model, load_model, num_parameters, save_model
 from grpolab.paths import BASE_DIR, SFT_FILE, SFT_LOSS_FILE, TOKENIZER_DIR
+from grpolab.samplers.base import left_pad
 
 if TYPE_CHECKING:
     from grpolab.tracking import Tracker
 
-IGNORE = -100
-
-
 def _encode(sft: pd.DataFrame, tokenizer, max_length: int) -> tuple[list[list[int]], list[list[int]]]:
-    inputs, labels = [], []
+    """(prompt ids, response ids) of every row: the loss is on the response tokens only."""
+    prompts, responses = [], []
     for i, (prompt, response) in enumerate(zip(sft["prompt"], sft["response"])):
         p, r = encode_prompt(tokenizer, prompt), encode_response(tokenizer, response)
         if len(p) + len(r) > max_length:
             raise ValueError(f"{SFT_FILE}: row {i}: {len(p) + len(r)} tokens exceed model.max_length={max_length}")
-        inputs.append(p + r)
-        labels.append([IGNORE] * len(p) + r)
-    return inputs, labels
+        prompts.append(p)
+        responses.append(r)
+    return prompts, responses
 
 
-def _batch(inputs, labels, index: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(inputs[i]) for i in index)
-    ids = torch.full((len(index), width), pad_id, dtype=torch.long)
-    lab = torch.full((len(index), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(index), width), dtype=torch.long)
-    for row, i in enumerate(index):
-        n = len(inputs[i])
-        ids[row, :n] = torch.tensor(inputs[i])
-        lab[row, :n] = torch.tensor(labels[i])
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+def _rows(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """A micro-batch as the log-prob passes read one: prompts left-padded, responses right-padded."""
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    width = max(len(r) for r in responses)
+    ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(responses), width), dtype=torch.long)
+    for row, r in enumerate(responses):
+        ids[row, : len(r)] = torch.tensor(r)
+        mask[row, : len(r)] = 1
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": ids, "mask": mask}
+
+
+def sft_step_loss(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, micro_batch_size: int,
+                  chunk_tokens: int | None, dtype: torch.dtype) -> float:
+    """The mean negative log-likelihood of the step's response tokens, its gradient accumulated into `model`
+    micro-batch by micro-batch (each micro-batch's share of the step's token mean); the output head over the
+    response tokens only, `chunk_tokens` at a time, so no [rows, positions, vocabulary] tensor is formed."""
+    tokens = sum(len(r) for r in responses)
+    total = 0.0
+    for start in range(0, len(prompts), micro_batch_size):
+        rows = _rows(prompts[start : start + micro_batch_size], responses[start : start + micro_batch_size], pad_id)
+        with autocast(dtype):
+            logp = completion_logprobs(model, rows, chunk_tokens=chunk_tokens)[0]
+        loss = -(logp * rows["mask"]).sum() / tokens
+        loss.backward()
+        total += loss.item()
+    return total
 
 
 def sft(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
@@ -58,7 +75,7 @@ def sft(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
     dtype = working_dtype(params.model.dtype)
     max_length = getattr(model.config, "max_position_embeddings", None) or params.model.max_length
     data = pd.read_parquet(SFT_FILE)
-    inputs, labels = _encode(data, tokenizer, max_length)
+    prompts, responses = _encode(data, tokenizer, max_length)
 
     summary: dict[str, float] = {"sft/num_parameters": num_parameters(model)}
     history: list[tuple[int, float]] = []
@@ -71,15 +88,13 @@ def sft(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
         bar = tqdm(range(1, p.steps + 1), desc="sft", unit="step", dynamic_ncols=True)
         running = math.nan
         for step in bar:
-            index = torch.randint(len(inputs), (p.batch_size,), generator=sampler).tolist()
-            with autocast(dtype):
-                loss = model(**{k: v.to(device()) for k, v in _batch(inputs, labels, index, tokenizer.pad_token_id).items()}).loss
-            loss.backward()
+            index = torch.randint(len(prompts), (p.batch_size,), generator=sampler).tolist()
+            value = sft_step_loss(model, [prompts[i] for i in index], [responses[i] for i in index], tokenizer.pad_token_id,
+                                  p.micro_batch_size or p.batch_size, params.model.logit_chunk_tokens, dtype)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), p.max_grad_norm)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            value = loss.item()
             running = value if math.isnan(running) else 0.9 * running + 0.1 * value
             bar.set_postfix(loss=f"{running:.3f}")
             history.append((step, value))

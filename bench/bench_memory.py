@@ -85,6 +85,7 @@ def write_data(data: Path, prompt_tokens: int, new_tokens: int, n_train: int = 1
     rows(n_train, "train", 0).to_parquet(data / "train.parquet")
     rows(n_train, "train", 0).to_parquet(data / "train_weighted.parquet")
     rows(n_eval, "eval", 1).to_parquet(data / "eval.parquet")
+    rows(n_eval, "val", 4).to_parquet(data / "val.parquet")  # a TracIn run's checkpoint fingerprint covers it
     pd.DataFrame({"prompt": byte_prompts(n_train, prompt_tokens, seed=2), "response": byte_prompts(n_train, new_tokens, seed=3)}
                  ).to_parquet(data / "sft.parquet")
 
@@ -134,6 +135,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--shapes", nargs="+", default=["8x32x64", "8x128x256", "8x128x512", "16x128x512"],
                         help="ROWSxPxT: rows per step (= micro-batch), prompt tokens, completion tokens")
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     a = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="bench_memory_"))
@@ -153,14 +155,14 @@ def main() -> None:
                 write_data(workspace / "data", shape[1], shape[2])
                 (workspace / "reward.py").write_text(REWARD)
                 write_params(trees[name], workspace, overrides(*shape) | (NEW_KNOBS if name == "this revision" else {}))
-                for workload, (stage, extra) in WORKLOADS.items():
+                for workload, (stage, extra) in ((w, WORKLOADS[w]) for w in WORKLOADS if w in a.workloads):
                     mb = peak_rss_mb(trees[name], workspace, stage, extra)
                     results.setdefault((workload, shape, name), []).append(mb)
                     print(f"block {block + 1}: {name:>13}  {workload:<12} rows {shape[0]:>3}  P {shape[1]:>4}  T {shape[2]:>4}: "
                           f"{mb:8.0f} MB", flush=True)
                 shutil.rmtree(workspace)
     rows = []
-    for workload in WORKLOADS:
+    for workload in [w for w in WORKLOADS if w in a.workloads]:
         for shape in shapes:
             old, new = results[(workload, shape, a.against)], results[(workload, shape, "this revision")]
             rows.append([workload, *shape, spread(old, fmt="{:.0f}"), spread(new, fmt="{:.0f}"),

@@ -51,11 +51,13 @@ def hf_sampler(params, engine, tokenizer):
 
 def make_batch(params, engine, ref_model, tokenizer, data, rewarder, variants, rollout_index: int):
     """(Batch, Sampled) of rollout batch `rollout_index` as a train step makes it: sample, score, weigh."""
+    from grpolab import distributed as dist
     from grpolab.stages import train as T
 
     rows, rollout = T.sample_rollouts(params, engine, hf_sampler(params, engine, tokenizer), tokenizer, data, rollout_index)
     sampled = T.score(params, rows, rollout, tokenizer, rewarder)
-    return T.weigh(params, engine, tokenizer, ref_model, variants, sampled, rollout), sampled
+    with dist.gathered(engine):  # as the train loop weighs: on whole parameters at ZeRO-3
+        return T.weigh(params, engine, tokenizer, ref_model, variants, sampled, rollout), sampled
 
 
 def block_order(names: Sequence[str], block: int) -> list[str]:

@@ -403,6 +403,8 @@ def _stop(launcher: subprocess.Popen, pid_files) -> None:
 def zero_worker(stage: int, root: Path, cfg: dict) -> None:
     """One rank of section f: 2 GRPO steps (the trainer's `make_batch` and `update`) at ZeRO `stage`; rank 0's
     prompts end in STOP, so the ranks decode different lengths. Writes its figures to root/zero{stage}_rank{rank}.json."""
+    import torch
+
     from grpolab import distributed as dist
     from grpolab.data.tokenizer import load_tokenizer
     from grpolab.device import working_dtype
@@ -431,6 +433,8 @@ def zero_worker(stage: int, root: Path, cfg: dict) -> None:
         steps.append({"step": step, "decoded": batch.rollout.completion_ids.shape[1],
                       "lengths": batch.rollout.completion_mask.sum(1).tolist(), "loss": sums["loss"]})
     (root / f"zero{stage}_rank{rank}.json").write_text(json.dumps({"rank": rank, "steps": steps}))
+    dist.barrier()  # no rank leaves while another's collectives may still be in flight
+    torch.distributed.destroy_process_group()
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import fcntl
 import os
 import socket
 import subprocess
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -190,10 +190,26 @@ def barrier() -> None:
 def gathered(engine):
     """Under ZeRO-3 a DeepSpeed engine's parameters are partitioned: gather them (to generate, to run TracIn's
     passes, to save) with ZeRO-3's module hooks off meanwhile. With the hooks on, every module call re-gathers
-    its parameters (a collective) even inside GatheredParameters, and ranks whose loops run a different number
-    of forwards (a decode loop stops when this rank's rows finish) would wait on each other for ever."""
+    its parameters (a collective) even inside GatheredParameters, and each forward of the model starts with a
+    check that every rank ran the same modules (another): ranks whose loops run a different number of forwards
+    (a decode loop stops when this rank's rows finish) would wait on each other for ever."""
     if engine.zero_optimization_stage() != 3:
         return nullcontext()
-    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+    return _hooks_off_and_gathered(engine)
 
-    return unwrap_model_for_generation(engine)
+
+@contextmanager
+def _hooks_off_and_gathered(engine):
+    import deepspeed
+
+    # DeepSpeed's own unwrap_model_for_generation (0.19) leaves the start-of-forward hook (the second collective) on
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
+    start_of_forward = offload.module._forward_pre_hooks[offload.fwd_pre_hook.id]
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        offload._remove_module_hooks()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload.fwd_pre_hook = offload.module.register_forward_pre_hook(start_of_forward)
+            offload._register_deepspeed_module(offload.module)  # invalidates its module trace: re-recorded next step

@@ -222,7 +222,7 @@ def test_tracin_and_the_grpo_family_two_processes_give_one_process_keep_masks(tr
         "same_batch": [*SAME_BATCH, "train.policy_loss=cispo", "train.advantage_estimator=rloo", "train.entropy_coef=0.01"],
         "separate": [*SEPARATE, "train.policy_loss=gspo", "train.dynamic_sampling=true", *tied_reward(trainer),
                      "train.overlong_buffer_len=8", "train.mask_truncated_completions=true"],
-        "zero3": [*SAME_BATCH, "train.kl_beta=0.05", "model.logit_chunk_tokens=16", "train.max_new_tokens=64"],
+        "zero3": [*SAME_BATCH, "train.kl_beta=0.05", "model.logit_chunk_tokens=16", "train.max_new_tokens=56"],
     }[mode]
     processes = ["train.num_processes=2", "train.micro_batch_size=4"] + (
         ["train.deepspeed.zero_stage=3", "train.deepspeed.stage3_param_persistence_threshold=0"] if mode == "zero3" else [])

@@ -99,13 +99,12 @@ def completion_token_stats(model, rows: dict, stats: Callable[..., tuple[torch.T
 
 
 def _partitioned(module: torch.nn.Module) -> bool:
-    """Whether ZeRO-3 holds `module`'s parameters partitioned now (its hooks gather them for each call)."""
-    statuses = [p.ds_status for p in module.parameters() if hasattr(p, "ds_status")]
-    if not statuses:
+    """Whether ZeRO-3 gathers `module`'s parameters for each call (a collective): some are partitioned (not kept
+    whole) and its hooks are on (off inside `distributed.gathered`). Decided from what every rank has alike,
+    not from a parameter's momentary state, which prefetching makes differ between ranks."""
+    if not any(hasattr(p, "ds_id") and not getattr(p, "ds_persist", False) for p in module.parameters()):
         return False
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    return ZeroParamStatus.NOT_AVAILABLE in statuses
+    return any("_pre_forward_module_hook" in getattr(h, "__qualname__", "") for h in module._forward_pre_hooks.values())
 
 
 def completion_logprobs(model, rows: dict, entropy: bool = False, entropy_grad: bool = False, temperature: float = 1.0,

@@ -106,9 +106,11 @@ def completion_attention(model, rows: dict) -> torch.Tensor:
     rows: prompt_ids / prompt_mask [b, P], completion_ids / mask [b, T].
 
     Any HF causal LM: one extra forward pass with eager attention (the fused kernels do not
-    return attention weights), switched back to the model's own implementation afterwards."""
-    own = model.config._attn_implementation
+    return attention weights), in eval mode (the update leaves the policy training: LoRA's dropout
+    would make the weights noise), both switched back afterwards."""
+    own, training = model.config._attn_implementation, model.training
     model.set_attn_implementation("eager")
+    model.eval()
     try:
         with torch.inference_mode():
             out = forward_completions(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"],
@@ -118,4 +120,5 @@ def completion_attention(model, rows: dict) -> torch.Tensor:
             attention = attention.cpu()  # [b, T, T], summed layer by layer: no [layers, b, heads, S, S] stack
     finally:
         model.set_attn_implementation(own)
+        model.train(training)
     return attention.clone()

@@ -148,8 +148,8 @@ def weigh(params: Params, engine, tokenizer, ref_model, variants: Variants, samp
     advantages = group_advantages(sampled.all_rewards, t.group_size, t.scale_rewards, estimator=t.advantage_estimator,
                                   lengths=sampled.all_lengths)[offset : offset + len(sampled.rows)]
     classes = variants.token_classes(rollout)
+    engine.module.eval()  # every pass below reads the policy as it sampled: the update left it training (dropout)
     if rollout.token_entropy is None and MITIGATIONS[t.mitigation.name].needs_entropy:  # vLLM returns no entropies
-        engine.module.eval()
         rollout.token_entropy = rollout_entropies(engine.module, rollout, t.micro_batch_size, t.temperature)
     weights = variants.loss_weights(rollout, sampled.rows, classes, engine.module, by_length(rollout.completion_mask, t.micro_batch_size))
     if t.mia_normalize_weights:
@@ -157,7 +157,6 @@ def weigh(params: Params, engine, tokenizer, ref_model, variants: Variants, samp
     if t.mask_truncated_completions:
         weights.keep = weights.keep * ~truncated(rollout.completion_ids, rollout.completion_mask, stop_ids(engine.module, tokenizer), t.max_new_tokens)
     batch = Batch(rollout, advantages, None, None, weights, classes)
-    engine.module.eval()
     if t.ppo_epochs > 1:
         batch.old_logp = batch_logprobs(engine.module, batch, t.micro_batch_size, t.temperature)
     if t.kl_beta > 0:

@@ -64,8 +64,8 @@ def sample_rollouts(params: Params, engine, sampler: Sampler, tokenizer, data: p
     per_rank = t.prompts_per_step // dist.world_size()
     prompt_index = step_prompts(params, len(data), batch_id)
     mine = prompt_index[dist.rank() * per_rank : (dist.rank() + 1) * per_rank]
-    rows = [data.iloc[i] for i in mine for _ in range(t.group_size)]
-    encoded = {i: encode_prompt(tokenizer, data.iloc[i]["prompt"]) for i in set(mine.tolist())}
+    rows = [row for row in data.take(mine).to_dict("records") for _ in range(t.group_size)]  # column by column, not row by row
+    encoded = {i: encode_prompt(tokenizer, data["prompt"].iat[i]) for i in set(mine.tolist())}
     first_row = batch_id * t.prompts_per_step * t.group_size + dist.rank() * per_rank * t.group_size
     with dist.gathered(engine) if sampler.reads_policy else nullcontext():
         rollout = sampler.sample(

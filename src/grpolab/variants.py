@@ -20,6 +20,7 @@ from grpolab.algos.mia_weights import transform_mia_weights
 from grpolab.config import Params
 from grpolab.logprobs import forward_completions, last_logits_only, take
 from grpolab.samplers import Rollout
+from grpolab.samplers.hf import evaluating
 
 
 @dataclass
@@ -122,11 +123,10 @@ def completion_attention(model, rows: dict) -> torch.Tensor:
     Any HF causal LM: one extra forward pass with eager attention (the fused kernels do not
     return attention weights), in eval mode (the update leaves the policy training: LoRA's dropout
     would make the weights noise), both switched back afterwards."""
-    own, training = model.config._attn_implementation, model.training
+    own = model.config._attn_implementation
     model.set_attn_implementation("eager")
-    model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), evaluating(model):
             out = forward_completions(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"],
                                       output_attentions=True, **last_logits_only(model))
             p = rows["prompt_ids"].shape[1]
@@ -134,5 +134,4 @@ def completion_attention(model, rows: dict) -> torch.Tensor:
             attention = attention.cpu()  # [b, T, T], summed layer by layer: no [layers, b, heads, S, S] stack
     finally:
         model.set_attn_implementation(own)
-        model.train(training)
     return attention.clone()

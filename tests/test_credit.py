@@ -1,6 +1,7 @@
 """Credit-assignment mitigations and per-token credit against hand-computed values and autograd."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -14,17 +15,53 @@ from grpolab.errors import ConfigError
 MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
 
 
+def classes_of(pieces: list[list[str]], width: int) -> torch.Tensor:
+    """C.token_classes of completions given as their tokens' pieces."""
+    lengths = torch.tensor([[len(p) for p in row] + [0] * (width - len(row)) for row in pieces])
+    return C.token_classes(["".join(row) for row in pieces], lengths)
+
+
 def test_token_classes_by_hand():
     pieces = [
         ["<think>", "7", "+", "5", "</think>", "<ans", "wer>", "12", "</answer>", ""],
         ["12", "<answer>", "3"],  # text before the tags is other; an unclosed section runs to the end
         ["no", " tags"],
     ]
-    classes = C.token_classes(pieces, 10)
+    classes = classes_of(pieces, 10)
     T, K, A, O = C.TAG, C.THINK, C.ANSWER, C.OTHER
     assert classes[0].tolist() == [T, K, K, K, T, T, T, A, T, O]
     assert classes[1, :3].tolist() == [O, T, A]
     assert classes[2, :2].tolist() == [O, O]
+
+
+def per_token_classes(pieces: list[list[str]], width: int) -> torch.Tensor:
+    """token_classes as it was written before it was vectorised (character by character, token by token)."""
+    out = torch.full((len(pieces), width), C.OTHER, dtype=torch.long)
+    for b, row in enumerate(pieces):
+        text = "".join(row)
+        char_class, section, last = [C.OTHER] * len(text), C.OTHER, 0
+        for m in C._TAG.finditer(text):
+            char_class[last : m.start()] = [section] * (m.start() - last)
+            char_class[m.start() : m.end()] = [C.TAG] * (m.end() - m.start())
+            section = (C.THINK if m.group(1) == "think" else C.ANSWER) if not m.group(0).startswith("</") else C.OTHER
+            last = m.end()
+        char_class[last:] = [section] * (len(text) - last)
+        start = 0
+        for t, piece in enumerate(row[:width]):
+            span = char_class[start : start + len(piece)]
+            start += len(piece)
+            out[b, t] = C.TAG if C.TAG in span else (span[0] if span else C.OTHER)
+    return out
+
+
+def test_token_classes_equal_the_per_token_version_on_random_completions():
+    rng = random.Random(0)
+    fragments = ["<think>", "</think>", "<answer>", "</answer>", "<", "</", ">", "think", "answer", "ans", "wer>", "<thi",
+                 "nk>", "", "x", "7 ", "12", "\n", "\0", "é", "</answer><think>", "> <"]
+    for _ in range(20):
+        width = rng.randint(1, 40)
+        pieces = [[rng.choice(fragments) for _ in range(rng.randint(0, width))] for _ in range(rng.randint(1, 12))]
+        assert torch.equal(classes_of(pieces, width), per_token_classes(pieces, width)), pieces
 
 
 def test_outcome_conditional_by_hand():
@@ -132,3 +169,27 @@ def test_knob_defaults():
     m = schema.MitigationParams(name="entropy_masking")
     assert m.knob("mask_percentile") == 80.0
     assert schema.MitigationParams(name="outcome_conditional", think_discount=0.25).knob("think_discount") == 0.25
+
+
+def test_the_variants_classes_and_pieces_are_those_of_each_token_decoded(tmp_path):
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    from grpolab.samplers import Rollout
+    from grpolab.variants import Variants
+    from userfiles import save_qwen2_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(save_qwen2_checkpoint(tmp_path / "q", ["<think>7 + 5</think> <answer>12</answer>"] * 9))
+    generator = torch.Generator().manual_seed(0)
+    rows = [tokenizer("<think>7 + 5</think> <answer>12</answer>")["input_ids"], tokenizer("1 <answer>2")["input_ids"]]
+    rows += [torch.randint(len(tokenizer), (n,), generator=generator).tolist() for n in (0, 5, 30)]
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    rollout = Rollout(torch.zeros(len(rows), 1, dtype=torch.long), torch.ones(len(rows), 1, dtype=torch.long), ids, mask)
+    variants = Variants(config.Params(), pd.DataFrame({"extra_info": [{}]}), tokenizer)
+    pieces = [[tokenizer.decode([i]) for i in row] for row in rows]
+    for _ in range(2):  # the second time from the decoded pieces it keeps
+        assert torch.equal(variants.token_classes(rollout), per_token_classes(pieces, width))
+        assert variants.pieces(ids[mask.bool()]).tolist() == [p for row in pieces for p in row]
+    assert {C.THINK, C.ANSWER, C.TAG} <= set(variants.token_classes(rollout)[0].tolist())  # the tags are found

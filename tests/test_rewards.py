@@ -9,7 +9,7 @@ from grpolab import config
 from grpolab.data.schema import read_rl_files, render_prompt
 from grpolab.data.tokenizer import encode_prompt, load_tokenizer
 from grpolab.errors import ConfigError, RewardError
-from grpolab.rewards import Rewarder, RewardFile, gsm8k_answer, last_boxed, math_match, source_means
+from grpolab.rewards import Judge, Rewarder, RewardFile, gsm8k_answer, last_boxed, math_match, source_means
 from grpolab.samplers import stop_ids
 from grpolab.samplers.hf import sample
 
@@ -113,6 +113,40 @@ def test_your_reward_file_scores_every_row_and_its_errors_name_file_and_row(tmp_
     broken.write_text("import no_such_module\n")
     with pytest.raises(RewardError, match=rf"train.reward_file: {broken}: loading it raised ModuleNotFoundError"):
         RewardFile(str(broken), "compute_score")
+
+
+def save_short_judge(path, context: int = 16):
+    """A tiny random Qwen2 judge (one logit) with a `context`-position table and a byte tokenizer (a token per
+    character, no BOS), saved without a tokenizer limit: its context is the model's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(["<pad>", *sorted(pre_tokenizers.ByteLevel.alphabet())])}, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>").save_pretrained(path)
+    cfg = AutoConfig.for_model("qwen2", vocab_size=257, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                               intermediate_size=32, max_position_embeddings=context, num_labels=1, pad_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(path)
+    return path
+
+
+def test_the_judge_scores_in_batches_of_its_knob_and_sees_the_end_of_a_long_text(tmp_path):
+    path = save_short_judge(tmp_path / "judge")
+    texts = ["q: 1+2 <answer>3</answer>", "q <answer>4</answer>", "no answer", "<think>x</think>", "a"]
+    one_by_one = [Judge(str(path), batch_size=1)([t])[0] for t in texts]
+    for size in (2, 5):
+        torch.testing.assert_close(Judge(str(path), batch_size=size)(texts), one_by_one)
+    # past the judge's 16 positions the prompt's head is cut, not the completion at the end
+    judge = Judge(str(path))
+    text = "a long prompt that fills the context: 1+2=? <answer>3</answer>"
+    tail = torch.tensor([judge.tokenizer(text)["input_ids"][-16:]])
+    assert judge.max_length == 16 and len(judge.tokenizer(text)["input_ids"]) > 16
+    assert judge([text]) == pytest.approx([torch.sigmoid(judge.model(input_ids=tail).logits[0, 0]).item()])
+    # the knob, by default the rollouts' batch size
+    overrides = [f"train.judge_model={path}", "train.rewards={judge: 1.0}", "train.rollout_batch_size=7"]
+    assert rewarder(tmp_path, *overrides).judge.batch_size == 7
+    assert rewarder(tmp_path, *overrides, "train.judge_batch_size=3").judge.batch_size == 3
 
 
 def test_per_source_means():

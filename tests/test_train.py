@@ -266,6 +266,34 @@ def test_every_mitigation_trains_and_logs_credit(trainer, mitigation):
         assert (log["weight"] == 1.0).all()
 
 
+def test_attention_credit_reads_the_policy_in_eval_mode_from_step_2(trainer, monkeypatch):
+    """After step 1 the update has left the policy training: with LoRA's dropout on, attention_credit's
+    weights are still those of the policy in eval mode, and whatever mode it is handed, its pass leaves it so."""
+    from grpolab.variants import Variants
+
+    original, seen = Variants.loss_weights, []
+
+    def spy(self, rollout, rows, classes, model, micro_batches):
+        weights = original(self, rollout, rows, classes, model, micro_batches)
+        mode = model.training
+        model.eval()
+        in_eval = original(self, rollout, rows, classes, model, micro_batches).token
+        model.train()
+        from_train = original(self, rollout, rows, classes, model, micro_batches).token
+        assert model.training
+        model.train(mode)
+        seen.append((weights.token, in_eval, from_train))
+        return weights
+
+    monkeypatch.setattr(Variants, "loss_weights", spy)
+    run_stage("train", config.apply_overrides(["train.steps=2", "train.mitigation.name=attention_credit", "model.lora.r=4",
+                                               "model.lora.alpha=8", "model.lora.dropout=0.5", "train.learning_rate=0.01",
+                                               "train.warmup_steps=0"]))  # step 1 moves the adapters: dropout then matters
+    assert len(seen) == 2 and (seen[1][1] != 1).any()  # answer tokens drew attention: weights that dropout would move
+    for weights, in_eval, from_train in seen:
+        assert torch.equal(weights, in_eval) and torch.equal(from_train, in_eval)
+
+
 def test_analyze_credit_compares_runs_in_mlflow(trainer):
     run_ids = []
     client = mlflow_client()

@@ -5,6 +5,7 @@ resume, nothing the MLflow run already holds (MLflow appends: a table logged twi
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +48,9 @@ class Recorder:
         self.curve_keys = CURVE_KEYS + curve_keys
         self.history: list[dict] = []  # {"step": n, **metrics} of every step so far
         self.logged = Logged()
+        # Rank 0 writes and uploads the step logs beside the loop: the other ranks would wait for it at the next collective.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-logs")
+        self._pending: list[Future] = []
 
     @property
     def run_id(self) -> str | None:
@@ -96,9 +100,19 @@ class Recorder:
     def checkpoint(self, engine, key: str, step: int) -> None:
         """A training checkpoint after `step` (checkpoints.py), with the curve so far; `key`: the training's fingerprint."""
         self.save_curve()
+        self.flush()  # a checkpoint keeps the step logs so far
         save_training_checkpoint(engine, key, step, self.run_id, self.history, STEP_LOG_DIRS)
 
     def _step_log(self, frame: pd.DataFrame, folder: Path, step: int) -> None:
+        self._pending.append(self._writer.submit(self._write_step_log, frame, folder, step))
+
+    def flush(self) -> None:
+        """Wait for the step logs still being written (raising what writing one raised)."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def _write_step_log(self, frame: pd.DataFrame, folder: Path, step: int) -> None:
         path = folder / f"step_{step:06d}.parquet"
         write_parquet(frame, path)
         if self.tracker:
@@ -115,6 +129,8 @@ class Recorder:
     def finish(self, metrics: dict[str, float]) -> dict[str, float]:
         """The headline: the last step's values and the means over all steps (shares and TracIn ratios are per
         step); the curve file, the reward-curve figure and the trained model into the run."""
+        self.flush()
+        self._writer.shutdown()
         curve = self.curve()
         summary = {
             "train/steps": float(self.params.train.steps),

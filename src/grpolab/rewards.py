@@ -194,10 +194,12 @@ class RewardBatch:
 class Judge:
     """A frozen sequence-classification model that scores prompt + completion (seed 004's judge).
 
-    The score is sigmoid(logit) for a one-label head, else the probability of the last label.
+    The score is sigmoid(logit) for a one-label head, else the probability of the last label. Texts are
+    scored `batch_size` at a time (the batch's activations bound memory, as the rollouts' do), each cut
+    from the left to the judge's context: the completion, which the judge is there to score, is at the end.
     """
 
-    def __init__(self, path: str, dtype: torch.dtype = torch.float32):
+    def __init__(self, path: str, dtype: torch.dtype = torch.float32, batch_size: int = 256):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         model, loading = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, dtype=dtype)
@@ -211,13 +213,27 @@ class Judge:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.tokenizer.truncation_side = "left"
+        self.max_length = context_length(self.model.config, self.tokenizer)
+        self.batch_size = batch_size
 
     @torch.inference_mode()
     def __call__(self, texts: list[str]) -> list[float]:
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(self.model.device)
-        logits = self.model(**batch).logits.float()
-        scores = torch.sigmoid(logits[:, 0]) if logits.shape[-1] == 1 else torch.softmax(logits, -1)[:, -1]
-        return scores.tolist()
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(texts[start : start + self.batch_size], return_tensors="pt", padding=True, truncation=True,
+                                   max_length=self.max_length).to(self.model.device)
+            logits = self.model(**batch).logits.float()
+            scores += (torch.sigmoid(logits[:, 0]) if logits.shape[-1] == 1 else torch.softmax(logits, -1)[:, -1]).tolist()
+        return scores
+
+
+def context_length(config, tokenizer) -> int | None:
+    """The longest input a model takes: its position table's size or its tokenizer's declared limit, the smaller
+    (a tokenizer saved without one declares ~1e30; a model without a position table, None)."""
+    limits = [n for n in (getattr(config, "max_position_embeddings", None), tokenizer.model_max_length)
+              if isinstance(n, int) and n < 10**9]
+    return min(limits, default=None)
 
 
 def answer_match_reward(batch: RewardBatch) -> list[float]:
@@ -269,7 +285,8 @@ class Rewarder:
         t = params.train
         self.weights = t.rewards
         self.routes = {**SOURCES, **t.reward_sources}
-        self.judge = Judge(t.judge_model, working_dtype(params.model.dtype)) if judge and "judge" in self.weights else None
+        self.judge = (Judge(t.judge_model, working_dtype(params.model.dtype), t.judge_batch_size or t.rollout_batch_size)
+                      if judge and "judge" in self.weights else None)
         self.reward_file = RewardFile(t.reward_file, t.reward_function) if t.reward_file else None
 
     def check(self, rows: list[dict], what: str) -> None:

@@ -252,7 +252,7 @@ class TracIn:
         per_rank = cfg.pool_size // dist.world_size()
         pool = np.random.default_rng([self.params.seed, rollout_index, VAL_STREAM]).choice(len(self.val), cfg.pool_size, replace=False)
         first = dist.rank() * per_rank
-        rows = [self.val.iloc[i] for i in pool[first : first + per_rank]]
+        rows = self.val.take(pool[first : first + per_rank]).to_dict("records")
         row_ids = [VAL_ROW_OFFSET + rollout_index * cfg.pool_size + first + j for j in range(per_rank)]
         rollout = self.sampler.sample(
             [encode_prompt(self.tokenizer, r["prompt"]) for r in rows], max_new_tokens=t.max_new_tokens,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -160,11 +161,13 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
     t = params.train
     engine.module.train()
     units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss_agg_mode))
-    sums = {k: 0.0 for k in ("loss", "pg", "kl", "entropy", "logp", "clipped", "tokens", *MISMATCH_SUMS)}
+    # Summed as tensors and read once at the end: a read per micro-batch would wait for its backward each time.
+    keys = ("pg", "kl", "entropy", "logp", "clipped", "tokens", *MISMATCH_SUMS)
+    totals, loss_total = torch.zeros(len(keys), dtype=torch.float64), 0.0
+    grad_norm = torch.tensor(math.nan)
     extremes = torch.tensor([math.inf, -math.inf, 0.0], dtype=torch.float64)  # ratio min, ratio max, max |logp diff|
     r = t.rollout
     correct = r.backend == "vllm" and r.vllm_importance_sampling_correction
-    grad_norm = math.nan
     columns = batch.columns()
     batch.credit, batch.entropy = torch.zeros(batch.rollout.completion_mask.shape), torch.zeros(batch.rollout.completion_mask.shape)
     policy_loss = POLICY_LOSSES[t.policy_loss]
@@ -176,7 +179,7 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
         old = rows["old_logp"] if rows["old_logp"] is not None else logp.detach()
         pg, clipped = policy_loss.loss(logp, old, rows["advantages"], rows["mask"], *clip)
         kl = KL_ESTIMATORS[t.kl_estimator](logp, rows["ref_logp"]) if rows["ref_logp"] is not None else None
-        w_is = None
+        w_is, mismatch = None, torch.zeros(len(MISMATCH_SUMS), dtype=torch.float64)
         if rows["sampler_logp"] is not None:  # how far the sampler's log-probs are from the trainer's pi_old
             w_is, ratio, bounded = rollout_correction(old, rows["sampler_logp"], rows["mask"], r.vllm_importance_sampling_mode,
                                                       r.vllm_importance_sampling_clip_min, r.vllm_importance_sampling_clip_max)
@@ -186,9 +189,7 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
                 extremes = torch.stack([torch.minimum(extremes[0], ratio[valid].min().double()),
                                         torch.maximum(extremes[1], ratio[valid].max().double()),
                                         torch.maximum(extremes[2], diff.max().double())])
-            sums["logp_diff"] += diff.sum().item()
-            sums["is_ratio"] += ratio[valid].sum().item()
-            sums["is_bounded"] += bounded.sum().item()
+            mismatch = torch.stack([diff.sum().double(), ratio[valid].sum().double(), bounded.sum().double()])
             w_is = w_is if correct else None
         token_loss = compose_token_loss(pg, kl, t.kl_beta, rows["w_token"], rows["w_prompt"], rows["keep"], entropy, t.entropy_coef,
                                         correction=w_is)
@@ -198,23 +199,22 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
         engine.backward(loss, scale_wrt_gas=False)
         if engine.is_gradient_accumulation_boundary():
             # Averaged, unclipped gradients are complete here below ZeRO-2; above, DeepSpeed reports the norm.
-            norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-            grad_norm = torch.stack(norms).norm().item() if norms else math.nan
+            grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
+            if grads:
+                grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
         engine.step()
         mask = rows["mask"].float()
         weight = rows["keep"].unsqueeze(-1) * rows["w_prompt"].unsqueeze(-1) * rows["w_token"]
         width = mask.shape[1]
         batch.credit[index, :width] = token_credit(rows["advantages"].unsqueeze(-1) * weight, logp.detach(), prob_sq) * mask
         batch.entropy[index, :width] = entropy
-        sums["loss"] += loss.item() / dist.world_size()
-        sums["pg"] += (pg.detach() * mask).sum().item()
-        sums["kl"] += (kl.detach() * mask).sum().item() if kl is not None else 0.0
-        sums["entropy"] += (entropy * mask).sum().item()
-        sums["logp"] += (logp.detach() * mask).sum().item()
-        sums["clipped"] += (clipped.float() * mask).sum().item()
-        sums["tokens"] += mask.sum().item()
+        loss_total = loss_total + loss.detach().double() / dist.world_size()
+        kl_sum = (kl.detach() * mask).sum() if kl is not None else torch.zeros(())
+        totals += torch.cat([torch.stack([(pg.detach() * mask).sum(), kl_sum, (entropy * mask).sum(), (logp.detach() * mask).sum(),
+                                          (clipped.float() * mask).sum(), mask.sum()]).double(), mismatch])
+    sums = {"loss": float(loss_total), **dict(zip(keys, totals.tolist()))}
     reported = engine.get_global_grad_norm()
-    sums["grad_norm"] = float(reported) if reported is not None else grad_norm
+    sums["grad_norm"] = float(reported) if reported is not None else float(grad_norm)
     sums["extremes"] = extremes
     return sums
 
@@ -290,8 +290,8 @@ def credit_log(batch: Batch, variants: Variants, step: int) -> pd.DataFrame:
         "row": rows.numpy(),
         "position": positions.numpy(),
         "token_id": ids.numpy(),
-        "token": [variants.piece(i) for i in ids.tolist()],
-        "class": [CLASS_NAMES[c] for c in batch.token_class[mask].tolist()],
+        "token": variants.pieces(ids),
+        "class": np.array([CLASS_NAMES[c] for c in sorted(CLASS_NAMES)], dtype=object)[batch.token_class[mask].numpy()],
         "credit": batch.credit[mask].numpy(),
         "entropy": batch.entropy[mask].numpy(),
         "logprob": batch.rollout.token_logp[mask].numpy(),

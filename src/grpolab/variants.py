@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -19,6 +20,7 @@ from grpolab.algos.mia_weights import transform_mia_weights
 from grpolab.config import Params
 from grpolab.logprobs import forward_completions, last_logits_only, take
 from grpolab.samplers import Rollout
+from grpolab.samplers.hf import evaluating
 
 
 @dataclass
@@ -28,8 +30,8 @@ class LossWeights:
     keep: torch.Tensor  # [B]
 
 
-def _mia_weight(row) -> float | None:
-    info = row["extra_info"]
+def _mia_weight(info) -> float | None:
+    """A row's `extra_info.mia_weight`, None without."""
     return info.get("mia_weight") if isinstance(info, dict) else None
 
 
@@ -39,9 +41,10 @@ class Variants:
     def __init__(self, params: Params, data: pd.DataFrame, tokenizer):
         self.params = params
         self.tokenizer = tokenizer
-        self._pieces: dict[int, str] = {}  # token id -> its decoded text, filled as tokens appear
+        self._pieces = np.full(0, None, dtype=object)  # token id -> its decoded text, filled as tokens appear
+        self._lengths = np.full(0, -1)  # token id -> its text's length, -1 until decoded
         t = params.train
-        self._raw_mia_weights = [_mia_weight(r) for _, r in data.iterrows()] if t.use_mia_weighted_loss else []
+        self._raw_mia_weights = [_mia_weight(x) for x in data["extra_info"]] if t.use_mia_weighted_loss else []
         self.mia_on = t.use_mia_weighted_loss and all(w is not None for w in self._raw_mia_weights)
         if t.use_mia_weighted_loss and not self.mia_on:
             warnings.warn("train.use_mia_weighted_loss is set but the train data has no extra_info.mia_weight: "
@@ -59,16 +62,28 @@ class Variants:
               + ", ".join(f"weight_{k}={v:.4f}" for k, v in stats.items()), flush=True)
         return {f"mia/weight_{k}": v for k, v in stats.items()}
 
-    def piece(self, token_id: int) -> str:
-        """The text of one token (cached: decoding is per token, not per occurrence)."""
-        if token_id not in self._pieces:
-            self._pieces[token_id] = self.tokenizer.decode([token_id])
-        return self._pieces[token_id]
+    def pieces(self, ids: torch.Tensor) -> np.ndarray:
+        """The text of each token of `ids` (an object array of their shape)."""
+        return self._pieces[self._known(ids)]
+
+    def _known(self, ids: torch.Tensor) -> np.ndarray:
+        """`ids` as an array, every one of them decoded: an id the first time it appears in the run, then looked up."""
+        ids = ids.numpy()
+        if ids.size and ids.max() >= len(self._pieces):
+            grow = int(ids.max()) + 1 - len(self._pieces)
+            self._pieces = np.concatenate([self._pieces, np.full(grow, None, dtype=object)])
+            self._lengths = np.concatenate([self._lengths, np.full(grow, -1)])
+        for i in (new := np.unique(ids))[self._lengths[new] < 0].tolist():
+            self._pieces[i] = self.tokenizer.decode([i])
+            self._lengths[i] = len(self._pieces[i])
+        return ids
 
     def token_classes(self, rollout: Rollout) -> torch.Tensor:
         """think / answer / tag / other of every completion token ([B, T], `algos.credit` codes)."""
-        rows = [[self.piece(i) for i in ids[:n]] for ids, n in zip(rollout.completion_ids.tolist(), rollout.lengths)]
-        return credit.token_classes(rows, rollout.completion_ids.shape[1])
+        ids = self._known(rollout.completion_ids)
+        lengths = np.where(rollout.completion_mask.bool().numpy(), self._lengths[ids], 0)
+        texts = ["".join(row[:n]) for row, n in zip(self._pieces[ids], rollout.lengths)]
+        return credit.token_classes(texts, torch.from_numpy(lengths))
 
     def loss_weights(self, rollout: Rollout, prompt_rows: list, classes: torch.Tensor, model,
                      micro_batches: list[torch.Tensor]) -> LossWeights:
@@ -80,7 +95,7 @@ class Variants:
         batch = rollout.completion_ids.shape[0]
         prompt = torch.ones(batch)
         if self.mia_on:
-            raw = torch.tensor([_mia_weight(r) for r in prompt_rows], dtype=torch.float32)
+            raw = torch.tensor([_mia_weight(r["extra_info"]) for r in prompt_rows], dtype=torch.float32)
             prompt = transform_mia_weights(raw, t.mia_weighting_mode, t.mia_invert_weights)
         token = self._token_weights(rollout, classes, model, micro_batches)
         return LossWeights(token=token, prompt=prompt, keep=torch.ones(batch))
@@ -106,11 +121,12 @@ def completion_attention(model, rows: dict) -> torch.Tensor:
     rows: prompt_ids / prompt_mask [b, P], completion_ids / mask [b, T].
 
     Any HF causal LM: one extra forward pass with eager attention (the fused kernels do not
-    return attention weights), switched back to the model's own implementation afterwards."""
+    return attention weights), in eval mode (the update leaves the policy training: LoRA's dropout
+    would make the weights noise), both switched back afterwards."""
     own = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), evaluating(model):
             out = forward_completions(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"],
                                       output_attentions=True, **last_logits_only(model))
             p = rows["prompt_ids"].shape[1]

@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 # token classes, as stored in the credit logs
@@ -23,33 +24,36 @@ CLASS_NAMES = {OTHER: "other", THINK: "think", ANSWER: "answer", TAG: "tag"}
 _TAG = re.compile(r"</?(think|answer)>")
 
 
-def token_classes(pieces: list[list[str]], width: int) -> torch.Tensor:
-    """Class of every token from its decoded text pieces (one list per completion) -> [B, width].
+def token_classes(texts: list[str], lengths: torch.Tensor) -> torch.Tensor:
+    """Class of every token from its decoded text -> [B, T]. texts: each completion's tokens' pieces joined;
+    lengths [B, T]: each piece's number of characters (0 past the completion).
 
     A token overlapping `<think>`, `</think>`, `<answer>` or `</answer>` is `tag`; a token between
     `<think>` and `</think>` is `think`, between `<answer>` and `</answer>` is `answer` (an
     unclosed section runs to the end); anything else (text outside the tags, EOS, padding) is
-    `other`. A completion without tags is all `other`.
+    `other`. A completion without tags is all `other`. Python runs per tag, never per token or character.
     """
-    out = torch.full((len(pieces), width), OTHER, dtype=torch.long)
-    for b, row in enumerate(pieces):
-        text = "".join(row)
-        char_class = [OTHER] * len(text)
-        section = OTHER
-        last = 0
-        for m in _TAG.finditer(text):
-            char_class[last : m.start()] = [section] * (m.start() - last)
-            char_class[m.start() : m.end()] = [TAG] * (m.end() - m.start())
-            opening = not m.group(0).startswith("</")
-            section = (THINK if m.group(1) == "think" else ANSWER) if opening else OTHER
-            last = m.end()
-        char_class[last:] = [section] * (len(text) - last)
-        start = 0
-        for t, piece in enumerate(row[:width]):
-            span = char_class[start : start + len(piece)]
-            start += len(piece)
-            out[b, t] = TAG if TAG in span else (span[0] if span else OTHER)
-    return out
+    text = "\0".join(texts)  # one regex pass over the batch: no tag holds a NUL, so none spans two completions
+    size = len(text)
+    row_start = np.cumsum([0] + [len(x) + 1 for x in texts[:-1]])
+    found = [(m.start(), m.end(), OTHER if m.group(0)[1] == "/" else THINK if m.group(1) == "think" else ANSWER)
+             for m in _TAG.finditer(text)]
+    starts, ends, after = (np.array(column, dtype=np.int64) for column in zip(*found)) if found else [np.zeros(0, np.int64)] * 3
+    inside = np.zeros(size + 1, dtype=np.int64)  # +1 at a tag's first character, -1 past its last
+    np.add.at(inside, starts, 1)
+    np.add.at(inside, ends, -1)
+    is_tag = np.cumsum(inside)[:size] > 0
+    section = np.full(size + 1, -1, dtype=np.int64)  # where the section changes: a completion starts, a tag ends
+    section[row_start] = OTHER
+    section[ends] = after
+    section = section[np.maximum.accumulate(np.where(section >= 0, np.arange(size + 1), 0))]
+    char_class = np.append(np.where(is_tag, TAG, section[:size]), OTHER)  # [size + 1]: an empty piece may sit at the end
+    tags_before = np.concatenate([[0], np.cumsum(is_tag)])  # tag characters before each character
+    n = lengths.numpy().astype(np.int64)
+    first = row_start[:, None] + np.cumsum(n, axis=1) - n  # each token's first character in `text`
+    last = first + n
+    out = np.where(tags_before[last] > tags_before[first], TAG, char_class[first])
+    return torch.from_numpy(np.where(n > 0, out, OTHER))
 
 
 def _ones_outside(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

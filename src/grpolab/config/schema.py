@@ -566,6 +566,11 @@ class TrainParams(Section):
     judge_model: str | None = Field(
         None, description="Local sequence-classification model folder used by the `judge` reward (frozen)."
     )
+    judge_batch_size: int | None = Field(
+        None, ge=1, description="Texts the judge scores together (verl's `reward_model.micro_batch_size_per_gpu`): bounds "
+        "its activation memory. Default: `rollout_batch_size`. Each text is cut from the left to the judge's context, "
+        "so a long prompt cannot push the completion out.",
+    )
     use_mia_weighted_loss: bool = Field(
         False, description="Multiply each prompt's policy-gradient loss by its transformed `extra_info.mia_weight` "
         "(seed 000); train data without weights falls back to plain GRPO with a warning."

@@ -64,8 +64,8 @@ def sample_rollouts(params: Params, engine, sampler: Sampler, tokenizer, data: p
     per_rank = t.prompts_per_step // dist.world_size()
     prompt_index = step_prompts(params, len(data), batch_id)
     mine = prompt_index[dist.rank() * per_rank : (dist.rank() + 1) * per_rank]
-    rows = [data.iloc[i] for i in mine for _ in range(t.group_size)]
-    encoded = {i: encode_prompt(tokenizer, data.iloc[i]["prompt"]) for i in set(mine.tolist())}
+    rows = [row for row in data.take(mine).to_dict("records") for _ in range(t.group_size)]  # column by column, not row by row
+    encoded = {i: encode_prompt(tokenizer, data["prompt"].iat[i]) for i in set(mine.tolist())}
     first_row = batch_id * t.prompts_per_step * t.group_size + dist.rank() * per_rank * t.group_size
     with dist.gathered(engine) if sampler.reads_policy else nullcontext():
         rollout = sampler.sample(
@@ -148,8 +148,8 @@ def weigh(params: Params, engine, tokenizer, ref_model, variants: Variants, samp
     advantages = group_advantages(sampled.all_rewards, t.group_size, t.scale_rewards, estimator=t.advantage_estimator,
                                   lengths=sampled.all_lengths)[offset : offset + len(sampled.rows)]
     classes = variants.token_classes(rollout)
+    engine.module.eval()  # every pass below reads the policy as it sampled: the update left it training (dropout)
     if rollout.token_entropy is None and MITIGATIONS[t.mitigation.name].needs_entropy:  # vLLM returns no entropies
-        engine.module.eval()
         rollout.token_entropy = rollout_entropies(engine.module, rollout, t.micro_batch_size, t.temperature, params.model.logit_chunk_tokens)
     weights = variants.loss_weights(rollout, sampled.rows, classes, engine.module, by_length(rollout.completion_mask, t.micro_batch_size))
     if t.mia_normalize_weights:
@@ -157,7 +157,6 @@ def weigh(params: Params, engine, tokenizer, ref_model, variants: Variants, samp
     if t.mask_truncated_completions:
         weights.keep = weights.keep * ~truncated(rollout.completion_ids, rollout.completion_mask, stop_ids(engine.module, tokenizer), t.max_new_tokens)
     batch = Batch(rollout, advantages, None, None, weights, classes)
-    engine.module.eval()
     if t.ppo_epochs > 1:
         batch.old_logp = batch_logprobs(engine.module, batch, t.micro_batch_size, t.temperature, params.model.logit_chunk_tokens)
     if t.kl_beta > 0:

@@ -7,7 +7,6 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
-DEEPSPEED := deepspeed==0.19.8
 PIP := $(BIN)/pip install --disable-pip-version-check --progress-bar off -qq
 
 .PHONY: install browser postgres run test ui docs reference deploy bench bench-mia bench-tracin bench-memory bench-rollout bench-vllm bench-losses bench-pool gpu-check gpu-wheels clean clean-all
@@ -21,7 +20,7 @@ $(STAMP): pyproject.toml requirements.lock requirements-vllm.lock
 	@echo "==> installing into $(VENV) (once)"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) --no-build-isolation $(DEEPSPEED)
+	$(PIP) --no-build-isolation deepspeed==0.19.8
 	$(PIP) -r requirements.lock
 	$(PIP) --no-deps -e .
 	@# vLLM's CPU build for train.rollout.backend=vllm, exact pins without its own deps (why: requirements-vllm.lock)
@@ -131,7 +130,7 @@ GPU_WHEELS := hjson msgpack ninja psutil py-cpuinfo einops pydantic pydantic_cor
   typing_extensions ruamel.yaml
 gpu-wheels:
 	rm -rf $(WHEELS)
-	DS_BUILD_OPS=0 $(PYTHON) -m pip wheel -q --disable-pip-version-check --no-deps -w $(WHEELS) $(DEEPSPEED)
+	DS_BUILD_OPS=0 $(PYTHON) -m pip wheel -q --disable-pip-version-check --no-deps -w $(WHEELS) deepspeed==0.19.8
 	$(PYTHON) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
 	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	  -d $(WHEELS) $$(for p in $(GPU_WHEELS); do grep -i "^$$p==" requirements.lock; done)

@@ -362,31 +362,36 @@ def test_tracin_composes_with_mia_weights_credit_mitigation_and_ppo_epochs(train
     assert dropped == any(not torch.equal(other[k], v) for k, v in trained_weights().items())
 
 
-def test_tracin_same_batch_holds_one_chunks_captures_at_a_time(trainer, monkeypatch):
-    """Memory bounded by a chunk: when the influence pass takes a chunk's captures, no other chunk's are alive
-    (the batch gradient is summed in one pass that keeps only the last chunk's, the other chunks' products
-    recompute theirs): 2k - 1 captures for k chunks."""
+def test_tracin_captures_a_token_budget_at_a_time_and_keeps_no_layers_gradient_past_its_use(trainer, monkeypatch):
+    """Memory bounded by a chunk of train.tracin.capture_tokens positions, and within it by one layer: every
+    captured gradient is dropped once consumed (none alive when its capture returns), two passes over the chunks
+    (the batch gradient, then the products)."""
     import gc
-    import math
     import weakref
 
     import grpolab.tracin
 
-    taken, held = [], []  # weak references to every chunk's captures; how many were alive at each capture
+    budget, shapes, alive = 160, [], []  # each capture's [rows, positions]; records still alive after each capture
     capture = grpolab.tracin.GradientProbe.capture
 
-    def counted(self, *args, **kwargs):
+    def counted(self, forward, valid, consume, packed_rows=None):
+        taken = []
+
+        def consume_and_track(record):
+            taken.append(weakref.ref(record))
+            consume(record)
+
+        capture(self, forward, valid, consume_and_track, packed_rows)
         gc.collect()
-        held.append(sum(ref() is not None for ref in taken))
-        captures = capture(self, *args, **kwargs)
-        taken.append(weakref.ref(captures))
-        return captures
+        shapes.append(tuple(valid.shape))
+        alive.append(sum(ref() is not None for ref in taken))
 
     monkeypatch.setattr(grpolab.tracin.GradientProbe, "capture", counted)
-    run_stage("train", config.apply_overrides(["train.steps=1", *SAME_BATCH, "train.micro_batch_size=4"]))
+    run_stage("train", config.apply_overrides(["train.steps=1", *SAME_BATCH, f"train.tracin.capture_tokens={budget}"]))
     log = pd.read_parquet("metrics/tracin/step_000001.parquet")
-    chunks = math.ceil(int((log["advantage"] != 0).sum()) / 4)
-    assert chunks >= 2 and len(held) == 2 * chunks - 1 and set(held) == {0}
+    assert len(shapes) % 2 == 0 and len(shapes) >= 4 and set(alive) == {0}
+    assert all(rows * positions <= budget or rows == 1 for rows, positions in shapes)
+    assert sum(rows for rows, _ in shapes[: len(shapes) // 2]) == int((log["advantage"] != 0).sum())  # each active row once a pass
 
 
 def test_tracin_every_n_batches(trainer):

@@ -106,6 +106,11 @@ def _latest() -> str | None:
     return latest.read_text().strip() if latest.is_file() else None
 
 
+def left_behind() -> bool:
+    """Whether a training left a checkpoint here (of whichever params: `resumable` says whether it is this one's)."""
+    return _latest() is not None
+
+
 def resumable(key: str) -> Checkpoint | None:
     """The newest checkpoint of the training of fingerprint `key`, if one was left behind."""
     tag = _latest()

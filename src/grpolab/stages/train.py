@@ -27,7 +27,7 @@ from grpolab.algos.advantages import dynamic_sampling_groups, group_advantages, 
 from grpolab.algos.credit import MITIGATIONS
 from grpolab.algos.length import overlong_penalty, truncated
 from grpolab.algos.mia_weights import mean_one
-from grpolab.checkpoints import broadcast_fingerprint, discard, fingerprint, resumable
+from grpolab.checkpoints import broadcast_fingerprint, discard, fingerprint, left_behind, resumable
 from grpolab.config import Params
 from grpolab.data.tokenizer import encode_prompt, load_tokenizer
 from grpolab.models import load_model, reference_policy, with_lora
@@ -180,6 +180,8 @@ def train_inputs(params: Params) -> list[Path]:
 
 def resumed_run(params: Params) -> str | None:
     """The MLflow run of the training checkpoint this training would resume, if any: the stage logs into it again."""
+    if not left_behind():  # nothing to hash the inputs for (and they may not exist yet: train() says so)
+        return None
     checkpoint = resumable(fingerprint(params, train_inputs(params)))
     return checkpoint.run_id if checkpoint else None
 

@@ -19,7 +19,7 @@ from grpolab.fsutil import atomic_write_text
 from grpolab.logprobs import completion_logprobs
 from grpolab.models import build_model, load_model, num_parameters, save_model
 from grpolab.paths import BASE_DIR, SFT_FILE, SFT_LOSS_FILE, TOKENIZER_DIR
-from grpolab.samplers.base import left_pad
+from grpolab.samplers.base import left_pad, right_pad
 
 if TYPE_CHECKING:
     from grpolab.tracking import Tracker
@@ -39,12 +39,7 @@ def _encode(sft: pd.DataFrame, tokenizer, max_length: int) -> tuple[list[list[in
 def _rows(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """A micro-batch as the log-prob passes read one: prompts left-padded, responses right-padded."""
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    width = max(len(r) for r in responses)
-    ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(responses), width), dtype=torch.long)
-    for row, r in enumerate(responses):
-        ids[row, : len(r)] = torch.tensor(r)
-        mask[row, : len(r)] = 1
+    ids, mask = right_pad(responses, pad_id)
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": ids, "mask": mask}
 
 

@@ -76,7 +76,11 @@ def marked_processes(marker: str, key: str = MARKER) -> dict[int, str]:
 def project_env() -> dict[str, str]:
     # In-process training sets the torch.distributed variables; a child process must not inherit them.
     distributed = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API")) and k not in distributed}
+    # MLflow's and Prefect's settings are the test's to give, but for the MLflow credentials that tests/test_pipeline.py's
+    # servers ask for (a server without authentication ignores them).
+    credentials = {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+    env = {k: v for k, v in os.environ.items()
+           if (k in credentials or not k.startswith(("MLFLOW_", "PREFECT_API"))) and k not in distributed}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     return env

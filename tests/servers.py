@@ -94,24 +94,30 @@ def postgres(databases: list[str]) -> Iterator[str]:
 
 
 @contextmanager
-def mlflow_server(backend_store_uri: str, folder: Path) -> Iterator[str]:
-    """`mlflow server` on `backend_store_uri`, serving artifacts from `folder/artifacts`; yields its URI."""
+def mlflow_server(backend_store_uri: str, folder: Path, auth: dict[str, str] | None = None) -> Iterator[str]:
+    """`mlflow server` on `backend_store_uri`, serving artifacts from `folder/artifacts`; yields its URI. With
+    `auth` (the server's settings: MLFLOW_AUTH_ADMIN_USERNAME, MLFLOW_AUTH_ADMIN_PASSWORD,
+    MLFLOW_FLASK_SERVER_SECRET_KEY, GRPOLAB_MLFLOW_AUTH_DATABASE_URI), behind basic authentication as
+    docker/compose.yaml serves it (`--app-name grpolab-auth`)."""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    args = [f"{BIN}/mlflow", "server", "--backend-store-uri", backend_store_uri, "--serve-artifacts",
+    app = ["--app-name", "grpolab-auth"] if auth else []
+    args = [f"{BIN}/mlflow", "server", "--backend-store-uri", backend_store_uri, "--serve-artifacts", *app,
             "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = {**project_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # as `grpolab ui` starts it: no job runner
+    env = {**project_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(auth or {})}  # as `grpolab ui` starts it: no job runner
     with serving(args, folder / "mlflow-server.log", lambda: http_ok(f"{uri}/health"), "mlflow server", env):
         yield uri
 
 
 @contextmanager
-def prefect_server(folder: Path) -> Iterator[dict[str, str]]:
-    """`prefect server start` with its own home and sqlite database in `folder`; yields the environment
-    a Prefect client (CLI, worker) needs to talk to it."""
+def prefect_server(folder: Path, database: str | None = None, auth_string: str | None = None) -> Iterator[dict[str, str]]:
+    """`prefect server start` with its own home in `folder`, on `database` (default a sqlite file there), with
+    `auth_string` asked of every client (PREFECT_SERVER_API_AUTH_STRING) if given; yields the environment a
+    Prefect client (CLI, worker) needs to talk to it (the auth string too)."""
     port = free_port()
     env = {**project_env(), "PREFECT_HOME": str(folder / "prefect-home"),
-           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{folder / 'prefect.db'}"}
+           "PREFECT_API_DATABASE_CONNECTION_URL": database or f"sqlite+aiosqlite:///{folder / 'prefect.db'}"}
+    server_env = {**env, "PREFECT_SERVER_API_AUTH_STRING": auth_string} if auth_string else env
     args = [f"{BIN}/prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with serving(args, folder / "prefect-server.log", lambda: http_ok(f"http://127.0.0.1:{port}/api/health"), "prefect server", env):
-        yield {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    with serving(args, folder / "prefect-server.log", lambda: http_ok(f"http://127.0.0.1:{port}/api/health"), "prefect server", server_env):
+        yield {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", **({"PREFECT_API_AUTH_STRING": auth_string} if auth_string else {})}

@@ -378,8 +378,9 @@ def test_compose_file_is_valid_against_the_compose_specification(compose):
 
 def test_a_missing_secret_stops_compose_and_says_where_to_set_it(example_env):
     raw = yaml.safe_load(COMPOSE.read_text())
-    secrets = [name for name in example_env if re.search(r"PASSWORD|USER$|SECRET|TOKEN", name)]
-    assert set(secrets) == {"POSTGRES_USER", "POSTGRES_PASSWORD"}
+    secrets = [name for name in example_env if re.search(r"PASSWORD|USER(NAME)?$|SECRET|TOKEN|AUTH_STRING", name)]
+    assert set(secrets) == {"POSTGRES_USER", "POSTGRES_PASSWORD", "GRPOLAB_MLFLOW_USERNAME", "GRPOLAB_MLFLOW_PASSWORD",
+                            "GRPOLAB_MLFLOW_SECRET_KEY", "GRPOLAB_PREFECT_AUTH_STRING"}
     for name in secrets:
         for env in ({k: v for k, v in example_env.items() if k != name}, {**example_env, name: ""}):
             with pytest.raises(InterpolationError, match=rf"{name} is missing a value: set {name} in docker/\.env"):
@@ -397,12 +398,12 @@ def test_no_secret_is_written_in_compose_yaml_and_the_env_file_stays_out_of_git(
     assert example_env["POSTGRES_PASSWORD"] not in text
     # credentials in a URL come from variables only: scheme://${USER}:${PASSWORD}@host
     userinfos = re.findall(r"[a-z0-9+]+://((?:\$\{[^}]*\}|[^\s/@$])*)@", text)
-    assert len(userinfos) == 2  # MLflow's backend store, Prefect's database
+    assert len(userinfos) == 3  # MLflow's backend store and its users' database, Prefect's database
     for userinfo in userinfos:
         assert re.fullmatch(r"\$\{[^}]+\}:\$\{[^}]+\}", userinfo), userinfo
     for service in yaml.safe_load(text)["services"].values():
         for key, value in (service.get("environment") or {}).items():
-            if re.search(r"PASSWORD|SECRET|TOKEN", key):
+            if re.search(r"PASSWORD|SECRET|TOKEN|AUTH_STRING", key):
                 assert re.fullmatch(r"\$\{[^}]+\}", str(value)), f"{key}: a literal value"
 
     def ignored(path: str) -> bool:
@@ -501,6 +502,27 @@ def test_a_worker_on_a_second_host_reaches_the_first_hosts_servers(example_env):
     assert (env["PREFECT_API_URL"], env["MLFLOW_TRACKING_URI"]) == ("http://10.0.0.5:4200/api", "http://10.0.0.5:5000")
 
 
+def test_both_servers_ask_for_the_credentials_the_worker_gives_wherever_they_are_published(example_env):
+    """Published on the lab's network or not, MLflow runs its basic-auth app (with grpolab's UI) and Prefect asks
+    for its auth string; the worker has both; a missing credential stops compose, naming it (tests/test_pipeline.py
+    runs such servers: 401 without credentials)."""
+    for address in ("127.0.0.1", "10.0.0.5"):
+        services = interpolate(yaml.safe_load(COMPOSE.read_text()), {**example_env, "GRPOLAB_PUBLISH_ADDRESS": address})["services"]
+        mlflow, server, worker = services["mlflow"]["environment"], services["prefect-server"]["environment"], services["worker"]["environment"]
+        assert option(services["mlflow"]["command"], "--app-name") == "grpolab-auth"
+        assert (worker["MLFLOW_TRACKING_USERNAME"], worker["MLFLOW_TRACKING_PASSWORD"]) == (
+            mlflow["MLFLOW_AUTH_ADMIN_USERNAME"], mlflow["MLFLOW_AUTH_ADMIN_PASSWORD"]) == (
+            example_env["GRPOLAB_MLFLOW_USERNAME"], example_env["GRPOLAB_MLFLOW_PASSWORD"])
+        assert mlflow["MLFLOW_FLASK_SERVER_SECRET_KEY"] == example_env["GRPOLAB_MLFLOW_SECRET_KEY"]
+        assert worker["PREFECT_API_AUTH_STRING"] == server["PREFECT_SERVER_API_AUTH_STRING"] == example_env["GRPOLAB_PREFECT_AUTH_STRING"]
+        for name in ("GRPOLAB_MLFLOW_PASSWORD", "GRPOLAB_PREFECT_AUTH_STRING"):
+            with pytest.raises(InterpolationError, match=rf"{name} is missing a value: set {name} in docker/\.env"):
+                interpolate(yaml.safe_load(COMPOSE.read_text()), {**example_env, "GRPOLAB_PUBLISH_ADDRESS": address, name: ""})
+    from importlib.metadata import entry_points
+
+    assert {ep.name: ep.value for ep in entry_points(group="mlflow.app")}["grpolab-auth"] == "grpolab.ui:create_auth_app"
+
+
 def test_one_postgres_holds_mlflows_and_prefects_databases(compose):
     services = compose["services"]
     postgres = services["postgres"]
@@ -515,7 +537,9 @@ def test_one_postgres_holds_mlflows_and_prefects_databases(compose):
     prefect_uri = services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert mlflow_uri == f"postgresql://{user}:{password}@postgres:5432/{env['POSTGRES_DB']}"
     assert prefect_uri == f"postgresql+asyncpg://{user}:{password}@postgres:5432/prefect"
-    assert env["POSTGRES_DB"] == "mlflow" and created == {"prefect"}
+    auth_uri = services["mlflow"]["environment"]["GRPOLAB_MLFLOW_AUTH_DATABASE_URI"]
+    assert auth_uri == f"postgresql://{user}:{password}@postgres:5432/mlflow_auth"
+    assert env["POSTGRES_DB"] == "mlflow" and created == {"prefect", "mlflow_auth"}
     assert set(compose["volumes"]) == {"postgres-data", "mlflow-artifacts"}
     assert services["mlflow"]["volumes"] == ["mlflow-artifacts:/mlartifacts"]
     assert option(services["mlflow"]["command"], "--artifacts-destination") == "/mlartifacts"

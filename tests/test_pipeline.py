@@ -1,13 +1,16 @@
 """End to end: the real CLI, Prefect's temporary server, DVC in a git repo, an MLflow sqlite store."""
 
+import base64
 import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -75,22 +78,72 @@ def prefect(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedP
     return proc
 
 
+def basic_auth(credentials: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
+
+
 def prefect_api(env: dict[str, str], path: str, body: dict) -> list | dict:
-    request = urllib.request.Request(f"{env['PREFECT_API_URL']}/{path}", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    """POST to the Prefect server's API with the client's credentials (PREFECT_API_AUTH_STRING) when it has them."""
+    auth = basic_auth(env["PREFECT_API_AUTH_STRING"]) if env.get("PREFECT_API_AUTH_STRING") else {}
+    request = urllib.request.Request(f"{env['PREFECT_API_URL']}/{path}", json.dumps(body).encode(), {"Content-Type": "application/json", **auth})
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
 
+LAB_USER = "grpolab"
+MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def lab_auth(pg: str) -> tuple[dict[str, str], str, str]:
+    """The settings docker/compose.yaml gives the MLflow server (from docker/.env), a Prefect auth string, and the
+    MLflow password: fresh secrets, as `openssl rand` would make them."""
+    password = secrets.token_hex(16)
+    mlflow = {"MLFLOW_AUTH_ADMIN_USERNAME": LAB_USER, "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+              "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16), "GRPOLAB_MLFLOW_AUTH_DATABASE_URI": f"postgresql://grpolab@{pg}/mlflow_auth"}
+    return mlflow, f"{LAB_USER}:{secrets.token_hex(16)}", password
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    """What a lab runs beside its nodes, each a real server on 127.0.0.1 (tests/servers.py): an MLflow
-    tracking server on PostgreSQL with a served artifact store, and a Prefect server; shared by this file's
-    deployment tests. Yields (PostgreSQL's host:port, the MLflow URI, the Prefect clients' environment, the
-    MLflow server's folder)."""
+    """What a lab runs beside its nodes, each a real server on 127.0.0.1 (tests/servers.py), both on PostgreSQL
+    and both asking for credentials, as docker/compose.yaml serves them: an MLflow tracking server with basic
+    authentication and a served artifact store, and a Prefect server with an auth string; shared by this file's
+    deployment tests. Yields (PostgreSQL's host:port, the MLflow URI, the clients' environment: Prefect's URL and
+    auth string, MLflow's user name and password, the MLflow server's folder). This process's own MLflow client
+    has the credentials too, while the servers run."""
     folder = tmp_path_factory.mktemp("servers")
-    with (postgres(["mlflow"]) as pg, mlflow_server(f"postgresql://grpolab@{pg}/mlflow", folder) as uri,
-          prefect_server(folder) as prefect_env):
-        yield pg, uri, prefect_env, folder
+    with postgres(["mlflow", "mlflow_auth", "prefect"]) as pg:
+        mlflow_settings, auth_string, password = lab_auth(pg)
+        with (mlflow_server(f"postgresql://grpolab@{pg}/mlflow", folder, mlflow_settings) as uri,
+              prefect_server(folder, f"postgresql+asyncpg://grpolab@{pg}/prefect", auth_string) as prefect_env):
+            credentials = dict(zip(MLFLOW_CREDENTIALS, (LAB_USER, password)))
+            before = {k: os.environ.get(k) for k in credentials}
+            os.environ.update(credentials)
+            try:
+                yield pg, uri, {**prefect_env, **credentials}, folder
+            finally:
+                for key, value in before.items():
+                    os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+def assert_no_secret_logged(env: dict[str, str], uri: str, artifacts: Path, *outputs: str) -> None:
+    """Neither the MLflow password nor the Prefect auth string's password is in anything logged: MLflow's params,
+    tags and metric names of every run, every file of its artifact store (the DeepSpeed config, tables, logs),
+    Prefect's flow runs (parameters, states), their logs, deployments and work pools, and what the commands printed."""
+    found = [env["MLFLOW_TRACKING_PASSWORD"], env["PREFECT_API_AUTH_STRING"].split(":", 1)[1]]
+    client = MlflowClient(uri)
+    texts = list(outputs)
+    for experiment in client.search_experiments():
+        for r in client.search_runs([experiment.experiment_id], max_results=1000):
+            texts.append(json.dumps([r.data.params, r.data.tags, sorted(r.data.metrics)]))
+    flow_runs = prefect_api(env, "flow_runs/filter", {})
+    texts += [json.dumps(flow_runs), json.dumps(prefect_api(env, "deployments/filter", {})), json.dumps(prefect_api(env, "work_pools/filter", {}))]
+    for flow_run in flow_runs:
+        texts += [e["message"] for e in prefect_api(env, "logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}})]
+    leaks = [(secret[:4] + "…", i) for secret in found for i, text in enumerate(texts) if secret in text]
+    files = [f for f in artifacts.rglob("*") if f.is_file()]
+    leaks += [(secret[:4] + "…", str(f)) for f in files for secret in found if secret.encode() in f.read_bytes()]
+    assert len(files) > 10 and len(texts) > 20 and not leaks, leaks
 
 
 def test_pipeline_as_a_deployment_on_a_worker_then_dvc(tmp_path, servers):
@@ -250,6 +303,74 @@ def _pipeline_then_dvc(tmp_path: Path, a: Path, pg: str, uri: str, prefect_env: 
     run(["dvc", "repro", "inputs"], a)
     status = run(["dvc", "status"], a).stdout
     assert {s for s in ("prepare", "sft", "mia", "train", "evaluate") if f"\n{s}:" in f"\n{status}"} == {"mia", "evaluate"}, status
+    assert_no_secret_logged(prefect_env, uri, folder / "artifacts", out, repro)
+
+
+def test_the_lab_servers_refuse_whoever_has_no_credentials_and_grpolab_names_a_wrong_one(tmp_path, servers):
+    """The servers of `servers`, as docker/compose.yaml runs them: a request without credentials, or with a wrong
+    password, gets 401 and changes nothing; grpolab refuses a wrong or missing password before any work, naming
+    the variable and never printing the password; the MLflow UI keeps grpolab's runs view behind the login; and
+    a restart with a new MLFLOW_AUTH_ADMIN_PASSWORD rotates the password."""
+    from grpolab.ui import SCRIPT
+
+    pg, uri, env, folder = servers
+    body = json.dumps({"name": "intruder"}).encode()
+    for credentials in (None, f"{LAB_USER}:wrong-password"):
+        auth = basic_auth(credentials) if credentials else {}
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/create", body, {"Content-Type": "application/json", **auth}), timeout=30)
+        assert refused.value.code == 401
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            prefect_api({**env, "PREFECT_API_AUTH_STRING": credentials or ""}, "work_pools/", {"name": "intruder", "type": "process"})
+        assert refused.value.code == 401
+    assert MlflowClient(uri).get_experiment_by_name("intruder") is None
+    assert prefect_api(env, "work_pools/filter", {"work_pools": {"name": {"any_": ["intruder"]}}}) == []
+    page = urllib.request.urlopen(urllib.request.Request(f"{uri}/", headers=basic_auth(f"{LAB_USER}:{env['MLFLOW_TRACKING_PASSWORD']}")), timeout=30)
+    assert SCRIPT in page.read().decode()  # `grpolab ui`'s runs view, behind the login
+
+    project = make_project(tmp_path / "p")
+    shutil.copytree(REPO / "studies", project / "studies")
+    before = (project / "params.yaml").read_bytes()
+    refusals = {
+        "MLFLOW_TRACKING_PASSWORD": f"MLFLOW_TRACKING_PASSWORD: the MLflow server {uri} refused user 'grpolab' with this password "
+                                    "(401 Unauthorized: a wrong user name or password); nothing was run",
+        "MLFLOW_TRACKING_USERNAME": f"the MLflow server {uri} asks for a user name and password (401 Unauthorized): set "
+                                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD",
+        "PREFECT_API_AUTH_STRING": f"PREFECT_API_AUTH_STRING: the Prefect server {env['PREFECT_API_URL']} refused it (401 Unauthorized: "
+                                   "a wrong user or password",
+    }
+    for key, message in refusals.items():
+        wrong = {**project_env(), **env, "MLFLOW_TRACKING_URI": uri, key: "wrong-password"}
+        if key == "MLFLOW_TRACKING_USERNAME":
+            wrong = {k: v for k, v in wrong.items() if k not in MLFLOW_CREDENTIALS}
+        study = [["study", "studies/smoke.yaml", "--pool", "nodes"]] if key == "PREFECT_API_AUTH_STRING" else []  # checked as `run` checks
+        for command in (["run", "-S", "sft.steps=3"], *study):
+            proc = subprocess.run([f"{BIN}/grpolab", *command], cwd=project, env=wrong, capture_output=True, text=True, timeout=300)
+            said = proc.stdout + proc.stderr
+            assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], (key, command, said[-3000:])
+            assert "==> stage" not in said and "Traceback" not in said and env["MLFLOW_TRACKING_PASSWORD"] not in said
+    assert (project / "params.yaml").read_bytes() == before and not (project / "reports").exists()
+
+    # Rotation, on a server of its own: restarted with a new password, the old one is refused and the new one works.
+    host, port = pg.split(":")
+    for name in ("rotated", "rotated_auth"):
+        subprocess.run([postgres_bin("createdb"), "-h", host, "-p", port, "-U", "grpolab", name], check=True, capture_output=True)
+    settings, _, old = lab_auth(pg)
+    settings["GRPOLAB_MLFLOW_AUTH_DATABASE_URI"] = f"postgresql://grpolab@{pg}/rotated_auth"
+    new = secrets.token_hex(16)
+    for i, password in enumerate((old, new)):
+        (tmp_path / f"rotation-{i}").mkdir()
+        with mlflow_server(f"postgresql://grpolab@{pg}/rotated", tmp_path / f"rotation-{i}", {**settings, "MLFLOW_AUTH_ADMIN_PASSWORD": password}) as rotated:
+            accepted = {}
+            for tried in (old, new):
+                try:
+                    urllib.request.urlopen(urllib.request.Request(f"{rotated}/api/2.0/mlflow/experiments/search?max_results=1",
+                                                                  headers=basic_auth(f"{LAB_USER}:{tried}")), timeout=30)
+                    accepted[tried] = True
+                except urllib.error.HTTPError as exc:
+                    assert exc.code == 401
+                    accepted[tried] = False
+            assert accepted == {old: password == old, new: password == new}
 
 
 def test_project_root_sees_through_dvc_experiment_copies(tmp_path):

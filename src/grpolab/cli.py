@@ -22,8 +22,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar 
 
 
 def _temporary_prefect_server() -> None:
-    """With no PREFECT_API_URL, Prefect starts a temporary server on first use, which a killed grpolab would
-    leave serving: started here, and stopped when this process ends, however it ends."""
+    """With no PREFECT_API_URL, Prefect starts a temporary server on first use, which a killed grpolab would leave
+    serving: started here, and stopped when this process ends, however it ends."""
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL
 
@@ -34,6 +34,36 @@ def _temporary_prefect_server() -> None:
     server = SubprocessASGIServer()  # the instance Prefect's client uses
     server.start()
     stop_with_me(server.server_process.pid)
+
+
+def _check_prefect_api() -> None:
+    """PREFECT_API_URL's server, where one is set, answers and takes this process's credentials
+    (PREFECT_API_AUTH_STRING): checked before any work."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        _check_prefect_server(PREFECT_API_URL.value())
+
+
+def _check_prefect_server(url: str) -> None:
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.settings import PREFECT_API_AUTH_STRING
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_work_pools(limit=1)
+    except PrefectHTTPStatusError as exc:
+        if exc.response.status_code != 401:
+            raise
+        if PREFECT_API_AUTH_STRING.value():
+            raise ConfigError(f"PREFECT_API_AUTH_STRING: the Prefect server {url} refused it (401 Unauthorized: a wrong user or "
+                              "password; it must equal the server's PREFECT_SERVER_API_AUTH_STRING); nothing was run") from None
+        raise ConfigError(f"the Prefect server {url} asks for credentials (401 Unauthorized): set PREFECT_API_AUTH_STRING "
+                          "(user:password, the server's PREFECT_SERVER_API_AUTH_STRING); nothing was run") from None
+    except (httpx.HTTPError, OSError) as exc:
+        raise ConfigError(f"PREFECT_API_URL: the Prefect server {url} is unavailable ({exc}); nothing was run") from None
 
 
 def _load_flow(name: str):
@@ -53,6 +83,7 @@ def cmd_run(args) -> None:
     from grpolab.tracking import check_store
     from grpolab.workspace import pipeline_lock
 
+    _check_prefect_api()
     with pipeline_lock():
         check_store(config.overridden(args.set)[1])  # before params.yaml changes (the flow checks again, for deployments)
         config.apply_overrides(args.set)  # validated (and written) before Prefect starts
@@ -65,9 +96,12 @@ def cmd_study(args) -> None:
     from grpolab.study.report import REPORTS_DIR
     from grpolab.study.run import StudyRun
     from grpolab.study.spec import load_study
+    from grpolab.tracking import check_store
 
     study = load_study(args.file)  # every cell validated before Prefect starts
     StudyRun(study, args.jobs, gpus_per_cell=args.gpus_per_cell, pool=args.pool)  # and the jobs and GPUs they would need
+    check_store(study.cells[0].params)
+    _check_prefect_api()
     name = study.name
     output_folder(REPORTS_DIR / name, "the report folder")  # refused now, not after the cells ran
     _load_flow("study")(args.file, args.jobs, args.gpus_per_cell, args.pool)

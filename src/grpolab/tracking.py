@@ -89,6 +89,7 @@ def check_store(params: Params) -> None:
 
     uri = tracking_uri(params)
     key = "tracking.uri" if params.tracking.uri else ("MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default store")
+    check_uri_has_no_password(uri, key)
     try:
         if uri.startswith(("http://", "https://")):
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=STORE_TIMEOUT_S) as response:
@@ -99,8 +100,33 @@ def check_store(params: Params) -> None:
             if not folder.is_dir() or not os.access(folder, os.W_OK):
                 raise OSError(f"{folder} is not a writable folder")
         MlflowClient(uri).search_experiments(max_results=1)
-    except (OSError, MlflowException) as exc:
+    except MlflowException as exc:
+        if exc.get_http_status_code() in (401, 403):
+            raise ConfigError(credentials_refused(uri, exc.get_http_status_code())) from None
         raise ConfigError(f"{key}: the MLflow tracking store {uri} is unavailable ({exc}); nothing was run") from None
+    except OSError as exc:
+        raise ConfigError(f"{key}: the MLflow tracking store {uri} is unavailable ({exc}); nothing was run") from None
+
+
+def credentials_refused(uri: str, status: int) -> str:
+    """What to say when an MLflow server behind authentication refused this process (never the password itself)."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 403:
+        return f"MLFLOW_TRACKING_USERNAME: the MLflow server {uri} does not let user {user!r} read experiments (403 Forbidden); nothing was run"
+    if not (user and os.environ.get("MLFLOW_TRACKING_PASSWORD")):
+        return (f"the MLflow server {uri} asks for a user name and password (401 Unauthorized): set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD in the environment; nothing was run")
+    return (f"MLFLOW_TRACKING_PASSWORD: the MLflow server {uri} refused user {user!r} with this password (401 Unauthorized: "
+            "a wrong user name or password); nothing was run")
+
+
+def check_uri_has_no_password(uri: str, key: str) -> None:
+    """A tracking URI names the server only: a password in it would be logged (params, flow-run parameters)."""
+    from urllib.parse import urlsplit
+
+    if uri.startswith(("http://", "https://")) and urlsplit(uri).password:
+        raise ConfigError(f"{key}: the URI holds a password (user:password@host), which would be logged with the params: "
+                          "give it to MLflow as MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead")
 
 
 def changed_params(params: Params) -> dict[str, Any]:

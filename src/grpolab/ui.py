@@ -8,6 +8,11 @@ UI's page: a browser that has not chosen a workflow type gets "model training", 
 opened by its plain link (`#/experiments/<id>`, what the experiments list links to) lands on the runs
 table with grpolab's columns (the shared view `tracking.RUNS_VIEW` that grpolab sets on every
 experiment it logs to). A person's own later choices win.
+
+Served beyond this machine (docker/compose.yaml), the same UI sits behind MLflow's basic authentication:
+`--app-name grpolab-auth` is MLflow's own `basic-auth` app (`mlflow.server.auth`) with the script added,
+its admin user and password from MLflow's MLFLOW_AUTH_ADMIN_USERNAME / MLFLOW_AUTH_ADMIN_PASSWORD, and the
+password rotated by changing that variable and restarting (MLflow itself reads it only to create the user).
 """
 
 from __future__ import annotations
@@ -60,6 +65,53 @@ def create_app():
 
         return create_fastapi_app(app)
     return app
+
+
+AUTH_DATABASE_ENV = "GRPOLAB_MLFLOW_AUTH_DATABASE_URI"  # where MLflow's auth app keeps its users (else its ini's)
+
+
+def create_auth_app():
+    """The `mlflow.app` entry point `grpolab-auth`: MLflow's basic-auth app, with the script added, whose admin
+    user's password is the one configured now (MLFLOW_AUTH_ADMIN_PASSWORD): a restart with a new one rotates it."""
+    import os
+
+    if os.environ.get(AUTH_DATABASE_ENV) and not os.environ.get("MLFLOW_AUTH_CONFIG_PATH"):
+        os.environ["MLFLOW_AUTH_CONFIG_PATH"] = _auth_config_file(os.environ[AUTH_DATABASE_ENV])
+    from mlflow.server import app
+    from mlflow.server import auth  # reads its configuration on import
+
+    app.after_request(_inject)
+    served = auth.create_app(app)
+    _rotate_admin_password(auth)
+    return served
+
+
+def _auth_config_file(database_uri: str) -> str:
+    """MLflow's auth settings (basic_auth.ini, the shipped defaults) with the users' database set: MLflow reads its
+    database from this file only. Private to this process's user: the URI may hold the database's password."""
+    import configparser
+    import importlib.util
+    import os
+    import tempfile
+    from pathlib import Path
+
+    package = importlib.util.find_spec("mlflow.server.auth")  # not imported: it reads the file on import
+    parser = configparser.ConfigParser()
+    parser.read(Path(package.origin).with_name("basic_auth.ini"))
+    parser["mlflow"]["database_uri"] = database_uri
+    fd, path = tempfile.mkstemp(prefix="grpolab-mlflow-auth-", suffix=".ini")  # mode 0600
+    with os.fdopen(fd, "w") as f:
+        parser.write(f)
+    return path
+
+
+def _rotate_admin_password(auth) -> None:
+    username, password = auth.auth_config.admin_username, auth.auth_config.admin_password
+    if password and not auth.store.authenticate_user(username, password, use_primary=True):
+        auth.store.update_user(username, password=password)
+        import logging
+
+        logging.getLogger(__name__).warning("the password of MLflow admin user %r was set from MLFLOW_AUTH_ADMIN_PASSWORD", username)
 
 
 def ui_command(params, port: int) -> tuple[list[str], str]:

@@ -444,7 +444,7 @@ def test_a_study_on_a_work_pool_with_two_workers_in_their_own_clones(tmp_path, s
     report is what MLflow holds, and no clone's params.yaml or git tree changed."""
     from test_study import committed_project, complete_parents
 
-    _, uri, prefect_env, _ = servers
+    _, uri, prefect_env, folder = servers
     origin = committed_project(tmp_path / "origin")  # the driver's checkout
     shutil.copy(REPO / "prefect.yaml", origin)
     identity = ["-c", "user.name=grpolab-test", "-c", "user.email=test@localhost"]
@@ -511,3 +511,4 @@ def test_a_study_on_a_work_pool_with_two_workers_in_their_own_clones(tmp_path, s
     proc = subprocess.run([f"{BIN}/grpolab", "study", "studies/smoke.yaml", "--pool", "nodes"], cwd=origin, env=prefect_env,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--pool nodes: the tracking store is sqlite:///" in proc.stderr, proc.stderr
+    assert_no_secret_logged(prefect_env, uri, folder / "artifacts", study.stdout, study.stderr, *logs.values())

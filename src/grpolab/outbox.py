@@ -20,11 +20,18 @@ FIRST_RETRY_S = 1.0  # the backoff between tries at a store that does not answer
 MAX_RETRY_S = 10.0  # this, so a store that is back is noticed within seconds (after the client's own retries)
 
 
+def chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and the exceptions it was raised from or while handling, outermost first."""
+    found: list[BaseException] = []
+    while exc is not None and exc not in found:  # a chain can loop back on itself
+        found.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return found
+
+
 def root_cause(exc: BaseException) -> BaseException:
     """The innermost exception of a chain (`ConnectionRefusedError`, not MLflow's three wrappings of it)."""
-    while (inner := exc.__cause__ or exc.__context__) is not None:
-        exc = inner
-    return exc
+    return chain(exc)[-1]
 
 
 class Outbox:
@@ -58,6 +65,8 @@ class Outbox:
         """Queue `send` (`what` it sends, for the lines about it); raises what made an earlier send fail for good."""
         with self._cond:
             self._raise_refusal()
+            if self._closed:
+                raise RuntimeError(f"nothing more can be sent to {self.where}: its outbox is closed")
             self._items.append((send, what))
             self._cond.notify_all()
 
@@ -99,7 +108,7 @@ class Outbox:
                 send, what = self._items[0]
             try:
                 send()
-            except Exception as exc:  # noqa: BLE001 - every failure is sorted: away (sent again) or refused (raised)
+            except Exception as exc:  # every failure is sorted: away (sent again) or refused (raised by the stage)
                 if not self._away(exc):
                     with self._cond:
                         self._refused = exc

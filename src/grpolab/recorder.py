@@ -105,7 +105,7 @@ class Recorder:
             tracker.curve(pd.DataFrame(steps))  # a step's metrics in one batch: a run holds a step whole or not at all
         tables = [p for p in sorted(KEPT_TABLES.glob("step_*.json")) if _step(p) <= start and p.name not in logged.tables]
         for path in tables:
-            tracker.table(pd.read_json(path, orient="split"), f"completions/{path.name}")
+            tracker.table(pd.read_json(path, orient="split", dtype=False), f"completions/{path.name}")  # as written
             logged.tables.add(path.name)
         logs = 0
         for folder in STEP_LOG_DIRS:  # as the checkpoint put them back: its steps' only

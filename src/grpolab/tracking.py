@@ -35,7 +35,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from grpolab.config import Params, flatten, params_hash
 from grpolab.errors import ConfigError, TrackingError
-from grpolab.outbox import Outbox, root_cause
+from grpolab.outbox import Outbox, chain, root_cause
 from grpolab.paths import DEFAULT_ARTIFACTS, DEFAULT_DB
 
 PARAMS_HASH_TAG = "grpolab.params_hash"
@@ -122,14 +122,13 @@ AWAY_ERRORS = (ConnectionError, TimeoutError, requests.ConnectionError, requests
 def store_away(exc: BaseException) -> bool:
     """Whether `exc` says that the tracking store did not answer (down, restarting, overloaded, unreachable) rather
     than that it refused what was sent: what the outbox sends again. MLflow wraps the cause, so the chain is read."""
-    while exc is not None:
-        if isinstance(exc, AWAY_ERRORS):
+    for e in chain(exc):
+        if isinstance(e, AWAY_ERRORS):
             return True
-        if isinstance(exc, RestException) and exc.get_http_status_code() in AWAY_STATUS:
+        if isinstance(e, RestException) and e.get_http_status_code() in AWAY_STATUS:
             return True
-        if isinstance(exc, requests.HTTPError) and exc.response is not None and exc.response.status_code in AWAY_STATUS:
+        if isinstance(e, requests.HTTPError) and e.response is not None and e.response.status_code in AWAY_STATUS:
             return True
-        exc = exc.__cause__ or exc.__context__
     return False
 
 

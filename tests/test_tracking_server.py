@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import requests
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException, RestException
 
 from grpolab import outbox
@@ -109,6 +110,17 @@ def test_what_is_sent_again_is_what_a_store_did_not_answer():
     assert not store_away(MlflowException("a metric value must be finite"))
     assert store_away(TimeoutError())
     assert store_away(requests.exceptions.ChunkedEncodingError("Connection broken: IncompleteRead"))  # killed while it answered
+
+
+def test_mlflow_keeps_a_metric_batch_sent_twice_once(tmp_path):
+    """What makes sending again exactly-once: a batch sent again keeps its timestamps, and MLflow's SQL store (behind a
+    server too) keeps identical rows once."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("x")).info.run_id
+    batch = [Metric("train/loss", 0.5, 1_700_000_000_000, 3), Metric("train/kl", 0.1, 1_700_000_000_000, 3)]
+    for _ in range(2):
+        client.log_batch(run_id, metrics=batch)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [(3, 0.5)]
 
 
 # The MLflow client gives up at once (no retries of its own), so an outage of seconds is longer than its retries.

@@ -93,20 +93,56 @@ def postgres(databases: list[str]) -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+class MlflowServer:
+    """`mlflow server` on `backend_store_uri`, serving artifacts from `folder/artifacts`, that a test can kill (its
+    process group, at once) and start again: on the same port, store and artifacts. With `auth` (the server's
+    settings: MLFLOW_AUTH_ADMIN_USERNAME, MLFLOW_AUTH_ADMIN_PASSWORD, MLFLOW_FLASK_SERVER_SECRET_KEY,
+    GRPOLAB_MLFLOW_AUTH_DATABASE_URI), behind basic authentication as docker/compose.yaml serves it
+    (`--app-name grpolab-auth`)."""
+
+    def __init__(self, backend_store_uri: str, folder: Path, auth: dict[str, str] | None = None):
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.folder, self.auth = folder, auth or {}
+        app = ["--app-name", "grpolab-auth"] if auth else []
+        self.args = [f"{BIN}/mlflow", "server", "--backend-store-uri", backend_store_uri, "--serve-artifacts", *app,
+                     "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
+                     "--workers", "1"]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {**project_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.auth}  # as `grpolab ui` starts it: no job runner
+        log = self.folder / "mlflow-server.log"
+        with open(log, "a") as out:
+            self.proc = subprocess.Popen(self.args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_until(lambda: http_ok(f"{self.uri}/health"), self.proc, log, "mlflow server")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc:
+            _stop(self.proc)
+
+
+@contextmanager
+def stoppable_mlflow_server(backend_store_uri: str, folder: Path, auth: dict[str, str] | None = None) -> Iterator[MlflowServer]:
+    server = MlflowServer(backend_store_uri, folder, auth)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
 @contextmanager
 def mlflow_server(backend_store_uri: str, folder: Path, auth: dict[str, str] | None = None) -> Iterator[str]:
     """`mlflow server` on `backend_store_uri`, serving artifacts from `folder/artifacts`; yields its URI. With
-    `auth` (the server's settings: MLFLOW_AUTH_ADMIN_USERNAME, MLFLOW_AUTH_ADMIN_PASSWORD,
-    MLFLOW_FLASK_SERVER_SECRET_KEY, GRPOLAB_MLFLOW_AUTH_DATABASE_URI), behind basic authentication as
-    docker/compose.yaml serves it (`--app-name grpolab-auth`)."""
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    app = ["--app-name", "grpolab-auth"] if auth else []
-    args = [f"{BIN}/mlflow", "server", "--backend-store-uri", backend_store_uri, "--serve-artifacts", *app,
-            "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = {**project_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(auth or {})}  # as `grpolab ui` starts it: no job runner
-    with serving(args, folder / "mlflow-server.log", lambda: http_ok(f"{uri}/health"), "mlflow server", env):
-        yield uri
+    `auth`, behind basic authentication (`MlflowServer`)."""
+    with stoppable_mlflow_server(backend_store_uri, folder, auth) as server:
+        yield server.uri
 
 
 @contextmanager

@@ -29,6 +29,7 @@ from grpolab.fsutil import atomic_write_text, content_digest, link_or_copy
 from grpolab.paths import CHECKPOINT_DIR
 
 LOGS = "logs"  # CHECKPOINT_DIR/logs/<folder name>/step_*.parquet
+TABLES = "completions"  # CHECKPOINT_DIR/completions/step_*.json: the completion tables, which a resume sends if its run lacks them
 STATE_FILE = "grpolab_state.json"
 HISTORY = "metrics.csv"  # every metric of every step so far: the curve, and what MLflow got
 
@@ -143,6 +144,7 @@ def save_training_checkpoint(engine, key: str, step: int, run_id: str | None, hi
         atomic_write_text(staging / tag / STATE_FILE, json.dumps(state))
         shutil.rmtree(CHECKPOINT_DIR / tag, ignore_errors=True)
         os.replace(staging / tag, CHECKPOINT_DIR / tag)
+        shutil.rmtree(staging, ignore_errors=True)  # empty now: one left behind is a checkpoint a killed run was writing
         previous = _latest()
         atomic_write_text(CHECKPOINT_DIR / "latest", tag)
         if previous and previous != tag:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from grpolab import config
-from grpolab.errors import ConfigError, DataError, StudyError
+from grpolab.errors import ConfigError, DataError, StudyError, TrackingError
 
 FLOWS = Path("flows")
 # Quiet, offline-friendly defaults; the user's settings win (MLFLOW_DISABLE_TELEMETRY=false turns MLflow's
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DataError, FileNotFoundError, FileExistsError) as exc:
         print(f"grpolab: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    except StudyError as exc:
+    except (StudyError, TrackingError) as exc:
         print(f"grpolab: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     except subprocess.CalledProcessError as exc:

@@ -1,5 +1,5 @@
 """grpolab's error types, low in the tree so that every layer raises them without importing the layers
-above. The CLI turns the first two into `grpolab: error: …` and exit 2, `StudyError` into exit 1."""
+above. The CLI turns the first two into `grpolab: error: …` and exit 2, `StudyError` and `TrackingError` into exit 1."""
 
 
 class ConfigError(ValueError):
@@ -16,3 +16,8 @@ class RewardError(ValueError):
 
 class StudyError(RuntimeError):
     """Cells of a study failed (the report lists them)."""
+
+
+class TrackingError(RuntimeError):
+    """The tracking store stopped answering during a stage and was not back in time at its end: the message names
+    the store and says how the stage goes on."""

@@ -10,8 +10,10 @@ each child holds its stage's per-step metrics and artifacts.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
+import posixpath
 import sys
 import tempfile
 import time
@@ -24,13 +26,16 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+import requests
+import urllib3
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param
-from mlflow.exceptions import MlflowException
+from mlflow.exceptions import MlflowException, RestException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from grpolab.config import Params, flatten, params_hash
-from grpolab.errors import ConfigError
+from grpolab.errors import ConfigError, TrackingError
+from grpolab.outbox import Outbox, chain, root_cause
 from grpolab.paths import DEFAULT_ARTIFACTS, DEFAULT_DB
 
 PARAMS_HASH_TAG = "grpolab.params_hash"
@@ -83,13 +88,22 @@ def tracking_uri(params: Params) -> str:
 STORE_TIMEOUT_S = 10
 
 
+def store_key(params: Params) -> str:
+    """Where the tracking store is set: the param, the environment variable, or neither."""
+    return "tracking.uri" if params.tracking.uri else ("MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default store")
+
+
+def store_name(params: Params) -> str:
+    """`<where it is set>: the MLflow tracking store <uri>`, how messages about the store name it."""
+    return f"{store_key(params)}: the MLflow tracking store {tracking_uri(params)}"
+
+
 def check_store(params: Params) -> None:
     """The tracking store answers, or a ConfigError naming it: checked before any stage runs, rather
     than a stage failing after MLflow's retries (minutes) against a server that is down."""
 
     uri = tracking_uri(params)
-    key = "tracking.uri" if params.tracking.uri else ("MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the default store")
-    check_uri_has_no_password(uri, key)
+    check_uri_has_no_password(uri, store_key(params))
     try:
         if uri.startswith(("http://", "https://")):
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=STORE_TIMEOUT_S) as response:
@@ -103,9 +117,9 @@ def check_store(params: Params) -> None:
     except MlflowException as exc:
         if exc.get_http_status_code() in (401, 403):
             raise ConfigError(credentials_refused(uri, exc.get_http_status_code())) from None
-        raise ConfigError(f"{key}: the MLflow tracking store {uri} is unavailable ({exc}); nothing was run") from None
+        raise ConfigError(f"{store_name(params)} is unavailable ({exc}); nothing was run") from None
     except OSError as exc:
-        raise ConfigError(f"{key}: the MLflow tracking store {uri} is unavailable ({exc}); nothing was run") from None
+        raise ConfigError(f"{store_name(params)} is unavailable ({exc}); nothing was run") from None
 
 
 def credentials_refused(uri: str, status: int) -> str:
@@ -127,6 +141,25 @@ def check_uri_has_no_password(uri: str, key: str) -> None:
     if uri.startswith(("http://", "https://")) and urlsplit(uri).password:
         raise ConfigError(f"{key}: the URI holds a password (user:password@host), which would be logged with the params: "
                           "give it to MLflow as MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead")
+
+
+AWAY_STATUS = {429, 500, 502, 503, 504}  # a server (or the proxy before it) that is busy, restarting or cut off from its database
+# a connection refused, reset, timed out, or cut in the middle of an answer (a server killed while it answered)
+AWAY_ERRORS = (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError,
+               requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError, http.client.HTTPException)
+
+
+def store_away(exc: BaseException) -> bool:
+    """Whether `exc` says that the tracking store did not answer (down, restarting, overloaded, unreachable) rather
+    than that it refused what was sent: what the outbox sends again. MLflow wraps the cause, so the chain is read."""
+    for e in chain(exc):
+        if isinstance(e, AWAY_ERRORS):
+            return True
+        if isinstance(e, RestException) and e.get_http_status_code() in AWAY_STATUS:
+            return True
+        if isinstance(e, requests.HTTPError) and e.response is not None and e.response.status_code in AWAY_STATUS:
+            return True
+    return False
 
 
 def changed_params(params: Params) -> dict[str, Any]:
@@ -177,24 +210,53 @@ def _description(params: Params) -> str:
 
 
 class Tracker:
-    """Logs to one stage's child run and, where the compare view needs it, to the parent."""
+    """Logs to one stage's child run and, where the compare view needs it, to the parent.
 
-    def __init__(self, client: MlflowClient, run_id: str, parent_id: str):
+    What it logs goes out through an outbox, in order, beside the stage's work: a tracking server that goes away
+    for a while costs the stage nothing, and what waited is sent when it answers again (each send idempotent, so
+    nothing is logged twice). `settle` waits for it; every read settles first, so it sees what was logged.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, parent_id: str, outbox: Outbox, patience_s: float):
         self.client = client
         self.run_id = run_id
         self.parent_id = parent_id
+        self.outbox = outbox
+        self.patience_s = patience_s  # tracking.outage_timeout_s
+
+    def settle(self) -> None:
+        """Wait until the store holds everything logged so far; a TrackingError naming the store once it has not
+        answered for tracking.outage_timeout_s (a store that answers is waited for however long sending takes)."""
+        if self.outbox.settle(self.patience_s):
+            return
+        cause = root_cause(self.outbox.last_error)
+        raise TrackingError(
+            f"{self.outbox.where} has not answered for {self.outbox.down_for or 0:.0f} s ({type(cause).__name__}: {cause}); "
+            f"the stage waited tracking.outage_timeout_s ({self.patience_s:g} s) for it at its end, and {self.outbox.unsent} "
+            f"records of MLflow run {self.run_id} were not sent")
+
+    def _send(self, what: str, send, *args) -> None:
+        self.outbox.put(lambda: send(*args), what)
 
     def metrics(self, values: dict[str, float], step: int | None = None, parent: bool = False) -> None:
-        now = int(time.time() * 1000)
+        now = int(time.time() * 1000)  # kept with the batch: sent again, it is the same rows, which MLflow does not add twice
         batch = [Metric(k, float(v), now, step or 0) for k, v in values.items()]
         for run_id in dict.fromkeys((self.run_id, self.parent_id) if parent else (self.run_id,)):
-            self._log(run_id, batch)
+            self._send("metrics" if step is None else f"metrics of step {step}", self._log, run_id, batch)
 
     def curve(self, frame: pd.DataFrame) -> None:
-        """Every column of a per-step table (a `step` column) as metric histories of this run."""
+        """Every column of a per-step table (a `step` column) as metric histories of this run, each step's metrics
+        in one batch, as `metrics` logs them: the run holds a step whole or not at all (a resumed training relies on it)."""
         now = int(time.time() * 1000)
-        rows = zip(frame["step"], frame.drop(columns="step").to_dict("records"))
-        self._log(self.run_id, [Metric(k, float(v), now, int(step)) for step, row in rows for k, v in row.items() if pd.notna(v)])
+        batch: list[Metric] = []
+        for step, row in zip(frame["step"], frame.drop(columns="step").to_dict("records")):
+            metrics = [Metric(k, float(v), now, int(step)) for k, v in row.items() if pd.notna(v)]
+            if batch and len(batch) + len(metrics) > MAX_BATCH_METRICS:
+                self._send(f"metrics up to step {batch[-1].step}", self._log, self.run_id, batch)
+                batch = []
+            batch += metrics
+        if batch:
+            self._send(f"metrics up to step {batch[-1].step}", self._log, self.run_id, batch)
 
     def _log(self, run_id: str, batch: list[Metric]) -> None:
         for i in range(0, len(batch), MAX_BATCH_METRICS):
@@ -207,24 +269,33 @@ class Tracker:
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_pandas(table, source=str(Path(path).resolve()), name=name)
         entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
-        for run_id in (self.run_id, self.parent_id):
-            self.client.log_inputs(run_id, datasets=[entity])
+        for run_id in (self.run_id, self.parent_id):  # MLflow finds a dataset input sent again and keeps the first
+            self._send(f"dataset {name}", self.client.log_inputs, run_id, [entity])
 
     def artifacts(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        """A file or a folder into the run (sent again, its files replace themselves): it must stay as it is until sent."""
         local_path = Path(local_path)
-        if local_path.is_dir():
-            self.client.log_artifacts(self.run_id, str(local_path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+        upload = self.client.log_artifacts if local_path.is_dir() else self.client.log_artifact
+        self._send(str(local_path), upload, self.run_id, str(local_path), artifact_path)
 
     def table(self, df: pd.DataFrame, artifact_file: str) -> None:
-        self.client.log_table(self.run_id, df, artifact_file)
+        """A table (MLflow's table artifact), logged once: a run that holds `artifact_file` already keeps it as it is."""
+        self._send(artifact_file, self._table, df.copy(), artifact_file)
+
+    def _table(self, df: pd.DataFrame, artifact_file: str) -> None:
+        folder, name = posixpath.split(artifact_file)
+        # MLflow appends to a table the run holds: a send that failed after its upload would hold its rows twice
+        if name not in {Path(f.path).name for f in self.client.list_artifacts(self.run_id, folder or None)}:
+            self.client.log_table(self.run_id, df, artifact_file)
 
     def text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self._send(artifact_file, self.client.log_text, self.run_id, text, artifact_file)
 
     def figure(self, figure, artifact_file: str) -> None:
         """Log a matplotlib figure, then close it (pyplot keeps every figure alive until it is closed)."""
+        self._send(artifact_file, self._figure, figure, artifact_file)
+
+    def _figure(self, figure, artifact_file: str) -> None:
         import matplotlib.pyplot as plt
 
         self.client.log_figure(self.run_id, figure, artifact_file)
@@ -232,25 +303,36 @@ class Tracker:
 
     def tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+            self._send(f"tag {key}", self.client.set_tag, self.run_id, key, value)
+
+    def end(self, runs: list[str], status: str) -> None:
+        """Mark `runs` ended with `status` once everything before went through, and wait for it (`settle`)."""
+        for run_id in runs:
+            self._send(f"the run's status {status}", self.client.set_terminated, run_id, status)
+        self.settle()
 
     def logged_metrics(self) -> dict[str, float]:
         """This run's metrics as logged so far (latest value of each)."""
+        self.settle()
         return self.client.get_run(self.run_id).data.metrics
 
     def has_history(self, key: str) -> bool:
+        self.settle()
         return bool(self.client.get_metric_history(self.run_id, key))
 
     def last_step(self, key: str) -> int:
         """The last step of metric `key` this run holds (0 if none)."""
+        self.settle()
         return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
 
     def artifact_names(self, folder: str | None = None) -> set[str]:
         """Names of this run's artifacts (files and folders) at the top or in `folder`."""
+        self.settle()
         return {Path(f.path).name for f in self.client.list_artifacts(self.run_id, folder)}
 
     def child_stages(self) -> set[str]:
         """The stages with a child run under this run's parent: the ones that ran in this run tree."""
+        self.settle()
         experiment_id = self.client.get_run(self.parent_id).info.experiment_id
         children = self.client.search_runs(
             [experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent_id}'", max_results=1000
@@ -323,12 +405,35 @@ def _continuable(client: MlflowClient, run_id: str, parent_id: str) -> bool:
 
 @contextmanager
 def stage_run(params: Params, stage: str, run_id: str | None = None, own_run: bool = True) -> Iterator[Tracker]:
-    """A child run for one stage execution; FAILED if the stage raises, FINISHED otherwise.
+    """A child run for one stage execution; FAILED if the stage raises, FINISHED otherwise, once the store holds
+    everything the stage logged (see `Tracker`). A store that went away and is not back within
+    tracking.outage_timeout_s at the end: a TrackingError naming it (the run stays RUNNING there).
 
     `run_id` continues an earlier child run (a training resumed from its checkpoint); without
     `own_run` the stage logs into the pipeline's parent run itself (the summary stage).
     """
     client = MlflowClient(tracking_uri(params))
+    run_id, parent_id = _open_runs(client, params, stage, run_id, own_run)
+    runs = list(dict.fromkeys((run_id, parent_id)))
+    tracker = Tracker(client, run_id, parent_id, Outbox(store_name(params), store_away), params.tracking.outage_timeout_s)
+    try:
+        yield tracker
+    except TrackingError:  # the store is away: nothing more reaches it
+        raise
+    except BaseException:
+        try:
+            tracker.end(runs, "FAILED")
+        except (TrackingError, MlflowException) as exc:  # the stage's own error is the one to see
+            print(f"warning: the MLflow run {run_id} could not be marked FAILED: {exc}", file=sys.stderr, flush=True)
+        raise
+    else:
+        tracker.end(runs, "FINISHED")
+    finally:
+        tracker.outbox.close()
+
+
+def _open_runs(client: MlflowClient, params: Params, stage: str, run_id: str | None, own_run: bool) -> tuple[str, str]:
+    """(the stage's run, the pipeline's parent run), both RUNNING: the same run without `own_run`."""
     parent_id = pipeline_run_id(client, params)
     experiment_id = client.get_run(parent_id).info.experiment_id
     if not own_run:
@@ -338,18 +443,11 @@ def stage_run(params: Params, stage: str, run_id: str | None = None, own_run: bo
     if run_id is None:
         tags = {**run_tags(params), MLFLOW_PARENT_RUN_ID: parent_id, STAGE_TAG: stage, PARAMS_HASH_TAG: params_hash(params)}
         run_id = client.create_run(experiment_id, run_name=stage, tags=tags).info.run_id
-    runs = list(dict.fromkeys((run_id, parent_id)))
     gpus = given_gpus()
-    for run in runs:
+    for run in dict.fromkeys((run_id, parent_id)):
         client.update_run(run, status="RUNNING")
         client.set_tag(run, GPUS_TAG, gpus)
-    status = "FAILED"
-    try:
-        yield Tracker(client, run_id, parent_id)
-        status = "FINISHED"
-    finally:
-        for run in runs:
-            client.set_terminated(run, status)
+    return run_id, parent_id
 
 
 def _find_experiment(client: MlflowClient, name: str) -> str | None:

@@ -707,6 +707,13 @@ class TrackingParams(Section):
     run_name: str | None = Field(
         None, description="Name of the pipeline's MLflow parent run, instead of the variant and seed."
     )
+    outage_timeout_s: float = Field(
+        900, gt=0,
+        description="How long a stage waits at its end for a tracking server that stopped answering (what the stage "
+        "logged meanwhile waits, and goes out when the server is back). Past it the stage stops with an error naming "
+        "the server; a training resumes from its last checkpoint when run again, every step logged once. The MLflow "
+        "client's own retries (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`, about 4 minutes by default) come first.",
+    )
 
 
 class Params(Section):

@@ -437,11 +437,37 @@ def test_a_verl_users_gsm8k_and_qwen2_checkpoint_with_lora_queued_as_a_dvc_exper
     assert not list((project / ".dvc" / "tmp").rglob("mlflow.db"))
 
 
+def kill_a_worker_mid_train(workers: dict[str, subprocess.Popen], client: MlflowClient, study: subprocess.Popen) -> tuple[str, str, str, list]:
+    """Once a cell's train stage is under way on a worker (its MLflow run RUNNING), kill -9 that worker's process
+    alone, as a crash of it would; returns the worker's name, the cell's, its train run's id and the processes the
+    worker had started."""
+    from grpolab.study.run import CELL_MARKER
+
+    deadline = time.monotonic() + 600
+    while study.poll() is None and time.monotonic() < deadline:
+        for name, worker in workers.items():
+            below = psutil.Process(worker.pid).children(recursive=True)
+            for proc in [p for p in below if _runs_stage(p, "train")]:
+                with contextlib.suppress(psutil.Error, KeyError, ValueError):  # not yet: no RUNNING train run
+                    variant, seed = proc.environ()[CELL_MARKER].rsplit("/", 1)[1].rsplit("-s", 1)
+                    experiment = client.get_experiment_by_name("smoke").experiment_id
+                    [train] = client.search_runs([experiment], f"tags.`grpolab.stage` = 'train' and attributes.status = 'RUNNING' and "
+                                                               f"tags.`grpolab.variant` = '{variant}' and tags.`grpolab.seed` = '{seed}'")
+                    worker.kill()
+                    worker.wait()
+                    return name, f"{variant}-s{seed}", train.info.run_id, below
+        time.sleep(0.2)
+    raise AssertionError("no cell reached its train stage while the study ran")
+
+
 def test_a_study_on_a_work_pool_with_two_workers_in_their_own_clones(tmp_path, servers):
     """The smoke study sent to a Prefect work pool (`grpolab study --pool`) whose two process workers each run
     in their own clone of the project (two folders for two nodes), every cell logging to the MLflow server and
     the clones sharing one DVC cache: both workers ran cells, each seed's shared stages ran once in all, the
-    report is what MLflow holds, and no clone's params.yaml or git tree changed."""
+    report is what MLflow holds, and no clone's params.yaml or git tree changed. One worker is killed (-9) while
+    a cell trains: the cell's processes die with it, Prefect's heartbeat automation marks its flow run Crashed,
+    the driver marks its MLflow runs KILLED and the cell runs again on whichever worker is free (the dead one is
+    started again meanwhile, in its clone, where the killed cell left its temporary workspace)."""
     from test_study import committed_project, complete_parents
 
     _, uri, prefect_env, folder = servers
@@ -461,32 +487,58 @@ def test_a_study_on_a_work_pool_with_two_workers_in_their_own_clones(tmp_path, s
     prefect("work-pool", "create", "nodes", "--type", "process", "--overwrite", env=env, cwd=clones["node-a"])
     prefect("--no-prompt", "deploy", "--name", "cell", "--pool", "nodes", env=env, cwd=clones["node-a"])
     marker = f"pool-{os.getpid()}"
-    with contextlib.ExitStack() as workers:
-        for name, clone in clones.items():  # one flow run at a time each, as a worker per GPU would be
-            worker_env = {**env, "GRPOLAB_PROJECT": str(clone), MARKER: marker}
-            workers.enter_context(serving([f"{BIN}/prefect", "worker", "start", "--pool", "nodes", "--type", "process", "--limit", "1",
-                                           "--name", name], tmp_path / f"{name}.log", lambda: True, f"worker {name}", worker_env))
-        study = subprocess.run([f"{BIN}/grpolab", "study", "studies/smoke.yaml", "--pool", "nodes"], cwd=origin, env={**env, MARKER: marker},
-                               capture_output=True, text=True, timeout=900)
-    logs = {name: (tmp_path / f"{name}.log").read_text() for name in clones}
-    assert study.returncode == 0, f"{study.stdout[-3000:]}\n{study.stderr[-4000:]}\n{logs['node-a'][-2000:]}\n{logs['node-b'][-2000:]}"
-    assert "done   plain-s0" in study.stderr and "4/4 cells done" in study.stderr
+    client = MlflowClient(uri)
+    with contextlib.ExitStack() as stack:
+        def start_worker(name: str, log: Path) -> subprocess.Popen:  # one flow run at a time, as a worker per GPU would run
+            worker_env = {**env, "GRPOLAB_PROJECT": str(clones[name]), MARKER: marker}
+            return stack.enter_context(serving([f"{BIN}/prefect", "worker", "start", "--pool", "nodes", "--type", "process", "--limit", "1",
+                                                "--name", name], log, lambda: True, f"worker {name}", worker_env))
 
-    # Prefect's records: four cell flow runs, all completed, on both workers' clones (each cell says where it ran)
+        workers = {name: start_worker(name, tmp_path / f"{name}.log") for name in clones}
+        # Prefect's shortest heartbeat interval (the driver hands its own to the cells): a dead worker's cell is
+        # marked Crashed 75 s after its last heartbeat
+        driver_env = {**env, MARKER: marker, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+        with open(tmp_path / "study.out", "w") as out, open(tmp_path / "study.err", "w") as err:
+            driver = subprocess.Popen([f"{BIN}/grpolab", "study", "studies/smoke.yaml", "--pool", "nodes"], cwd=origin, env=driver_env,
+                                      stdout=out, stderr=err)
+        try:
+            dead, killed, killed_train, left = kill_a_worker_mid_train(workers, client, driver)
+            _, alive = psutil.wait_procs(left, timeout=10)  # the cell's processes died with their worker, at once
+            assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [" ".join(p.cmdline()) for p in alive]
+            start_worker(dead, tmp_path / f"{dead}-restarted.log")  # the node is back: its clone holds what the killed cell left
+            driver.wait(timeout=900)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    study = subprocess.CompletedProcess(driver.args, driver.returncode, (tmp_path / "study.out").read_text(), (tmp_path / "study.err").read_text())
+    logs = {log.stem: log.read_text() for log in tmp_path.glob("node-*.log")}
+    assert study.returncode == 0, f"{study.stdout[-3000:]}\n{study.stderr[-4000:]}\n" + "\n".join(f"{k}: {v[-2000:]}" for k, v in logs.items())
+    assert "4/4 cells done" in study.stderr and f"done   {killed}" in study.stderr
+    assert f"worker died: {killed} after " in study.stderr and "no heartbeat for 75 s" in study.stderr, study.stderr[-4000:]
+
+    # Prefect's records: a cell flow run of each cell completed, and the killed cell's first one Crashed by the
+    # heartbeat automation, on both workers' clones (each cell says where it ran)
     [deployment] = [d for d in prefect_api(env, "deployments/filter", {}) if d["name"] == "cell"]
     flow_runs = prefect_api(env, "flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}})
-    assert len(flow_runs) == 4 and {r["state"]["type"] for r in flow_runs} == {"COMPLETED"}
-    ran_in = {}
+    assert sorted(r["state"]["type"] for r in flow_runs) == ["COMPLETED"] * 4 + ["CRASHED"], [r["state"] for r in flow_runs]
+    ran_in, crashed_in = {}, {}
     for flow_run in flow_runs:
         messages = [e["message"] for e in prefect_api(env, "logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}})]
         [where] = [m for m in messages if m.startswith("cell ") and " of study smoke in " in m]
-        ran_in[where.split()[1]] = Path(where.split(" in ")[1].split(" on ")[0])
+        record = crashed_in if flow_run["state"]["type"] == "CRASHED" else ran_in
+        assert where.split()[1] not in record
+        record[where.split()[1]] = Path(where.split(" in ")[1].split(" on ")[0])
     assert set(ran_in) == {"plain-s0", "plain-s1", "outcome_conditional-s0", "outcome_conditional-s1"}
-    assert set(ran_in.values()) == {c.resolve() for c in clones.values()}, ran_in  # both workers ran cells
+    assert set(ran_in.values()) | set(crashed_in.values()) == {c.resolve() for c in clones.values()}, ran_in  # both workers ran cells
+    assert crashed_in == {killed: clones[dead].resolve()}, crashed_in  # its second run: in either clone, the dead one's has been cleaned
+    [crashed] = [r for r in flow_runs if r["state"]["type"] == "CRASHED"]
+    assert crashed["state"]["message"].startswith("no heartbeat for 75 s"), crashed["state"]
+    # the killed cell's temporary DVC workspace went when its clone ran the cell again (if another clone did, it waits)
+    cleaned = [c for c in clones.values() if c != clones[dead] or ran_in[killed] == clones[dead].resolve()]
+    assert not [p for c in cleaned for p in (c / ".dvc" / "tmp" / "exps").glob("standalone/tmp*")]
 
     # MLflow: the four complete pipelines; the shared stages of each seed ran once in all (restored from the
     # shared cache by the other cell of the seed, wherever it ran)
-    client = MlflowClient(uri)
     parents = {f"{r.data.tags['grpolab.variant']}-s{r.data.tags['grpolab.seed']}": r for r in complete_parents(client, "smoke")}
     assert set(parents) == set(ran_in)
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id], max_results=1000)
@@ -494,12 +546,19 @@ def test_a_study_on_a_work_pool_with_two_workers_in_their_own_clones(tmp_path, s
     assert {s: finished.get(s, 0) for s in ("prepare", "sft", "mia", "train")} == {"prepare": 2, "sft": 2, "mia": 2, "train": 4}
     for seed in (0, 1):
         assert {"prepare", "sft", "mia"} <= set(parents[f"outcome_conditional-s{seed}"].data.tags["grpolab.reused_stages"].split(", "))
+    # the killed cell's first attempt: its train run KILLED by the driver (no orphan of it went on to finish it); no run left RUNNING
+    assert client.get_run(killed_train).info.status == "KILLED"
+    assert not [r for r in runs if r.info.status == "RUNNING"]
 
     # the report, built by the driver, is what the store holds; each cell's DVC experiment is in its worker's clone
     from grpolab.study.report import report_from_store
 
     text = (origin / "reports" / "smoke" / "report.md").read_text()
     assert text == report_from_store(client, "smoke", tmp_path / "rebuilt") and "| `outcome_conditional` |" in text
+    rows = [[v.strip(" `") for v in line.split("|")[1:-1]] for line in text.split("## Cells\n", 1)[1].split("\n## ")[0].splitlines()
+            if line.startswith("| `")]
+    assert sorted((f"{variant}-s{seed}", status, run_id) for variant, seed, status, _, run_id in rows) == sorted(
+        (c, "finished", parents[c].info.run_id) for c in ran_in), rows  # every cell's row once, the killed one's too
     listed = {c: run([f"{BIN}/dvc", "exp", "ls", "--name-only"], clone).stdout.split() for c, clone in clones.items()}
     assert sorted(n for names in listed.values() for n in names) == sorted(f"smoke-{cell}" for cell in ran_in)
     for checkout in (origin, *clones.values()):

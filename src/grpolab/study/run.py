@@ -16,6 +16,9 @@ once. The user's params.yaml and workspace are never written.
   The driver learns a cell's stage from the MLflow server every cell logs to, and its end from Prefect; the
   workers' clones share one DVC cache, so a seed's shared stages run once in all. A killed driver's cells
   still queued or running are cancelled by the next run of the study.
+- A worker that dies mid-cell takes the cell's processes with it (`dying_with_worker`); the cell's flow run, silent,
+  is marked Crashed by a Prefect automation on its heartbeats (`crash_silent_cells`), and the driver marks the
+  cell's unfinished MLflow runs KILLED and runs the cell once more, on whichever worker is free (`StudyRun._on_pool`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
@@ -51,6 +56,10 @@ MAX_JOBS = 32
 CELL_FLOW = "grpolab-study-cell"  # the flow of prefect.yaml's `cell` deployment (flows/study.py)
 PROJECT_ENV = "GRPOLAB_PROJECT"  # a worker's clone of the project, where it is not the deployment's folder
 POLL_S = 2.0  # how often a pool cell's flow run and MLflow record are read
+CELL_ATTEMPTS = 2  # a pool cell whose flow run crashed (its worker died) runs once more; a second crash fails it
+WORKER_WATCH_S = 1.0  # how often a pool cell checks that its worker is alive
+HEARTBEAT_GRACE_S = 15  # a cell's flow run is silent after 2 heartbeat intervals and this: one heartbeat may be lost or late
+HEARTBEAT_TAG = "grpolab-heartbeat:{}s"  # on every pool cell's flow run: the automation of its heartbeat interval watches it
 USER_PATHS = (  # params that name the user's files and checkpoints
     "data.train_files", "data.eval_files", "data.sft_files", "data.val_files", "model.name_or_path", "mia.reference_model",
     "train.judge_model",
@@ -135,6 +144,20 @@ def free_experiment_name(project: Path, name: str) -> None:
         subprocess.run(_dvc("--wait-for-lock", "exp", "remove", name), cwd=project, check=True, capture_output=True, env=cell_env())
 
 
+def remove_experiment_copies(project: Path, names: set[str]) -> None:
+    """Remove the temporary workspaces that killed `dvc exp run --temp` runs named in `names` left in `project`
+    (a finished run's copy is gone already): DVC keeps a record of each run, its name and its copy's folder."""
+    copies = (project / ".dvc" / "tmp" / "exps").resolve()
+    for info in (copies / "run").glob("*/*.run"):
+        try:
+            record = json.loads(info.read_text())
+        except (OSError, ValueError):
+            continue
+        root = Path(record.get("root_dir") or "/")
+        if record.get("name") in names and copies in root.parents and root.is_dir():
+            shutil.rmtree(root, ignore_errors=True)
+
+
 def run_experiment(project: Path, cell: Cell, copy_paths: list[str], env: dict[str, str], log: Path, on_line=None, on_start=None) -> int:
     """`cell` as one DVC experiment in a temporary copy of `project`'s workspace, its output in `log` (and
     each line to `on_line`); returns its exit status. It runs in a process group of its own (given to
@@ -165,6 +188,34 @@ def run_experiment(project: Path, cell: Cell, copy_paths: list[str], env: dict[s
     return status
 
 
+@contextmanager
+def dying_with_worker() -> Iterator[dict[str, subprocess.Popen]]:
+    """Inside, in a pool cell's flow run (which its worker started): once the worker is gone (this process has
+    another parent), kill the cell's experiment (put in the yielded dict as "experiment": a process group of its
+    own) and end this process at once, reporting nothing, so that a worker's death is its machine's: the flow run's
+    heartbeats stop and Prefect's automation marks it Crashed (`crash_silent_cells`), whereupon the driver runs the
+    cell again. Left alone, the cell would train on unwatched, its flow run Running, until its next print met the
+    dead worker's pipe (Prefect's console then ends the flow run Crashed, its experiment stopped mid-stage)."""
+    worker, done, experiment = os.getppid(), threading.Event(), {}
+
+    def watch() -> None:
+        while os.getppid() == worker:
+            if done.wait(WORKER_WATCH_S):
+                return  # the cell is over: its flow run reports its own end
+        if proc := experiment.get("experiment"):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        os._exit(128 + signal.SIGKILL)  # no state, no cleanup: what a dead machine reports
+
+    threading.Thread(target=watch, name="dying-with-worker", daemon=True).start()
+    try:
+        yield experiment
+    finally:
+        done.set()
+
+
 def run_pool_cell(study_file: str, cell_name: str, commit: str, tracking: str) -> None:
     """What the `cell` deployment runs on a worker: one cell of a study, in the worker's clone of the project
     (PROJECT_ENV, or the working directory), which must be at the driver's commit. Raises StudyError if it fails.
@@ -184,7 +235,6 @@ def run_pool_cell(study_file: str, cell_name: str, commit: str, tracking: str) -
     if cell is None:
         raise ConfigError(f"{study_file}: no cell {cell_name!r} at commit {commit}")
     say(f"cell {cell.name} of study {study.name} in {project} on {os.uname().nodename}")
-    free_experiment_name(project, cell.experiment_name)
     env = cell_env(f"{project}::{study.name}/{cell.name}")
     env["MLFLOW_TRACKING_URI"] = tracking  # the driver's store, also where the clone's params name none
     log = project / STATE_DIR / study.name / "logs" / f"{cell.name}.log"
@@ -193,11 +243,68 @@ def run_pool_cell(study_file: str, cell_name: str, commit: str, tracking: str) -
         if STAGE_LINE.search(line):
             say(f"{cell.name}: {line.strip()}")
 
-    status = run_experiment(project, cell, _untracked_paths(project, [cell]), env, log, stage_lines)
+    with dying_with_worker() as running:
+        remove_experiment_copies(project, {cell.experiment_name})  # an earlier attempt's, killed here with its worker
+        free_experiment_name(project, cell.experiment_name)
+        status = run_experiment(project, cell, _untracked_paths(project, [cell]), env, log, stage_lines,
+                                lambda proc: running.__setitem__("experiment", proc))
     if status != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(True)[-20:])
         raise StudyError(f"cell {cell.name} failed in {project} (exit status {status}; log: {log}):\n{tail}")
     say(f"cell {cell.name} done in {project}")
+
+
+def cell_heartbeat_s() -> int:
+    """Seconds between the heartbeats of a pool cell's flow run: Prefect's own setting as the driver has it
+    (PREFECT_FLOWS_HEARTBEAT_FREQUENCY or the Prefect profile; Prefect's default 180, its minimum 30), handed to
+    every cell's flow run so that the automation that watches them knows what to expect."""
+    from prefect.settings import get_current_settings
+
+    seconds = get_current_settings().flows.heartbeat_frequency
+    if seconds is None:
+        raise ConfigError("--pool: PREFECT_FLOWS_HEARTBEAT_FREQUENCY is unset, and without flow run heartbeats a cell whose "
+                          "worker dies would be waited for forever: set it (seconds, at least 30)")
+    return seconds
+
+
+def silence_s(heartbeat_s: int) -> int:
+    """Seconds without a heartbeat after which a cell's flow run counts as dead: two intervals and a grace."""
+    return 2 * heartbeat_s + HEARTBEAT_GRACE_S
+
+
+def crash_silent_cells(client, heartbeat_s: int) -> str:
+    """Prefect's detection of zombie flow runs (docs.prefect.io/v3/advanced/detect-zombie-flows), for the cells
+    that beat every `heartbeat_s`: an automation of the Prefect server that marks a flow run tagged
+    HEARTBEAT_TAG Crashed once `silence_s` have passed after its last heartbeat (or after it went Pending: a worker
+    that dies before the flow starts) with no heartbeat, Running or final state. Created by the first driver that
+    needs it, found by its name after that (one per interval: cells beating at another pace are not its to judge);
+    returns the name. The server's triggers service, on by default, evaluates it (every 5 s by default)."""
+    from datetime import timedelta
+
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    silent = silence_s(heartbeat_s)
+    name = f"grpolab: crash study cells silent for {silent} s"
+    if client.read_automations_by_name(name):
+        return name
+    final = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
+    trigger = EventTrigger(
+        after={"prefect.flow-run.heartbeat", "prefect.flow-run.Pending"},
+        expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Running", *final},
+        match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
+        match_related=ResourceSpecification({"prefect.resource.role": "tag",
+                                             "prefect.resource.id": f"prefect.tag.{HEARTBEAT_TAG.format(heartbeat_s)}"}),
+        for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1, within=timedelta(seconds=silent),
+    )
+    action = ChangeFlowRunState(state=StateType.CRASHED, message=f"no heartbeat for {silent} s: its worker (or the worker's machine) died")
+    client.create_automation(AutomationCore(
+        name=name, trigger=trigger, actions=[action],
+        description=f"grpolab study cells (flow runs tagged {HEARTBEAT_TAG.format(heartbeat_s)}) whose worker died: the driver runs them again",
+    ))
+    return name
 
 
 @dataclass
@@ -262,6 +369,14 @@ class Progress:
             tail = "".join(f"         | {line}" for line in text.splitlines(True)[-6:])
             self._say(f"  FAILED {cell.name} after {_clock(seconds)} (log: {log})\n{tail.rstrip()}")
         self._update(cell, status="done" if ok else "failed", seconds=seconds)
+
+    def rerun(self, cell: Cell, why: str) -> None:
+        """A pool cell whose worker died runs again (its time goes on from its first start)."""
+        seconds = time.monotonic() - (self.cells[cell.name].started or time.monotonic())
+        self._say(f"  worker died: {cell.name} after {_clock(seconds)} ({why}); its unfinished MLflow runs are KILLED; "
+                  "running it again on another worker")
+        # the live line shows "(train again, 4:10)": the stage stays, so the seed's other cells wait as they did
+        self._update(cell, step="again")
 
     def wait(self, timeout: float) -> None:
         with self.changed:
@@ -376,6 +491,7 @@ class StudyRun:
         self.deployment_id = None  # of the `cell` deployment on the pool
         self.commit: str | None = None
         self.flow_runs: dict[str, str] = {}  # pool cell name -> its flow run's id, while it runs
+        self.heartbeat_s: int | None = None  # of the pool cells' flow runs (`cell_heartbeat_s`)
 
     # -- before any cell ------------------------------------------------------------------------
 
@@ -439,20 +555,12 @@ class StudyRun:
             except (OSError, ValueError):
                 continue  # gone, or not ours to read
             print(f"stopped process {proc.name}, left running by an interrupted run of study {self.study.name}", file=sys.stderr)
-        copies = (self.project / ".dvc" / "tmp" / "exps").resolve()
-        names = {c.experiment_name for c in self.study.cells}
-        for info in (copies / "run").glob("*/*.run"):  # DVC's record of each `exp run --temp`: its name and copy
-            try:
-                record = json.loads(info.read_text())
-            except (OSError, ValueError):
-                continue
-            root = Path(record.get("root_dir") or "/")
-            if record.get("name") in names and copies in root.parents and root.is_dir():  # a finished one's is gone
-                shutil.rmtree(root, ignore_errors=True)
+        remove_experiment_copies(self.project, {c.experiment_name for c in self.study.cells})
 
     def _check_pool(self) -> None:
         """A study on a pool: cells on other machines log to one MLflow server, run the driver's commit (the
-        study file and params as committed), and go to the pool's `cell` deployment."""
+        study file and params as committed), and go to the pool's `cell` deployment, their heartbeats watched
+        (`crash_silent_cells`)."""
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import FlowFilter, FlowFilterName, WorkPoolFilter, WorkPoolFilterName
 
@@ -465,10 +573,14 @@ class StudyRun:
         with get_client(sync_client=True) as client:
             found = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[CELL_FLOW])),
                                             work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self.pool])))
-        if not found:
-            raise ConfigError(f"--pool {self.pool}: no deployment of flow {CELL_FLOW} on work pool {self.pool!r} "
-                              f"(make deploy POOL={self.pool}, from prefect.yaml)")
-        self.deployment_id = found[0].id
+            if not found:
+                raise ConfigError(f"--pool {self.pool}: no deployment of flow {CELL_FLOW} on work pool {self.pool!r} "
+                                  f"(make deploy POOL={self.pool}, from prefect.yaml)")
+            self.deployment_id = found[0].id
+            self.heartbeat_s = cell_heartbeat_s()
+            automation = crash_silent_cells(client, self.heartbeat_s)
+        print(f"every cell's flow run sends a heartbeat every {self.heartbeat_s} s: one whose worker dies is marked Crashed by "
+              f"the Prefect automation {automation!r}, and the cell runs again", file=sys.stderr)
 
     # -- the cells ------------------------------------------------------------------------------
 
@@ -510,35 +622,57 @@ class StudyRun:
 
     def _on_pool(self, cell: Cell) -> bool:
         """The cell as a flow run of the pool's `cell` deployment, followed until it ends: its stage from the
-        MLflow server its stages log to, its end from Prefect; the flow run's logs become the cell's log here."""
+        MLflow server its stages log to, its end from Prefect; the flow run's logs become the cell's log here.
+        A flow run that ends Crashed (its worker or machine died: `crash_silent_cells`) leaves its cell's MLflow
+        runs KILLED, and the cell runs once more on whichever worker is free; one that Failed (a stage's error)
+        is not run again."""
         from prefect.client.orchestration import get_client
 
+        with get_client(sync_client=True) as client:
+            for attempt in range(1, CELL_ATTEMPTS + 1):
+                state = self._pool_attempt(client, cell, attempt)
+                if not state.is_crashed():
+                    break
+                tracking.end_unfinished(self.client, cell.params.tracking.experiment, cell.params_hash)
+                if attempt < CELL_ATTEMPTS:
+                    self.progress.rerun(cell, state.message or "crashed")
+        return state.is_completed()
+
+    def _pool_attempt(self, client, cell: Cell, attempt: int):
+        """One flow run of the cell, followed until it ends; its final state."""
         params = {"study_file": os.path.relpath(self.study.source.resolve(), self.project.resolve()), "cell": cell.name,
                   "commit": self.commit, "tracking": self.uri}
         since = int(time.time() * 1000)
-        with get_client(sync_client=True) as client:
-            run = client.create_flow_run_from_deployment(self.deployment_id, parameters=params, tags=[self._tag()],
-                                                         name=f"{self.study.name}-{cell.name}")
-            self.flow_runs[cell.name] = str(run.id)
-            try:
-                while not (state := client.read_flow_run(run.id).state) or not state.is_final():
-                    if stage := tracking.latest_stage(self.client, cell.params.tracking.experiment, cell.params_hash, since):
-                        self.progress.stage(cell, stage)
-                    time.sleep(POLL_S)
-            finally:
-                self.flow_runs.pop(cell.name, None)
-            self._write_log(client, run.id, cell, state)
-        return state.is_completed()
+        run = client.create_flow_run_from_deployment(
+            self.deployment_id, parameters=params, tags=[self._tag(), HEARTBEAT_TAG.format(self.heartbeat_s)],
+            name=f"{self.study.name}-{cell.name}" + (f"-attempt-{attempt}" if attempt > 1 else ""),
+            # the interval the automation of this tag expects: Prefect's setting here, whatever the worker's
+            job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(self.heartbeat_s)}},
+        )
+        self.flow_runs[cell.name] = str(run.id)
+        try:
+            while not (state := client.read_flow_run(run.id).state) or not state.is_final():
+                if stage := tracking.latest_stage(self.client, cell.params.tracking.experiment, cell.params_hash, since):
+                    self.progress.stage(cell, stage)
+                time.sleep(POLL_S)
+        finally:
+            self.flow_runs.pop(cell.name, None)
+        self._write_log(client, run.id, cell, state, append=attempt > 1)
+        return state
 
-    def _write_log(self, client, flow_run_id, cell: Cell, state) -> None:
+    def _write_log(self, client, flow_run_id, cell: Cell, state, append: bool = False) -> None:
         from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
         from prefect.client.schemas.sorting import LogSort
 
         logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200, sort=LogSort.TIMESTAMP_ASC)
         log = self.log_file(cell)
         log.parent.mkdir(parents=True, exist_ok=True)
-        lines = [f"flow run {flow_run_id} of deployment {self.deployment_id} on pool {self.pool}: {state.type.value}"]
-        log.write_text("\n".join([*lines, *(entry.message for entry in logs)]) + "\n")
+        lines = [f"flow run {flow_run_id} of deployment {self.deployment_id} on pool {self.pool}: {state.type.value}",
+                 *(entry.message for entry in logs)]
+        if state.is_crashed():  # last, where a failed cell's tail shows it: why nothing of the cell's own says more
+            lines.append(f"flow run {flow_run_id}: {state.type.value}: {state.message}")
+        with open(log, "a" if append else "w") as out:
+            out.write("\n".join(lines) + "\n")
 
     def _tag(self) -> str:
         """The Prefect tag of this study's cell flow runs (the project's study, as the cell marker names it)."""

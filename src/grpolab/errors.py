@@ -1,5 +1,6 @@
 """grpolab's error types, low in the tree so that every layer raises them without importing the layers
-above. The CLI turns the first two into `grpolab: error: …` and exit 2, `StudyError` into exit 1."""
+above. The CLI turns a user's errors (`grpolab.failures.USER_ERRORS`: the first four here) into
+`grpolab: error: …` and exit 2, `StudyError` into exit 1."""
 
 
 class ConfigError(ValueError):
@@ -16,3 +17,8 @@ class RewardError(ValueError):
 
 class StudyError(RuntimeError):
     """Cells of a study failed (the report lists them)."""
+
+
+class StageError(RuntimeError):
+    """A grpolab process this one ran (a stage under `dvc repro`, a training process) stopped with a user's
+    named error: the message is that error's, read back from the file the process wrote it to."""

@@ -93,8 +93,9 @@ def pipeline(overrides: list[str] | None = None) -> str:
             try:
                 run_stage(stage)
             except StageError as exc:
-                # the flow run's state says what went wrong in the stage's own words (raised on, it would be
-                # "Flow run encountered an exception: StageError: …" after a traceback of Prefect's engine)
+                # the flow run's state message is the stage's error in its own words (raised on, it would be
+                # "Flow run encountered an exception: StageError: …", and `grpolab run` would print Prefect's
+                # traceback of the flow before it); `data`: the flow's caller gets the StageError raised
                 return Failed(message=str(exc), data=exc)
         return publish_summary(params)
 

@@ -2,12 +2,14 @@
 bars at a sane rate, the terminal's copy untouched (issue 31, req 5)."""
 
 import logging
+import os
+import subprocess
 import sys
 import textwrap
 
 from grpolab.stage_log import PROGRESS_EVERY_S, StreamRelay, run_relayed
 
-from conftest import grpolab
+from conftest import BIN, project_env
 
 STAGE = r"""
 import sys, traceback, warnings
@@ -97,14 +99,31 @@ def test_a_slow_bar_is_logged_every_30_s_and_output_cut_anywhere_reads_the_same(
     assert capsys.readouterr().err == "".join(updates) + rest
 
 
-def test_a_stages_user_error_ends_grpolab_run_once_as_its_last_line(project):
-    """`grpolab run` (Prefect's temporary server, the flow in-process) with a train file that is no parquet:
-    the prepare stage's named error is the last line, exit 2, and the stage ran once (no retry)."""
+# A hook in every Python process the test starts (on PYTHONPATH): the first `grpolab stage prepare` is killed
+# (kill -9) as its interpreter starts, as a worker's OOM killer or a node's reboot would.
+KILL_PREPARE_ONCE = """import os, signal
+if open("/proc/self/cmdline", "rb").read().split(b"\\0")[-3:-1] == [b"stage", b"prepare"] and not os.path.exists(os.environ["KILLED"]):
+    open(os.environ["KILLED"], "w").close()
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_stage_is_retried_and_a_users_error_is_not_and_ends_grpolab_run(project, tmp_path):
+    """`grpolab run` (Prefect's temporary server, the flow in-process) with a train file that is no parquet, its
+    prepare stage killed the first time: retried once; the retry stops with the user's error, which is not
+    retried, and is `grpolab run`'s last line, exit 2."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_PREPARE_ONCE)
     junk = project / "junk.parquet"
     junk.write_text("not parquet")
-    proc = grpolab("run", "-S", f"data.train_files=[{junk}]", "-S", f"data.eval_files=[{junk}]", "-S", "sft.steps=0", cwd=project,
-                   check=False)
+    env = {**project_env(), "PYTHONPATH": os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])]),
+           "KILLED": str(tmp_path / "killed")}
+    proc = subprocess.run([f"{BIN}/grpolab", "run", "-S", f"data.train_files=[{junk}]", "-S", f"data.eval_files=[{junk}]", "-S", "sft.steps=0"],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=600)
     named = f"grpolab: error: {junk}: not a readable parquet file"
     assert proc.returncode == 2 and proc.stderr.rstrip().splitlines()[-1].startswith(named), proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
-    assert output.count("==> grpolab stage prepare") == 1 and "Traceback" not in proc.stdout, output[-3000:]
+    assert (tmp_path / "killed").exists() and "grpolab stage prepare, exited with -9" in output, output[-3000:]
+    # two tries of the task, the stage's work begun once (the killed one died before its banner)
+    assert output.count("==> stage prepare") == 2 and output.count("==> grpolab stage prepare") == 1, output[-3000:]

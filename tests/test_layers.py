@@ -21,7 +21,8 @@ LAYERS = {
     "libraries": ["grpolab.config", "grpolab.data", "grpolab.device", "grpolab.distributed", "grpolab.models",
                   "grpolab.samplers", "grpolab.logprobs", "grpolab.rewards", "grpolab.tracking", "grpolab.mia", "grpolab.checkpoints"],
     "foundations": ["grpolab.algos", "grpolab.mia.scores", "grpolab.mia.roc", "grpolab.data.tasks", "grpolab.errors",
-                    "grpolab.paths", "grpolab.fsutil", "grpolab.procs", "grpolab.ranks", "grpolab.outbox"],
+                    "grpolab.paths", "grpolab.fsutil", "grpolab.procs", "grpolab.ranks", "grpolab.outbox", "grpolab.failures",
+                    "grpolab.stage_log"],
 }
 RANK = {prefix: rank for rank, prefixes in enumerate(reversed(LAYERS.values())) for prefix in prefixes}
 

@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -103,6 +104,15 @@ def lab_auth(pg: str) -> tuple[dict[str, str], str, str]:
     return mlflow, f"{LAB_USER}:{secrets.token_hex(16)}", password
 
 
+def flow_run_logs(env: dict[str, str], flow_run_id: str) -> list[dict]:
+    """Every log of a flow run in Prefect, oldest first (the API answers 200 at a time)."""
+    logs: list[dict] = []
+    while page := prefect_api(env, "logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC",
+                                                   "offset": len(logs), "limit": 200}):
+        logs += page
+    return logs
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """What a lab runs beside its nodes, each a real server on 127.0.0.1 (tests/servers.py), both on PostgreSQL
@@ -180,6 +190,15 @@ def _pipeline_then_dvc(tmp_path: Path, a: Path, pg: str, uri: str, prefect_env: 
     assert flow_run["state"]["type"] == "COMPLETED", (flow_run["state"], out[-4000:])
     for stage in ("prepare", "sft", "mia", "train", "evaluate"):
         assert f"==> stage {stage}" in out and f"Running stage '{stage}'" in out
+    # Prefect's logs of the flow run hold each stage's own output (issue 31): its banner, its progress at a sane
+    # rate (12 sft steps: a line per 10 % at most, and the last), its headline
+    logged = [(log["name"], log["level"], log["message"]) for log in flow_run_logs(prefect_env, flow_run["id"])]
+    train = [m for name, _, m in logged if name == "grpolab.stage.train"]
+    assert "==> grpolab stage train" in train and any(m.startswith("train: 100%|") and "3/3" in m for m in train), train
+    assert any(m.startswith("    train/steps=3, ") for m in train), train
+    sft_bar = [m for name, _, m in logged if name == "grpolab.stage.sft" and m.startswith("sft:")]
+    assert 2 <= len(sft_bar) <= 12 and "12/12" in sft_bar[-1], sft_bar
+    assert not [entry for entry in logged if entry[1] >= 40], [entry for entry in logged if entry[1] >= 40]  # no ERROR
     [summary] = prefect_api(prefect_env, "artifacts/filter", {"artifacts": {"key": {"any_": ["eval-summary"]}}})
     assert summary["flow_run_id"] == flow_run["id"] and summary["data"].startswith("# grpolab pipeline summary")
 
@@ -299,11 +318,53 @@ def _pipeline_then_dvc(tmp_path: Path, a: Path, pg: str, uri: str, prefect_env: 
 
     # A user's file (here the reference model, which mia and evaluate read) edited in place, its path
     # unchanged: exactly the stages that read it are out of date (once `inputs` has digested it).
-    (reference / "config.json").write_text((reference / "config.json").read_text().replace("{", '{"edited": true,', 1))
+    reference_config = (reference / "config.json").read_text()
+    (reference / "config.json").write_text(reference_config.replace("{", '{"edited": true,', 1))
     run(["dvc", "repro", "inputs"], a)
     status = run(["dvc", "status"], a).stdout
     assert {s for s in ("prepare", "sft", "mia", "train", "evaluate") if f"\n{s}:" in f"\n{status}"} == {"mia", "evaluate"}, status
+    (reference / "config.json").write_text(reference_config)  # mia up to date again: the run below starts at train
+
+    _a_raising_reward_file_fails_the_flow_run_once(tmp_path, a, deployments["pipeline"]["id"], overrides, uri, prefect_env)
     assert_no_secret_logged(prefect_env, uri, folder / "artifacts", out, repro)
+
+
+RAISING_REWARD = """def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    if extra_info["index"] % 2:  # a user's bug on some rows
+        return {}["nope"]
+    return float(ground_truth in solution_str)
+"""
+
+
+def _a_raising_reward_file_fails_the_flow_run_once(tmp_path: Path, a: Path, deployment: str, overrides: list[str], uri: str,
+                                                    prefect_env: dict[str, str]) -> None:
+    """A deployment run with a reward file that raises on some rows (issue 31): the flow run fails, its state message
+    is the train stage's named error, which its logs hold at level ERROR; the stage ran once (a user's error is
+    not retried)."""
+    (a / "bad_reward.py").write_text(RAISING_REWARD)
+    bad = [*overrides, "train.reward_file=bad_reward.py", "train.rewards={reward_file: 1.0}"]
+    before = {r["id"] for r in prefect_api(prefect_env, "flow_runs/filter", {"deployments": {"id": {"any_": [deployment]}}})}
+    worker = tmp_path / "worker-bad-reward.log"
+    with serving([f"{BIN}/prefect", "worker", "start", "--pool", "grpolab", "--type", "process"], worker, lambda: True, "prefect worker", prefect_env):
+        watched = subprocess.run([f"{BIN}/prefect", "deployment", "run", "grpolab-pipeline/pipeline", "--params", json.dumps({"overrides": bad}),
+                                  "--watch", "--watch-timeout", "600"], cwd=a, env=prefect_env, capture_output=True, text=True)
+    [flow_run] = [r for r in prefect_api(prefect_env, "flow_runs/filter", {"deployments": {"id": {"any_": [deployment]}}})
+                  if r["id"] not in before]
+    named = re.compile(r"^train\.reward_file: bad_reward\.py: compute_score raised KeyError: 'nope' on data/\w+\.parquet: row \d+$")
+    state = flow_run["state"]
+    assert watched.returncode != 0 and state["type"] == "FAILED" and named.match(state["message"]), (state, worker.read_text()[-4000:])
+    logs = flow_run_logs(prefect_env, flow_run["id"])
+    assert {(log["level"], log["name"]) for log in logs if log["message"] == f"grpolab: error: {state['message']}"} == {(40, "grpolab.stage.train")}
+    messages = [log["message"] for log in logs]
+    assert messages.count("==> stage train") == 1 and messages.count("==> grpolab stage train") == 1, messages
+    # the train stage printed no traceback (the engine's own log of the failed flow has Prefect's)
+    assert "==> stage evaluate" not in messages and not [log for log in logs if log["name"] == "grpolab.stage.train" and "Traceback" in log["message"]]
+    [train] = [r for r in prefect_api(prefect_env, "task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}}) if r["name"] == "train"]
+    assert train["run_count"] == 1 and train["state"]["type"] == "FAILED"
+    client = MlflowClient(uri)
+    failed = client.search_runs([client.get_experiment_by_name("grpolab").experiment_id],
+                                "tags.`grpolab.stage` = 'train' and attributes.status = 'FAILED'")
+    assert len(failed) == 1
 
 
 def test_the_lab_servers_refuse_whoever_has_no_credentials_and_grpolab_names_a_wrong_one(tmp_path, servers):

@@ -252,3 +252,34 @@ def test_tracin_and_the_grpo_family_two_processes_give_one_process_keep_masks(tr
         assert one["train/groups_dropped"].tolist() == two["train/groups_dropped"].tolist()
 
 
+
+
+RANK1_RAISES = """import os
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    if os.environ["RANK"] == "1":  # rank 1's rows: rank 0 is then waiting for it in a collective
+        return {}["nope"]
+    return 0.0
+"""
+
+
+@pytest.mark.timeout(600)
+def test_a_user_error_in_one_of_two_processes_is_one_line_named_by_either_launcher(trainer, tmp_path):
+    """A reward file that raises in rank 1 only: grpolab's launcher prints the named error once, as its last line,
+    with no traceback of any rank, exit 2; torchrun's own summary names it too."""
+    (trainer / "bad_reward.py").write_text(RANK1_RAISES)
+    overrides = ["train.reward_file=bad_reward.py", "train.rewards={reward_file: 1.0}", "train.judge_model=null",
+                 "train.num_processes=2", "train.micro_batch_size=4"]
+    named = "grpolab: error: train.reward_file: bad_reward.py: compute_score raised KeyError: 'nope' on data/train_weighted.parquet: row "
+    proc = grpolab("stage", "train", *[f"-S{o}" for o in overrides], cwd=trainer, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and proc.stderr.rstrip().splitlines()[-1].startswith(named), output[-3000:]
+    assert output.count("grpolab: error:") == 1 and "Traceback" not in output, output[-3000:]
+
+    endpoint = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    torchrun = subprocess.run([f"{BIN}/torchrun", "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+                               "--rdzv-endpoint", f"127.0.0.1:{endpoint.port}", "--rdzv-conf", "is_host=false", "--local-addr", "127.0.0.1",
+                               "--max-restarts", "0", "-m", "grpolab.cli", "stage", "train"], cwd=trainer,
+                              env={**project_env(), "GLOO_SOCKET_IFNAME": "lo"}, capture_output=True, text=True, timeout=500)
+    output = torchrun.stdout + torchrun.stderr
+    # rank 1 printed nothing (rank 0 prints a user's error, the others leave it to torchrun): torchrun's summary shows it
+    assert torchrun.returncode != 0 and f"traceback : {named}" in output and output.count(named) == 1, output[-5000:]

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from grpolab import config
-from grpolab.errors import ConfigError, DataError, StudyError, TrackingError
+from grpolab.errors import ConfigError, StudyError, TrackingError
+from grpolab.failures import USER_ERRORS, report
 
 FLOWS = Path("flows")
 # Quiet, offline-friendly defaults; the user's settings win (MLFLOW_DISABLE_TELEMETRY=false turns MLflow's
@@ -34,6 +36,9 @@ def _temporary_prefect_server() -> None:
     server = SubprocessASGIServer()  # the instance Prefect's client uses
     server.start()
     stop_with_me(server.server_process.pid)
+    # Prefect stops it at exit (after draining the logs it sends it) and logs that after grpolab's last line
+    # (the pipeline's summary, a stage's error), which is to stay the last: that one record is dropped.
+    logging.getLogger("prefect").addFilter(lambda record: not record.getMessage().startswith("Stopping temporary server"))
 
 
 def _check_prefect_api() -> None:
@@ -88,7 +93,7 @@ def cmd_run(args) -> None:
         check_store(config.overridden(args.set)[1])  # before params.yaml changes (the flow checks again, for deployments)
         config.apply_overrides(args.set)  # validated (and written) before Prefect starts
         pipeline = _load_flow("pipeline")
-        print(pipeline())
+        print(pipeline())  # a stage's user error raises StageError: main prints it, the last line
 
 
 def cmd_study(args) -> None:
@@ -237,8 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as exc:
-        print(f"grpolab: error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:  # one line, no traceback, in a training process too (and to its runner's file)
+        report(str(exc))
         raise SystemExit(2) from None
     except (StudyError, TrackingError) as exc:
         print(f"grpolab: error: {exc}", file=sys.stderr)

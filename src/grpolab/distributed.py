@@ -10,6 +10,9 @@ import fcntl
 import os
 import socket
 import subprocess
+import sys
+import tempfile
+import time
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -17,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from grpolab import failures
+from grpolab.errors import StageError
 from grpolab.procs import die_with_parent, signals_stop
 from grpolab.ranks import is_rank0, launched, rank, world_size  # noqa: F401  (callers ask distributed.*)
 
@@ -92,48 +97,57 @@ def load_native_ops(*builders: str) -> None:
 
 def launch_local(argv: list[str], processes: int) -> None:
     """Run `processes` copies of `argv` on this machine as one process group, as torchrun does for one node,
-    with two differences: the group's store listens on 127.0.0.1 only, on a port this launcher binds and
-    holds (no probe-then-reuse race), and the workers die with the launcher: a signal to it (Ctrl-C,
-    SIGTERM, a kill -9 of the stage) stops them all. Raises CalledProcessError when a worker fails; the
-    others are then stopped."""
+    with these differences: the group's store listens on 127.0.0.1 only, on a port this launcher binds and
+    holds (no probe-then-reuse race); the workers die with the launcher: a signal to it (Ctrl-C, SIGTERM, a
+    kill -9 of the stage) stops them all; and a user's error in any worker is reported once, by the launcher
+    (`failures.report`). When a worker fails the others are stopped, then raises StageError with the user's
+    error a worker wrote (the first to fail's, else the lowest rank's), else CalledProcessError."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     # the store takes the bound socket over (and closes it)
     store = dist.TCPStore("127.0.0.1", port, is_master=True, master_listen_fd=listener.detach(), wait_for_workers=False)
     env = {**os.environ, "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True", "GLOO_SOCKET_IFNAME": LOOPBACK_INTERFACE}
-    workers = [subprocess.Popen(argv, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, preexec_fn=die_with_parent)
-               for r in range(processes)]
+           "MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "True", "GLOO_SOCKET_IFNAME": LOOPBACK_INTERFACE,
+           failures.LAUNCHER_REPORTS_ENV: "1"}
+    with tempfile.TemporaryDirectory(prefix="grpolab-workers-") as folder:
+        error_files = [Path(folder) / f"rank{r}.error" for r in range(processes)]
+        workers = [subprocess.Popen(argv, env={**env, "RANK": str(r), "LOCAL_RANK": str(r), failures.ERROR_FILE_ENV: str(error_files[r])},
+                                    preexec_fn=die_with_parent) for r in range(processes)]
 
-    def forward(signum: int) -> None:
-        for w in workers:
-            if w.returncode is None:
-                w.send_signal(signum)
+        def forward(signum: int) -> None:
+            for w in workers:
+                if w.returncode is None:
+                    w.send_signal(signum)
 
-    try:
-        with signals_stop(forward):
-            failed = _wait_first_failure(workers)
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.wait()
-        del store
-    if failed is not None:
-        raise subprocess.CalledProcessError(failed.returncode, argv)
+        try:
+            with signals_stop(forward):
+                failed = _wait_first_failure(workers, error_files)
+        finally:
+            rank0_running = workers[0].poll() is None and not error_files[0].exists()
+            for w in workers:
+                if w.poll() is None:
+                    w.kill()
+                    w.wait()
+            del store
+            if rank0_running:
+                print(file=sys.stderr)  # rank 0, stopped mid-run, may have left its progress bar's line open: end it
+        if failed is not None:
+            first = workers.index(failed)
+            if message := next(filter(None, map(failures.read, [error_files[first], *error_files])), None):
+                raise StageError(message)
+            raise subprocess.CalledProcessError(failed.returncode, argv)
 
 
-def _wait_first_failure(workers: list[subprocess.Popen]) -> subprocess.Popen | None:
-    """Wait for every worker; the first one to fail, else None."""
-    pending = {w.pid: w for w in workers}
-    while pending:
-        pid, status = os.wait()
-        worker = pending.pop(pid, None)
-        if worker is not None:
-            worker.returncode = os.waitstatus_to_exitcode(status)
-            if worker.returncode != 0:
+def _wait_first_failure(workers: list[subprocess.Popen], error_files: list[Path], poll_s: float = 0.1) -> subprocess.Popen | None:
+    """Wait for every worker; the first one to fail (exit non-zero, or write its error file: it then waits to be
+    stopped), else None."""
+    while True:
+        for worker, error_file in zip(workers, error_files):
+            if worker.poll() not in (None, 0) or error_file.exists():
                 return worker
-    return None
+        if all(w.returncode == 0 for w in workers):
+            return None
+        time.sleep(poll_s)
 
 
 # The collectives below run in the process group whenever there is one (a world of one included, where they

@@ -1,5 +1,6 @@
 """grpolab's error types, low in the tree so that every layer raises them without importing the layers
-above. The CLI turns the first two into `grpolab: error: …` and exit 2, `StudyError` and `TrackingError` into exit 1."""
+above. The CLI turns a user's errors (`grpolab.failures.USER_ERRORS`: the first four here) into
+`grpolab: error: …` and exit 2, `StudyError` and `TrackingError` into exit 1 (a retry may fix those)."""
 
 
 class ConfigError(ValueError):
@@ -21,3 +22,8 @@ class StudyError(RuntimeError):
 class TrackingError(RuntimeError):
     """The tracking store stopped answering during a stage and was not back in time at its end: the message names
     the store and says how the stage goes on."""
+
+
+class StageError(RuntimeError):
+    """A grpolab process this one ran (a stage under `dvc repro`, a training process) stopped with a user's
+    named error: the message is that error's, read back from the file the process wrote it to."""

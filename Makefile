@@ -54,7 +54,7 @@ postgres:
 # loadgroup does not group here). The five longest files first, in this order (test_pipeline on one worker, the
 # next four on the other as they free), then the rest as workers free.
 test: install browser postgres
-	pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests/test_pipeline.py tests/test_study.py tests/test_train.py tests/test_vllm.py \
+	pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests/test_pipeline.py tests/test_lab.py tests/test_study.py tests/test_train.py tests/test_vllm.py \
 	  tests/test_train_processes.py tests
 
 # The Prefect deployments of prefect.yaml on a `process` work pool, against the Prefect server that

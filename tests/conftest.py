@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["training"]  # the train tests' fixtures (base_project, trainer), in tests/training.py
+pytest_plugins = ["training", "lab"]  # the train tests' fixtures (tests/training.py) and the lab's servers (tests/lab.py)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)

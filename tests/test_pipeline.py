@@ -1,18 +1,13 @@
 """End to end: the real CLI, Prefect's temporary server, DVC in a git repo, an MLflow sqlite store."""
 
-import base64
-import contextlib
 import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +21,9 @@ from transformers import AutoConfig
 from grpolab import config
 from grpolab.fsutil import is_temporary
 
-from conftest import BIN, MARKER, REPO, TINY, free_port, grpolab, make_project, marked_processes, project_env, run
-from servers import mlflow_server, postgres, postgres_bin, prefect_server, serving
+from conftest import BIN, REPO, TINY, free_port, grpolab, make_project, project_env, run
+from lab import assert_no_secret_logged, flow_run_logs, prefect, prefect_api, runs_stage
+from servers import postgres_bin, serving
 
 EVAL_KEYS = {
     "success_rate", "format_rate", "completion_length",
@@ -47,13 +43,6 @@ def digests(root: Path) -> dict[str, str]:
     return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
-def _runs_stage(process: psutil.Process, stage: str) -> bool:
-    try:
-        return process.cmdline()[-2:] == ["stage", stage] and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def kill_during(project: Path, stage: str) -> bool:
     """Run `dvc repro` and kill -9 its whole process group a moment after `grpolab stage <stage>` starts its
     work (it prints its banner once its imports are done); whether the stage was still running then."""
@@ -66,94 +55,11 @@ def kill_during(project: Path, stage: str) -> bool:
         assert proc.poll() is None and time.monotonic() < deadline, f"dvc repro ended before stage {stage} began"
         time.sleep(0.1)
     time.sleep(0.5)
-    running = any(_runs_stage(p, stage) for p in psutil.Process(proc.pid).children(recursive=True))
+    running = any(runs_stage(p, stage) for p in psutil.Process(proc.pid).children(recursive=True))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     log.unlink()
     return running
-
-
-def prefect(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run([f"{BIN}/prefect", *args], cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"prefect {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def basic_auth(credentials: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
-
-
-def prefect_api(env: dict[str, str], path: str, body: dict) -> list | dict:
-    """POST to the Prefect server's API with the client's credentials (PREFECT_API_AUTH_STRING) when it has them."""
-    auth = basic_auth(env["PREFECT_API_AUTH_STRING"]) if env.get("PREFECT_API_AUTH_STRING") else {}
-    request = urllib.request.Request(f"{env['PREFECT_API_URL']}/{path}", json.dumps(body).encode(), {"Content-Type": "application/json", **auth})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
-
-
-LAB_USER = "grpolab"
-MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-
-
-def lab_auth(pg: str) -> tuple[dict[str, str], str, str]:
-    """The settings docker/compose.yaml gives the MLflow server (from docker/.env), a Prefect auth string, and the
-    MLflow password: fresh secrets, as `openssl rand` would make them."""
-    password = secrets.token_hex(16)
-    mlflow = {"MLFLOW_AUTH_ADMIN_USERNAME": LAB_USER, "MLFLOW_AUTH_ADMIN_PASSWORD": password,
-              "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16), "GRPOLAB_MLFLOW_AUTH_DATABASE_URI": f"postgresql://grpolab@{pg}/mlflow_auth"}
-    return mlflow, f"{LAB_USER}:{secrets.token_hex(16)}", password
-
-
-def flow_run_logs(env: dict[str, str], flow_run_id: str) -> list[dict]:
-    """Every log of a flow run in Prefect, oldest first (the API answers 200 at a time)."""
-    logs: list[dict] = []
-    while page := prefect_api(env, "logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC",
-                                                   "offset": len(logs), "limit": 200}):
-        logs += page
-    return logs
-
-
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    """What a lab runs beside its nodes, each a real server on 127.0.0.1 (tests/servers.py), both on PostgreSQL
-    and both asking for credentials, as docker/compose.yaml serves them: an MLflow tracking server with basic
-    authentication and a served artifact store, and a Prefect server with an auth string; shared by this file's
-    deployment tests. Yields (PostgreSQL's host:port, the MLflow URI, the clients' environment: Prefect's URL and
-    auth string, MLflow's user name and password, the MLflow server's folder). This process's own MLflow client
-    has the credentials too, while the servers run."""
-    folder = tmp_path_factory.mktemp("servers")
-    with postgres(["mlflow", "mlflow_auth", "prefect"]) as pg:
-        mlflow_settings, auth_string, password = lab_auth(pg)
-        with (mlflow_server(f"postgresql://grpolab@{pg}/mlflow", folder, mlflow_settings) as uri,
-              prefect_server(folder, f"postgresql+asyncpg://grpolab@{pg}/prefect", auth_string) as prefect_env):
-            credentials = dict(zip(MLFLOW_CREDENTIALS, (LAB_USER, password)))
-            before = {k: os.environ.get(k) for k in credentials}
-            os.environ.update(credentials)
-            try:
-                yield pg, uri, {**prefect_env, **credentials}, folder
-            finally:
-                for key, value in before.items():
-                    os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-
-
-def assert_no_secret_logged(env: dict[str, str], uri: str, artifacts: Path, *outputs: str) -> None:
-    """Neither the MLflow password nor the Prefect auth string's password is in anything logged: MLflow's params,
-    tags and metric names of every run, every file of its artifact store (the DeepSpeed config, tables, logs),
-    Prefect's flow runs (parameters, states), their logs, deployments and work pools, and what the commands printed."""
-    found = [env["MLFLOW_TRACKING_PASSWORD"], env["PREFECT_API_AUTH_STRING"].split(":", 1)[1]]
-    client = MlflowClient(uri)
-    texts = list(outputs)
-    for experiment in client.search_experiments():
-        for r in client.search_runs([experiment.experiment_id], max_results=1000):
-            texts.append(json.dumps([r.data.params, r.data.tags, sorted(r.data.metrics)]))
-    flow_runs = prefect_api(env, "flow_runs/filter", {})
-    texts += [json.dumps(flow_runs), json.dumps(prefect_api(env, "deployments/filter", {})), json.dumps(prefect_api(env, "work_pools/filter", {}))]
-    for flow_run in flow_runs:
-        texts += [e["message"] for e in prefect_api(env, "logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}})]
-    leaks = [(secret[:4] + "…", i) for secret in found for i, text in enumerate(texts) if secret in text]
-    files = [f for f in artifacts.rglob("*") if f.is_file()]
-    leaks += [(secret[:4] + "…", str(f)) for f in files for secret in found if secret.encode() in f.read_bytes()]
-    assert len(files) > 10 and len(texts) > 20 and not leaks, leaks
 
 
 def test_pipeline_as_a_deployment_on_a_worker_then_dvc(tmp_path, servers):
@@ -367,73 +273,6 @@ def _a_raising_reward_file_fails_the_flow_run_once(tmp_path: Path, a: Path, depl
     assert len(failed) == 1
 
 
-def test_the_lab_servers_refuse_whoever_has_no_credentials_and_grpolab_names_a_wrong_one(tmp_path, servers):
-    """The servers of `servers`, as docker/compose.yaml runs them: a request without credentials, or with a wrong
-    password, gets 401 and changes nothing; grpolab refuses a wrong or missing password before any work, naming
-    the variable and never printing the password; the MLflow UI keeps grpolab's runs view behind the login; and
-    a restart with a new MLFLOW_AUTH_ADMIN_PASSWORD rotates the password."""
-    from grpolab.ui import SCRIPT
-
-    pg, uri, env, folder = servers
-    body = json.dumps({"name": "intruder"}).encode()
-    for credentials in (None, f"{LAB_USER}:wrong-password"):
-        auth = basic_auth(credentials) if credentials else {}
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/create", body, {"Content-Type": "application/json", **auth}), timeout=30)
-        assert refused.value.code == 401
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            prefect_api({**env, "PREFECT_API_AUTH_STRING": credentials or ""}, "work_pools/", {"name": "intruder", "type": "process"})
-        assert refused.value.code == 401
-    assert MlflowClient(uri).get_experiment_by_name("intruder") is None
-    assert prefect_api(env, "work_pools/filter", {"work_pools": {"name": {"any_": ["intruder"]}}}) == []
-    page = urllib.request.urlopen(urllib.request.Request(f"{uri}/", headers=basic_auth(f"{LAB_USER}:{env['MLFLOW_TRACKING_PASSWORD']}")), timeout=30)
-    assert SCRIPT in page.read().decode()  # `grpolab ui`'s runs view, behind the login
-
-    project = make_project(tmp_path / "p")
-    shutil.copytree(REPO / "studies", project / "studies")
-    before = (project / "params.yaml").read_bytes()
-    refusals = {
-        "MLFLOW_TRACKING_PASSWORD": f"MLFLOW_TRACKING_PASSWORD: the MLflow server {uri} refused user 'grpolab' with this password "
-                                    "(401 Unauthorized: a wrong user name or password); nothing was run",
-        "MLFLOW_TRACKING_USERNAME": f"the MLflow server {uri} asks for a user name and password (401 Unauthorized): set "
-                                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD",
-        "PREFECT_API_AUTH_STRING": f"PREFECT_API_AUTH_STRING: the Prefect server {env['PREFECT_API_URL']} refused it (401 Unauthorized: "
-                                   "a wrong user or password",
-    }
-    for key, message in refusals.items():
-        wrong = {**project_env(), **env, "MLFLOW_TRACKING_URI": uri, key: "wrong-password"}
-        if key == "MLFLOW_TRACKING_USERNAME":
-            wrong = {k: v for k, v in wrong.items() if k not in MLFLOW_CREDENTIALS}
-        study = [["study", "studies/smoke.yaml", "--pool", "nodes"]] if key == "PREFECT_API_AUTH_STRING" else []  # checked as `run` checks
-        for command in (["run", "-S", "sft.steps=3"], *study):
-            proc = subprocess.run([f"{BIN}/grpolab", *command], cwd=project, env=wrong, capture_output=True, text=True, timeout=300)
-            said = proc.stdout + proc.stderr
-            assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], (key, command, said[-3000:])
-            assert "==> stage" not in said and "Traceback" not in said and env["MLFLOW_TRACKING_PASSWORD"] not in said
-    assert (project / "params.yaml").read_bytes() == before and not (project / "reports").exists()
-
-    # Rotation, on a server of its own: restarted with a new password, the old one is refused and the new one works.
-    host, port = pg.split(":")
-    for name in ("rotated", "rotated_auth"):
-        subprocess.run([postgres_bin("createdb"), "-h", host, "-p", port, "-U", "grpolab", name], check=True, capture_output=True)
-    settings, _, old = lab_auth(pg)
-    settings["GRPOLAB_MLFLOW_AUTH_DATABASE_URI"] = f"postgresql://grpolab@{pg}/rotated_auth"
-    new = secrets.token_hex(16)
-    for i, password in enumerate((old, new)):
-        (tmp_path / f"rotation-{i}").mkdir()
-        with mlflow_server(f"postgresql://grpolab@{pg}/rotated", tmp_path / f"rotation-{i}", {**settings, "MLFLOW_AUTH_ADMIN_PASSWORD": password}) as rotated:
-            accepted = {}
-            for tried in (old, new):
-                try:
-                    urllib.request.urlopen(urllib.request.Request(f"{rotated}/api/2.0/mlflow/experiments/search?max_results=1",
-                                                                  headers=basic_auth(f"{LAB_USER}:{tried}")), timeout=30)
-                    accepted[tried] = True
-                except urllib.error.HTTPError as exc:
-                    assert exc.code == 401
-                    accepted[tried] = False
-            assert accepted == {old: password == old, new: password == new}
-
-
 def test_project_root_sees_through_dvc_experiment_copies(tmp_path):
     from grpolab.tracking import project_root
 
@@ -496,139 +335,3 @@ def test_a_verl_users_gsm8k_and_qwen2_checkpoint_with_lora_queued_as_a_dvc_exper
     completions = pd.read_json(client.download_artifacts(train_run, "completions/step_000002.json", str(tmp_path)), orient="split")
     assert completions["prompt"].str.startswith("<|im_start|>user\nTom has").all()  # the checkpoint's chat template
     assert not list((project / ".dvc" / "tmp").rglob("mlflow.db"))
-
-
-def kill_a_worker_mid_train(workers: dict[str, subprocess.Popen], client: MlflowClient, study: subprocess.Popen) -> tuple[str, str, str, list]:
-    """Once a cell's train stage is under way on a worker (its MLflow run RUNNING), kill -9 that worker's process
-    alone, as a crash of it would; returns the worker's name, the cell's, its train run's id and the processes the
-    worker had started."""
-    from grpolab.study.run import CELL_MARKER
-
-    deadline = time.monotonic() + 600
-    while study.poll() is None and time.monotonic() < deadline:
-        for name, worker in workers.items():
-            below = psutil.Process(worker.pid).children(recursive=True)
-            for proc in [p for p in below if _runs_stage(p, "train")]:
-                with contextlib.suppress(psutil.Error, KeyError, ValueError):  # not yet: no RUNNING train run
-                    variant, seed = proc.environ()[CELL_MARKER].rsplit("/", 1)[1].rsplit("-s", 1)
-                    experiment = client.get_experiment_by_name("smoke").experiment_id
-                    [train] = client.search_runs([experiment], f"tags.`grpolab.stage` = 'train' and attributes.status = 'RUNNING' and "
-                                                               f"tags.`grpolab.variant` = '{variant}' and tags.`grpolab.seed` = '{seed}'")
-                    worker.kill()
-                    worker.wait()
-                    return name, f"{variant}-s{seed}", train.info.run_id, below
-        time.sleep(0.2)
-    raise AssertionError("no cell reached its train stage while the study ran")
-
-
-def test_a_study_on_a_work_pool_with_two_workers_in_their_own_clones(tmp_path, servers):
-    """The smoke study sent to a Prefect work pool (`grpolab study --pool`) whose two process workers each run
-    in their own clone of the project (two folders for two nodes), every cell logging to the MLflow server and
-    the clones sharing one DVC cache: both workers ran cells, each seed's shared stages ran once in all, the
-    report is what MLflow holds, and no clone's params.yaml or git tree changed. One worker is killed (-9) while
-    a cell trains: the cell's processes die with it, Prefect's heartbeat automation marks its flow run Crashed,
-    the driver marks its MLflow runs KILLED and the cell runs again on whichever worker is free (the dead one is
-    started again meanwhile, in its clone, where the killed cell left its temporary workspace)."""
-    from test_study import committed_project, complete_parents
-
-    _, uri, prefect_env, folder = servers
-    origin = committed_project(tmp_path / "origin")  # the driver's checkout
-    shutil.copy(REPO / "prefect.yaml", origin)
-    identity = ["-c", "user.name=grpolab-test", "-c", "user.email=test@localhost"]
-    run(["git", "add", "prefect.yaml"], origin)
-    run(["git", *identity, "commit", "-qm", "deployments"], origin)
-    cache = tmp_path / "shared-dvc-cache"  # a cache folder on the nodes' shared file system
-    clones = {name: tmp_path / name for name in ("node-a", "node-b")}
-    for clone in clones.values():
-        run(["git", "clone", "-q", str(origin), str(clone)], tmp_path)
-        run([f"{BIN}/dvc", "cache", "dir", "--local", str(cache)], clone)  # .dvc/config.local: this clone's setting only
-    before = {p: (p / "params.yaml").read_bytes() for p in (origin, *clones.values())}
-
-    env = {**prefect_env, "MLFLOW_TRACKING_URI": uri, "PREFECT_WORKER_QUERY_SECONDS": "1"}
-    prefect("work-pool", "create", "nodes", "--type", "process", "--overwrite", env=env, cwd=clones["node-a"])
-    prefect("--no-prompt", "deploy", "--name", "cell", "--pool", "nodes", env=env, cwd=clones["node-a"])
-    marker = f"pool-{os.getpid()}"
-    client = MlflowClient(uri)
-    with contextlib.ExitStack() as stack:
-        def start_worker(name: str, log: Path) -> subprocess.Popen:  # one flow run at a time, as a worker per GPU would run
-            worker_env = {**env, "GRPOLAB_PROJECT": str(clones[name]), MARKER: marker}
-            return stack.enter_context(serving([f"{BIN}/prefect", "worker", "start", "--pool", "nodes", "--type", "process", "--limit", "1",
-                                                "--name", name], log, lambda: True, f"worker {name}", worker_env))
-
-        workers = {name: start_worker(name, tmp_path / f"{name}.log") for name in clones}
-        # Prefect's shortest heartbeat interval (the driver hands its own to the cells): a dead worker's cell is
-        # marked Crashed 75 s after its last heartbeat
-        driver_env = {**env, MARKER: marker, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
-        with open(tmp_path / "study.out", "w") as out, open(tmp_path / "study.err", "w") as err:
-            driver = subprocess.Popen([f"{BIN}/grpolab", "study", "studies/smoke.yaml", "--pool", "nodes"], cwd=origin, env=driver_env,
-                                      stdout=out, stderr=err)
-        try:
-            dead, killed, killed_train, left = kill_a_worker_mid_train(workers, client, driver)
-            _, alive = psutil.wait_procs(left, timeout=10)  # the cell's processes died with their worker, at once
-            assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [" ".join(p.cmdline()) for p in alive]
-            start_worker(dead, tmp_path / f"{dead}-restarted.log")  # the node is back: its clone holds what the killed cell left
-            driver.wait(timeout=900)
-        finally:
-            if driver.poll() is None:
-                driver.kill()
-    study = subprocess.CompletedProcess(driver.args, driver.returncode, (tmp_path / "study.out").read_text(), (tmp_path / "study.err").read_text())
-    logs = {log.stem: log.read_text() for log in tmp_path.glob("node-*.log")}
-    assert study.returncode == 0, f"{study.stdout[-3000:]}\n{study.stderr[-4000:]}\n" + "\n".join(f"{k}: {v[-2000:]}" for k, v in logs.items())
-    assert "4/4 cells done" in study.stderr and f"done   {killed}" in study.stderr
-    assert f"worker died: {killed} after " in study.stderr and "no heartbeat for 75 s" in study.stderr, study.stderr[-4000:]
-
-    # Prefect's records: a cell flow run of each cell completed, and the killed cell's first one Crashed by the
-    # heartbeat automation, on both workers' clones (each cell says where it ran)
-    [deployment] = [d for d in prefect_api(env, "deployments/filter", {}) if d["name"] == "cell"]
-    flow_runs = prefect_api(env, "flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}})
-    assert sorted(r["state"]["type"] for r in flow_runs) == ["COMPLETED"] * 4 + ["CRASHED"], [r["state"] for r in flow_runs]
-    ran_in, crashed_in = {}, {}
-    for flow_run in flow_runs:
-        messages = [e["message"] for e in prefect_api(env, "logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}})]
-        [where] = [m for m in messages if m.startswith("cell ") and " of study smoke in " in m]
-        record = crashed_in if flow_run["state"]["type"] == "CRASHED" else ran_in
-        assert where.split()[1] not in record
-        record[where.split()[1]] = Path(where.split(" in ")[1].split(" on ")[0])
-    assert set(ran_in) == {"plain-s0", "plain-s1", "outcome_conditional-s0", "outcome_conditional-s1"}
-    assert set(ran_in.values()) | set(crashed_in.values()) == {c.resolve() for c in clones.values()}, ran_in  # both workers ran cells
-    assert crashed_in == {killed: clones[dead].resolve()}, crashed_in  # its second run: in either clone, the dead one's has been cleaned
-    [crashed] = [r for r in flow_runs if r["state"]["type"] == "CRASHED"]
-    assert crashed["state"]["message"].startswith("no heartbeat for 75 s"), crashed["state"]
-    # the killed cell's temporary DVC workspace went when its clone ran the cell again (if another clone did, it waits)
-    cleaned = [c for c in clones.values() if c != clones[dead] or ran_in[killed] == clones[dead].resolve()]
-    assert not [p for c in cleaned for p in (c / ".dvc" / "tmp" / "exps").glob("standalone/tmp*")]
-
-    # MLflow: the four complete pipelines; the shared stages of each seed ran once in all (restored from the
-    # shared cache by the other cell of the seed, wherever it ran)
-    parents = {f"{r.data.tags['grpolab.variant']}-s{r.data.tags['grpolab.seed']}": r for r in complete_parents(client, "smoke")}
-    assert set(parents) == set(ran_in)
-    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id], max_results=1000)
-    finished = pd.Series([r.data.tags["grpolab.stage"] for r in runs if r.info.status == "FINISHED"]).value_counts()
-    assert {s: finished.get(s, 0) for s in ("prepare", "sft", "mia", "train")} == {"prepare": 2, "sft": 2, "mia": 2, "train": 4}
-    for seed in (0, 1):
-        assert {"prepare", "sft", "mia"} <= set(parents[f"outcome_conditional-s{seed}"].data.tags["grpolab.reused_stages"].split(", "))
-    # the killed cell's first attempt: its train run KILLED by the driver (no orphan of it went on to finish it); no run left RUNNING
-    assert client.get_run(killed_train).info.status == "KILLED"
-    assert not [r for r in runs if r.info.status == "RUNNING"]
-
-    # the report, built by the driver, is what the store holds; each cell's DVC experiment is in its worker's clone
-    from grpolab.study.report import report_from_store
-
-    text = (origin / "reports" / "smoke" / "report.md").read_text()
-    assert text == report_from_store(client, "smoke", tmp_path / "rebuilt") and "| `outcome_conditional` |" in text
-    rows = [[v.strip(" `") for v in line.split("|")[1:-1]] for line in text.split("## Cells\n", 1)[1].split("\n## ")[0].splitlines()
-            if line.startswith("| `")]
-    assert sorted((f"{variant}-s{seed}", status, run_id) for variant, seed, status, _, run_id in rows) == sorted(
-        (c, "finished", parents[c].info.run_id) for c in ran_in), rows  # every cell's row once, the killed one's too
-    listed = {c: run([f"{BIN}/dvc", "exp", "ls", "--name-only"], clone).stdout.split() for c, clone in clones.items()}
-    assert sorted(n for names in listed.values() for n in names) == sorted(f"smoke-{cell}" for cell in ran_in)
-    for checkout in (origin, *clones.values()):
-        assert (checkout / "params.yaml").read_bytes() == before[checkout]
-        assert run(["git", "status", "--porcelain"], checkout).stdout == ""
-    assert not marked_processes(marker)  # the workers' cells ended with them
-
-    # On the local sqlite store, cells on other machines could not log: refused before any cell, naming why
-    proc = subprocess.run([f"{BIN}/grpolab", "study", "studies/smoke.yaml", "--pool", "nodes"], cwd=origin, env=prefect_env,
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and "--pool nodes: the tracking store is sqlite:///" in proc.stderr, proc.stderr
-    assert_no_secret_logged(prefect_env, uri, folder / "artifacts", study.stdout, study.stderr, *logs.values())

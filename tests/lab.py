@@ -4,7 +4,6 @@ string, each on 127.0.0.1 (tests/servers.py); and the clients' calls the tests m
 
 import base64
 import json
-import os
 import secrets
 import subprocess
 import urllib.request
@@ -69,7 +68,7 @@ def flow_run_logs(env: dict[str, str], flow_run_id: str) -> list[dict]:
 def servers(tmp_path_factory):
     """What a lab runs beside its nodes, each a real server on 127.0.0.1 (tests/servers.py), both on PostgreSQL
     and both asking for credentials, as docker/compose.yaml serves them: an MLflow tracking server with basic
-    authentication and a served artifact store, and a Prefect server with an auth string; shared by this file's
+    authentication and a served artifact store, and a Prefect server with an auth string; shared by a test file's
     deployment tests. Yields (PostgreSQL's host:port, the MLflow URI, the clients' environment: Prefect's URL and
     auth string, MLflow's user name and password, the MLflow server's folder). This process's own MLflow client
     has the credentials too, while the servers run."""
@@ -79,13 +78,10 @@ def servers(tmp_path_factory):
         with (mlflow_server(f"postgresql://grpolab@{pg}/mlflow", folder, mlflow_settings) as uri,
               prefect_server(folder, f"postgresql+asyncpg://grpolab@{pg}/prefect", auth_string) as prefect_env):
             credentials = dict(zip(MLFLOW_CREDENTIALS, (LAB_USER, password)))
-            before = {k: os.environ.get(k) for k in credentials}
-            os.environ.update(credentials)
-            try:
+            with pytest.MonkeyPatch.context() as patch:  # module-scoped: the function-scoped `monkeypatch` would not do
+                for key, value in credentials.items():
+                    patch.setenv(key, value)
                 yield pg, uri, {**prefect_env, **credentials}, folder
-            finally:
-                for key, value in before.items():
-                    os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
 
 def assert_no_secret_logged(env: dict[str, str], uri: str, artifacts: Path, *outputs: str) -> None:

@@ -47,16 +47,16 @@ SHAPES = {
 # the functions issue 30 names: label -> (file suffix, name) pairs whose cumulative times add up ("~": a builtin,
 # matched by a part of its name)
 TARGETS = {
-    "token classes": [("grpolab/variants.py", "token_classes")],
+    "token classes": [("grpolab/trainer/loss_weights.py", "token_classes")],
     "rows of the data (iloc / take + to_dict)": [("pandas/core/indexing.py", "__getitem__"), ("pandas/core/frame.py", "to_dict"),
                                                  ("pandas/core/generic.py", "take")],
     "gradient norms (norm / _foreach_norm)": [("~", "'norm' of"), ("~", "_foreach_norm"), ("~", "vector_norm")],
-    "credit_log": [("grpolab/trainer.py", "credit_log")],
-    "Recorder.step": [("grpolab/recorder.py", "step")],
+    "credit_log": [("grpolab/trainer/update.py", "credit_log")],
+    "Recorder.step": [("grpolab/trainer/recorder.py", "step")],
     "score (rewards)": [("stages/train.py", "score")],
     "weigh": [("stages/train.py", "weigh")],
-    "update": [("grpolab/trainer.py", "update")],
-    "step_metrics": [("grpolab/trainer.py", "step_metrics")],
+    "update": [("grpolab/trainer/update.py", "update")],
+    "step_metrics": [("grpolab/trainer/update.py", "step_metrics")],
     "sample_rollouts": [("stages/train.py", "sample_rollouts")],
 }
 READS = ("'item' of", "'tolist' of")  # host reads of a tensor: counted (calls), not timed
@@ -97,16 +97,17 @@ def worker(steps: int, out: Path) -> None:
     import torch
 
     from grpolab import config
-    from grpolab import distributed as dist
+    from grpolab.runtime import distributed as dist
     from grpolab.data.tokenizer import load_tokenizer
     from grpolab.models import load_model
     from grpolab.paths import BASE_DIR, WEIGHTED_TRAIN_FILE
-    from grpolab.recorder import Recorder
+    from grpolab.trainer.recorder import Recorder
     from grpolab.rewards import Rewarder
     from grpolab.samplers import make_sampler
     from grpolab.stages import train as T
-    from grpolab.trainer import build_engine, deepspeed_config, step_metrics, update
-    from grpolab.variants import Variants
+    from grpolab.trainer.update import step_metrics, update
+    from grpolab.trainer.engine import build_engine, deepspeed_config
+    from grpolab.trainer.loss_weights import LossWeighting
 
     params = config.load(Path("params.yaml"))
     t = params.train
@@ -120,7 +121,7 @@ def worker(steps: int, out: Path) -> None:
     sampler = make_sampler(t.rollout.backend, model, tokenizer, batch_size=t.rollout_batch_size, settings=t.rollout,
                            model_dir=BASE_DIR, seed=params.seed)
     engine = build_engine(params, model, deepspeed_config(params, False))
-    variants = Variants(params, data, tokenizer)
+    variants = LossWeighting(params, data, tokenizer)
     record = Recorder(params, None, variants, [])
 
     def step(n: int) -> None:  # the loop body of stages/train.py's train()

@@ -32,10 +32,10 @@ def measure(a: argparse.Namespace) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from grpolab import config
-    from grpolab import distributed as dist
+    from grpolab.runtime import distributed as dist
     from grpolab.algos.losses import token_logprobs
     from grpolab.models import reference_policy, with_lora
-    from grpolab.trainer import build_engine, deepspeed_config
+    from grpolab.trainer.engine import build_engine, deepspeed_config
 
     params = config.apply_overrides([f"model.lora.r={a.r}", "model.lora.alpha=32", f"train.micro_batch_size={a.batch}",
                                      f"train.prompts_per_step={a.batch}", "train.group_size=2"], scratch_params(ROOT))

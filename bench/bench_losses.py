@@ -36,13 +36,13 @@ def bench(a) -> list[dict[str, float]]:
     """Per block: the median plain step, and each contender's median update of the block's batch, in seconds."""
     from grpolab import config
     from grpolab.rewards import Rewarder
-    from grpolab.trainer import update
-    from grpolab.variants import Variants
+    from grpolab.trainer.update import update
+    from grpolab.trainer.loss_weights import LossWeighting
 
     params = {name: config.apply_overrides(overrides, scratch_params(ROOT)) for name, overrides in CONTENDERS.items()}  # a file each
     plain = params["grpo"]
     engine, _, ref, tokenizer, data = engine_on_base(ROOT, plain)
-    variants, rewarder = Variants(plain, data, tokenizer), Rewarder(plain)
+    variants, rewarder = LossWeighting(plain, data, tokenizer), Rewarder(plain)
     made = {}
 
     def plain_step(i: int) -> None:

@@ -72,15 +72,15 @@ def bench_weighted_loss(a) -> list[tuple[float, float, float]]:
     from grpolab import config
     from grpolab.rewards import Rewarder
     from grpolab.logprobs import by_length
-    from grpolab.trainer import update
-    from grpolab.variants import Variants
+    from grpolab.trainer.update import update
+    from grpolab.trainer.loss_weights import LossWeighting
 
     scratch = scratch_params(ROOT)
     weighted = config.apply_overrides(["train.use_mia_weighted_loss=true", "train.mia_weighting_mode=quadratic",
                                        "train.mia_invert_weights=true"], scratch)
     plain = config.apply_overrides(["train.use_mia_weighted_loss=false"], scratch)
     engine, _, ref, tokenizer, data = engine_on_base(ROOT, plain)
-    variants = {False: Variants(plain, data, tokenizer), True: Variants(weighted, data, tokenizer)}
+    variants = {False: LossWeighting(plain, data, tokenizer), True: LossWeighting(weighted, data, tokenizer)}
     rewarder = Rewarder(plain)
     made = {}
 

@@ -33,7 +33,7 @@ CONTENDERS = ("plain", "same_batch", "separate", "naive")
 
 def naive_influence(tracin, model, batch) -> torch.Tensor:
     """<grad L_i, grad L_batch> with one autograd backward per completion over the probed parameters."""
-    from grpolab import distributed as dist
+    from grpolab.runtime import distributed as dist
     from grpolab.algos.losses import aggregation_units
 
     t = tracin.params.train
@@ -58,13 +58,13 @@ def naive_influence(tracin, model, batch) -> torch.Tensor:
 
 def main() -> None:
     import grpolab.stages.train as T
-    import grpolab.tracin as I
-    import grpolab.trainer as U
+    import grpolab.trainer.tracin as I
+    import grpolab.trainer.update as U
     from grpolab import config
     from grpolab.algos.tracin import select
     from grpolab.rewards import Rewarder
-    from grpolab.tracin import TracIn
-    from grpolab.variants import Variants
+    from grpolab.trainer.tracin import TracIn
+    from grpolab.trainer.loss_weights import LossWeighting
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", type=int, default=7, help="blocks of the four contenders, alternating their order")
@@ -74,7 +74,7 @@ def main() -> None:
     same = config.apply_overrides(["train.tracin.use_tracin=true", "train.tracin.validation=same_batch"], scratch)
     separate = config.apply_overrides(["train.tracin.validation=separate"], scratch)  # defaults: 64, random, seqloss-lastadv
     engine, optimizer, ref, tokenizer, data = engine_on_base(ROOT, plain)
-    variants, rewarder = Variants(plain, data, tokenizer), Rewarder(plain)
+    variants, rewarder = LossWeighting(plain, data, tokenizer), Rewarder(plain)
     sampler = hf_sampler(plain, engine, tokenizer)
     tracins = {"same_batch": TracIn(same, engine.module, tokenizer, Rewarder(same), sampler),
                "separate": TracIn(separate, engine.module, tokenizer, Rewarder(separate), sampler)}

@@ -27,11 +27,11 @@ def engine_on_base(root: Path, params):
     import pandas as pd
     import torch
 
-    from grpolab import distributed as dist
+    from grpolab.runtime import distributed as dist
     from grpolab.data.tokenizer import load_tokenizer
     from grpolab.models import load_model
     from grpolab.paths import BASE_DIR, WEIGHTED_TRAIN_FILE
-    from grpolab.trainer import build_engine, deepspeed_config
+    from grpolab.trainer.engine import build_engine, deepspeed_config
 
     dist.init()
     torch.manual_seed(params.seed)
@@ -51,7 +51,7 @@ def hf_sampler(params, engine, tokenizer):
 
 def make_batch(params, engine, ref_model, tokenizer, data, rewarder, variants, rollout_index: int):
     """(Batch, Sampled) of rollout batch `rollout_index` as a train step makes it: sample, score, weigh."""
-    from grpolab import distributed as dist
+    from grpolab.runtime import distributed as dist
     from grpolab.stages import train as T
 
     rows, rollout = T.sample_rollouts(params, engine, hf_sampler(params, engine, tokenizer), tokenizer, data, rollout_index)

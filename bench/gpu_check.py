@@ -107,9 +107,9 @@ def versions_and_collectives(check: Check) -> dict:
     import torch
     import transformers
 
-    from grpolab import distributed as dist
-    from grpolab.device import device
-    from grpolab.tracin import _reduced
+    from grpolab.runtime import distributed as dist
+    from grpolab.runtime.device import device
+    from grpolab.trainer.tracin import _reduced
 
     dist.init()
     here = device()
@@ -144,7 +144,7 @@ def _workspace(cfg: dict, root: Path, dtype) -> tuple[Path, object]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from grpolab.device import device
+    from grpolab.runtime.device import device
 
     checkpoint = root / "checkpoint"
     torch.manual_seed(0)
@@ -171,7 +171,7 @@ def _engine(params, checkpoint: Path, dtype):
     import torch
 
     from grpolab.models import load_model
-    from grpolab.trainer import build_engine, deepspeed_config
+    from grpolab.trainer.engine import build_engine, deepspeed_config
 
     return build_engine(params, load_model(checkpoint, dtype), deepspeed_config(params, dtype == torch.bfloat16))
 
@@ -186,8 +186,8 @@ def _train_data(cfg: dict, rows: int, ending: str = ""):
 def steps_with_checkpointing(check: Check, cfg: dict, root: Path, checkpoint: Path, tokenizer, dtype) -> dict:
     from grpolab.models import load_model
     from grpolab.rewards import Rewarder
-    from grpolab.trainer import update
-    from grpolab.variants import Variants
+    from grpolab.trainer.update import update
+    from grpolab.trainer.loss_weights import LossWeighting
 
     params = _params(root, cfg["steps_rows"], cfg["steps_new"], micro_batch=cfg["steps_rows"] // 2, gradient_checkpointing=True)
     check.reset_peak()
@@ -195,7 +195,7 @@ def steps_with_checkpointing(check: Check, cfg: dict, root: Path, checkpoint: Pa
     reference = load_model(checkpoint, dtype).eval().requires_grad_(False)
     buffers = lambda m: {n: str(b.dtype) for n, b in m.named_buffers()}  # noqa: E731
     data = _train_data(cfg, cfg["steps_rows"])
-    rewarder, variants = Rewarder(params), Variants(params, data, tokenizer)
+    rewarder, variants = Rewarder(params), LossWeighting(params, data, tokenizer)
     steps = []
     for step in range(1, 4):
         check.sync()
@@ -248,8 +248,8 @@ def updates(check: Check, cfg: dict, root: Path, checkpoint: Path, tokenizer, dt
     from grpolab.algos.credit import OTHER
     from grpolab.models import load_model
     from grpolab.samplers import Rollout, left_pad
-    from grpolab.trainer import Batch, batch_logprobs, update
-    from grpolab.variants import LossWeights
+    from grpolab.trainer.update import Batch, batch_logprobs, update
+    from grpolab.trainer.loss_weights import LossWeights
 
     rows, new = cfg["update_rows"], cfg["update_new"]
     g = torch.Generator().manual_seed(0)
@@ -293,9 +293,9 @@ def tracin_memory(check: Check, cfg: dict, root: Path, checkpoint: Path, tokeniz
     from grpolab.algos.credit import OTHER
     from grpolab.rewards import Rewarder
     from grpolab.samplers import Rollout, left_pad, make_sampler
-    from grpolab.tracin import TracIn
-    from grpolab.trainer import Batch, Sampled
-    from grpolab.variants import LossWeights
+    from grpolab.trainer.tracin import TracIn
+    from grpolab.trainer.update import Batch, Sampled
+    from grpolab.trainer.loss_weights import LossWeights
 
     rows, new, micro = cfg["tracin_rows"], cfg["tracin_new"], cfg["tracin_micro_batch"]
     params = _params(root, rows, new, micro, tracin={"use_tracin": True, "validation": "same_batch"})
@@ -333,7 +333,7 @@ def _stopping_checkpoint(cfg: dict, root: Path, dtype) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from grpolab.device import device
+    from grpolab.runtime.device import device
 
     checkpoint = root / "stopping"
     torch.manual_seed(0)
@@ -405,13 +405,13 @@ def zero_worker(stage: int, root: Path, cfg: dict) -> None:
     prompts end in STOP, so the ranks decode different lengths. Writes its figures to root/zero{stage}_rank{rank}.json."""
     import torch
 
-    from grpolab import distributed as dist
+    from grpolab.runtime import distributed as dist
     from grpolab.data.tokenizer import load_tokenizer
-    from grpolab.device import working_dtype
+    from grpolab.runtime.device import working_dtype
     from grpolab.models import load_model
     from grpolab.rewards import Rewarder
-    from grpolab.trainer import update
-    from grpolab.variants import Variants
+    from grpolab.trainer.update import update
+    from grpolab.trainer.loss_weights import LossWeighting
 
     rank = int(os.environ["RANK"])
     (root / f"zero{stage}_rank{rank}.pid").write_text(str(os.getpid()))
@@ -425,7 +425,7 @@ def zero_worker(stage: int, root: Path, cfg: dict) -> None:
     reference = load_model(checkpoint, dtype).eval().requires_grad_(False)
     tokenizer = load_tokenizer(str(checkpoint))
     data = _train_data(cfg, cfg["procs_rows"], STOP if rank == 0 else "")
-    rewarder, variants = Rewarder(params), Variants(params, data, tokenizer)
+    rewarder, variants = Rewarder(params), LossWeighting(params, data, tokenizer)
     steps = []
     for step in (1, 2):
         batch, _ = make_batch(params, engine, reference, tokenizer, data, rewarder, variants, step - 1)
@@ -446,7 +446,7 @@ def main() -> None:
     a = parser.parse_args()
     import torch
 
-    from grpolab.device import working_dtype
+    from grpolab.runtime.device import working_dtype
 
     cfg = TINY if a.tiny else FULL
     if a.zero_worker is not None:

@@ -7,7 +7,7 @@ stage alone (`--single-item`): without it every task would first rerun `inputs`,
 runs. Prefect adds retries, observability, the summary artifact and
 deployments (`overrides` takes `-S`-style strings, so a deployment run can change params).
 
-What a stage prints goes to the flow run's logs (`grpolab.stage_log`), and still to the terminal of whoever
+What a stage prints goes to the flow run's logs (`grpolab.runtime.stage_log`), and still to the terminal of whoever
 runs the flow (a worker's own output, for a deployment). A stage that stops with a user's error (bad params or
 data, a reward file that raises) fails its task with that error (StageError): the flow run's state message,
 and the last line `grpolab run` prints. Such a failure is not retried; any other is, once.
@@ -27,10 +27,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging.handlers import APILogHandler
 from prefect.states import Failed
 
-from grpolab import config, failures
+from grpolab import config
+from grpolab.runtime import failures
 from grpolab.errors import StageError
-from grpolab.procs import bound
-from grpolab.stage_log import run_relayed
+from grpolab.runtime.procs import bound
+from grpolab.runtime.stage_log import run_relayed
 from grpolab.stages import STAGES
 from grpolab.stages.summary import summary_markdown
 from grpolab.tracking import check_store

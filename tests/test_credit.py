@@ -176,7 +176,7 @@ def test_the_variants_classes_and_pieces_are_those_of_each_token_decoded(tmp_pat
     from transformers import AutoTokenizer
 
     from grpolab.samplers import Rollout
-    from grpolab.variants import Variants
+    from grpolab.trainer.loss_weights import LossWeighting
     from userfiles import save_qwen2_checkpoint
 
     tokenizer = AutoTokenizer.from_pretrained(save_qwen2_checkpoint(tmp_path / "q", ["<think>7 + 5</think> <answer>12</answer>"] * 9))
@@ -187,7 +187,7 @@ def test_the_variants_classes_and_pieces_are_those_of_each_token_decoded(tmp_pat
     ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
     mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
     rollout = Rollout(torch.zeros(len(rows), 1, dtype=torch.long), torch.ones(len(rows), 1, dtype=torch.long), ids, mask)
-    variants = Variants(config.Params(), pd.DataFrame({"extra_info": [{}]}), tokenizer)
+    variants = LossWeighting(config.Params(), pd.DataFrame({"extra_info": [{}]}), tokenizer)
     pieces = [[tokenizer.decode([i]) for i in row] for row in rows]
     for _ in range(2):  # the second time from the decoded pieces it keeps
         assert torch.equal(variants.token_classes(rollout), per_token_classes(pieces, width))

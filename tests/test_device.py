@@ -9,12 +9,13 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from grpolab import config, device
-from grpolab import distributed as dist
+from grpolab import config
+from grpolab.runtime import device
+from grpolab.runtime import distributed as dist
 from grpolab.config.schema import ModelParams
 from grpolab.errors import ConfigError
 from grpolab.models import load_model
-from grpolab.trainer import deepspeed_config
+from grpolab.trainer.engine import deepspeed_config
 
 
 @pytest.fixture(scope="module")

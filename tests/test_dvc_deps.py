@@ -26,7 +26,7 @@ def _validation_only(importer: str, imported: str) -> bool:
     rewards, mia.scores, the task's problem space): it can refuse params but changes no stage's output, so those
     modules are no deps by way of config (else editing a mitigation would rerun sft). A stage that computes
     with a registry, or reads its knob defaults, imports it itself."""
-    return importer.startswith("grpolab.config") and not imported.startswith(("grpolab.config", "grpolab.errors", "grpolab.fsutil"))
+    return importer.startswith("grpolab.config") and not imported.startswith(("grpolab.config", "grpolab.errors", "grpolab.runtime.fsutil"))
 
 
 def imported_files(module: str) -> set[Path]:
@@ -51,8 +51,9 @@ def imported_files(module: str) -> set[Path]:
                 if base.startswith("grpolab"):
                     found.append(base)
                     found += [f"{base}.{a.name}" for a in node.names]  # `from grpolab import tracking` is a module
+        found += [".".join(m.split(".")[:i]) for m in found for i in range(1, m.count(".") + 1)]  # its packages run first
         todo += [m for m in found if not _validation_only(name, m)]
-    return {p for p in seen if p.name != "__init__.py" or p.read_text().strip()}
+    return {p for p in seen if _holds_code(p)}
 
 
 def dep_files(stage: dict) -> set[Path]:
@@ -61,7 +62,13 @@ def dep_files(stage: dict) -> set[Path]:
         path = REPO / dep
         if dep.startswith("src/"):
             files |= set(path.rglob("*.py")) if path.is_dir() else {path}
-    return {p for p in files if p.name != "__init__.py" or p.read_text().strip()}  # an empty __init__ holds no code
+    return {p for p in files if _holds_code(p)}
+
+
+def _holds_code(path: Path) -> bool:
+    """A package's __init__ with nothing or only its docstring holds no code: no dep."""
+    body = ast.parse(path.read_text()).body
+    return path.name != "__init__.py" or bool(body[1:] if body and ast.get_docstring(ast.Module(body=body, type_ignores=[])) else body)
 
 
 def test_every_module_a_stage_imports_is_among_its_deps():

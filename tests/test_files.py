@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from grpolab.clean import clean, pipeline_outputs
-from grpolab.fsutil import OUTPUT_MARKER, output_folder
+from grpolab.runtime.fsutil import OUTPUT_MARKER, output_folder
 
 from conftest import REPO
 

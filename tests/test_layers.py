@@ -17,12 +17,11 @@ LAYERS = {
     "entry points": ["grpolab.cli", "grpolab.__main__", "grpolab.study", "grpolab.analyze_credit", "grpolab.ui",
                      "grpolab.workspace", "grpolab.clean"],
     "stages": ["grpolab.stages"],
-    "trainer and variants": ["grpolab.trainer", "grpolab.recorder", "grpolab.variants", "grpolab.tracin"],
-    "libraries": ["grpolab.config", "grpolab.data", "grpolab.device", "grpolab.distributed", "grpolab.models",
-                  "grpolab.samplers", "grpolab.logprobs", "grpolab.rewards", "grpolab.tracking", "grpolab.mia", "grpolab.checkpoints"],
+    "trainer": ["grpolab.trainer"],
+    "libraries": ["grpolab.config", "grpolab.data", "grpolab.models", "grpolab.samplers", "grpolab.logprobs", "grpolab.rewards",
+                  "grpolab.tracking", "grpolab.mia"],
     "foundations": ["grpolab.algos", "grpolab.mia.scores", "grpolab.mia.roc", "grpolab.data.tasks", "grpolab.errors",
-                    "grpolab.paths", "grpolab.fsutil", "grpolab.procs", "grpolab.ranks", "grpolab.outbox", "grpolab.failures",
-                    "grpolab.stage_log"],
+                    "grpolab.paths", "grpolab.runtime"],
 }
 RANK = {prefix: rank for rank, prefixes in enumerate(reversed(LAYERS.values())) for prefix in prefixes}
 

@@ -19,7 +19,7 @@ from scipy.stats import mannwhitneyu, rankdata
 from transformers import AutoConfig
 
 from grpolab import config
-from grpolab.fsutil import is_temporary
+from grpolab.runtime.fsutil import is_temporary
 
 from conftest import BIN, REPO, TINY, free_port, grpolab, make_project, project_env, run
 from lab import assert_no_secret_logged, flow_run_logs, prefect, prefect_api, runs_stage

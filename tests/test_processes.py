@@ -27,7 +27,7 @@ def _python(code: str, cwd: Path, **kw) -> subprocess.Popen:
 
 def test_a_single_process_run_listens_on_loopback_only(tmp_path):
     proc = _python(LISTENING + """
-from grpolab import distributed
+from grpolab.runtime import distributed
 distributed.init()
 print(json.dumps(listening(os.getpid())))
 """, tmp_path, stdout=subprocess.PIPE, text=True)
@@ -49,7 +49,7 @@ time.sleep(600)
 """)
     launcher = _python(f"""
 import sys
-from grpolab.distributed import launch_local
+from grpolab.runtime.distributed import launch_local
 launch_local([sys.executable, {str(worker)!r}], 2)
 """, tmp_path)
     deadline = time.monotonic() + 120
@@ -127,7 +127,7 @@ def test_a_load_lock_left_by_a_killed_run_does_not_hang_the_next(tmp_path):
         proc = subprocess.run([sys.executable, "-c", textwrap.dedent("""
             import torch
             from deepspeed.ops.adam import DeepSpeedCPUAdam
-            from grpolab import distributed
+            from grpolab.runtime import distributed
             distributed.init()
             distributed.load_native_ops("CPUAdamBuilder")
             DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(2))])

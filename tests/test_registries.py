@@ -20,7 +20,7 @@ from grpolab.samplers import Rollout
 from grpolab.algos.rollout_correction import CORRECTION_MODES
 from grpolab.samplers import SAMPLERS
 from grpolab.stages import STAGES
-from grpolab.variants import Variants
+from grpolab.trainer.loss_weights import LossWeighting
 
 
 def allowed(model: type, field: str) -> tuple:
@@ -88,7 +88,7 @@ def _rollout() -> tuple[Rollout, torch.Tensor]:
 
 @pytest.mark.parametrize("name", list(C.MITIGATIONS))
 def test_the_dispatch_gives_each_mitigation_its_own_weights(name):
-    """Variants.loss_weights picks the mitigation by name with its knob as set: each one's weights are its own
+    """LossWeighting.loss_weights picks the mitigation by name with its knob as set: each one's weights are its own
     function's (a dispatch returning ones, or another mitigation's, fails), and differ from plain GRPO's."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -100,7 +100,7 @@ def test_the_dispatch_gives_each_mitigation_its_own_weights(name):
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
         "llama", vocab_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
         intermediate_size=32))
-    variants = Variants(params, pd.DataFrame({"extra_info": [{}]}), tokenizer=None)
+    variants = LossWeighting(params, pd.DataFrame({"extra_info": [{}]}), tokenizer=None)
     got = variants.loss_weights(rollout, [{}] * 3, classes, model, [torch.tensor([0, 2]), torch.tensor([1])]).token
     mask, logp, entropy = rollout.completion_mask, rollout.token_logp, rollout.token_entropy
     expected = {
@@ -116,7 +116,7 @@ def test_the_dispatch_gives_each_mitigation_its_own_weights(name):
 
 
 def _attention(model, rollout: Rollout) -> torch.Tensor:
-    from grpolab.variants import completion_attention
+    from grpolab.trainer.loss_weights import completion_attention
 
     rows = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask, "completion_ids": rollout.completion_ids,
             "mask": rollout.completion_mask}

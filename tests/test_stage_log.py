@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-from grpolab.stage_log import PROGRESS_EVERY_S, StreamRelay, run_relayed
+from grpolab.runtime.stage_log import PROGRESS_EVERY_S, StreamRelay, run_relayed
 
 from conftest import BIN, project_env
 

@@ -23,7 +23,7 @@ from grpolab.algos.tracin import (
     unit_scores,
     validation_loss,
 )
-from grpolab.tracin import GradientProbe, InnerProducts, accumulate
+from grpolab.trainer.tracin import GradientProbe, InnerProducts, accumulate
 
 
 def tiny_model(arch: str) -> torch.nn.Module:

@@ -17,8 +17,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException, RestException
 
-from grpolab import outbox
-from grpolab.outbox import Outbox
+from grpolab.runtime import outbox
+from grpolab.runtime.outbox import Outbox
 from grpolab.paths import CHECKPOINT_DIR, CURVE_FILE
 from grpolab.tracking import store_away
 

@@ -18,7 +18,7 @@ from grpolab.models import load_model
 from grpolab.paths import CHECKPOINT_DIR, CURVE_FILE, TRAINED_DIR
 from grpolab.stages import run_stage
 from grpolab.stages.train import DEEPSPEED_CONFIG_ARTIFACT
-from grpolab.trainer import deepspeed_config
+from grpolab.trainer.engine import deepspeed_config
 
 from conftest import grpolab
 from training import (
@@ -269,9 +269,9 @@ def test_every_mitigation_trains_and_logs_credit(trainer, mitigation):
 def test_attention_credit_reads_the_policy_in_eval_mode_from_step_2(trainer, monkeypatch):
     """After step 1 the update has left the policy training: with LoRA's dropout on, attention_credit's
     weights are still those of the policy in eval mode, and whatever mode it is handed, its pass leaves it so."""
-    from grpolab.variants import Variants
+    from grpolab.trainer.loss_weights import LossWeighting
 
-    original, seen = Variants.loss_weights, []
+    original, seen = LossWeighting.loss_weights, []
 
     def spy(self, rollout, rows, classes, model, micro_batches):
         weights = original(self, rollout, rows, classes, model, micro_batches)
@@ -285,7 +285,7 @@ def test_attention_credit_reads_the_policy_in_eval_mode_from_step_2(trainer, mon
         seen.append((weights.token, in_eval, from_train))
         return weights
 
-    monkeypatch.setattr(Variants, "loss_weights", spy)
+    monkeypatch.setattr(LossWeighting, "loss_weights", spy)
     run_stage("train", config.apply_overrides(["train.steps=2", "train.mitigation.name=attention_credit", "model.lora.r=4",
                                                "model.lora.alpha=8", "model.lora.dropout=0.5", "train.learning_rate=0.01",
                                                "train.warmup_steps=0"]))  # step 1 moves the adapters: dropout then matters
@@ -369,10 +369,10 @@ def test_tracin_captures_a_token_budget_at_a_time_and_keeps_no_layers_gradient_p
     import gc
     import weakref
 
-    import grpolab.tracin
+    import grpolab.trainer.tracin
 
     budget, shapes, alive = 160, [], []  # each capture's [rows, positions]; records still alive after each capture
-    capture = grpolab.tracin.GradientProbe.capture
+    capture = grpolab.trainer.tracin.GradientProbe.capture
 
     def counted(self, forward, valid, consume, packed_rows=None):
         taken = []
@@ -386,7 +386,7 @@ def test_tracin_captures_a_token_budget_at_a_time_and_keeps_no_layers_gradient_p
         shapes.append(tuple(valid.shape))
         alive.append(sum(ref() is not None for ref in taken))
 
-    monkeypatch.setattr(grpolab.tracin.GradientProbe, "capture", counted)
+    monkeypatch.setattr(grpolab.trainer.tracin.GradientProbe, "capture", counted)
     run_stage("train", config.apply_overrides(["train.steps=1", *SAME_BATCH, f"train.tracin.capture_tokens={budget}"]))
     log = pd.read_parquet("metrics/tracin/step_000001.parquet")
     assert len(shapes) % 2 == 0 and len(shapes) >= 4 and set(alive) == {0}
@@ -541,14 +541,14 @@ def test_lora_trains_adapters_against_the_disabled_adapter_reference_and_saves_a
     from peft import PeftModel
 
     import grpolab.stages.train
-    import grpolab.tracin
+    import grpolab.trainer.tracin
     from grpolab.models import ADAPTER_DIR
     from grpolab.paths import BASE_DIR
 
     loads, probes = [], []
     monkeypatch.setattr(grpolab.stages.train, "load_model", lambda path, dtype: loads.append(path) or load_model(path, dtype))
-    probe = grpolab.tracin.GradientProbe
-    monkeypatch.setattr(grpolab.tracin, "GradientProbe", lambda model: probes.append(probe(model)) or probes[-1])
+    probe = grpolab.trainer.tracin.GradientProbe
+    monkeypatch.setattr(grpolab.trainer.tracin, "GradientProbe", lambda model: probes.append(probe(model)) or probes[-1])
     params = config.apply_overrides(["train.steps=3", "train.kl_beta=0.1", "model.lora.r=4", "model.lora.alpha=8",
                                      "model.lora.target_modules=[q_proj, v_proj, up_proj]", "train.learning_rate=0.01",
                                      "train.mitigation.name=entropy_weighted", *SAME_BATCH])
@@ -628,7 +628,7 @@ def test_dynamic_sampling_drops_tied_groups_and_samples_more_batches(trainer):
 
 
 def test_rng_states_round_trip_through_a_checkpoints_json():
-    from grpolab.checkpoints import rng_state, set_rng_state
+    from grpolab.trainer.checkpoints import rng_state, set_rng_state
 
     state = json.loads(json.dumps(rng_state()))  # as the checkpoint's state file holds it
     assert ("cuda" in state) == torch.cuda.is_available()

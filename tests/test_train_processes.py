@@ -81,7 +81,7 @@ def test_resume_after_a_kill_gives_an_uninterrupted_runs_outputs(trainer, tmp_pa
 
 
 def test_the_checkpoint_fingerprint_covers_train_params_seed_base_model_and_train_data(trainer):
-    from grpolab.checkpoints import fingerprint
+    from grpolab.trainer.checkpoints import fingerprint
     from grpolab.stages.train import train_inputs
 
     params = config.load()
@@ -101,7 +101,7 @@ def test_the_checkpoint_fingerprint_covers_train_params_seed_base_model_and_trai
 
 
 def test_the_fingerprint_is_hashed_once_until_an_input_changes_and_another_base_model_is_not_resumed(trainer, capsys):
-    from grpolab.checkpoints import STATE_FILE, fingerprint, resumable
+    from grpolab.trainer.checkpoints import STATE_FILE, fingerprint, resumable
     from grpolab.stages.train import train_inputs
 
     params = config.load()

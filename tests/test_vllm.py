@@ -17,7 +17,7 @@ from grpolab.paths import BASE_DIR, CURVE_FILE
 from grpolab.samplers import sample_keys
 from grpolab.samplers.hf import sample
 from grpolab.stages import run_stage
-from grpolab.trainer import SAMPLING_KEYS
+from grpolab.trainer.update import SAMPLING_KEYS
 
 from conftest import TINY, grpolab, make_project, run
 from training import kill_after_a_checkpoint_and_later_steps, mlflow_client, train_runs, working_in

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from grpolab.config import Params
 from grpolab.errors import ConfigError
-from grpolab.fsutil import atomic_output, atomic_write_text, output_folder
+from grpolab.runtime.fsutil import atomic_output, atomic_write_text, output_folder
 from grpolab.tracking import tracking_uri
 
 SERIES = ["credit/answer_share", "credit/think_share", "credit/high_entropy_share", "credit/gini", "train/reward_mean", "train/grad_norm"]

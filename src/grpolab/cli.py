@@ -12,7 +12,7 @@ from pathlib import Path
 
 from grpolab import config
 from grpolab.errors import ConfigError, StudyError, TrackingError
-from grpolab.failures import USER_ERRORS, report
+from grpolab.runtime.failures import USER_ERRORS, report
 
 FLOWS = Path("flows")
 # Quiet, offline-friendly defaults; the user's settings win (MLFLOW_DISABLE_TELEMETRY=false turns MLflow's
@@ -29,7 +29,7 @@ def _temporary_prefect_server() -> None:
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL
 
-    from grpolab.procs import stop_with_me
+    from grpolab.runtime.procs import stop_with_me
 
     if PREFECT_API_URL.value():
         return
@@ -97,7 +97,7 @@ def cmd_run(args) -> None:
 
 
 def cmd_study(args) -> None:
-    from grpolab.fsutil import output_folder
+    from grpolab.runtime.fsutil import output_folder
     from grpolab.study.report import REPORTS_DIR
     from grpolab.study.run import StudyRun
     from grpolab.study.spec import load_study
@@ -126,7 +126,7 @@ def cmd_report(args) -> None:
 
 
 def cmd_stage(args) -> None:
-    from grpolab import ranks
+    from grpolab.runtime import ranks
     from grpolab.stages import run_stage, stage_function
     from grpolab.workspace import pipeline_lock
 
@@ -144,7 +144,7 @@ def cmd_stage(args) -> None:
 
 
 def cmd_ui(args) -> None:
-    from grpolab.procs import run_group
+    from grpolab.runtime.procs import run_group
     from grpolab.ui import ui_command
 
     cmd, url = ui_command(config.load(), args.port)
@@ -236,7 +236,7 @@ def cli_reference() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from grpolab.procs import bind_to_parent
+    from grpolab.runtime.procs import bind_to_parent
 
     bind_to_parent()
     args = build_parser().parse_args(argv)

@@ -1,5 +1,5 @@
 """grpolab's error types, low in the tree so that every layer raises them without importing the layers
-above. The CLI turns a user's errors (`grpolab.failures.USER_ERRORS`: the first four here) into
+above. The CLI turns a user's errors (`grpolab.runtime.failures.USER_ERRORS`: the first four here) into
 `grpolab: error: …` and exit 2, `StudyError` and `TrackingError` into exit 1 (a retry may fix those)."""
 
 

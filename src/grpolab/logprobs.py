@@ -17,7 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from grpolab import distributed as dist
+from grpolab.runtime import distributed as dist
 from grpolab.algos.losses import policy_token_stats, token_logprobs
 
 # Logits formed at once in a log-prob pass (tokens x vocabulary): 256 MB of fp32 whatever the vocabulary.

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from grpolab.config.schema import LoraParams, ModelParams
-from grpolab.device import device
-from grpolab.fsutil import atomic_output
+from grpolab.runtime.device import device
+from grpolab.runtime.fsutil import atomic_output
 
 
 def build_model(params: ModelParams, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:

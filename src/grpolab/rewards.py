@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from grpolab.device import device, working_dtype
+from grpolab.runtime.device import device, working_dtype
 from grpolab.errors import ConfigError, RewardError
 
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)

@@ -35,7 +35,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from grpolab.config import Params, flatten, params_hash
 from grpolab.errors import ConfigError, TrackingError
-from grpolab.outbox import Outbox, chain, root_cause
+from grpolab.runtime.outbox import Outbox, chain, root_cause
 from grpolab.paths import DEFAULT_ARTIFACTS, DEFAULT_DB
 
 PARAMS_HASH_TAG = "grpolab.params_hash"

@@ -16,9 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from grpolab.clean import PIPELINE_FILE, pipeline_outputs
-from grpolab.fsutil import is_temporary, take_lock
+from grpolab.runtime.fsutil import is_temporary, take_lock
 from grpolab.paths import CHECKPOINT_DIR
-from grpolab.ranks import is_rank0
+from grpolab.runtime.ranks import is_rank0
 
 LOCK_FILE = Path(".grpolab/pipeline.lock")
 HOLDER_ENV = "GRPOLAB_PIPELINE_LOCK"  # set, to the lock's path, in the holder and everything it starts

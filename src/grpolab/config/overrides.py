@@ -11,7 +11,7 @@ from ruamel.yaml import YAML
 
 from grpolab.config.schema import PARAMS_FILE, Params, validate
 from grpolab.errors import ConfigError
-from grpolab.fsutil import atomic_write_text
+from grpolab.runtime.fsutil import atomic_write_text
 
 
 def _represent_none(representer, _data):

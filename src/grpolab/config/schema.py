@@ -156,7 +156,7 @@ class ModelParams(Section):
     intermediate_size: int = Field(512, ge=8, description="MLP width of the tiny model.")
     max_length: int = Field(128, ge=16, description="Longest prompt + completion in tokens (position embeddings).")
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto", description="What every stage's models work in (`grpolab.device`): `auto` is bf16 on a GPU and fp32 "
+        "auto", description="What every stage's models work in (`grpolab.runtime.device`): `auto` is bf16 on a GPU and fp32 "
         "on the CPU. Weights load in it (fp32-only buffers such as RoPE's stay fp32); log-probs, entropies, losses "
         "and MIA statistics are fp32 whatever it is. SFT trains fp32 weights under bf16 autocast, GRPO on "
         "DeepSpeed's bf16 (fp32 master weights, fp32 gradient accumulation).",

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grpolab.errors import DataError
-from grpolab.fsutil import atomic_output
+from grpolab.runtime.fsutil import atomic_output
 
 
 def _read(path: str) -> pd.DataFrame:

@@ -16,10 +16,10 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from grpolab import ranks
+from grpolab.runtime import ranks
 from grpolab.config import Params
 from grpolab.errors import ConfigError
-from grpolab.fsutil import atomic_write_text
+from grpolab.runtime.fsutil import atomic_write_text
 from grpolab.paths import HEADLINES
 
 
@@ -52,7 +52,7 @@ def stage_function(name: str) -> Callable[..., dict]:
 
 def _check_processes(params: Params) -> None:
     """The launcher's processes match `train.num_processes`, and this node has a GPU for each (when it has GPUs)."""
-    from grpolab.device import check_processes_fit  # torch: not for the stages that need none
+    from grpolab.runtime.device import check_processes_fit  # torch: not for the stages that need none
 
     if ranks.launched():
         if ranks.world_size() != params.train.num_processes:
@@ -70,7 +70,8 @@ def run_stage(name: str, params: Params) -> dict:
     stage = STAGES[name]
     if not stage.tracked:
         return function(params, None)
-    from grpolab import distributed, tracking  # torch and MLflow: for the tracked stages only
+    from grpolab import tracking  # torch and MLflow: for the tracked stages only
+    from grpolab.runtime import distributed
 
     if ranks.is_rank0():
         tracking.check_store(params)

@@ -14,8 +14,8 @@ from transformers import AutoConfig
 
 from grpolab.config import Params
 from grpolab.data.tokenizer import load_tokenizer
-from grpolab.device import working_dtype
-from grpolab.fsutil import atomic_output, atomic_write_text
+from grpolab.runtime.device import working_dtype
+from grpolab.runtime.fsutil import atomic_output, atomic_write_text
 from grpolab.mia.attack import load_reference, membership_scores
 from grpolab.mia.roc import membership_roc
 from grpolab.models import load_model

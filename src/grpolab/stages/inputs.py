@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from grpolab.config import Params, flatten
-from grpolab.fsutil import atomic_write_text, content_digest
+from grpolab.runtime.fsutil import atomic_write_text, content_digest
 from grpolab.paths import INPUTS_DIR
 
 # digest file -> the params whose files it covers; dvc.yaml's deps name the files, stage by stage

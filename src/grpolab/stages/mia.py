@@ -15,7 +15,7 @@ from grpolab.algos.mia_weights import normalize_scores
 from grpolab.config import Params
 from grpolab.data.schema import write_parquet
 from grpolab.data.tokenizer import load_tokenizer
-from grpolab.device import working_dtype
+from grpolab.runtime.device import working_dtype
 from grpolab.errors import DataError
 from grpolab.mia.attack import load_reference, membership_scores
 from grpolab.samplers import make_sampler

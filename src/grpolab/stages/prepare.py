@@ -17,7 +17,7 @@ from grpolab.data.schema import SOURCE, read_rl_files, read_sft_files, render_pr
 from grpolab.data.tasks import Problem, generate_arithmetic
 from grpolab.data.tokenizer import encode_prompt, load_tokenizer, train_tokenizer
 from grpolab.errors import DataError
-from grpolab.fsutil import atomic_output
+from grpolab.runtime.fsutil import atomic_output
 from grpolab.paths import EVAL_FILE, SFT_FILE, TOKENIZER_DIR, TRAIN_FILE, VAL_FILE
 
 if TYPE_CHECKING:

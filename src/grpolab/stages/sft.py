@@ -14,8 +14,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from grpolab.config import Params
 from grpolab.data.tokenizer import encode_prompt, encode_response, load_tokenizer
-from grpolab.device import autocast, device, working_dtype
-from grpolab.fsutil import atomic_write_text
+from grpolab.runtime.device import autocast, device, working_dtype
+from grpolab.runtime.fsutil import atomic_write_text
 from grpolab.logprobs import completion_logprobs
 from grpolab.models import build_model, load_model, num_parameters, save_model
 from grpolab.paths import BASE_DIR, SFT_FILE, SFT_LOSS_FILE, TOKENIZER_DIR

@@ -21,24 +21,25 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from grpolab import device as dev
-from grpolab import distributed as dist
+from grpolab.runtime import device as dev
+from grpolab.runtime import distributed as dist
 from grpolab.algos.advantages import dynamic_sampling_groups, group_advantages, zero_std_groups
 from grpolab.algos.credit import MITIGATIONS
 from grpolab.algos.length import overlong_penalty, truncated
 from grpolab.algos.mia_weights import mean_one
-from grpolab.checkpoints import broadcast_fingerprint, discard, fingerprint, left_behind, resumable
+from grpolab.trainer.checkpoints import broadcast_fingerprint, discard, fingerprint, left_behind, resumable
 from grpolab.config import Params
 from grpolab.data.tokenizer import encode_prompt, load_tokenizer
 from grpolab.models import load_model, reference_policy, with_lora
 from grpolab.paths import BASE_DIR, TRAINED_DIR, VAL_FILE, WEIGHTED_TRAIN_FILE
-from grpolab.recorder import Recorder
+from grpolab.trainer.recorder import Recorder
 from grpolab.rewards import Rewarder
 from grpolab.logprobs import by_length
 from grpolab.samplers import Rollout, Sampler, cat_rollouts, check_room, decode, make_sampler, sample_keys, stop_ids
-from grpolab.tracin import TracIn
-from grpolab.trainer import SAMPLING_KEYS, Batch, Sampled, batch_logprobs, rollout_entropies, build_engine, deepspeed_config, save_trained, step_metrics, update
-from grpolab.variants import Variants
+from grpolab.trainer.tracin import TracIn
+from grpolab.trainer.update import SAMPLING_KEYS, Batch, Sampled, batch_logprobs, rollout_entropies, step_metrics, update
+from grpolab.trainer.engine import build_engine, deepspeed_config, save_trained
+from grpolab.trainer.loss_weights import LossWeighting
 
 if TYPE_CHECKING:  # MLflow is imported by the stage's driver; the training loop itself runs without it
     from grpolab.tracking import Tracker
@@ -140,18 +141,18 @@ def score(params: Params, rows: list[dict], rollout: Rollout, tokenizer, rewarde
     return Sampled(rows, texts, reward, parts, all_rewards, sources, dist.all_gather_cat(lengths))
 
 
-def weigh(params: Params, engine, tokenizer, ref_model, variants: Variants, sampled: Sampled, rollout: Rollout) -> Batch:
+def weigh(params: Params, engine, tokenizer, ref_model, weighting: LossWeighting, sampled: Sampled, rollout: Rollout) -> Batch:
     """What the update reads: this process's advantages, the variants' weights at the composition point, and the
     old (ppo_epochs > 1) and reference (kl_beta > 0) log-probs."""
     t = params.train
     offset = dist.rank() * len(sampled.rows)
     advantages = group_advantages(sampled.all_rewards, t.group_size, t.scale_rewards, estimator=t.advantage_estimator,
                                   lengths=sampled.all_lengths)[offset : offset + len(sampled.rows)]
-    classes = variants.token_classes(rollout)
+    classes = weighting.token_classes(rollout)
     engine.module.eval()  # every pass below reads the policy as it sampled: the update left it training (dropout)
     if rollout.token_entropy is None and MITIGATIONS[t.mitigation.name].needs_entropy:  # vLLM returns no entropies
         rollout.token_entropy = rollout_entropies(engine.module, rollout, t.micro_batch_size, t.temperature, params.model.logit_chunk_tokens)
-    weights = variants.loss_weights(rollout, sampled.rows, classes, engine.module, by_length(rollout.completion_mask, t.micro_batch_size))
+    weights = weighting.loss_weights(rollout, sampled.rows, classes, engine.module, by_length(rollout.completion_mask, t.micro_batch_size))
     if t.mia_normalize_weights:
         weights.prompt = mean_one(weights.prompt, dist.all_reduce_sum(weights.prompt.sum()).item(), len(sampled.all_rewards))
     if t.mask_truncated_completions:
@@ -218,12 +219,12 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
     engine = build_engine(params, model, ds_config)
     if tracker:
         tracker.text(json.dumps(ds_config, indent=2), DEEPSPEED_CONFIG_ARTIFACT)
-    variants = Variants(params, data, tokenizer)
+    weighting = LossWeighting(params, data, tokenizer)
     tracin = TracIn(params, engine.module, tokenizer, rewarder, sampler) if t.tracin.use_tracin else None
     key = broadcast_fingerprint(params, train_inputs(params))
     curve_keys = ((tracin.metric_keys if tracin else []) + (DYNAMIC_SAMPLING_KEYS if t.dynamic_sampling else [])
                   + (SAMPLING_KEYS if t.rollout.backend != "hf" else []))
-    record = Recorder(params, tracker, variants, curve_keys)
+    record = Recorder(params, tracker, weighting, curve_keys)
     start = record.resume(engine, key)
 
     bar = tqdm(range(start + 1, t.steps + 1), desc="train", unit="step", dynamic_ncols=True, disable=not dist.is_rank0(), initial=start, total=t.steps)
@@ -240,7 +241,7 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
             # passes without an optimizer step on whole parameters (ZeRO-3: gathered once, its per-call gathers off,
             # so loops whose length differs between ranks cannot leave them waiting on each other)
             with dist.gathered(engine):
-                batch = weigh(params, engine, tokenizer, ref_model, variants, sampled, rollout)
+                batch = weigh(params, engine, tokenizer, ref_model, weighting, sampled, rollout)
                 if tracin and tracin.due(rollout_index):  # influence from the batch as sampled, before its first update
                     selection = tracin.select(engine.module, batch, sampled, rollout_index, step)
             if selection:

@@ -19,7 +19,7 @@ from scipy import stats
 
 from grpolab import tracking
 from grpolab.errors import ConfigError
-from grpolab.fsutil import atomic_output, atomic_write_text, output_folder
+from grpolab.runtime.fsutil import atomic_output, atomic_write_text, output_folder
 from grpolab.mia import scores as mia_scores
 from grpolab.paths import ROC_DIR
 from grpolab.study.spec import StudySpec

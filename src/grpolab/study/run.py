@@ -43,8 +43,8 @@ from mlflow import MlflowClient
 from grpolab import tracking
 from grpolab.config import flatten
 from grpolab.errors import ConfigError
-from grpolab.fsutil import take_lock
-from grpolab.procs import bound, die_with_parent
+from grpolab.runtime.fsutil import take_lock
+from grpolab.runtime.procs import bound, die_with_parent
 from grpolab.study.spec import Cell, Study, load_study
 
 STATE_DIR = Path(".grpolab/studies")  # per study: the lock and one log per cell

@@ -2,7 +2,7 @@
 term at the trainer's composition point (`algos.losses.compose_token_loss`). Plain GRPO: all ones.
 
 MIA prompt weights and credit-assignment token weights plug in here: the training loop asks
-`Variants.loss_weights` for each batch. The TracIn keep mask needs the batch's advantages and
+`LossWeighting.loss_weights` for each batch. The TracIn keep mask needs the batch's advantages and
 a gradient pass, so `influence.TracIn.select` sets it on the batch after sampling.
 """
 
@@ -35,7 +35,7 @@ def _mia_weight(info) -> float | None:
     return info.get("mia_weight") if isinstance(info, dict) else None
 
 
-class Variants:
+class LossWeighting:
     """Built once per training from params and the train data; gives each batch its loss weights."""
 
     def __init__(self, params: Params, data: pd.DataFrame, tokenizer):

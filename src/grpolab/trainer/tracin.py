@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from grpolab import distributed as dist
+from grpolab.runtime import distributed as dist
 from grpolab.algos.advantages import group_advantages
 from grpolab.algos.losses import POLICY_LOSSES, aggregate, aggregation_units, compose_token_loss
 from grpolab.algos.tracin import (
@@ -55,7 +55,7 @@ from grpolab.logprobs import by_tokens, completion_logprobs, take
 from grpolab.samplers import Sampler, decode, sample_keys
 
 if TYPE_CHECKING:
-    from grpolab.trainer import Batch, Sampled
+    from grpolab.trainer.update import Batch, Sampled
 
 # Sampling streams of the validation rollouts, apart from the train rollouts' (seed, row) generators.
 VAL_ROW_OFFSET = 1 << 40
@@ -68,7 +68,7 @@ SEPARATE_METRIC_KEYS = ["tracin/val_reward_mean", "tracin/val_advantage_min", "t
 
 
 @dataclass
-class Record:
+class ParameterUse:
     """One use of a parameter in a forward pass: its input and the gradient at its output."""
 
     kind: str  # a key of algos.influence.PARAMETER_USES
@@ -100,11 +100,11 @@ class GradientProbe:
         # ZeRO-3 partitions parameters: their full shape is `ds_shape`.
         return {n: torch.zeros(getattr(p, "ds_shape", p.shape), device=self.device) for n, p in self.params.items()}
 
-    def capture(self, forward, valid: torch.Tensor, consume: Callable[[Record], None],
+    def capture(self, forward, valid: torch.Tensor, consume: Callable[[ParameterUse], None],
                 packed_rows: torch.Tensor | None = None) -> None:
         """Run `forward` (returns the scalar loss of a batch whose valid positions are `valid` [B, S] bool), then
         one backward to the hooked layers' outputs only: each layer's output gradient goes to `consume` as a
-        `Record` the moment autograd has it, and is dropped after, so at most one layer's fp32 copies exist at
+        `ParameterUse` the moment autograd has it, and is dropped after, so at most one layer's fp32 copies exist at
         a time. No parameter gradient is formed, so neither DeepSpeed's gradient buffers nor its ZeRO-3
         parameter hooks are touched.
 
@@ -135,7 +135,7 @@ class GradientProbe:
                 x = _at_least_fp32(inputs.detach()[keep]) if inputs.is_floating_point() else inputs[keep]
                 g = _at_least_fp32(g[keep])
                 for kind, param in self.uses[module]:
-                    consume(Record(kind, param, x, g, rows))
+                    consume(ParameterUse(kind, param, x, g, rows))
 
             out.register_hook(on_grad)
             return out
@@ -154,7 +154,7 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def accumulate(v: dict[str, torch.Tensor]) -> Callable[[Record], None]:
+def accumulate(v: dict[str, torch.Tensor]) -> Callable[[ParameterUse], None]:
     """A `capture` consumer that adds the captured batch gradient into v (parameter name -> tensor)."""
     return lambda r: PARAMETER_USES[r.kind][0](r.inputs, r.grad, v[r.param])
 
@@ -165,7 +165,7 @@ class InnerProducts:
     def __init__(self, v: dict[str, torch.Tensor], n_rows: int, device: torch.device | str = "cpu"):
         self.v, self.out = v, torch.zeros(n_rows, dtype=torch.float64, device=device)
 
-    def __call__(self, r: Record) -> None:
+    def __call__(self, r: ParameterUse) -> None:
         self.out += per_row(PARAMETER_USES[r.kind][1](r.inputs, r.grad, self.v[r.param]).double(), r.rows, len(self.out))
 
 
@@ -299,7 +299,7 @@ class TracIn:
         columns = batch.columns()
         chunks = self._chunks(columns, batch.advantages.nonzero().squeeze(-1))  # a 0 advantage has no gradient
 
-        def capture(idx: torch.Tensor, consume: Callable[[Record], None]) -> None:
+        def capture(idx: torch.Tensor, consume: Callable[[ParameterUse], None]) -> None:
             rows, valid, packed = _take(columns, idx)
             self.probe.capture(lambda: self._pg_loss(model, rows, units), valid, consume, packed)
 

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from grpolab import ranks
+from grpolab.runtime import ranks
 from grpolab.errors import ConfigError, DataError, RewardError, StageError
 
 # A user's errors: a retry fails the same way, so the pipeline does not retry them; exit status 2.

@@ -23,9 +23,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from grpolab import distributed as dist
+from grpolab.runtime import distributed as dist
 from grpolab.config import Params
-from grpolab.fsutil import atomic_write_text, content_digest, link_or_copy
+from grpolab.runtime.fsutil import atomic_write_text, content_digest, link_or_copy
 from grpolab.paths import CHECKPOINT_DIR
 
 LOGS = "logs"  # CHECKPOINT_DIR/logs/<folder name>/step_*.parquet

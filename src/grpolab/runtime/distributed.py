@@ -1,4 +1,4 @@
-"""Process-group helpers (which rank this process is comes from `grpolab.ranks`, re-exported here).
+"""Process-group helpers (which rank this process is comes from `grpolab.runtime.ranks`, re-exported here).
 
 In-process runs (the default) are a world of one; `torchrun` workers read their rank from the
 environment it sets. Either way the group has a backend per device type (`backend()`).
@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from grpolab import failures
+from grpolab.runtime import failures
 from grpolab.errors import StageError
-from grpolab.procs import die_with_parent, signals_stop
-from grpolab.ranks import is_rank0, launched, rank, world_size  # noqa: F401  (callers ask distributed.*)
+from grpolab.runtime.procs import die_with_parent, signals_stop
+from grpolab.runtime.ranks import is_rank0, launched, rank, world_size  # noqa: F401  (callers ask distributed.*)
 
 LOOPBACK_INTERFACE = "lo"  # Linux's name for it
 # Seconds a collective may wait for the slowest rank before the group fails it (torch's default: 30 minutes).
@@ -67,7 +67,7 @@ def init() -> None:
 
 def describe() -> str:
     """`N processes on <device>, process group <backend per device>`: what a run prints as it starts."""
-    from grpolab.device import device
+    from grpolab.runtime.device import device
 
     n = world_size()
     return f"{n} process{'es' if n > 1 else ''} on {device().type}, process group {dist.get_backend_config()}"

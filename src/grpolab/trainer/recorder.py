@@ -18,18 +18,18 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from grpolab import distributed as dist
-from grpolab.checkpoints import TABLES, clear_step_logs, discard, load_training_checkpoint, resumable, save_training_checkpoint
+from grpolab.runtime import distributed as dist
+from grpolab.trainer.checkpoints import TABLES, clear_step_logs, discard, load_training_checkpoint, resumable, save_training_checkpoint
 from grpolab.config import Params
 from grpolab.data.schema import write_parquet
 from grpolab.errors import TrackingError
-from grpolab.fsutil import atomic_write_text
+from grpolab.runtime.fsutil import atomic_write_text
 from grpolab.paths import CHECKPOINT_DIR, CREDIT_DIR, CURVE_FILE, TRACIN_DIR, TRAINED_DIR
-from grpolab.trainer import Batch, Sampled, credit_log
-from grpolab.variants import Variants
+from grpolab.trainer.update import Batch, Sampled, credit_log
+from grpolab.trainer.loss_weights import LossWeighting
 
 if TYPE_CHECKING:  # MLflow is imported by the stage's driver; the training loop itself runs without it
-    from grpolab.tracin import Selection
+    from grpolab.trainer.tracin import Selection
     from grpolab.tracking import Tracker
 
 STEP_LOG_DIRS = [CREDIT_DIR, TRACIN_DIR]  # a parquet file per step, kept in a training checkpoint
@@ -51,8 +51,8 @@ class Logged:
 class Recorder:
     """The record of one training (rank 0 writes files; `tracker` None: no MLflow run)."""
 
-    def __init__(self, params: Params, tracker: Tracker | None, variants: Variants, curve_keys: list[str]):
-        self.params, self.tracker, self.variants = params, tracker, variants
+    def __init__(self, params: Params, tracker: Tracker | None, weighting: LossWeighting, curve_keys: list[str]):
+        self.params, self.tracker, self.weighting = params, tracker, weighting
         self.curve_keys = CURVE_KEYS + curve_keys
         self.history: list[dict] = []  # {"step": n, **metrics} of every step so far
         self.logged = Logged()
@@ -87,7 +87,7 @@ class Recorder:
             print(f"train: resuming at step {start} of {params.train.steps} from {checkpoint.path} ({where}; "
                   f"steps 1-{logged.through} already logged there)", flush=True)
         if tracker and not (continuing and logged.through):  # a run that holds a step holds these: they went out first
-            first = self.variants.start_metrics()
+            first = self.weighting.start_metrics()
             if first and not (continuing and tracker.has_history(next(iter(first)))):
                 tracker.metrics(first)
         if tracker and start:
@@ -131,7 +131,7 @@ class Recorder:
                 text = frame.to_json(orient="split", index=False)
                 self._pending.append(self._writer.submit(atomic_write_text, KEPT_TABLES / table, text))
         if dist.is_rank0() and t.credit_log_every and step % t.credit_log_every == 0:
-            self._step_log(credit_log(batch, self.variants, step), CREDIT_DIR, step)
+            self._step_log(credit_log(batch, self.weighting, step), CREDIT_DIR, step)
         if dist.is_rank0() and selection:
             self._step_log(selection.log, TRACIN_DIR, step)
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from grpolab.procs import die_with_parent
+from grpolab.runtime.procs import die_with_parent
 
 PROGRESS_STEP = 10  # percent done between two logged updates of a bar
 PROGRESS_EVERY_S = 30.0  # and at most this long between two, however slow the bar

@@ -46,16 +46,14 @@ def bench_scoring(a) -> list[tuple[float, float]]:
     with torch.no_grad():
         r = sample(model, [encode_prompt(tokenizer, p) for p in prompts], max_new_tokens=48,
                    eos_ids=stop_ids(model, tokenizer), pad_id=tokenizer.pad_token_id)
-    rows = {"prompt_ids": r.prompt_ids, "prompt_mask": r.prompt_mask, "completion_ids": r.completion_ids,
-            "mask": r.completion_mask}
 
     @torch.no_grad()
     def bare():  # the forward and the completion tokens' log p, nothing else
-        completion_token_stats(model, rows, lambda logits, y: (token_logprobs(logits, y),))
+        completion_token_stats(model, r, lambda logits, y: (token_logprobs(logits, y),))
 
     @torch.no_grad()
     def min_k_plus_plus():
-        logp, mu, sigma = completion_token_stats(model, rows, S.token_statistics)
+        logp, mu, sigma = completion_token_stats(model, r, S.token_statistics)
         S.score_min_k_plus_plus(logp, mu, sigma, r.completion_mask, 0.2)
 
     contenders = {"bare": lambda _: seconds(bare), "Min-K%++": lambda _: seconds(min_k_plus_plus)}

@@ -40,9 +40,8 @@ def naive_influence(tracin, model, batch) -> torch.Tensor:
     params = list(tracin.probe.params.values())
     units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss_agg_mode))
     n = len(batch.advantages)
-    rows = batch.columns()
     active = batch.advantages.nonzero().squeeze(-1).tolist()  # the same rows the ghost pass skips
-    take = lambda idx: {k: (None if x is None else x[idx]) for k, x in rows.items()}  # noqa: E731
+    take = lambda index: batch.take(torch.tensor(index))  # noqa: E731
     model.train()
     v = None
     for start in range(0, len(active), t.micro_batch_size):

@@ -54,10 +54,12 @@ def make_batch(params, engine, ref_model, tokenizer, data, rewarder, variants, r
     from grpolab.runtime import distributed as dist
     from grpolab.stages import train as T
 
-    rows, rollout = T.sample_rollouts(params, engine, hf_sampler(params, engine, tokenizer), tokenizer, data, rollout_index)
-    sampled = T.score(params, rows, rollout, tokenizer, rewarder)
+    run = T.Training(params, engine, tokenizer, data, rewarder, hf_sampler(params, engine, tokenizer), variants, ref_model,
+                     tracin=None, record=None, key="", bf16=False)  # what sample, score and weigh read
+    rows, rollout = T.sample_rollouts(run, rollout_index)
+    sampled = T.score(run, rows, rollout)
     with dist.gathered(engine):  # as the train loop weighs: on whole parameters at ZeRO-3
-        return T.weigh(params, engine, tokenizer, ref_model, variants, sampled, rollout), sampled
+        return T.weigh(run, sampled, rollout), sampled
 
 
 def block_order(names: Sequence[str], block: int) -> list[str]:

@@ -118,9 +118,7 @@ def test_the_dispatch_gives_each_mitigation_its_own_weights(name):
 def _attention(model, rollout: Rollout) -> torch.Tensor:
     from grpolab.trainer.loss_weights import completion_attention
 
-    rows = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask, "completion_ids": rollout.completion_ids,
-            "mask": rollout.completion_mask}
-    return completion_attention(model, rows)
+    return completion_attention(model, rollout)
 
 
 def test_advantage_scales_by_hand():

@@ -13,9 +13,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from grpolab import logprobs
 from grpolab.algos.losses import policy_token_stats
 from grpolab.algos.sampling import MASK_64, counter_uniform, fixed_point_cumsum, sample_tokens, splitmix64
-from grpolab.logprobs import by_length, by_tokens, completion_token_stats, take
-from grpolab.samplers import sample_keys
+from grpolab.logprobs import by_length, by_tokens, completion_token_stats
+from grpolab.samplers import Rollout, sample_keys
 from grpolab.samplers.hf import sample
+from grpolab.trainer.loss_weights import LossWeights
+from grpolab.trainer.update import Batch
 
 VOCAB, PAD, EOS = 24, 0, 1
 
@@ -152,9 +154,8 @@ def test_the_prefill_forms_logits_for_the_last_position_only():
     assert widths and set(widths) == {1}  # the prefill too, not [rows, prompt length, vocabulary]
 
 
-def _rows(model, n: int = 6, seed: int = 5) -> dict:
-    r = sample(model, prompts(n, seed=seed), max_new_tokens=9, eos_ids=[EOS], pad_id=PAD, keys=sample_keys(seed, list(range(n))))
-    return {"prompt_ids": r.prompt_ids, "prompt_mask": r.prompt_mask, "completion_ids": r.completion_ids, "mask": r.completion_mask}
+def _rollout(model, n: int = 6, seed: int = 5) -> Rollout:
+    return sample(model, prompts(n, seed=seed), max_new_tokens=9, eos_ids=[EOS], pad_id=PAD, keys=sample_keys(seed, list(range(n))))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -162,13 +163,13 @@ def test_chunked_completion_stats_equal_the_full_logits_and_their_gradient(arch,
     """log p, entropy and sum p^2 of each completion token, and the gradient of a loss on log p, from the head
     applied a few tokens at a time (here 3), equal those of the logits of every position to fp32 rounding."""
     model = tiny_model(arch)
-    rows = _rows(model)
-    mask = rows["mask"].bool()
+    rollout = _rollout(model)
+    mask = rollout.completion_mask.bool()
     weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0))
-    p = rows["prompt_ids"].shape[1]
+    p = rollout.prompt_ids.shape[1]
 
-    full = logprobs.forward_completions(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"])
-    expected = policy_token_stats(full.logits[:, p - 1 : -1], rows["completion_ids"])
+    full = logprobs.forward_completions(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
+    expected = policy_token_stats(full.logits[:, p - 1 : -1], rollout.completion_ids)
     (expected[0] * weights * mask).sum().backward()
     expected_grads = {n: q.grad.clone() for n, q in model.named_parameters()}
     model.zero_grad()
@@ -176,10 +177,10 @@ def test_chunked_completion_stats_equal_the_full_logits_and_their_gradient(arch,
     monkeypatch.setattr(logprobs, "LOGIT_CHUNK_ELEMENTS", 3 * VOCAB)
     chunk_sizes = []
     handle = model.lm_head.register_forward_hook(lambda m, args, out: chunk_sizes.append(args[0].shape[:-1]))
-    got = completion_token_stats(model, rows, policy_token_stats)
+    got = completion_token_stats(model, rollout, policy_token_stats)
     (got[0] * weights * mask).sum().backward()
     handle.remove()
-    assert chunk_sizes[0] == (rows["prompt_ids"].shape[0], 1)  # the model's own call: the last position only
+    assert chunk_sizes[0] == (rollout.prompt_ids.shape[0], 1)  # the model's own call: the last position only
     assert all(len(s) == 1 and s[0] <= 3 for s in chunk_sizes[1:]) and sum(s[0] for s in chunk_sizes[1:]) >= mask.sum()
     for value, reference in zip(got, expected):
         torch.testing.assert_close(value[mask], reference[mask].detach(), rtol=1e-5, atol=1e-6)
@@ -191,18 +192,21 @@ def test_chunked_completion_stats_equal_the_full_logits_and_their_gradient(arch,
 def test_take_cuts_rows_to_their_own_width_and_by_length_puts_the_longest_first():
     prompt_mask = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
     mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]])
-    columns = {"prompt_ids": prompt_mask * 7, "prompt_mask": prompt_mask, "completion_ids": mask * 9, "mask": mask,
-               "ref_logp": mask * -1.0, "advantages": torch.arange(4.0), "old_logp": None}
+    rollout = Rollout(prompt_mask * 7, prompt_mask, mask * 9, mask, mask * -0.5)
+    batch = Batch(rollout, torch.arange(4.0), None, mask * -1.0, LossWeights(mask * 2.0, torch.arange(4.0) + 1, torch.ones(4)), mask * 3)
     chunks = by_length(mask, 2)
     assert [c.tolist() for c in chunks] == [[1, 3], [0, 2]]  # lengths 4, 3 | 2, 1
-    rows = take(columns, chunks[0])
-    assert rows["prompt_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]  # the all-padding first column dropped
-    assert rows["mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]] and rows["ref_logp"].shape == (2, 4)
-    assert rows["advantages"].tolist() == [1.0, 3.0] and rows["old_logp"] is None
-    rows = take(columns, chunks[1])
-    assert rows["prompt_ids"].shape == (2, 4) and rows["completion_ids"].tolist() == [[9, 9], [9, 0]]
+    micro = batch.take(chunks[0])
+    assert micro.rollout.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]]  # the all-padding first column dropped
+    assert micro.rollout.completion_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert all(x.shape == (2, 4) for x in (micro.ref_logp, micro.rollout.token_logp, micro.weights.token, micro.token_class))
+    assert micro.advantages.tolist() == [1.0, 3.0] and micro.weights.prompt.tolist() == [2.0, 4.0]
+    assert micro.old_logp is None and micro.rollout.token_entropy is None and micro.credit is None
+    micro = batch.take(chunks[1])
+    assert micro.rollout.prompt_ids.shape == (2, 4) and micro.rollout.completion_ids.tolist() == [[9, 9], [9, 0]]
     assert [c.tolist() for c in by_length(mask, 3, torch.tensor([0, 2, 3]))] == [[3, 0, 2]]
-    assert math.isclose(float(take(columns, torch.tensor([2]))["mask"].sum()), 1.0)
+    assert math.isclose(float(rollout.take(torch.tensor([2])).completion_mask.sum()), 1.0)
+    assert rollout.take(slice(1, 3), trim=False).completion_mask.tolist() == mask[1:3].tolist()  # rows as they are
     # a token budget: rows 1 (P 3, T 4) and 3 (P 1, T 3) take 2 x (3 + 4) = 14 positions cut to their width
     assert [c.tolist() for c in by_tokens(prompt_mask, mask, 14)] == [[1, 3], [0, 2]]
     assert [c.tolist() for c in by_tokens(prompt_mask, mask, 13)] == [[1], [3, 0], [2]]  # 3 and 0: 2 x (2 + 3)

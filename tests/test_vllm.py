@@ -54,9 +54,7 @@ def test_training_logprobs_are_the_sampling_distributions(project):
     prompts = [[5, 6, 7, 8], [9, 10, 11]] * 4
     rollout = sample(model, prompts, max_new_tokens=12, eos_ids=[2], pad_id=0, temperature=0.7,
                      keys=sample_keys(0, list(range(len(prompts)))))
-    rows = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
-            "completion_ids": rollout.completion_ids, "mask": rollout.completion_mask}
-    trainer_logp = completion_logprobs(model, rows, temperature=0.7)[0]
+    trainer_logp = completion_logprobs(model, rollout, temperature=0.7)[0]
     with torch.no_grad():  # by hand: one forward over [prompt | completion], log-softmax of logits / 0.7
         ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
         mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
@@ -140,10 +138,8 @@ def test_tied_embeddings_stay_tied_through_a_push(tmp_path):
     prompts = [[5 + i, 7, 9 + i % 5] for i in range(16)]
     pushed = engine.sample(prompts, max_new_tokens=12, keys=sample_keys(0, list(range(16))))
     engine.close()
-    rows = {"prompt_ids": pushed.prompt_ids, "prompt_mask": pushed.prompt_mask, "completion_ids": pushed.completion_ids,
-            "mask": pushed.completion_mask}
     valid = pushed.completion_mask.bool()
-    torch.testing.assert_close(pushed.token_logp[valid], completion_logprobs(model, rows)[0][valid], atol=1e-4, rtol=0)
+    torch.testing.assert_close(pushed.token_logp[valid], completion_logprobs(model, pushed)[0][valid], atol=1e-4, rtol=0)
 
 
 def test_vllm_runs_repeat_exactly(project, tmp_path):

@@ -1,4 +1,4 @@
-"""The log-probabilities of completions under a model, and the micro-batch slicing every pass over a batch uses.
+"""The log-probabilities of completions under a model, and the micro-batches (rows by length) every pass over a batch uses.
 
 One forward pass over [prompt | completion] that keeps the final hidden states, then the output head and
 the log-softmax over the completion tokens only, a chunk of tokens at a time (recomputed in the backward
@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -19,6 +20,9 @@ from transformers import PreTrainedModel
 
 from grpolab.runtime import distributed as dist
 from grpolab.algos.losses import policy_token_stats, token_logprobs
+
+if TYPE_CHECKING:  # the samplers import this module
+    from grpolab.samplers.base import Rollout
 
 # Logits formed at once in a log-prob pass (tokens x vocabulary): 256 MB of fp32 whatever the vocabulary.
 LOGIT_CHUNK_ELEMENTS = 2**26
@@ -51,21 +55,21 @@ def forward_completions(model, prompt_ids, prompt_mask, completion_ids, completi
     return model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
 
 
-def completion_token_stats(model, rows: dict, stats: Callable[..., tuple[torch.Tensor, ...]],
+def completion_token_stats(model, rollout: Rollout, stats: Callable[..., tuple[torch.Tensor, ...]],
                            temperature: float = 1.0, chunk_tokens: int | None = None) -> tuple[torch.Tensor, ...]:
     """Per-token statistics of each valid completion token under `model`: `stats(logits [n, V] fp32,
     targets [n])` -> tensors [n], evaluated a chunk of tokens at a time and returned as [b, T] each
-    (0 at padding), on the CPU. rows: prompt_ids / prompt_mask [b, P] left-padded, completion_ids / mask
-    [b, T] right-padded. Under autograd each chunk's logits are recomputed in the backward pass rather
+    (0 at padding), on the CPU, for the b rows of `rollout` (prompts [b, P] left-padded, completions [b, T]
+    right-padded). Under autograd each chunk's logits are recomputed in the backward pass rather
     than kept; `stats` sees logits / temperature; `chunk_tokens` tokens at a time (default: LOGIT_CHUNK_ELEMENTS /
     vocabulary). The statistics `stats` computes with autograd are differentiable (log p; an entropy bonus's
     entropy), the others should be computed detached."""
-    out = forward_completions(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"],
+    out = forward_completions(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask,
                               output_hidden_states=True, **last_logits_only(model))
-    p = rows["prompt_ids"].shape[1]
+    p = rollout.prompt_ids.shape[1]
     hidden = out.hidden_states[-1][:, p - 1 : -1]  # position p - 1 + t predicts completion token t
-    valid = rows["mask"].bool().to(hidden.device)
-    h, targets = hidden[valid], rows["completion_ids"].to(hidden.device)[valid]  # [n, H], [n]
+    valid = rollout.completion_mask.bool().to(hidden.device)
+    h, targets = hidden[valid], rollout.completion_ids.to(hidden.device)[valid]  # [n, H], [n]
     lm = language_model(model)
     head, cap = lm.get_output_embeddings(), getattr(lm.config, "final_logit_softcapping", None)
 
@@ -107,52 +111,33 @@ def _partitioned(module: torch.nn.Module) -> bool:
     return any("_pre_forward_module_hook" in getattr(h, "__qualname__", "") for h in module._forward_pre_hooks.values())
 
 
-def completion_logprobs(model, rows: dict, entropy: bool = False, entropy_grad: bool = False, temperature: float = 1.0,
+def completion_logprobs(model, rollout: Rollout, entropy: bool = False, entropy_grad: bool = False, temperature: float = 1.0,
                         chunk_tokens: int | None = None):
     """log p of each completion token under softmax(`model`'s logits / temperature) ([b, T]) and, if asked,
-    (entropy, sum_v p_v^2) of that distribution ([b, T] each; the entropy differentiable with `entropy_grad`);
+    (entropy, sum_v p_v^2) of that distribution ([b, T] each; the entropy differentiable with `entropy_grad`), for
+    the b rows of `rollout`;
     the output head `chunk_tokens` tokens at a time (`completion_token_stats`)."""
     if not entropy:
-        return completion_token_stats(model, rows, lambda logits, y: (token_logprobs(logits, y),), temperature, chunk_tokens)[0], None
-    logp, ent, prob_sq = completion_token_stats(model, rows, lambda logits, y: policy_token_stats(logits, y, entropy_grad),
+        return completion_token_stats(model, rollout, lambda logits, y: (token_logprobs(logits, y),), temperature, chunk_tokens)[0], None
+    logp, ent, prob_sq = completion_token_stats(model, rollout, lambda logits, y: policy_token_stats(logits, y, entropy_grad),
                                                 temperature, chunk_tokens)
     return logp, (ent, prob_sq)
 
 
-PROMPT_COLUMNS = ("prompt_ids", "prompt_mask")  # left-padded; every other [rows, width] column is a completion's
-
-
-def take(rows: dict, index: torch.Tensor) -> dict:
-    """Rows `index` of a batch's columns, cut to their own width: prompt columns lose the leading and
-    completion columns the trailing positions that are padding in every taken row."""
-    out = {k: None if x is None else x[index] for k, x in rows.items()}
-    first = int(out["prompt_mask"].any(0).nonzero()[0])
-    last = int(out["mask"].any(0).nonzero()[-1]) + 1 if out["mask"].any() else 1
-    width = rows["mask"].shape[1]
-    for k, x in out.items():
-        if k in PROMPT_COLUMNS:
-            out[k] = x[:, first:]
-        elif isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] == width:
-            out[k] = x[:, :last]
-    return out
-
-
-def by_length(mask: torch.Tensor, size: int, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Row indices (`rows`, default all rows of mask [B, T]) in chunks of `size`, longest completion
-    first (stable), so that each chunk, cut to its own width (`take`), carries little padding."""
-    rows = torch.arange(mask.shape[0]) if rows is None else rows
-    order = rows[torch.argsort(mask[rows].sum(-1), descending=True, stable=True)]
+def by_length(mask: torch.Tensor, size: int, index: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Row indices (`index`, default all rows of mask [B, T]) in chunks of `size`, longest completion
+    first (stable), so that each chunk, cut to its own width (`Rollout.take`), carries little padding."""
+    index = torch.arange(mask.shape[0]) if index is None else index
+    order = index[torch.argsort(mask[index].sum(-1), descending=True, stable=True)]
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
-
-
-def by_tokens(prompt_mask: torch.Tensor, mask: torch.Tensor, budget: int, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Row indices (`rows`, default all rows of mask [B, T]) in chunks whose [prompt | completion] block, cut to
-    its own width (`take`), holds at most `budget` positions (a row longer than that alone), longest completion
+def by_tokens(prompt_mask: torch.Tensor, mask: torch.Tensor, budget: int, index: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Row indices (`index`, default all rows of mask [B, T]) in chunks whose [prompt | completion] block, cut to
+    its own width (`Rollout.take`), holds at most `budget` positions (a row longer than that alone), longest completion
     first (stable) as `by_length`. prompt_mask: [B, P] left-padded."""
-    rows = torch.arange(mask.shape[0]) if rows is None else rows
-    order = rows[torch.argsort(mask[rows].sum(-1), descending=True, stable=True)].tolist()
+    index = torch.arange(mask.shape[0]) if index is None else index
+    order = index[torch.argsort(mask[index].sum(-1), descending=True, stable=True)].tolist()
     prompt_lengths, lengths = prompt_mask.sum(-1).tolist(), mask.sum(-1).tolist()
     chunks: list[list[int]] = []
     width_p = width_c = 0

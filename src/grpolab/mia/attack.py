@@ -50,15 +50,13 @@ def membership_scores(
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         rollout = sampler.sample([encode_prompt(tokenizer, p) for p in chunk], max_new_tokens=max_new_tokens)
-        rows = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
-                "completion_ids": rollout.completion_ids, "mask": rollout.completion_mask}
-        logp, mu, sigma = completion_token_stats(model, rows, S.token_statistics, chunk_tokens=chunk_tokens)  # fp32, [b, T] each
+        logp, mu, sigma = completion_token_stats(model, rollout, S.token_statistics, chunk_tokens=chunk_tokens)  # fp32, [b, T] each
         needs = set().union(*(S.MIA_METHODS[m].needs for m in methods))
         zlib_bytes = reference_logp = None
         if "zlib_bytes" in needs:
             zlib_bytes = torch.tensor([len(zlib.compress(t.encode("utf-8"))) for t in decode(tokenizer, rollout)])
         if "reference_logp" in needs:
-            reference_logp = completion_logprobs(reference, rows, chunk_tokens=chunk_tokens)[0]
+            reference_logp = completion_logprobs(reference, rollout, chunk_tokens=chunk_tokens)[0]
         span = S.Span(logp, mu, sigma, rollout.completion_mask, zlib_bytes, reference_logp)
         for method in methods:
             out[method].append(S.MIA_METHODS[method].score(span, k))

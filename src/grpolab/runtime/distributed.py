@@ -187,6 +187,24 @@ def all_gather_objects(items: list) -> list:
     return [x for part in parts for x in part]
 
 
+def deal_groups(chosen: list[int], batches: int, groups_per_batch: int, group_size: int) -> tuple[list[tuple[int, slice]], list[tuple[int, slice]]]:
+    """Groups chosen over several batches dealt out to the processes again, as they sampled the batches: each
+    process sampled a contiguous share of each batch's `groups_per_batch` groups (`group_size` rows each), and
+    gets the same share of `chosen` (indices over every batch's groups in order). -> (this process's: per group,
+    the share that holds it, an index into `all_gather_objects` of every process's per-batch list, rank-major,
+    and its rows there; every chosen group's: its batch, and its rows in that batch gathered over processes)."""
+    per_rank = groups_per_batch // world_size()
+
+    def locate(group: int) -> tuple[tuple[int, slice], tuple[int, slice]]:
+        batch, index = divmod(group, groups_per_batch)
+        owner, local = divmod(index, per_rank)
+        rows = lambda i: slice(i * group_size, (i + 1) * group_size)  # noqa: E731
+        return (owner * batches + batch, rows(local)), (batch, rows(index))
+
+    located = [locate(group) for group in chosen]
+    return [share for share, _ in located[rank() * per_rank : (rank() + 1) * per_rank]], [whole for _, whole in located]
+
+
 def broadcast_object(item):
     """Rank 0's picklable `item`, on every rank (what the others pass is ignored)."""
     if not dist.is_initialized():

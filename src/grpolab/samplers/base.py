@@ -16,6 +16,8 @@ if TYPE_CHECKING:  # params validation imports the samplers' names: no transform
 
 @dataclass
 class Rollout:
+    """B rows of prompts and their completions: a sampler's, or sft's data responses; what every log-prob pass reads."""
+
     prompt_ids: torch.Tensor  # [B, P] left-padded
     prompt_mask: torch.Tensor  # [B, P]
     completion_ids: torch.Tensor  # [B, T] right-padded with pad id
@@ -29,6 +31,19 @@ class Rollout:
     @property
     def lengths(self) -> list[int]:
         return self.completion_mask.sum(-1).tolist()
+
+    def take(self, index: torch.Tensor | slice, trim: bool = True) -> Rollout:
+        """Rows `index` as a rollout of their own. trim: cut to their own width, the prompts losing the leading
+        and the completions the trailing positions that are padding in every taken row (a micro-batch then
+        carries little padding); the width of the completions taken is `completion_mask.shape[1]`."""
+        taken = Rollout(*(None if x is None else x[index] for x in (getattr(self, f.name) for f in fields(Rollout))))
+        if not trim:
+            return taken
+        first = int(taken.prompt_mask.any(0).nonzero()[0])
+        last = int(taken.completion_mask.any(0).nonzero()[-1]) + 1 if taken.completion_mask.any() else 1
+        cut = lambda x: None if x is None else x[:, :last]  # noqa: E731
+        return Rollout(taken.prompt_ids[:, first:], taken.prompt_mask[:, first:], cut(taken.completion_ids),
+                       cut(taken.completion_mask), cut(taken.token_logp), cut(taken.token_entropy))
 
 
 def cat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:

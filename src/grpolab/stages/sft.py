@@ -19,7 +19,7 @@ from grpolab.runtime.fsutil import atomic_write_text
 from grpolab.logprobs import completion_logprobs
 from grpolab.models import build_model, load_model, num_parameters, save_model
 from grpolab.paths import BASE_DIR, SFT_FILE, SFT_LOSS_FILE, TOKENIZER_DIR
-from grpolab.samplers.base import left_pad, right_pad
+from grpolab.samplers.base import Rollout, left_pad, right_pad
 
 if TYPE_CHECKING:
     from grpolab.tracking import Tracker
@@ -36,11 +36,9 @@ def _encode(sft: pd.DataFrame, tokenizer, max_length: int) -> tuple[list[list[in
     return prompts, responses
 
 
-def _rows(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """A micro-batch as the log-prob passes read one: prompts left-padded, responses right-padded."""
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    ids, mask = right_pad(responses, pad_id)
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": ids, "mask": mask}
+def _micro_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Rollout:
+    """A micro-batch as the log-prob passes read one: prompts left-padded, responses (as completions) right-padded."""
+    return Rollout(*left_pad(prompts, pad_id), *right_pad(responses, pad_id))
 
 
 def sft_step_loss(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, micro_batch_size: int,
@@ -51,10 +49,10 @@ def sft_step_loss(model, prompts: list[list[int]], responses: list[list[int]], p
     tokens = sum(len(r) for r in responses)
     total = 0.0
     for start in range(0, len(prompts), micro_batch_size):
-        rows = _rows(prompts[start : start + micro_batch_size], responses[start : start + micro_batch_size], pad_id)
+        micro = _micro_batch(prompts[start : start + micro_batch_size], responses[start : start + micro_batch_size], pad_id)
         with autocast(dtype):
-            logp = completion_logprobs(model, rows, chunk_tokens=chunk_tokens)[0]
-        loss = -(logp * rows["mask"]).sum() / tokens
+            logp = completion_logprobs(model, micro, chunk_tokens=chunk_tokens)[0]
+        loss = -(logp * micro.completion_mask).sum() / tokens
         loss.backward()
         total += loss.item()
     return total

@@ -18,7 +18,7 @@ import torch
 from grpolab.algos import credit
 from grpolab.algos.mia_weights import transform_mia_weights
 from grpolab.config import Params
-from grpolab.logprobs import forward_completions, last_logits_only, take
+from grpolab.logprobs import forward_completions, last_logits_only
 from grpolab.samplers import Rollout
 from grpolab.samplers.hf import evaluating
 
@@ -28,6 +28,10 @@ class LossWeights:
     token: torch.Tensor  # [B, T]
     prompt: torch.Tensor  # [B]
     keep: torch.Tensor  # [B]
+
+    def take(self, index: torch.Tensor, width: int) -> LossWeights:
+        """Rows `index` [b], the token weights cut to the `width` first positions (`Batch.take`)."""
+        return LossWeights(self.token[index][:, :width], self.prompt[index], self.keep[index])
 
 
 def _mia_weight(info) -> float | None:
@@ -106,19 +110,17 @@ class LossWeighting:
         if not mitigation.needs_attention:
             return mitigation.weights(credit.TokenInputs(classes, mask, rollout.token_logp, rollout.token_entropy), **knobs)
         weights = torch.ones(mask.shape)  # row by row the same: each micro-batch's rows on their own
-        columns = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
-                   "completion_ids": rollout.completion_ids, "mask": mask, "classes": classes}
         for index in micro_batches:
-            rows = take(columns, index)
-            width = rows["mask"].shape[1]
-            inputs = credit.TokenInputs(rows["classes"], rows["mask"], attention=completion_attention(model, rows))
+            micro = rollout.take(index)
+            width = micro.completion_mask.shape[1]
+            inputs = credit.TokenInputs(classes[index][:, :width], micro.completion_mask, attention=completion_attention(model, micro))
             weights[index, :width] = mitigation.weights(inputs, **knobs)
         return weights
 
 
-def completion_attention(model, rows: dict) -> torch.Tensor:
-    """Attention among completion tokens, averaged over layers and heads: [b, T, T], query i to key j.
-    rows: prompt_ids / prompt_mask [b, P], completion_ids / mask [b, T].
+def completion_attention(model, rollout: Rollout) -> torch.Tensor:
+    """Attention among the completion tokens of `rollout`'s b rows (completions [b, T]), averaged over layers and
+    heads: [b, T, T], query i to key j.
 
     Any HF causal LM: one extra forward pass with eager attention (the fused kernels do not
     return attention weights), in eval mode (the update leaves the policy training: LoRA's dropout
@@ -127,9 +129,9 @@ def completion_attention(model, rows: dict) -> torch.Tensor:
     model.set_attn_implementation("eager")
     try:
         with torch.inference_mode(), evaluating(model):
-            out = forward_completions(model, rows["prompt_ids"], rows["prompt_mask"], rows["completion_ids"], rows["mask"],
-                                      output_attentions=True, **last_logits_only(model))
-            p = rows["prompt_ids"].shape[1]
+            out = forward_completions(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                                      rollout.completion_mask, output_attentions=True, **last_logits_only(model))
+            p = rollout.prompt_ids.shape[1]
             attention = sum(layer[:, :, p:, p:].float().mean(1) for layer in out.attentions) / len(out.attentions)
             attention = attention.cpu()  # [b, T, T], summed layer by layer: no [layers, b, heads, S, S] stack
     finally:

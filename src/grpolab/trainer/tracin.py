@@ -51,8 +51,8 @@ from grpolab.data.tokenizer import encode_prompt
 from grpolab.errors import DataError
 from grpolab.paths import VAL_FILE
 from grpolab.rewards import Rewarder
-from grpolab.logprobs import by_tokens, completion_logprobs, take
-from grpolab.samplers import Sampler, decode, sample_keys
+from grpolab.logprobs import by_tokens, completion_logprobs
+from grpolab.samplers import Rollout, Sampler, decode, sample_keys
 
 if TYPE_CHECKING:
     from grpolab.trainer.update import Batch, Sampled
@@ -75,7 +75,7 @@ class ParameterUse:
     param: str  # the parameter's name (tied parameters share one)
     inputs: torch.Tensor  # [N, d_in] activations (fp32 or wider), or [N] ids, at the positions it saw that have a gradient
     grad: torch.Tensor  # [N, d_out] (fp32 or wider)
-    rows: torch.Tensor  # [N] the row each position belongs to
+    row: torch.Tensor  # [N] the row (its index in the batch) each position belongs to
 
 
 class GradientProbe:
@@ -101,7 +101,7 @@ class GradientProbe:
         return {n: torch.zeros(getattr(p, "ds_shape", p.shape), device=self.device) for n, p in self.params.items()}
 
     def capture(self, forward, valid: torch.Tensor, consume: Callable[[ParameterUse], None],
-                packed_rows: torch.Tensor | None = None) -> None:
+                packed_row: torch.Tensor | None = None) -> None:
         """Run `forward` (returns the scalar loss of a batch whose valid positions are `valid` [B, S] bool), then
         one backward to the hooked layers' outputs only: each layer's output gradient goes to `consume` as a
         `ParameterUse` the moment autograd has it, and is dropped after, so at most one layer's fp32 copies exist at
@@ -110,12 +110,12 @@ class GradientProbe:
 
         A layer called on [B, S, ...] keeps its valid positions. A layer called on packed positions
         [n, d] (the output head, which `logprobs.completion_token_stats` applies to the completion
-        tokens only, a chunk at a time) takes their rows from `packed_rows` [N], in call order."""
+        tokens only, a chunk at a time) takes their rows from `packed_row` [N], in call order."""
         # Every hooked output gets a zero scalar added: one backward to that scalar reaches every hooked
         # output (a backward to the outputs themselves would return all their gradients at once).
         anchor = torch.zeros((), device=self.device, requires_grad=True)
         valid = valid.to(self.device)
-        valid_rows = valid.nonzero()[:, 0]
+        valid_row = valid.nonzero()[:, 0]
         cursor: dict[nn.Module, int] = {}  # per layer: how many packed positions its calls have taken
         recording = True
 
@@ -125,17 +125,17 @@ class GradientProbe:
                 return out
             inputs = args[0]
             if not (inputs.dim() == 2 and inputs.is_floating_point()):  # [B, S, d] activations or [B, S] ids
-                keep, rows = valid, valid_rows
+                keep, row = valid, valid_row
             else:  # packed: one chunk of positions after another
                 start = cursor.get(module, 0)
                 cursor[module] = start + len(inputs)
-                keep, rows = slice(None), packed_rows[start : start + len(inputs)].to(self.device)
+                keep, row = slice(None), packed_row[start : start + len(inputs)].to(self.device)
 
             def on_grad(g: torch.Tensor) -> None:
                 x = _at_least_fp32(inputs.detach()[keep]) if inputs.is_floating_point() else inputs[keep]
                 g = _at_least_fp32(g[keep])
                 for kind, param in self.uses[module]:
-                    consume(ParameterUse(kind, param, x, g, rows))
+                    consume(ParameterUse(kind, param, x, g, row))
 
             out.register_hook(on_grad)
             return out
@@ -166,7 +166,7 @@ class InnerProducts:
         self.v, self.out = v, torch.zeros(n_rows, dtype=torch.float64, device=device)
 
     def __call__(self, r: ParameterUse) -> None:
-        self.out += per_row(PARAMETER_USES[r.kind][1](r.inputs, r.grad, self.v[r.param]).double(), r.rows, len(self.out))
+        self.out += per_row(PARAMETER_USES[r.kind][1](r.inputs, r.grad, self.v[r.param]).double(), r.row, len(self.out))
 
 
 def _reduced(v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -181,17 +181,18 @@ def _reduced(v: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _take(rows: dict, index: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Rows `index` of a batch's columns cut to their own width, the valid positions of [prompt | completion]
-    ([b, S] bool: the only ones with a gradient) and the row of each completion token ([n], row-major: the
-    positions the output head sees)."""
-    out = take(rows, index)
-    return out, torch.cat([out["prompt_mask"], out["mask"]], dim=1).bool(), out["mask"].bool().nonzero()[:, 0]
+def _positions(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a capture of `rollout`'s b rows needs: the valid positions of [prompt | completion] ([b, S] bool: the
+    only ones with a gradient) and the row of each completion token ([n], row-major: the positions the output
+    head sees)."""
+    mask = rollout.completion_mask
+    return torch.cat([rollout.prompt_mask, mask], dim=1).bool(), mask.bool().nonzero()[:, 0]
 
 
-def _sequence_logp(model, rows: dict, temperature: float, chunk_tokens: int | None) -> torch.Tensor:
+def _sequence_logp(model, rollout: Rollout, temperature: float, chunk_tokens: int | None) -> torch.Tensor:
     """log p(y) of each completion at the sampling temperature: the sum of its token log-probs. -> [b]"""
-    return (completion_logprobs(model, rows, temperature=temperature, chunk_tokens=chunk_tokens)[0] * rows["mask"]).sum(-1)
+    logp = completion_logprobs(model, rollout, temperature=temperature, chunk_tokens=chunk_tokens)[0]
+    return (logp * rollout.completion_mask).sum(-1)
 
 
 def _norm(v: dict[str, torch.Tensor]) -> float:
@@ -236,15 +237,15 @@ class TracIn:
 
     # ---- the policy-gradient loss of the batch's rows, and L_val ----
 
-    def _pg_loss(self, model, rows: dict, units: torch.Tensor) -> torch.Tensor:
-        """sum_i L_i over `rows`: each row's term of the update's policy-gradient loss (its advantage,
+    def _pg_loss(self, model, micro: Batch, units: torch.Tensor) -> torch.Tensor:
+        """sum_i L_i over the rows of `micro`: each row's term of the update's policy-gradient loss (its advantage,
         its prompt and token weights, the update's aggregation), on-policy (ratio 1), without KL."""
-        t = self.params.train
-        logp = completion_logprobs(model, rows, temperature=t.temperature, chunk_tokens=self.params.model.logit_chunk_tokens)[0]
+        t, mask = self.params.train, micro.rollout.completion_mask
+        logp = completion_logprobs(model, micro.rollout, temperature=t.temperature, chunk_tokens=self.params.model.logit_chunk_tokens)[0]
         policy_loss = POLICY_LOSSES[t.policy_loss]  # at ratio 1 all three give -A grad(log p) per token
-        pg, _ = policy_loss.loss(logp, logp.detach(), rows["advantages"], rows["mask"], *[getattr(t, k) for k in policy_loss.clip])
-        token_loss = compose_token_loss(pg, None, 0.0, rows["w_token"], rows["w_prompt"], torch.ones(len(pg)))
-        return aggregate(token_loss, rows["mask"], t.loss_agg_mode, t.max_new_tokens, units)
+        pg, _ = policy_loss.loss(logp, logp.detach(), micro.advantages, mask, *[getattr(t, k) for k in policy_loss.clip])
+        token_loss = compose_token_loss(pg, None, 0.0, micro.weights.token, micro.weights.prompt, torch.ones(len(pg)))
+        return aggregate(token_loss, mask, t.loss_agg_mode, t.max_new_tokens, units)
 
     def _validation_gradient(self, model, rollout_index: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """grad L_val over fresh completions of validation prompts (seed 003's losses), summed over processes."""
@@ -267,13 +268,11 @@ class TracIn:
         coefficients[chosen] = VAL_LOSS_COEFFICIENTS[cfg.loss](rewards[chosen], advantages)
         mine = coefficients[first : first + per_rank]
         v = self.probe.zeros()
-        r = rollout
-        val_rows = {"prompt_ids": r.prompt_ids, "prompt_mask": r.prompt_mask, "completion_ids": r.completion_ids,
-                    "mask": r.completion_mask, "coefficients": mine}
-        for idx in self._chunks(val_rows, mine.nonzero().squeeze(-1)):  # a 0 coefficient adds nothing
-            rows, valid, packed = _take(val_rows, idx)
-            loss = lambda: validation_loss(_sequence_logp(model, rows, t.temperature, self.params.model.logit_chunk_tokens), rows["coefficients"])  # noqa: E731
-            self.probe.capture(loss, valid, accumulate(v), packed)
+        for index in self._chunks(rollout, mine.nonzero().squeeze(-1)):  # a 0 coefficient adds nothing
+            micro = rollout.take(index)
+            loss = lambda: validation_loss(_sequence_logp(model, micro, t.temperature, self.params.model.logit_chunk_tokens), mine[index])  # noqa: E731
+            valid, packed_row = _positions(micro)
+            self.probe.capture(loss, valid, accumulate(v), packed_row)
         metrics = {
             "tracin/val_reward_mean": rewards[chosen].mean().item(),
             "tracin/val_advantage_min": advantages.min().item(),
@@ -281,11 +280,12 @@ class TracIn:
         }
         return _reduced(v), metrics
 
-    def _chunks(self, columns: dict, rows: torch.Tensor) -> list[torch.Tensor]:
-        """`rows` in the chunks one capture takes: train.tracin.capture_tokens positions each (default: a
-        train micro-batch of the batch's width)."""
-        budget = self.cfg.capture_tokens or self.params.train.micro_batch_size * (columns["prompt_mask"].shape[1] + columns["mask"].shape[1])
-        return by_tokens(columns["prompt_mask"], columns["mask"], budget, rows)
+    def _chunks(self, rollout: Rollout, index: torch.Tensor) -> list[torch.Tensor]:
+        """Rows `index` of `rollout` in the chunks one capture takes: train.tracin.capture_tokens positions each
+        (default: a train micro-batch of the rollout's width)."""
+        prompt_mask, mask = rollout.prompt_mask, rollout.completion_mask
+        budget = self.cfg.capture_tokens or self.params.train.micro_batch_size * (prompt_mask.shape[1] + mask.shape[1])
+        return by_tokens(prompt_mask, mask, budget, index)
 
     # ---- selection ----
 
@@ -296,26 +296,26 @@ class TracIn:
         model.train()
         units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss_agg_mode))
         n = len(batch.advantages)
-        columns = batch.columns()
-        chunks = self._chunks(columns, batch.advantages.nonzero().squeeze(-1))  # a 0 advantage has no gradient
+        chunks = self._chunks(batch.rollout, batch.advantages.nonzero().squeeze(-1))  # a 0 advantage has no gradient
 
-        def capture(idx: torch.Tensor, consume: Callable[[ParameterUse], None]) -> None:
-            rows, valid, packed = _take(columns, idx)
-            self.probe.capture(lambda: self._pg_loss(model, rows, units), valid, consume, packed)
+        def capture(index: torch.Tensor, consume: Callable[[ParameterUse], None]) -> None:
+            micro = batch.take(index)
+            valid, packed_row = _positions(micro.rollout)
+            self.probe.capture(lambda: self._pg_loss(model, micro, units), valid, consume, packed_row)
 
         metrics: dict[str, float] = {}
         if cfg.validation == "separate":
             v, metrics = self._validation_gradient(model, rollout_index)
         else:  # v is the whole batch's gradient, summed chunk by chunk, before any product
             v = self.probe.zeros()
-            for idx in chunks:
-                capture(idx, accumulate(v))
+            for index in chunks:
+                capture(index, accumulate(v))
             v = _reduced(v)
         influence = torch.zeros(n, dtype=torch.float64)
-        for idx in chunks:  # each chunk captured again (same-batch), its products taken as its gradients arrive
-            products = InnerProducts(v, len(idx), self.probe.device)
-            capture(idx, products)
-            influence[idx] = products.out.cpu()
+        for index in chunks:  # each chunk captured again (same-batch), its products taken as its gradients arrive
+            products = InnerProducts(v, len(index), self.probe.device)
+            capture(index, products)
+            influence[index] = products.out.cpu()
         everyone = dist.all_gather_cat(influence)
         scores = unit_scores(everyone, t.group_size, cfg.selection_unit)
         keep_units, fallback = select(scores, cfg.fallback_min_positive, cfg.fallback_top_fraction)

@@ -22,7 +22,7 @@ from grpolab.algos.losses import KL_ESTIMATORS, POLICY_LOSSES, aggregate, aggreg
 from grpolab.algos.rollout_correction import rollout_correction
 from grpolab.config import Params
 from grpolab.rewards import source_means
-from grpolab.logprobs import by_length, completion_logprobs, take
+from grpolab.logprobs import by_length, completion_logprobs
 from grpolab.samplers import Rollout
 from grpolab.trainer.loss_weights import LossWeights, LossWeighting
 
@@ -61,19 +61,18 @@ class Batch:
     credit: torch.Tensor | None = None  # [B, T] filled by the update: |A w| ||onehot(y) - p||
     entropy: torch.Tensor | None = None  # [B, T] filled by the update: the policy's token entropy
 
-    def columns(self) -> dict[str, torch.Tensor | None]:
-        """Every per-row and per-token tensor of the batch, by the name the loss reads it under."""
-        r = self.rollout
-        return {
-            "prompt_ids": r.prompt_ids, "prompt_mask": r.prompt_mask, "completion_ids": r.completion_ids,
-            "mask": r.completion_mask, "advantages": self.advantages, "old_logp": self.old_logp, "ref_logp": self.ref_logp,
-            "w_token": self.weights.token, "w_prompt": self.weights.prompt, "keep": self.weights.keep,
-            "sampler_logp": r.token_logp,
-        }
+    def take(self, index: torch.Tensor) -> Batch:
+        """Rows `index` [b] as a batch of their own (a micro-batch), cut to their own width (`Rollout.take`);
+        what the update fills (credit, entropy) left out."""
+        rollout = self.rollout.take(index)
+        width = rollout.completion_mask.shape[1]
+        cut = lambda x: None if x is None else x[index][:, :width]  # noqa: E731
+        return Batch(rollout, self.advantages[index], cut(self.old_logp), cut(self.ref_logp), self.weights.take(index, width),
+                     cut(self.token_class))
 
     def micro_batches(self, size: int) -> list[torch.Tensor]:
         """The rows of each micro-batch: sorted by completion length, so each, cut to its own width
-        (`rollout.take`), carries little padding. Every pass over the batch (old and reference log-probs,
+        (`take`), carries little padding. Every pass over the batch (old and reference log-probs,
         the update) uses these, so they see the same shapes (step 1's KL is exactly 0)."""
         return by_length(self.rollout.completion_mask, size)
 
@@ -81,10 +80,10 @@ class Batch:
 def batch_logprobs(model, batch: Batch, size: int, temperature: float, chunk_tokens: int | None = None) -> torch.Tensor:
     """log p of every completion token of the batch under `model` at the sampling temperature, micro-batch by
     micro-batch. -> [B, T]"""
-    columns, out = batch.columns(), torch.zeros(batch.rollout.completion_mask.shape)
+    out = torch.zeros(batch.rollout.completion_mask.shape)
     with torch.inference_mode():
         for index in batch.micro_batches(size):
-            logp = completion_logprobs(model, take(columns, index), temperature=temperature, chunk_tokens=chunk_tokens)[0]
+            logp = completion_logprobs(model, batch.rollout.take(index), temperature=temperature, chunk_tokens=chunk_tokens)[0]
             out[index, : logp.shape[1]] = logp
     return out.clone()  # an ordinary tensor: it meets the policy's log-probs in the loss
 
@@ -92,13 +91,11 @@ def batch_logprobs(model, batch: Batch, size: int, temperature: float, chunk_tok
 def rollout_entropies(model, rollout: Rollout, size: int, temperature: float, chunk_tokens: int | None = None) -> torch.Tensor:
     """The entropy of every completion token's distribution at the sampling temperature under `model`, micro-batch
     by micro-batch (for a sampler that returns none: vLLM). -> [B, T]"""
-    columns = {"prompt_ids": rollout.prompt_ids, "prompt_mask": rollout.prompt_mask,
-               "completion_ids": rollout.completion_ids, "mask": rollout.completion_mask}
     out = torch.zeros(rollout.completion_mask.shape)
     with torch.inference_mode():
         for index in by_length(rollout.completion_mask, size):
-            rows = take(columns, index)
-            entropy = completion_logprobs(model, rows, entropy=True, temperature=temperature, chunk_tokens=chunk_tokens)[1][0] * rows["mask"]
+            micro = rollout.take(index)
+            entropy = completion_logprobs(model, micro, entropy=True, temperature=temperature, chunk_tokens=chunk_tokens)[1][0] * micro.completion_mask
             out[index, : entropy.shape[1]] = entropy
     return out.clone()
 
@@ -115,34 +112,33 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
     extremes = torch.tensor([math.inf, -math.inf, 0.0], dtype=torch.float64)  # ratio min, ratio max, max |logp diff|
     r = t.rollout
     correct = r.backend == "vllm" and r.vllm_importance_sampling_correction
-    columns = batch.columns()
     batch.credit, batch.entropy = torch.zeros(batch.rollout.completion_mask.shape), torch.zeros(batch.rollout.completion_mask.shape)
     policy_loss = POLICY_LOSSES[t.policy_loss]
     clip = [getattr(t, key) for key in policy_loss.clip]
     for index in batch.micro_batches(t.micro_batch_size):
-        rows = take(columns, index)
-        logp, (entropy, prob_sq) = completion_logprobs(engine, rows, entropy=True, entropy_grad=t.entropy_coef > 0,
+        micro = batch.take(index)
+        mask, sampler_logp, w = micro.rollout.completion_mask, micro.rollout.token_logp, micro.weights
+        logp, (entropy, prob_sq) = completion_logprobs(engine, micro.rollout, entropy=True, entropy_grad=t.entropy_coef > 0,
                                                        temperature=t.temperature, chunk_tokens=params.model.logit_chunk_tokens)
-        old = rows["old_logp"] if rows["old_logp"] is not None else logp.detach()
-        pg, clipped = policy_loss.loss(logp, old, rows["advantages"], rows["mask"], *clip)
-        kl = KL_ESTIMATORS[t.kl_estimator](logp, rows["ref_logp"]) if rows["ref_logp"] is not None else None
+        old = micro.old_logp if micro.old_logp is not None else logp.detach()
+        pg, clipped = policy_loss.loss(logp, old, micro.advantages, mask, *clip)
+        kl = KL_ESTIMATORS[t.kl_estimator](logp, micro.ref_logp) if micro.ref_logp is not None else None
         w_is, mismatch = None, torch.zeros(len(MISMATCH_SUMS), dtype=torch.float64)
-        if rows["sampler_logp"] is not None:  # how far the sampler's log-probs are from the trainer's pi_old
-            w_is, ratio, bounded = rollout_correction(old, rows["sampler_logp"], rows["mask"], r.vllm_importance_sampling_mode,
+        if sampler_logp is not None:  # how far the sampler's log-probs are from the trainer's pi_old
+            w_is, ratio, bounded = rollout_correction(old, sampler_logp, mask, r.vllm_importance_sampling_mode,
                                                       r.vllm_importance_sampling_clip_min, r.vllm_importance_sampling_clip_max)
-            valid = rows["mask"].bool()
-            diff = (old.detach() - rows["sampler_logp"]).abs()[valid]
+            valid = mask.bool()
+            diff = (old.detach() - sampler_logp).abs()[valid]
             if diff.numel():
                 extremes = torch.stack([torch.minimum(extremes[0], ratio[valid].min().double()),
                                         torch.maximum(extremes[1], ratio[valid].max().double()),
                                         torch.maximum(extremes[2], diff.max().double())])
             mismatch = torch.stack([diff.sum().double(), ratio[valid].sum().double(), bounded.sum().double()])
             w_is = w_is if correct else None
-        token_loss = compose_token_loss(pg, kl, t.kl_beta, rows["w_token"], rows["w_prompt"], rows["keep"], entropy, t.entropy_coef,
-                                        correction=w_is)
+        token_loss = compose_token_loss(pg, kl, t.kl_beta, w.token, w.prompt, w.keep, entropy, t.entropy_coef, correction=w_is)
         entropy = entropy.detach()
         # Each rank's share is scaled by the world size because DeepSpeed averages gradients over ranks.
-        loss = aggregate(token_loss, rows["mask"], t.loss_agg_mode, t.max_new_tokens, units) * dist.world_size()
+        loss = aggregate(token_loss, mask, t.loss_agg_mode, t.max_new_tokens, units) * dist.world_size()
         engine.backward(loss, scale_wrt_gas=False)
         if engine.is_gradient_accumulation_boundary():
             # Averaged, unclipped gradients are complete here below ZeRO-2; above, DeepSpeed reports the norm.
@@ -150,10 +146,10 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
             if grads:
                 grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
         engine.step()
-        mask = rows["mask"].float()
-        weight = rows["keep"].unsqueeze(-1) * rows["w_prompt"].unsqueeze(-1) * rows["w_token"]
+        mask = mask.float()
+        weight = w.keep.unsqueeze(-1) * w.prompt.unsqueeze(-1) * w.token
         width = mask.shape[1]
-        batch.credit[index, :width] = token_credit(rows["advantages"].unsqueeze(-1) * weight, logp.detach(), prob_sq) * mask
+        batch.credit[index, :width] = token_credit(micro.advantages.unsqueeze(-1) * weight, logp.detach(), prob_sq) * mask
         batch.entropy[index, :width] = entropy
         loss_total = loss_total + loss.detach().double() / dist.world_size()
         kl_sum = (kl.detach() * mask).sum() if kl is not None else torch.zeros(())
@@ -230,12 +226,12 @@ def credit_metrics(batch: Batch) -> dict[str, float]:
 def credit_log(batch: Batch, weighting: LossWeighting, step: int) -> pd.DataFrame:
     """One row per completion token of the step: the credit logs saved as parquet."""
     mask = batch.rollout.completion_mask.bool()
-    rows, positions = mask.nonzero(as_tuple=True)
+    row, position = mask.nonzero(as_tuple=True)  # of each token
     ids = batch.rollout.completion_ids[mask]
     return pd.DataFrame({
         "step": step,
-        "row": rows.numpy(),
-        "position": positions.numpy(),
+        "row": row.numpy(),
+        "position": position.numpy(),
         "token_id": ids.numpy(),
         "token": weighting.pieces(ids),
         "class": np.array([CLASS_NAMES[c] for c in sorted(CLASS_NAMES)], dtype=object)[batch.token_class[mask].numpy()],
@@ -243,7 +239,7 @@ def credit_log(batch: Batch, weighting: LossWeighting, step: int) -> pd.DataFram
         "entropy": batch.entropy[mask].numpy(),
         "logprob": batch.rollout.token_logp[mask].numpy(),
         "weight": batch.weights.token[mask].numpy(),
-        "advantage": batch.advantages[rows].numpy(),
+        "advantage": batch.advantages[row].numpy(),
     })
 
 

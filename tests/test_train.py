@@ -661,3 +661,38 @@ def test_deterministic_changes_nothing_on_cpu(trainer, tmp_path):
     assert all(torch.equal(other[k], v) for k, v in trained_weights().items())
     pd.testing.assert_frame_equal(pd.read_csv(CURVE_FILE).drop(columns=TIMINGS), pd.read_csv(plain / CURVE_FILE).drop(columns=TIMINGS),
                                   check_exact=True)
+
+
+def test_cycles_and_epochs_sample_and_checkpoint_at_the_steps_of_the_per_step_rule():
+    """The loop's PPO cycles (fresh rollouts at a cycle's first step, a checkpoint only after a whole cycle) hold
+    the rule the loop stated step by step: rollouts at step s when (s - 1) % ppo_epochs == 0 or s follows the
+    resumed step; a checkpoint after s when s % save_every == 0, s % ppo_epochs == 0 and s < steps."""
+    from grpolab.stages.train import checkpoint_due, cycle_steps, cycles
+
+    for epochs in (1, 2, 3):
+        for steps in range(1, 8):
+            for save_every in (0, 1, 2, 3):
+                params = config.validate({"train": {"ppo_epochs": epochs, "steps": steps, "save_every": save_every}})
+                saved = {s for s in range(1, steps + 1) if save_every and s % save_every == 0 and s % epochs == 0 and s < steps}
+                for start in {0} | saved:  # from scratch, or resumed from any checkpoint
+                    ran, sampled, checkpoints = [], [], set()
+                    for cycle in cycles(params, start):
+                        sampled.append(cycle_steps(params, cycle, start)[0])
+                        ran += list(cycle_steps(params, cycle, start))
+                        checkpoints |= {ran[-1]} if checkpoint_due(params, cycle, ran[-1]) else set()
+                    assert ran == list(range(start + 1, steps + 1))
+                    assert sampled == [s for s in ran if (s - 1) % epochs == 0 or s == start + 1]
+                    assert checkpoints == {s for s in saved if s > start}, (epochs, steps, save_every, start)
+
+
+def test_dealt_groups_are_each_process_share_of_the_chosen_groups_where_its_sampler_left_them(monkeypatch):
+    """Two processes sampled two batches of 4 groups (2 rows each), each process 2 groups of each batch; of the chosen
+    groups 1, 2 (batch 0) and 5, 6 (batch 1) each process gets two, from the share (rank-major: process, batch) holding each."""
+    from grpolab.runtime import distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    everyone = [(0, slice(2, 4)), (0, slice(4, 6)), (1, slice(2, 4)), (1, slice(4, 6))]
+    monkeypatch.setenv("RANK", "0")
+    assert dist.deal_groups([1, 2, 5, 6], 2, 4, 2) == ([(0, slice(2, 4)), (2, slice(0, 2))], everyone)
+    monkeypatch.setenv("RANK", "1")
+    assert dist.deal_groups([1, 2, 5, 6], 2, 4, 2) == ([(1, slice(2, 4)), (3, slice(0, 2))], everyone)

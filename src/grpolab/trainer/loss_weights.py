@@ -89,17 +89,17 @@ class LossWeighting:
         texts = ["".join(row[:n]) for row, n in zip(self._pieces[ids], rollout.lengths)]
         return credit.token_classes(texts, torch.from_numpy(lengths))
 
-    def loss_weights(self, rollout: Rollout, prompt_rows: list, classes: torch.Tensor, model,
+    def loss_weights(self, rollout: Rollout, rows: list[dict], classes: torch.Tensor, model,
                      micro_batches: list[torch.Tensor]) -> LossWeights:
-        """Weights for one batch of rollouts [B rows]. prompt_rows: the B rows' train data (a
+        """Weights for one batch of rollouts [B rows]. rows: the B rows' train data (a
         prompt's row repeated for each of its completions, so they share its weight); classes:
         `token_classes(rollout)`; model: the policy, for mitigations that look inside it, one
-        micro-batch (rows) at a time."""
+        micro-batch (`micro_batches`: row indices) at a time."""
         t = self.params.train
         batch = rollout.completion_ids.shape[0]
         prompt = torch.ones(batch)
         if self.mia_on:
-            raw = torch.tensor([_mia_weight(r["extra_info"]) for r in prompt_rows], dtype=torch.float32)
+            raw = torch.tensor([_mia_weight(r["extra_info"]) for r in rows], dtype=torch.float32)
             prompt = transform_mia_weights(raw, t.mia_weighting_mode, t.mia_invert_weights)
         token = self._token_weights(rollout, classes, model, micro_batches)
         return LossWeights(token=token, prompt=prompt, keep=torch.ones(batch))

@@ -3,8 +3,8 @@
 One step: sample (this process's share of the step's prompts, group_size completions each) -> score
 (rewards, gathered over processes; with dynamic sampling, more batches until enough groups have
 signal) -> weigh (group-relative advantages, the variants' token and prompt
-weights, old and reference log-probs) -> (TracIn: the keep mask, from `influence.py`) -> update (the
-clipped policy loss over micro-batches, `trainer.py`) -> record (`recorder.py`) -> checkpoint.
+weights, old and reference log-probs) -> (TracIn: the keep mask, from `trainer/tracin.py`) -> update (the
+clipped policy loss over micro-batches, `trainer/update.py`) -> record (`trainer/recorder.py`) -> checkpoint.
 """
 
 from __future__ import annotations

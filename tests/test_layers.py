@@ -62,6 +62,24 @@ def test_every_stage_is_a_module_of_the_stages_package_named_as_the_stage():
         assert stages[name]["cmd"] == f"grpolab stage {name}"
 
 
+def test_a_stage_with_processes_names_the_run_it_resumes_in_the_registry():
+    """The hook a stage with processes defines is in the registry's type (issue 32, req 6), checked when it is built."""
+    import inspect
+
+    import pytest
+
+    from grpolab.stages import Stage
+
+    for stage in STAGES.values():
+        if stage.processes:
+            hook = stage.resumed()
+            assert hook.__module__ == f"grpolab.stages.{stage.name}" and list(inspect.signature(hook).parameters) == ["params"]
+    with pytest.raises(TypeError, match=r"Stage\('train', processes=True\): name the function of grpolab.stages.train"):
+        Stage("train", processes=True)
+    with pytest.raises(TypeError, match="for a stage with processes only"):
+        Stage("sft", resumed_run="resumed_run")
+
+
 def test_no_stage_imports_another_and_no_library_imports_a_stage():
     for name in MODULES:
         stage_imports = sorted(m for m in imports(name) if m.startswith("grpolab.stages"))

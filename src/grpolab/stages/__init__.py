@@ -23,24 +23,46 @@ from grpolab.runtime.fsutil import atomic_write_text
 from grpolab.paths import HEADLINES
 
 
+# (params) -> the MLflow run id of the checkpoint a stage with processes would resume, or None
+ResumedRun = Callable[[Params], "str | None"]
+
+
 @dataclass(frozen=True)
 class Stage:
     """A stage of the pipeline: its function is `grpolab.stages.<name>.<name>(params, tracker) -> headline`.
     Each stage is a process of its own (DVC runs `grpolab stage NAME`), so it imports its own module only,
     and an untracked stage neither MLflow nor the process group: `inputs`, which DVC runs every time, starts
-    in a second or two rather than the 8 s or so a model stage spends importing torch, transformers, MLflow."""
+    in a second or two rather than the 8 s or so a model stage spends importing torch, transformers, MLflow.
+    Hence the registry names the functions of a stage's module rather than holding them."""
 
     name: str
     processes: bool = False  # runs as `train.num_processes` processes, and resumes its checkpoint's MLflow run
     tracked: bool = True  # logs to MLflow (its own child run, or the parent: see HEADLINES)
+    # A stage with processes resumes: the function of its module, (params) -> the MLflow run id of the checkpoint
+    # it would resume or None (`ResumedRun`), which the stage's run logs into again.
+    resumed_run: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.processes and not self.resumed_run:
+            raise TypeError(f"Stage({self.name!r}, processes=True): name the function of grpolab.stages.{self.name} that gives "
+                            "the MLflow run its checkpoint resumes (resumed_run=...)")
+        if self.resumed_run and not self.processes:
+            raise TypeError(f"Stage({self.name!r}): resumed_run={self.resumed_run!r} is for a stage with processes only")
+
+    def _of_module(self, attribute: str) -> Callable:
+        return getattr(importlib.import_module(f"{__name__}.{self.name}"), attribute)
 
     def function(self) -> Callable[..., dict]:
-        return getattr(importlib.import_module(f"{__name__}.{self.name}"), self.name)
+        return self._of_module(self.name)
 
+    def resumed(self) -> ResumedRun:
+        """The stage's `resumed_run` function (a stage with processes only)."""
+        assert self.resumed_run, f"stage {self.name}: no resumed_run (it has no processes)"
+        return self._of_module(self.resumed_run)
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("inputs", tracked=False), Stage("prepare"), Stage("sft"), Stage("mia"), Stage("train", processes=True), Stage("evaluate"),
-    Stage("summary"),
+    Stage("inputs", tracked=False), Stage("prepare"), Stage("sft"), Stage("mia"), Stage("train", processes=True, resumed_run="resumed_run"),
+    Stage("evaluate"), Stage("summary"),
 ]}
 
 
@@ -83,7 +105,7 @@ def run_stage(name: str, params: Params) -> dict:
             return {}
     if not ranks.is_rank0():  # rank 0 alone talks to MLflow
         return function(params, None)
-    resume = importlib.import_module(function.__module__).resumed_run(params) if stage.processes else None
+    resume = stage.resumed()(params) if stage.processes else None
     with tracking.stage_run(params, name, run_id=resume, own_run=name in HEADLINES) as tracker:
         headline = function(params, tracker)
         if name in HEADLINES:

@@ -3,7 +3,7 @@ term at the trainer's composition point (`algos.losses.compose_token_loss`). Pla
 
 MIA prompt weights and credit-assignment token weights plug in here: the training loop asks
 `LossWeighting.loss_weights` for each batch. The TracIn keep mask needs the batch's advantages and
-a gradient pass, so `influence.TracIn.select` sets it on the batch after sampling.
+a gradient pass, so `tracin.TracIn.select` sets it on the batch after sampling.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 of one step, its update over micro-batches, and the step's metrics. The math lives in `algos/`.
 
 One update: per micro-batch, the policy's log-probs -> clipped policy loss (+ KL to a frozen
-reference) weighted at the composition point (`weighting.py`) -> aggregate -> backward; then one
+reference) weighted at the composition point (`loss_weights.py`) -> aggregate -> backward; then one
 optimizer step.
 """
 

@@ -38,7 +38,7 @@ def naive_influence(tracin, model, batch) -> torch.Tensor:
 
     t = tracin.params.train
     params = list(tracin.probe.params.values())
-    units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss_agg_mode))
+    units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss.loss_agg_mode))
     n = len(batch.advantages)
     rows = batch.columns()
     active = batch.advantages.nonzero().squeeze(-1).tolist()  # the same rows the ghost pass skips

@@ -82,11 +82,11 @@ def sample_scored(params: Params, engine, sampler: Sampler, tokenizer, data: pd.
     sampling, batches are sampled until prompts_per_step groups have signal (or max_rollout_batches), and the
     groups chosen over every process (the same as one process keeps) are dealt out to the processes again."""
     t = params.train
-    if not t.dynamic_sampling:
+    if not t.dynamic_sampling.enable:
         rows, rollout = sample_rollouts(params, engine, sampler, tokenizer, data, rollout_index)
         return score(params, rows, rollout, tokenizer, rewarder), rollout, {}
     batches: list[tuple[Sampled, Rollout]] = []
-    for attempt in range(t.max_rollout_batches):
+    for attempt in range(t.dynamic_sampling.max_rollout_batches):
         rows, rollout = sample_rollouts(params, engine, sampler, tokenizer, data, rollout_index + attempt * EXTRA_BATCHES)
         batches.append((score(params, rows, rollout, tokenizer, rewarder), rollout))
         has_signal = torch.cat([~zero_std_groups(s.all_rewards, t.group_size) for s, _ in batches])
@@ -133,8 +133,9 @@ def score(params: Params, rows: list[dict], rollout: Rollout, tokenizer, rewarde
     texts = decode(tokenizer, rollout)
     reward, parts = rewarder(rows, texts, str(WEIGHTED_TRAIN_FILE))
     lengths = rollout.completion_mask.sum(-1)
-    if t.overlong_buffer_len:
-        parts["overlong"] = overlong_penalty(lengths, t.max_new_tokens, t.overlong_buffer_len, t.overlong_penalty_factor)
+    overlong = t.rewards.overlong_buffer
+    if overlong.enable:
+        parts["overlong"] = overlong_penalty(lengths, t.max_new_tokens, overlong.len, overlong.penalty_factor)
         reward = reward + parts["overlong"]
     all_rewards = dist.all_gather_cat(reward)
     sources = dist.all_gather_objects([r["data_source"] for r in rows])  # aligned with all_rewards
@@ -146,21 +147,21 @@ def weigh(params: Params, engine, tokenizer, ref_model, weighting: LossWeighting
     old (ppo_epochs > 1) and reference (kl_beta > 0) log-probs."""
     t = params.train
     offset = dist.rank() * len(sampled.rows)
-    advantages = group_advantages(sampled.all_rewards, t.group_size, t.scale_rewards, estimator=t.advantage_estimator,
+    advantages = group_advantages(sampled.all_rewards, t.group_size, t.loss.scale_rewards, estimator=t.loss.advantage_estimator,
                                   lengths=sampled.all_lengths)[offset : offset + len(sampled.rows)]
     classes = weighting.token_classes(rollout)
     engine.module.eval()  # every pass below reads the policy as it sampled: the update left it training (dropout)
     if rollout.token_entropy is None and MITIGATIONS[t.mitigation.name].needs_entropy:  # vLLM returns no entropies
         rollout.token_entropy = rollout_entropies(engine.module, rollout, t.micro_batch_size, t.temperature, params.model.logit_chunk_tokens)
     weights = weighting.loss_weights(rollout, sampled.rows, classes, engine.module, by_length(rollout.completion_mask, t.micro_batch_size))
-    if t.mia_normalize_weights:
+    if t.mia_weighting.use_mia_weighted_loss and t.mia_weighting.mia_normalize_weights:
         weights.prompt = mean_one(weights.prompt, dist.all_reduce_sum(weights.prompt.sum()).item(), len(sampled.all_rewards))
-    if t.mask_truncated_completions:
+    if t.loss.mask_truncated_completions:
         weights.keep = weights.keep * ~truncated(rollout.completion_ids, rollout.completion_mask, stop_ids(engine.module, tokenizer), t.max_new_tokens)
     batch = Batch(rollout, advantages, None, None, weights, classes)
     if t.ppo_epochs > 1:
         batch.old_logp = batch_logprobs(engine.module, batch, t.micro_batch_size, t.temperature, params.model.logit_chunk_tokens)
-    if t.kl_beta > 0:
+    if t.loss.kl_beta > 0:
         with reference_policy(engine.module, ref_model) as reference:
             batch.ref_logp = batch_logprobs(reference, batch, t.micro_batch_size, t.temperature, params.model.logit_chunk_tokens)
     return batch
@@ -172,10 +173,10 @@ def train_inputs(params: Params) -> list[Path]:
     inputs = [BASE_DIR, WEIGHTED_TRAIN_FILE]
     if t.tracin.use_tracin:
         inputs.append(VAL_FILE)
-    if "judge" in t.rewards and t.judge_model:
-        inputs.append(Path(t.judge_model))
-    if t.reward_file:
-        inputs.append(Path(t.reward_file))
+    if "judge" in t.rewards.weights and t.rewards.judge_model:
+        inputs.append(Path(t.rewards.judge_model))
+    if t.rewards.reward_file:
+        inputs.append(Path(t.rewards.reward_file))
     return inputs
 
 
@@ -208,10 +209,10 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
     rewarder = Rewarder(params)
     rewarder.check(data.to_dict("records"), str(WEIGHTED_TRAIN_FILE))
     check_room(model.config, tokenizer, list(data["prompt"]), t.max_new_tokens, "train.max_new_tokens", str(WEIGHTED_TRAIN_FILE))
-    if t.tracin.use_tracin and t.tracin.validation == "separate":
+    if t.tracin.use_tracin and t.tracin.validation.name == "separate":
         check_room(model.config, tokenizer, list(pd.read_parquet(VAL_FILE)["prompt"]), t.max_new_tokens, "train.max_new_tokens", str(VAL_FILE))
     ref_model = None  # with LoRA the reference is the policy with its adapters disabled
-    if t.kl_beta > 0 and not params.model.lora.r:
+    if t.loss.kl_beta > 0 and not params.model.lora.r:
         ref_model = load_model(BASE_DIR, dtype).eval().requires_grad_(False)  # the policy's dtypes, buffers included
     # the rollout engine before the training engine: what it cannot run is refused before any work
     sampler = make_sampler(t.rollout.backend, model, tokenizer, batch_size=t.rollout_batch_size, settings=t.rollout,
@@ -222,7 +223,7 @@ def train(params: Params, tracker: Tracker | None = None) -> dict[str, float]:
     weighting = LossWeighting(params, data, tokenizer)
     tracin = TracIn(params, engine.module, tokenizer, rewarder, sampler) if t.tracin.use_tracin else None
     key = broadcast_fingerprint(params, train_inputs(params))
-    curve_keys = ((tracin.metric_keys if tracin else []) + (DYNAMIC_SAMPLING_KEYS if t.dynamic_sampling else [])
+    curve_keys = ((tracin.metric_keys if tracin else []) + (DYNAMIC_SAMPLING_KEYS if t.dynamic_sampling.enable else [])
                   + (SAMPLING_KEYS if t.rollout.backend != "hf" else []))
     record = Recorder(params, tracker, weighting, curve_keys)
     start = record.resume(engine, key)

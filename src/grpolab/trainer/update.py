@@ -107,7 +107,7 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
     """Backward over micro-batches and one optimizer step. Returns sums for the step's metrics."""
     t = params.train
     engine.module.train()
-    units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss_agg_mode))
+    units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss.loss_agg_mode))
     # Summed as tensors and read once at the end: a read per micro-batch would wait for its backward each time.
     keys = ("pg", "kl", "entropy", "logp", "clipped", "tokens", *MISMATCH_SUMS)
     totals, loss_total = torch.zeros(len(keys), dtype=torch.float64), 0.0
@@ -117,15 +117,14 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
     correct = r.backend == "vllm" and r.vllm_importance_sampling_correction
     columns = batch.columns()
     batch.credit, batch.entropy = torch.zeros(batch.rollout.completion_mask.shape), torch.zeros(batch.rollout.completion_mask.shape)
-    policy_loss = POLICY_LOSSES[t.policy_loss]
-    clip = [getattr(t, key) for key in policy_loss.clip]
+    policy = t.loss.policy
     for index in batch.micro_batches(t.micro_batch_size):
         rows = take(columns, index)
-        logp, (entropy, prob_sq) = completion_logprobs(engine, rows, entropy=True, entropy_grad=t.entropy_coef > 0,
+        logp, (entropy, prob_sq) = completion_logprobs(engine, rows, entropy=True, entropy_grad=t.loss.entropy_coef > 0,
                                                        temperature=t.temperature, chunk_tokens=params.model.logit_chunk_tokens)
         old = rows["old_logp"] if rows["old_logp"] is not None else logp.detach()
-        pg, clipped = policy_loss.loss(logp, old, rows["advantages"], rows["mask"], *clip)
-        kl = KL_ESTIMATORS[t.kl_estimator](logp, rows["ref_logp"]) if rows["ref_logp"] is not None else None
+        pg, clipped = POLICY_LOSSES[policy.name](logp, old, rows["advantages"], rows["mask"], **policy.knobs())
+        kl = KL_ESTIMATORS[t.loss.kl_estimator](logp, rows["ref_logp"]) if rows["ref_logp"] is not None else None
         w_is, mismatch = None, torch.zeros(len(MISMATCH_SUMS), dtype=torch.float64)
         if rows["sampler_logp"] is not None:  # how far the sampler's log-probs are from the trainer's pi_old
             w_is, ratio, bounded = rollout_correction(old, rows["sampler_logp"], rows["mask"], r.vllm_importance_sampling_mode,
@@ -138,11 +137,11 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
                                         torch.maximum(extremes[2], diff.max().double())])
             mismatch = torch.stack([diff.sum().double(), ratio[valid].sum().double(), bounded.sum().double()])
             w_is = w_is if correct else None
-        token_loss = compose_token_loss(pg, kl, t.kl_beta, rows["w_token"], rows["w_prompt"], rows["keep"], entropy, t.entropy_coef,
+        token_loss = compose_token_loss(pg, kl, t.loss.kl_beta, rows["w_token"], rows["w_prompt"], rows["keep"], entropy, t.loss.entropy_coef,
                                         correction=w_is)
         entropy = entropy.detach()
         # Each rank's share is scaled by the world size because DeepSpeed averages gradients over ranks.
-        loss = aggregate(token_loss, rows["mask"], t.loss_agg_mode, t.max_new_tokens, units) * dist.world_size()
+        loss = aggregate(token_loss, rows["mask"], t.loss.loss_agg_mode, t.max_new_tokens, units) * dist.world_size()
         engine.backward(loss, scale_wrt_gas=False)
         if engine.is_gradient_accumulation_boundary():
             # Averaged, unclipped gradients are complete here below ZeRO-2; above, DeepSpeed reports the norm.

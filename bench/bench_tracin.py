@@ -71,8 +71,8 @@ def main() -> None:
     a = p.parse_args()
 
     plain = config.apply_overrides(["train.tracin.use_tracin=false"], scratch := scratch_params(ROOT))
-    same = config.apply_overrides(["train.tracin.use_tracin=true", "train.tracin.validation=same_batch"], scratch)
-    separate = config.apply_overrides(["train.tracin.validation=separate"], scratch)  # defaults: 64, random, seqloss-lastadv
+    same = config.apply_overrides(["train.tracin.use_tracin=true", "train.tracin.validation.name=same_batch"], scratch)
+    separate = config.apply_overrides(["train.tracin.validation.name=separate"], scratch)  # defaults: 64, random, seqloss-lastadv
     engine, optimizer, ref, tokenizer, data = engine_on_base(ROOT, plain)
     variants, rewarder = LossWeighting(plain, data, tokenizer), Rewarder(plain)
     sampler = hf_sampler(plain, engine, tokenizer)

@@ -314,7 +314,7 @@ def test_a_verl_users_gsm8k_and_qwen2_checkpoint_with_lora_queued_as_a_dvc_exper
     assert set(stages) == {"pipeline", "prepare", "sft", "mia", "train", "evaluate"}
     parent = stages["pipeline"]
     assert parent.data.params["train.optim.learning_rate"] == "0.0002"
-    assert parent.data.params["train.rewards.auto"] == "1.0"  # the default with your own files
+    assert parent.data.params["train.rewards.weights.auto"] == "1.0"  # the default with your own files
     assert parent.info.run_name.endswith(" · seed 0") and all(r.data.tags["grpolab.seed"] == "0" for r in runs)
     assert parent.data.tags["grpolab.complete"] == "true" and "train.optim.learning_rate=0.0002" in parent.data.tags["grpolab.changed_params"]
     assert all(r.info.status == "FINISHED" for r in runs)

@@ -76,8 +76,8 @@ def test_rewards_default_to_auto_for_your_files_and_to_your_reward_file(tmp_path
     reward.write_text("def compute_score(data_source, completion, ground_truth, extra_info):\n    return 1.0\n")
     assert config.overridden([*files, f"train.rewards.reward_file={reward}"], path)[1].train.rewards.weights == {"reward_file": 1.0}
     for overrides, message in [
-        ([f"train.rewards.reward_file={reward}", "train.rewards.weights={auto: 1.0}"], "train: reward_file: is set but train.rewards.weights does not use it"),
-        (["train.rewards.weights={reward_file: 1.0}"], "train: rewards: the reward_file reward needs train.rewards.reward_file"),
+        ([f"train.rewards.reward_file={reward}", "train.rewards.weights={auto: 1.0}"], "train.rewards: reward_file: is set but train.rewards.weights does not use it"),
+        (["train.rewards.weights={reward_file: 1.0}"], "train.rewards: weights: the reward_file reward needs train.rewards.reward_file"),
         ([f"train.rewards.reward_file={tmp_path}/nope.py"], "no Python file (.py) at"),
         (["train.rewards.reward_sources={x: exact}"], "x: unknown scorer 'exact'"),
         (["train.rewards.reward_sources={x: answer_tag}"], "x: the scorer 'answer_tag' is now 'answer_match'"),

@@ -173,13 +173,13 @@ def test_bf16_on_cpu_starts_at_kl_0_accumulates_in_fp32_and_saves_the_fp32_maste
         (["train.deepspeed.offload_optimizer=true", "train.deepspeed.zero_stage=0"],
          "train.deepspeed: offload_optimizer needs zero_stage 1, 2 or 3"),
         (["train.gradient_checkpointing=true", *SAME_BATCH], "train: gradient_checkpointing cannot be combined with tracin.use_tracin"),
-        ("train.rewards.overlong_buffer.len=24", "train: overlong_buffer_len (24) must be below max_new_tokens (24)"),
-        ("train.loss.policy.name=ppo", "train.loss.policy.name: Input should be 'ppo_clip', 'gspo' or 'cispo'"),
+        (["train.rewards.overlong_buffer.enable=true", "train.rewards.overlong_buffer.len=24"],
+         "train: rewards.overlong_buffer.len (24) must be below max_new_tokens (24)"),
+        ("train.loss.policy.name=ppo", "train.loss.policy: name: 'ppo' is none of 'ppo_clip', 'gspo', 'cispo'"),
         ("train.loss.advantage_estimator=remax", "train.loss.advantage_estimator: Input should be 'grpo', 'rloo' or 'opo'"),
-        ("train.loss.policy.clip_high=0.001", "train: gspo_clip_high: a knob of policy_loss `gspo`, not of `ppo_clip`"),
-        (["train.loss.policy.name=cispo", "train.loss.policy.clip_high=0.28"], "train: clip_eps_high: a knob of policy_loss `ppo_clip`, not of `cispo`"),
-        ("train.dynamic_sampling.max_rollout_batches=8", "train: max_rollout_batches: a knob of dynamic_sampling, which is off"),
-        ("train.rewards.overlong_buffer.penalty_factor=0.5", "train: overlong_penalty_factor: a knob of the overlong punishment, which overlong_buffer_len 0"),
+        ("train.gspo_clip_high=0.001", "train.gspo_clip_high=0.001: moved to train.loss.policy.clip_high (with train.loss.policy.name: gspo)"),
+        ("train.dynamic_sampling.max_rollout_batches=8", "train.dynamic_sampling.max_rollout_batches: not a knob of `enable: false`"),
+        ("train.rewards.overlong_buffer.penalty_factor=0.5", "train.rewards.overlong_buffer.penalty_factor: not a knob of `enable: false`"),
     ],
 )
 def test_bad_train_params_are_rejected_before_work(trainer, override, message):
@@ -425,7 +425,7 @@ def test_tracin_off_is_plain_grpo_bit_for_bit(trainer, tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["train.tracin.validation.val_selection=top"], "train.tracin: val_selection: a knob of validation `separate`, not of `same_batch`"),
+        (["train.tracin.validation.val_selection=top"], "train.tracin.validation.val_selection: not a knob of `name: same_batch`"),
         (["train.tracin.validation.name=separate", "train.tracin.validation.val_selection=top", "train.tracin.validation.val_pool_size=64"],
          "val_selection: `top` picks val_batch_size (64) out of val_pool_size (64), which keeps them all"),
         (["train.tracin.validation.name=separate", "train.tracin.validation.val_batch_size=32", "train.tracin.validation.val_pool_size=16"],
@@ -434,9 +434,9 @@ def test_tracin_off_is_plain_grpo_bit_for_bit(trainer, tmp_path):
          "train.tracin.validation.val_pool_size: 64 validation prompts per influence step, but data.num_val is 16"),
         (["train.tracin.fallback_top_fraction=0"], "train.tracin.fallback_top_fraction: Input should be greater than 0"),
         (["train.tracin.every=0"], "train.tracin.every: Input should be greater than or equal to 1"),
-        (["train.tracin.validation.val_loss=mse"], "train.tracin.validation.val_loss: Input should be 'seqloss-lastadv', 'seqloss-reward' or 'contrastive'"),
+        (["train.tracin.validation.name=separate", "train.tracin.validation.val_loss=mse"], "train.tracin.validation.val_loss: Input should be 'seqloss-lastadv', 'seqloss-reward' or 'contrastive'"),
         (["train.tracin.validation.name=separate", "train.tracin.validation.val_pool_size=15", "train.tracin.validation.val_batch_size=8",
-          "train.tracin.use_tracin=true", "train.num_processes=2"], "tracin.val_pool_size (15) must divide evenly across num_processes (2)"),
+          "train.tracin.use_tracin=true", "train.num_processes=2"], "tracin.validation.val_pool_size (15) must divide evenly across num_processes (2)"),
     ],
 )
 def test_bad_tracin_params_are_rejected_before_work(trainer, overrides, message):

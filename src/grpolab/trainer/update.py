@@ -21,6 +21,7 @@ from grpolab.algos.credit import ANSWER, CLASS_NAMES, THINK, gini, token_credit
 from grpolab.algos.losses import KL_ESTIMATORS, POLICY_LOSSES, aggregate, aggregation_units, compose_token_loss
 from grpolab.algos.rollout_correction import rollout_correction
 from grpolab.config import Params
+from grpolab.config.train import VllmRollout
 from grpolab.rewards import source_means
 from grpolab.logprobs import by_length, completion_logprobs, take
 from grpolab.samplers import Rollout
@@ -113,7 +114,8 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
     totals, loss_total = torch.zeros(len(keys), dtype=torch.float64), 0.0
     grad_norm = torch.tensor(math.nan)
     extremes = torch.tensor([math.inf, -math.inf, 0.0], dtype=torch.float64)  # ratio min, ratio max, max |logp diff|
-    r = t.rollout
+    # the hf sampler's log-probs are measured against pi_old too (logged, never applied), under vLLM's default bounds
+    r = t.rollout if t.rollout.backend == "vllm" else VllmRollout()
     correct = r.backend == "vllm" and r.vllm_importance_sampling_correction
     columns = batch.columns()
     batch.credit, batch.entropy = torch.zeros(batch.rollout.completion_mask.shape), torch.zeros(batch.rollout.completion_mask.shape)

@@ -8,7 +8,7 @@ issue 30's hot-loop work), at two shapes:
 
 Each measurement is a fresh process running the revision's own source (`PYTHONPATH`) in a workspace of its own: the
 train stage's setup, one warm-up step, then `--steps` steps of the loop body of `stages/train.py` (sample, score,
-weigh, update, metrics, record; `train.credit_log_every=1`, so each step writes its credit log), each step under its
+weigh, update, metrics, record; `train.log.credit_log_every=1`, so each step writes its credit log), each step under its
 own `cProfile.Profile` timed by the process's CPU time (one torch thread, `OMP_NUM_THREADS=1`: a busy machine's other
 processes count in the wall time only). Reported per step, medians over every step of every block: the wall time, the
 CPU time, the interpreter's own time (cProfile's tottime of Python functions, builtins and torch's C++ calls left out:
@@ -39,10 +39,10 @@ from bench_memory import REWARD, build_base, source_tree, write_data, write_para
 from common import block_order, markdown_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = {"train.credit_log_every": 1, "train.save_every": 0, "train.log_completions_every": 10**6}
+COMMON = {"train.log.credit_log_every": 1, "train.save_every": 0, "train.log.log_completions_every": 10**6}
 SHAPES = {
     "default": {},
-    "qwen": {"train.reward_file": "reward.py", "train.rewards": {"reward_file": 1.0}},
+    "qwen": {"train.rewards.reward_file": "reward.py", "train.rewards.weights": {"reward_file": 1.0}},
 }
 # the functions issue 30 names: label -> (file suffix, name) pairs whose cumulative times add up ("~": a builtin,
 # matched by a part of its name)
@@ -115,7 +115,7 @@ def worker(steps: int, out: Path) -> None:
     torch.manual_seed(params.seed)
     tokenizer = load_tokenizer(str(BASE_DIR))
     model = load_model(BASE_DIR, torch.float32)
-    ref_model = load_model(BASE_DIR, torch.float32).eval().requires_grad_(False) if t.kl_beta > 0 else None
+    ref_model = load_model(BASE_DIR, torch.float32).eval().requires_grad_(False) if t.loss.kl_beta > 0 else None
     data = pd.read_parquet(WEIGHTED_TRAIN_FILE)
     rewarder = Rewarder(params)
     sampler = make_sampler(t.rollout.backend, model, tokenizer, batch_size=t.rollout_batch_size, settings=t.rollout,

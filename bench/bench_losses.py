@@ -25,10 +25,10 @@ from common import block_order, engine_on_base, make_batch, markdown_table, scra
 ROOT = Path.cwd()
 CONTENDERS = {  # name -> overrides of the default params (the baselines study's arms, where they touch the update)
     "grpo": [],
-    "gspo": ["train.policy_loss=gspo", "train.loss_agg_mode=seq-mean-token-mean"],
-    "cispo": ["train.policy_loss=cispo"],
-    "dr_grpo": ["train.scale_rewards=none", "train.loss_agg_mode=seq-mean-token-sum-norm"],
-    "entropy_bonus": ["train.entropy_coef=0.01"],
+    "gspo": ["train.loss.policy.name=gspo", "train.loss.loss_agg_mode=seq-mean-token-mean"],
+    "cispo": ["train.loss.policy.name=cispo"],
+    "dr_grpo": ["train.loss.scale_rewards=none", "train.loss.loss_agg_mode=seq-mean-token-sum-norm"],
+    "entropy_bonus": ["train.loss.entropy_coef=0.01"],
 }
 
 

@@ -8,7 +8,7 @@ a laptop's CPU; what grows with the shapes is what the issues are about: logits 
 stage <stage>`, the revision's own source on PYTHONPATH) in a workspace of its own, its peak resident set
 read from the kernel (wait4's ru_maxrss), so imports count alike for both (~0.8 GB). Prompts are P letters of
 a byte-level tokenizer of as many ids (P tokens); a random model almost never says EOS, so completions run all T tokens;
-SFT responses are T letters; the reward is a hash of the completion (`train.reward_file`), so advantages are not
+SFT responses are T letters; the reward is a hash of the completion (`train.rewards.reward_file`), so advantages are not
 0 and TracIn works. Knobs the earlier revision lacks are set for this revision only (NEW_KNOBS).
 
 Blocks alternate which revision goes first; memory is nearly deterministic, one block shows it.
@@ -93,8 +93,8 @@ def write_data(data: Path, prompt_tokens: int, new_tokens: int, n_train: int = 1
 def overrides(rows: int, prompt_tokens: int, new_tokens: int) -> dict[str, object]:
     return {
         "train.steps": 1, "train.prompts_per_step": rows // GROUP, "train.group_size": GROUP, "train.micro_batch_size": rows,
-        "train.max_new_tokens": new_tokens, "train.save_every": 0, "train.credit_log_every": 0, "train.warmup_steps": 0,
-        "train.reward_file": "reward.py", "train.rewards": {"reward_file": 1.0},
+        "train.max_new_tokens": new_tokens, "train.save_every": 0, "train.log.credit_log_every": 0, "train.optim.warmup_steps": 0,
+        "train.rewards.reward_file": "reward.py", "train.rewards.weights": {"reward_file": 1.0},
         "eval.max_new_tokens": new_tokens, "eval.num_samples": 1, "eval.batch_size": rows, "eval.num_logged_samples": 0,
         "mia.max_new_tokens": new_tokens, "mia.batch_size": rows, "mia.method": "min_k_plus_plus",
         "sft.steps": 1, "sft.batch_size": rows, "sft.warmup_steps": 0, "model.name_or_path": "models/user",

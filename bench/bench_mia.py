@@ -74,9 +74,9 @@ def bench_weighted_loss(a) -> list[tuple[float, float, float]]:
     from grpolab.trainer.loss_weights import LossWeighting
 
     scratch = scratch_params(ROOT)
-    weighted = config.apply_overrides(["train.use_mia_weighted_loss=true", "train.mia_weighting_mode=quadratic",
-                                       "train.mia_invert_weights=true"], scratch)
-    plain = config.apply_overrides(["train.use_mia_weighted_loss=false"], scratch)
+    weighted = config.apply_overrides(["train.mia_weighting.use_mia_weighted_loss=true", "train.mia_weighting.mia_weighting_mode=quadratic",
+                                       "train.mia_weighting.mia_invert_weights=true"], scratch)
+    plain = config.apply_overrides(["train.mia_weighting.use_mia_weighted_loss=false"], scratch)
     engine, _, ref, tokenizer, data = engine_on_base(ROOT, plain)
     variants = {False: LossWeighting(plain, data, tokenizer), True: LossWeighting(weighted, data, tokenizer)}
     rewarder = Rewarder(plain)

@@ -38,7 +38,7 @@ def naive_influence(tracin, model, batch) -> torch.Tensor:
 
     t = tracin.params.train
     params = list(tracin.probe.params.values())
-    units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss_agg_mode))
+    units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss.loss_agg_mode))
     n = len(batch.advantages)
     active = batch.advantages.nonzero().squeeze(-1).tolist()  # the same rows the ghost pass skips
     take = lambda index: batch.take(torch.tensor(index))  # noqa: E731
@@ -70,8 +70,8 @@ def main() -> None:
     a = p.parse_args()
 
     plain = config.apply_overrides(["train.tracin.use_tracin=false"], scratch := scratch_params(ROOT))
-    same = config.apply_overrides(["train.tracin.use_tracin=true", "train.tracin.validation=same_batch"], scratch)
-    separate = config.apply_overrides(["train.tracin.validation=separate"], scratch)  # defaults: 64, random, seqloss-lastadv
+    same = config.apply_overrides(["train.tracin.use_tracin=true", "train.tracin.validation.name=same_batch"], scratch)
+    separate = config.apply_overrides(["train.tracin.validation.name=separate"], scratch)  # defaults: 64, random, seqloss-lastadv
     engine, optimizer, ref, tokenizer, data = engine_on_base(ROOT, plain)
     variants, rewarder = LossWeighting(plain, data, tokenizer), Rewarder(plain)
     sampler = hf_sampler(plain, engine, tokenizer)

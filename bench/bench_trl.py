@@ -46,9 +46,9 @@ def bench_grpolab(a) -> tuple[float, float]:
             batch = a.prompts * a.group
             params = config.apply_overrides([
                 f"train.steps={a.steps}", f"train.prompts_per_step={a.prompts}", f"train.group_size={a.group}",
-                f"train.max_new_tokens={a.max_new_tokens}", f"train.kl_beta={a.beta}", f"train.loss_agg_mode={a.loss_agg}",
-                f"train.micro_batch_size={batch}", f"train.learning_rate={a.lr}", "train.save_every=0",
-                "train.rewards={answer_match: 1.0, format: 0.1}", "train.temperature=1.0", "train.top_p=1.0",
+                f"train.max_new_tokens={a.max_new_tokens}", f"train.loss.kl_beta={a.beta}", f"train.loss.loss_agg_mode={a.loss_agg}",
+                f"train.micro_batch_size={batch}", f"train.optim.learning_rate={a.lr}", "train.save_every=0",
+                "train.rewards.weights={answer_match: 1.0, format: 0.1}", "train.temperature=1.0", "train.top_p=1.0",
             ])
             train(params)
             curve = pd.read_csv(CURVE_FILE)

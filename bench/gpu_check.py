@@ -162,8 +162,8 @@ def _params(root: Path, rows: int, new_tokens: int, micro_batch: int, **train):
     return config.validate({
         "seed": 0,
         "train": {"steps": 3, "prompts_per_step": rows // 8, "group_size": 8, "micro_batch_size": micro_batch,
-                  "max_new_tokens": new_tokens, "kl_beta": 0.04, "warmup_steps": 0, "learning_rate": 1e-6,
-                  "reward_file": str(root / "reward.py"), "rewards": {"reward_file": 1.0}, **train},
+                  "max_new_tokens": new_tokens, "loss": {"kl_beta": 0.04}, "optim": {"warmup_steps": 0, "learning_rate": 1e-6},
+                  "rewards": {"reward_file": str(root / "reward.py"), "weights": {"reward_file": 1.0}}, **train},
     })
 
 
@@ -298,7 +298,7 @@ def tracin_memory(check: Check, cfg: dict, root: Path, checkpoint: Path, tokeniz
     from grpolab.trainer.loss_weights import LossWeights
 
     rows, new, micro = cfg["tracin_rows"], cfg["tracin_new"], cfg["tracin_micro_batch"]
-    params = _params(root, rows, new, micro, tracin={"use_tracin": True, "validation": "same_batch"})
+    params = _params(root, rows, new, micro, tracin={"use_tracin": True, "validation": {"name": "same_batch"}})
     engine = _engine(params, checkpoint, dtype)
     g = torch.Generator().manual_seed(1)
     prompt_ids, prompt_mask = left_pad([torch.randint(10, cfg["vocab"], (cfg["prompt"],), generator=g).tolist()] * rows, PAD_ID)

@@ -247,14 +247,16 @@ def test_cispo_keeps_the_gradient_ppo_clips_by_hand():
         torch.testing.assert_close(g, torch.full((1, 2), -0.5), msg=fn.__name__)
 
 
-def test_the_policy_losses_registry_names_its_clip_params():
-    from grpolab.config import Params
+def test_the_policy_losses_registry_holds_functions_and_each_loss_its_own_clip_defaults():
+    """The registry holds no config field names: each loss's clip bounds are the knobs of its section."""
+    from grpolab.config import Params, validate
 
     t = Params().train
-    assert set(POLICY_LOSSES) == {"ppo_clip", "gspo", "cispo"} and t.policy_loss == "ppo_clip"
-    assert POLICY_LOSSES["ppo_clip"].loss is clipped_policy_loss
-    for entry in POLICY_LOSSES.values():
-        assert all(isinstance(getattr(t, key), float) for key in entry.clip)
+    assert set(POLICY_LOSSES) == {"ppo_clip", "gspo", "cispo"} and t.loss.policy.name == "ppo_clip"
+    assert POLICY_LOSSES["ppo_clip"] is clipped_policy_loss
+    assert {name: validate({"train": {"loss": {"policy": {"name": name}}}}).train.loss.policy.knobs() for name in POLICY_LOSSES} == {
+        "ppo_clip": {"clip_low": 0.2, "clip_high": 0.2}, "gspo": {"clip_low": 3e-4, "clip_high": 4e-4},
+        "cispo": {"clip_low": 1.0, "clip_high": 3.0}}
 
 
 def test_entropy_bonus_at_the_composition_point():

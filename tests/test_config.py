@@ -90,7 +90,7 @@ def test_flatten_gives_dotted_keys():
     assert all("." in k or k == "seed" for k in flat)
 
 
-@pytest.mark.parametrize("key", ["train.learning_rate", "train.temperature", "model.lora.alpha"])
+@pytest.mark.parametrize("key", ["train.optim.learning_rate", "train.temperature", "model.lora.alpha"])
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
 def test_non_finite_floats_are_rejected_naming_the_key(tmp_path, key, bad):
     yaml = YAML()
@@ -105,11 +105,11 @@ def test_non_finite_floats_are_rejected_naming_the_key(tmp_path, key, bad):
 
 
 OVERRIDES = [
-    "train.learning_rate=1e-4",  # a float, not the string '1e-4'
+    "train.optim.learning_rate=1e-4",  # a float, not the string '1e-4'
     "sft.learning_rate=3e-5",
     "seed=017",  # Hydra keeps '017' a string (validated as 17), never YAML 1.1's octal 15
     "data.operations=['+']",
-    "train.rewards={format: 0.5, answer_match: 1.0}",
+    "train.rewards.weights={format: 0.5, answer_match: 1.0}",
     "eval.temperature=0.7",
     "model.name_or_path=null",
 ]
@@ -128,8 +128,8 @@ def test_overrides_write_what_dvc_exp_run_writes_and_keep_the_rest_byte_for_byte
     safe = YAML(typ="safe")
     assert safe.load(ours.read_text()) == safe.load(dvcs.read_text())  # the same params, whichever driver
     assert config.load(ours) == config.load(dvcs) == params
-    assert (params.seed, params.train.learning_rate, params.sft.learning_rate) == (17, 1e-4, 3e-5)
-    assert params.train.rewards == {"format": 0.5, "answer_match": 1.0}
+    assert (params.seed, params.train.optim.learning_rate, params.sft.learning_rate) == (17, 1e-4, 3e-5)
+    assert params.train.rewards.weights == {"format": 0.5, "answer_match": 1.0}
 
     changed = [(a, b) for a, b in zip(original.splitlines(), ours.read_text().splitlines()) if a != b]
     assert len(original.splitlines()) == len(ours.read_text().splitlines())
@@ -137,10 +137,81 @@ def test_overrides_write_what_dvc_exp_run_writes_and_keep_the_rest_byte_for_byte
         ("seed: 0", "seed: '017'"),
         ('  operations: ["+", "-"]', "  operations: [+]"),
         ("  learning_rate: 0.003", "  learning_rate: 3.0e-05"),
-        ("  rewards: null", "  rewards: {format: 0.5, answer_match: 1.0}"),
+        ("    weights: null", "    weights: {format: 0.5, answer_match: 1.0}"),
         ("  temperature: 0.8", "  temperature: 0.7"),
     ]
     # read by a YAML 1.1 reader too (PyYAML reads `3e-05` as a string)
     import yaml
 
     assert yaml.safe_load(ours.read_text())["sft"]["learning_rate"] == 3e-5
+
+
+@pytest.mark.parametrize("old, value, new", [
+    ("train.learning_rate", "0.001", "train.optim.learning_rate"),
+    ("train.policy_loss", "gspo", "train.loss.policy.name"),
+    ("train.gspo_clip_low", "0.001", "train.loss.policy.clip_low (with train.loss.policy.name: gspo)"),
+    ("train.rewards", "{answer_match: 1.0}", "train.rewards.weights"),
+    ("train.dynamic_sampling", "true", "train.dynamic_sampling.enable"),
+    ("train.tracin.validation", "separate", "train.tracin.validation.name"),
+    ("train.tracin.val_batch_size", "8", "train.tracin.validation.val_batch_size"),
+    ("train.use_mia_weighted_loss", "true", "train.mia_weighting.use_mia_weighted_loss"),
+])
+def test_an_old_key_is_refused_with_its_new_name(tmp_path, old, value, new):
+    """In params.yaml and in a -S override alike: an old key is never read, and the error says where it went."""
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    with pytest.raises(ConfigError, match=re.escape(f"-S {old}={value}: moved to {new}")):
+        config.apply_overrides([f"{old}={value}"], path)
+    assert path.read_text() == (REPO / "params.yaml").read_text()
+    section, key = old.rsplit(".", 1)
+    raw = reduce(lambda node, k: {k: node}, reversed(section.split(".")), {key: YAML(typ="safe").load(value)})
+    with pytest.raises(ConfigError, match=re.escape(f"params.yaml: {old}: moved to {new}")):
+        config.validate(raw)
+    assert set(config.MOVED_KEYS) >= {"train.learning_rate", "train.clip_eps_low", "train.credit_log_every"}
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"mitigation": {"name": "outcome_conditional", "mask_percentile": 50}},
+     "train.mitigation.mask_percentile: not a knob of `name: outcome_conditional`"),
+    ({"mitigation": {"think_discount": 0.3}}, "train.mitigation.think_discount: not a knob of `name: none`"),
+    ({"loss": {"policy": {"name": "ppo", "clip_low": 0.1}}}, "train.loss.policy: name: 'ppo' is none of 'ppo_clip', 'gspo', 'cispo'"),
+    ({"dynamic_sampling": {"max_rollout_batches": 8}}, "train.dynamic_sampling.max_rollout_batches: not a knob of `enable: false`"),
+    ({"mia_weighting": {"mia_normalize_weights": True}},
+     "train.mia_weighting.mia_normalize_weights: not a knob of `use_mia_weighted_loss: false`"),
+    ({"rewards": {"overlong_buffer": {"penalty_factor": 0.5}}},
+     "train.rewards.overlong_buffer.penalty_factor: not a knob of `enable: false`"),
+    ({"rewards": {"overlong_buffer": {"enable": True}}}, "train.rewards.overlong_buffer.len: Field required"),
+    ({"tracin": {"validation": {"val_selection": "top"}}}, "train.tracin.validation.val_selection: not a knob of `name: same_batch`"),
+    ({"rollout": {"vllm_enforce_eager": True}}, "train.rollout.vllm_enforce_eager: not a knob of `backend: hf`"),
+])
+def test_a_knob_of_another_option_is_a_type_error_naming_it(section, message):
+    with pytest.raises(ConfigError) as err:
+        config.validate({"train": section})
+    assert f"params.yaml: {message}" in str(err.value).splitlines()
+
+
+@pytest.mark.parametrize("switch_first", [True, False])
+def test_switching_an_option_drops_the_old_options_knobs_in_grpolab_and_dvc_alike(tmp_path, switch_first):
+    """params.yaml holds ppo_clip's clip_low 0.1; `-S train.loss.policy.name=gspo` must not keep it as gspo's (both
+    losses call the bound clip_low): the switch drops the old option's knobs, and a knob given beside it applies to
+    the new option whichever comes first. A study cell's `dvc exp run -S` gets the same change (the deletes spelled out)."""
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+
+    path, dvcs = tmp_path / "params.yaml", tmp_path / "dvc-params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    config.apply_overrides(["train.loss.policy.clip_low=0.1", "train.loss.policy.clip_high=0.3"], path)
+    dvcs.write_text(path.read_text())
+    overrides = ["train.loss.policy.name=gspo", "train.loss.policy.clip_high=0.001"]
+    overrides = overrides if switch_first else overrides[::-1]
+    expanded = config.expanded(overrides, path)
+    assert expanded == ["~train.loss.policy.clip_low", "~train.loss.policy.clip_high", "train.loss.policy.name=gspo",
+                        "train.loss.policy.clip_high=0.001"]
+    policy = config.apply_overrides(overrides, path).train.loss.policy
+    assert policy.knobs() == {"clip_low": 3e-4, "clip_high": 0.001}  # gspo's own lower bound, the upper as given
+    dvc_apply_overrides(dvcs, [o if o.startswith("~") else f"++{o}" for o in expanded])  # as a study cell gives them
+    assert config.load(dvcs) == config.load(path)
+    assert config.expanded(["train.loss.policy.name=gspo"], path) == ["train.loss.policy.name=gspo"]  # no switch: kept
+    assert config.apply_overrides(["train.mitigation.name=entropy_masking", "train.mitigation.mask_percentile=50"],
+                                  path).train.mitigation.knobs() == {"mask_percentile": 50.0}
+    assert config.apply_overrides(["train.mitigation.name=outcome_conditional"], path).train.mitigation.knobs() == {
+        "think_discount": 0.5}

@@ -9,7 +9,7 @@ import torch
 from grpolab import config
 from grpolab.algos import credit as C
 from grpolab.algos.losses import aggregate, clipped_policy_loss, compose_token_loss, policy_token_stats
-from grpolab.config import schema
+
 from grpolab.errors import ConfigError
 
 MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
@@ -152,8 +152,8 @@ def test_credit_formula_matches_autograd_on_a_tiny_model():
 @pytest.mark.parametrize(
     "mitigation, message",
     [
-        ({"name": "sharpen"}, "train.mitigation.name: Input should be 'none', 'outcome_conditional'"),
-        ({"name": "outcome_conditional", "epsilon": 0.2}, "train.mitigation: epsilon: a knob of `inverse_logprob`, not of `outcome_conditional`"),
+        ({"name": "sharpen"}, "train.mitigation: name: 'sharpen' is none of 'none', 'outcome_conditional'"),
+        ({"name": "outcome_conditional", "epsilon": 0.2}, "train.mitigation.epsilon: not a knob of `name: outcome_conditional`"),
         ({"name": "entropy_masking", "mask_percentile": 120}, "train.mitigation.mask_percentile: Input should be less than or equal to 100"),
     ],
 )
@@ -166,9 +166,12 @@ def test_bad_mitigation_names_the_key(mitigation, message):
 
 
 def test_knob_defaults():
-    m = schema.MitigationParams(name="entropy_masking")
-    assert m.knob("mask_percentile") == 80.0
-    assert schema.MitigationParams(name="outcome_conditional", think_discount=0.25).knob("think_discount") == 0.25
+    def mitigation(**section):
+        return config.validate({"train": {"mitigation": section}}).train.mitigation
+
+    assert mitigation(name="entropy_masking").knobs() == {"mask_percentile": 80.0}
+    assert mitigation(name="outcome_conditional", think_discount=0.25).knobs() == {"think_discount": 0.25}
+    assert mitigation().knobs() == {} and mitigation().name == "none"  # the key left out: the first option
 
 
 def test_the_variants_classes_and_pieces_are_those_of_each_token_decoded(tmp_path):

@@ -82,8 +82,8 @@ def _pipeline_then_dvc(tmp_path: Path, a: Path, pg: str, uri: str, prefect_env: 
 
     # With a mitigation whose weights need an extra model pass and TracIn on a separate validation
     # set: the flow runs them like any other (tests/test_train.py trains each variant stage by stage).
-    tracin = ["train.tracin.use_tracin=true", "train.tracin.validation=separate", "train.tracin.val_batch_size=8",
-              "train.tracin.val_pool_size=16", "train.tracin.val_selection=balanced"]
+    tracin = ["train.tracin.use_tracin=true", "train.tracin.validation.name=separate", "train.tracin.validation.val_batch_size=8",
+              "train.tracin.validation.val_pool_size=16", "train.tracin.validation.val_selection=balanced"]
     reference = tmp_path / "reference_model"  # a user's file the pipeline names but (with these methods) never loads
     AutoConfig.for_model("llama", hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8).save_pretrained(reference)
     overrides = [*TINY, *tracin, "train.mitigation.name=attention_credit", f"mia.reference_model={reference}", f"tracking.uri={uri}"]
@@ -248,7 +248,7 @@ def _a_raising_reward_file_fails_the_flow_run_once(tmp_path: Path, a: Path, depl
     is the train stage's named error, which its logs hold at level ERROR; the stage ran once (a user's error is
     not retried)."""
     (a / "bad_reward.py").write_text(RAISING_REWARD)
-    bad = [*overrides, "train.reward_file=bad_reward.py", "train.rewards={reward_file: 1.0}"]
+    bad = [*overrides, "train.rewards.reward_file=bad_reward.py", "train.rewards.weights={reward_file: 1.0}"]
     before = {r["id"] for r in prefect_api(prefect_env, "flow_runs/filter", {"deployments": {"id": {"any_": [deployment]}}})}
     worker = tmp_path / "worker-bad-reward.log"
     with serving([f"{BIN}/prefect", "worker", "start", "--pool", "grpolab", "--type", "process"], worker, lambda: True, "prefect worker", prefect_env):
@@ -296,13 +296,13 @@ def test_a_verl_users_gsm8k_and_qwen2_checkpoint_with_lora_queued_as_a_dvc_exper
     checkpoint = save_qwen2_checkpoint(tmp_path / "qwen2", gsm8k_corpus(pd.read_parquet(train), pd.read_parquet(eval_)))
     user = [f"data.train_files=[{train}]", f"data.eval_files=[{eval_}]", "data.max_prompt_length=100", f"model.name_or_path={checkpoint}",
             "sft.steps=0", "model.lora.r=4", "model.lora.alpha=8", "train.steps=2", "train.prompts_per_step=4", "train.group_size=4",
-            "train.micro_batch_size=8", "train.max_new_tokens=16", "train.save_every=0", "train.log_completions_every=2",
+            "train.micro_batch_size=8", "train.max_new_tokens=16", "train.save_every=0", "train.log.log_completions_every=2",
             "eval.max_new_tokens=16", "eval.num_samples=2", "eval.num_logged_samples=4", "mia.max_new_tokens=16"]
     config.apply_overrides(user, project / "params.yaml")
     identity = ["-c", "user.name=grpolab-test", "-c", "user.email=test@localhost"]
     run(["git", "add", "-A"], project)
     run(["git", *identity, "commit", "-qm", "project"], project)
-    run([f"{BIN}/dvc", "exp", "run", "--queue", "-S", "train.learning_rate=0.0002"], project)
+    run([f"{BIN}/dvc", "exp", "run", "--queue", "-S", "train.optim.learning_rate=0.0002"], project)
     run([f"{BIN}/dvc", "exp", "run", "--run-all", "-j", "1"], project)
     assert len(run([f"{BIN}/dvc", "exp", "ls", "--name-only"], project).stdout.split()) == 1
 
@@ -313,10 +313,10 @@ def test_a_verl_users_gsm8k_and_qwen2_checkpoint_with_lora_queued_as_a_dvc_exper
     stages = {r.data.tags["grpolab.stage"]: r for r in runs}
     assert set(stages) == {"pipeline", "prepare", "sft", "mia", "train", "evaluate"}
     parent = stages["pipeline"]
-    assert parent.data.params["train.learning_rate"] == "0.0002"
-    assert parent.data.params["train.rewards.auto"] == "1.0"  # the default with your own files
+    assert parent.data.params["train.optim.learning_rate"] == "0.0002"
+    assert parent.data.params["train.rewards.weights.auto"] == "1.0"  # the default with your own files
     assert parent.info.run_name.endswith(" · seed 0") and all(r.data.tags["grpolab.seed"] == "0" for r in runs)
-    assert parent.data.tags["grpolab.complete"] == "true" and "train.learning_rate=0.0002" in parent.data.tags["grpolab.changed_params"]
+    assert parent.data.tags["grpolab.complete"] == "true" and "train.optim.learning_rate=0.0002" in parent.data.tags["grpolab.changed_params"]
     assert all(r.info.status == "FINISHED" for r in runs)
     # 4 of 40 train and 2 of 16 eval prompts were padded past data.max_prompt_length
     assert parent.data.metrics["data/num_dropped_long_prompts"] == 6 and parent.data.metrics["data/num_train"] == 36

@@ -13,7 +13,8 @@ from grpolab.algos.advantages import ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES, gro
 from grpolab.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
 from grpolab.algos.mia_weights import MIA_WEIGHT_TRANSFORMS, SCORE_NORMALIZATIONS
 from grpolab.algos.tracin import KEEP_RULES, VAL_LOSS_COEFFICIENTS, VAL_SELECTIONS
-from grpolab.config import schema
+from grpolab.config import schema, train
+from grpolab.config.base import option_members
 from grpolab.mia import scores as S
 from grpolab.rewards import REWARDS, SCORERS
 from grpolab.samplers import Rollout
@@ -23,12 +24,16 @@ from grpolab.stages import STAGES
 from grpolab.trainer.loss_weights import LossWeighting
 
 
-def allowed(model: type, field: str) -> tuple:
-    """The values a Literal-typed field accepts (through `list[...]` and `| None`)."""
+def allowed(model, field: str) -> tuple:
+    """The values a Literal-typed field accepts (through `list[...]` and `| None`); for a choice among options (a
+    discriminated union), the model is the choice and the field its key."""
     def literals(tp) -> tuple:
         if typing.get_origin(tp) is typing.Literal:
             return typing.get_args(tp)
         return tuple(v for arg in typing.get_args(tp) for v in literals(arg))
+    members = option_members(model)
+    if members:
+        return tuple(m.model_fields[field].default for m in members.values())
     return literals(model.model_fields[field].annotation)
 
 
@@ -37,17 +42,17 @@ def allowed(model: type, field: str) -> tuple:
     (schema.MiaParams, "method", S.MIA_METHODS, ("precomputed",)),
     (schema.EvalParams, "mia_methods", S.MIA_METHODS, ()),
     (schema.MiaParams, "normalize", SCORE_NORMALIZATIONS, ()),
-    (schema.TrainParams, "mia_weighting_mode", MIA_WEIGHT_TRANSFORMS, ()),
-    (schema.TrainParams, "scale_rewards", ADVANTAGE_SCALES, ()),
-    (schema.TrainParams, "advantage_estimator", ADVANTAGE_ESTIMATORS, ()),
-    (schema.TrainParams, "policy_loss", POLICY_LOSSES, ()),
-    (schema.TrainParams, "kl_estimator", KL_ESTIMATORS, ()),
-    (schema.TrainParams, "loss_agg_mode", AGGREGATIONS, ()),
-    (schema.TracInParams, "val_selection", VAL_SELECTIONS, ()),
-    (schema.TracInParams, "val_loss", VAL_LOSS_COEFFICIENTS, ()),
+    (train.MiaWeightingOn, "mia_weighting_mode", MIA_WEIGHT_TRANSFORMS, ()),
+    (schema.LossParams, "scale_rewards", ADVANTAGE_SCALES, ()),
+    (schema.LossParams, "advantage_estimator", ADVANTAGE_ESTIMATORS, ()),
+    (train.PolicyLossParams, "name", POLICY_LOSSES, ()),
+    (schema.LossParams, "kl_estimator", KL_ESTIMATORS, ()),
+    (schema.LossParams, "loss_agg_mode", AGGREGATIONS, ()),
+    (train.SeparateValidation, "val_selection", VAL_SELECTIONS, ()),
+    (train.SeparateValidation, "val_loss", VAL_LOSS_COEFFICIENTS, ()),
     (schema.TracInParams, "keep", KEEP_RULES, ()),
     (schema.RolloutParams, "backend", SAMPLERS, ()),
-    (schema.RolloutParams, "vllm_importance_sampling_mode", CORRECTION_MODES, ()),
+    (train.VllmRollout, "vllm_importance_sampling_mode", CORRECTION_MODES, ()),
 ])
 def test_allowed_values_are_the_registrys_names(model, field, registry, extra):
     assert allowed(model, field) == (*registry, *extra)
@@ -55,11 +60,11 @@ def test_allowed_values_are_the_registrys_names(model, field, registry, extra):
 
 def test_reward_and_scorer_names_are_checked_against_their_registries():
     raw = config.Params().model_dump()
-    raw["train"]["rewards"] = {"answer_match": 1.0, "nope": 1.0}
+    raw["train"]["rewards"]["weights"] = {"answer_match": 1.0, "nope": 1.0}
     with pytest.raises(Exception, match=f"unknown reward 'nope'; known: {', '.join(sorted(REWARDS))}"):
         config.validate(raw)
     raw = config.Params().model_dump()
-    raw["train"]["reward_sources"] = {"mine": "nope"}
+    raw["train"]["rewards"]["reward_sources"] = {"mine": "nope"}
     with pytest.raises(Exception, match=f"unknown scorer 'nope'; scorers: {', '.join(SCORERS)}"):
         config.validate(raw)
 
@@ -68,11 +73,18 @@ def test_stage_names_are_the_registrys():
     assert list(STAGES) == ["inputs", "prepare", "sft", "mia", "train", "evaluate", "summary"]
 
 
-def test_every_mitigation_knob_is_a_described_param_and_nothing_else_is():
-    knobs = {k: v for m in C.MITIGATIONS.values() for k, v in m.knobs.items()}
-    fields = set(schema.MitigationParams.model_fields) - {"name"}
-    assert set(knobs) == fields
-    assert all(schema.MitigationParams.model_fields[k].description for k in fields)
+@pytest.mark.parametrize("choice, registry", [(schema.MitigationParams, C.MITIGATIONS), (train.PolicyLossParams, POLICY_LOSSES)])
+def test_each_options_knobs_are_its_functions_keyword_arguments_and_described(choice, registry):
+    """One way to say "a knob of an option": the option's section holds its knobs (with their defaults and a
+    description each), and they are the keyword arguments its function in the registry is called with."""
+    import inspect
+
+    for name, member in option_members(choice).items():
+        function = registry[name].weights if hasattr(registry[name], "weights") else registry[name]
+        taken = list(inspect.signature(function).parameters)
+        knobs = list(member().knobs())
+        assert taken[len(taken) - len(knobs):] == knobs, name
+        assert all(member.model_fields[k].description for k in member.model_fields), name
 
 
 def _rollout() -> tuple[Rollout, torch.Tensor]:
@@ -93,7 +105,7 @@ def test_the_dispatch_gives_each_mitigation_its_own_weights(name):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     knobs = {"think_discount": 0.25, "epsilon": 0.3, "credit_scale": 3.0, "entropy_temp": 0.5, "mask_percentile": 50.0}
-    own = {k: v for k, v in knobs.items() if k in C.MITIGATIONS[name].knobs}
+    own = {k: v for k, v in knobs.items() if k in option_members(schema.MitigationParams)[name].model_fields}
     params = config.validate({"train": {"mitigation": {"name": name, **own}}})
     rollout, classes = _rollout()
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ def rewarder(tmp_path, *overrides: str) -> Rewarder:
 
 
 def test_auto_routes_gsm8k_math_and_the_arithmetic_task(tmp_path):
-    auto = rewarder(tmp_path, "train.rewards={auto: 1.0}")
+    auto = rewarder(tmp_path, "train.rewards.weights={auto: 1.0}")
     cases = [
         ("openai/gsm8k", "42", "Tom has 40 + 2 = 42 apples.\n#### 42", 1.0),
         ("openai/gsm8k", "42", "Tom has 40 + 2 = 43 apples.\n#### 43", 0.0),
@@ -42,7 +42,7 @@ def test_auto_routes_gsm8k_math_and_the_arithmetic_task(tmp_path):
     for source, truth, completion, expected in cases:
         total, parts = auto(rows(source, truth), [completion], "data")
         assert total.tolist() == parts["auto"].tolist() == [expected], (source, completion)
-    flexible = rewarder(tmp_path, "train.rewards={auto: 1.0}", "train.reward_sources={openai/gsm8k: gsm8k_flexible}")
+    flexible = rewarder(tmp_path, "train.rewards.weights={auto: 1.0}", "train.rewards.reward_sources={openai/gsm8k: gsm8k_flexible}")
     assert flexible(rows("openai/gsm8k", "42"), ["the answer is 42."], "data")[0].tolist() == [1.0]
     assert gsm8k_answer("x #### -3.5 and #### 7") == "-3.5" and gsm8k_answer("1, 2 and 3.", "flexible") == "3."  # as verl: compared by value later
     assert last_boxed("\\boxed{\\frac{a}{b}} and \\boxed{x^{2}}") == "x^{2}" and last_boxed("\\boxed{1") is None
@@ -56,11 +56,11 @@ def test_a_source_without_scorer_is_named_with_its_file_and_row_before_training(
     frame.to_parquet(train)
     data = read_rl_files([str(train)], "train")
     with pytest.raises(RewardError) as err:
-        rewarder(tmp_path, "train.rewards={auto: 1.0}").check(data.to_dict("records"), "data/train.parquet")
+        rewarder(tmp_path, "train.rewards.weights={auto: 1.0}").check(data.to_dict("records"), "data/train.parquet")
     message = str(err.value)
     assert message.startswith(f"{train}: row 3: data_source 'my/dataset' has no scorer")
-    assert "known: arithmetic, openai/gsm8k, lighteval/MATH" in message and "train.reward_file" in message
-    rewarder(tmp_path, "train.rewards={auto: 1.0}", "train.reward_sources={my/dataset: gsm8k}").check(data.to_dict("records"), "x")
+    assert "known: arithmetic, openai/gsm8k, lighteval/MATH" in message and "train.rewards.reward_file" in message
+    rewarder(tmp_path, "train.rewards.weights={auto: 1.0}", "train.rewards.reward_sources={my/dataset: gsm8k}").check(data.to_dict("records"), "x")
 
 
 def test_rewards_default_to_auto_for_your_files_and_to_your_reward_file(tmp_path):
@@ -69,18 +69,18 @@ def test_rewards_default_to_auto_for_your_files_and_to_your_reward_file(tmp_path
     train, eval_ = save_gsm8k(tmp_path / "data")
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     path = tmp_path / "params.yaml"
-    assert config.overridden([], path)[1].train.rewards == {"answer_match": 1.0, "format": 0.1}
+    assert config.overridden([], path)[1].train.rewards.weights == {"answer_match": 1.0, "format": 0.1}
     files = [f"data.train_files=[{train}]", f"data.eval_files=[{eval_}]", "sft.steps=0"]
-    assert config.overridden(files, path)[1].train.rewards == {"auto": 1.0}
+    assert config.overridden(files, path)[1].train.rewards.weights == {"auto": 1.0}
     reward = tmp_path / "reward.py"
     reward.write_text("def compute_score(data_source, completion, ground_truth, extra_info):\n    return 1.0\n")
-    assert config.overridden([*files, f"train.reward_file={reward}"], path)[1].train.rewards == {"reward_file": 1.0}
+    assert config.overridden([*files, f"train.rewards.reward_file={reward}"], path)[1].train.rewards.weights == {"reward_file": 1.0}
     for overrides, message in [
-        ([f"train.reward_file={reward}", "train.rewards={auto: 1.0}"], "train: reward_file: is set but train.rewards does not use it"),
-        (["train.rewards={reward_file: 1.0}"], "train: rewards: the reward_file reward needs train.reward_file"),
-        ([f"train.reward_file={tmp_path}/nope.py"], "no Python file (.py) at"),
-        (["train.reward_sources={x: exact}"], "x: unknown scorer 'exact'"),
-        (["train.reward_sources={x: answer_tag}"], "x: the scorer 'answer_tag' is now 'answer_match'"),
+        ([f"train.rewards.reward_file={reward}", "train.rewards.weights={auto: 1.0}"], "train.rewards: reward_file: is set but train.rewards.weights does not use it"),
+        (["train.rewards.weights={reward_file: 1.0}"], "train.rewards: weights: the reward_file reward needs train.rewards.reward_file"),
+        ([f"train.rewards.reward_file={tmp_path}/nope.py"], "no Python file (.py) at"),
+        (["train.rewards.reward_sources={x: exact}"], "x: unknown scorer 'exact'"),
+        (["train.rewards.reward_sources={x: answer_tag}"], "x: the scorer 'answer_tag' is now 'answer_match'"),
     ]:
         with pytest.raises(ConfigError) as err:
             config.overridden(overrides, path)
@@ -97,11 +97,11 @@ def test_your_reward_file_scores_every_row_and_its_errors_name_file_and_row(tmp_
         "def bad(a, b):\n    return 1\n"
         "def nan(a, b, c, d):\n    return float('nan')\n"
     )
-    scored = rewarder(tmp_path, f"train.reward_file={reward}")
+    scored = rewarder(tmp_path, f"train.rewards.reward_file={reward}")
     total, parts = scored(rows("mine", "7", 2), ["it is 7", "it is 8"], "data/train.parquet")
     assert total.tolist() == parts["reward_file"].tolist() == [1.5, 0.5]
     assert scored.success(rows("mine", "7", 1), ["7"], "x") == [1.5]  # eval's success is your function's score
-    with pytest.raises(RewardError, match=rf"train.reward_file: {reward}: compute_score raised KeyError: 'answer' on data/train.parquet: row 2"):
+    with pytest.raises(RewardError, match=rf"train.rewards.reward_file: {reward}: compute_score raised KeyError: 'answer' on data/train.parquet: row 2"):
         scored(rows("mine", "7", 3), ["a", "b", "c"], "data/train.parquet")
     with pytest.raises(RewardError, match=r"bad\(a, b\) cannot be called as bad\(data_source, completion, ground_truth, extra_info\)"):
         RewardFile(str(reward), "bad")
@@ -111,7 +111,7 @@ def test_your_reward_file_scores_every_row_and_its_errors_name_file_and_row(tmp_
         RewardFile(str(reward), "nan")(rows("mine", "7")[0], "c", "x")
     broken = tmp_path / "broken.py"
     broken.write_text("import no_such_module\n")
-    with pytest.raises(RewardError, match=rf"train.reward_file: {broken}: loading it raised ModuleNotFoundError"):
+    with pytest.raises(RewardError, match=rf"train.rewards.reward_file: {broken}: loading it raised ModuleNotFoundError"):
         RewardFile(str(broken), "compute_score")
 
 
@@ -144,9 +144,9 @@ def test_the_judge_scores_in_batches_of_its_knob_and_sees_the_end_of_a_long_text
     assert judge.max_length == 16 and len(judge.tokenizer(text)["input_ids"]) > 16
     assert judge([text]) == pytest.approx([torch.sigmoid(judge.model(input_ids=tail).logits[0, 0]).item()])
     # the knob, by default the rollouts' batch size
-    overrides = [f"train.judge_model={path}", "train.rewards={judge: 1.0}", "train.rollout_batch_size=7"]
+    overrides = [f"train.rewards.judge_model={path}", "train.rewards.weights={judge: 1.0}", "train.rollout_batch_size=7"]
     assert rewarder(tmp_path, *overrides).judge.batch_size == 7
-    assert rewarder(tmp_path, *overrides, "train.judge_batch_size=3").judge.batch_size == 3
+    assert rewarder(tmp_path, *overrides, "train.rewards.judge_batch_size=3").judge.batch_size == 3
 
 
 def test_per_source_means():

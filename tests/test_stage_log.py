@@ -28,7 +28,7 @@ try:
 except ValueError:
     traceback.print_exc()
 print("after the traceback", file=sys.stderr)
-print("grpolab: error: train.reward_file: bad.py: compute_score raised KeyError: 'nope' on data/x.parquet: row 3", file=sys.stderr)
+print("grpolab: error: train.rewards.reward_file: bad.py: compute_score raised KeyError: 'nope' on data/x.parquet: row 3", file=sys.stderr)
 sys.exit(2)
 """
 
@@ -69,7 +69,7 @@ def test_a_stages_lines_reach_the_log_at_their_levels_and_its_bar_at_a_sane_rate
     first, last = messages.index("Traceback (most recent call last):"), messages.index("ValueError: scoring failed")
     assert messages.count("Traceback (most recent call last):") == 2 and "KeyError: 'nope'" in messages[first:last]
     assert {level for level, _ in logged[first:last + 1]} == {logging.ERROR}, logged[first:last + 1]
-    assert (logging.ERROR, "grpolab: error: train.reward_file: bad.py: compute_score raised KeyError: 'nope' on data/x.parquet: row 3") in logged
+    assert (logging.ERROR, "grpolab: error: train.rewards.reward_file: bad.py: compute_score raised KeyError: 'nope' on data/x.parquet: row 3") in logged
     # the terminal got the output as written: every update of the bar, in place
     out, err = capfd.readouterr()
     assert out.startswith("==> grpolab stage demo\n") and err.count("\rtrain:") > 1000

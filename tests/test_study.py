@@ -52,7 +52,7 @@ def write(tmp_path: Path, text: str) -> Path:
         ("seeds: [0, 1]", "seeds: []", "seeds: List should have at least 1 item"),
         ("seeds: [0, 1]", "seeds: [1, 1]", "seeds: a seed is listed twice: [1, 1]"),
         ("baseline: plain", "baseline: plian", "baseline: 'plian' is not a variant (variants: plain, masked)"),
-        ("mask_percentile=50\n", "mask_percentil=50\n", "variants.1 (masked): train.mitigation.mask_percentil: unknown key"),
+        ("mask_percentile=50\n", "mask_percentil=50\n", "variants.1 (masked): train.mitigation.mask_percentil: not a knob of `name: entropy_masking`"),
         ("mask_percentile=50\n", "mask_percentile=500\n", "variants.1 (masked): train.mitigation.mask_percentile: Input should be less than"),
         ("mask_percentile=50\n", "mask_percentile=[50]\n", "variants.1 (masked): train.mitigation.mask_percentile: Input should be a valid number"),
         ("mask_percentile=50\n", "mask_percentile\n", "variants.1 (masked).overrides: -S train.mitigation.mask_percentile: expected section.key=value"),

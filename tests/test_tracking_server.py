@@ -130,7 +130,7 @@ OUTAGE_S = 3  # at least, and until the training is past a later checkpoint; sta
 
 
 def _train(project: Path, uri: str, log: Path, steps: int, save_every: int, *overrides: str) -> subprocess.Popen:
-    args = [f"tracking.uri={uri}", f"train.steps={steps}", f"train.save_every={save_every}", "train.credit_log_every=1", *overrides]
+    args = [f"tracking.uri={uri}", f"train.steps={steps}", f"train.save_every={save_every}", "train.log.credit_log_every=1", *overrides]
     with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
         return subprocess.Popen([f"{BIN}/grpolab", "stage", "train", *[f"-S{a}" for a in args]], cwd=project,
                                 env={**project_env(), **CLIENT_GIVES_UP}, stdout=out, stderr=err, start_new_session=True)
@@ -161,7 +161,7 @@ def _assert_logged_once(client: MlflowClient, project: Path, tmp_path: Path, ste
     assert run.info.status == "FINISHED"
     for key in STEP_METRICS:  # a list, not a set: a step logged twice would show
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, steps + 1)), key
-    for step in range(2, steps + 1, 2):  # train.log_completions_every=2
+    for step in range(2, steps + 1, 2):  # train.log.log_completions_every=2
         table = client.download_artifacts(run_id, f"completions/step_{step:06d}.json", str(tmp_path))
         assert len(pd.read_json(table, orient="split")) == 16, step
     assert {f.path for f in client.list_artifacts(run_id, "credit")} == {f"credit/step_{s:06d}.parquet" for s in range(1, steps + 1)}

@@ -102,7 +102,7 @@ def test_gradient_checkpointing_trains_the_same_model(trainer, tmp_path):
     checkpointing on, transformers turns the KV cache off in train mode and decoding failed at step 2)."""
     plain = tmp_path / "plain"
     shutil.copytree(trainer, plain)
-    run = ["train.steps=3", "train.kl_beta=0"]
+    run = ["train.steps=3", "train.loss.kl_beta=0"]
     with working_in(plain):
         run_stage("train", config.apply_overrides(run))
     run_stage("train", config.apply_overrides([*run, "train.gradient_checkpointing=true"]))
@@ -141,8 +141,8 @@ def test_micro_batches_cut_to_their_width_give_the_whole_batchs_step(trainer, tm
 def test_bf16_on_cpu_starts_at_kl_0_accumulates_in_fp32_and_saves_the_fp32_master_weights(trainer, zero_stage):
     """model.dtype=bfloat16 on CPU (DeepSpeed's bf16 runs there at ZeRO >= 1): the reference, loaded in bf16
     with RoPE's buffer in fp32 like the policy's, is the policy's own model at step 1, so the KL is exactly 0."""
-    params = config.apply_overrides(["model.dtype=bfloat16", "train.steps=2", "train.kl_beta=0.1", "train.learning_rate=0.01",
-                                     "train.warmup_steps=0",  # warm-up starts at lr 0: step 2 would equal step 1
+    params = config.apply_overrides(["model.dtype=bfloat16", "train.steps=2", "train.loss.kl_beta=0.1", "train.optim.learning_rate=0.01",
+                                     "train.optim.warmup_steps=0",  # warm-up starts at lr 0: step 2 would equal step 1
                                      f"train.deepspeed.zero_stage={zero_stage}"])
     run_stage("train", params)
     curve = pd.read_csv(CURVE_FILE)
@@ -164,22 +164,22 @@ def test_bf16_on_cpu_starts_at_kl_0_accumulates_in_fp32_and_saves_the_fp32_maste
     [
         ("train.group_size=1", "train.group_size: Input should be greater than or equal to 2"),
         ("train.micro_batch_size=5", "train: micro_batch_size (5) must divide the per-process batch"),
-        ("train.rewards={}", "train.rewards: Value error, needs at least one reward function".replace("Value error, ", "")),
-        ("train.rewards={length: 1}", "train.rewards: unknown reward 'length'"),
-        ("train.kl_estimator=k4", "train.kl_estimator: Input should be 'k1', 'k2' or 'k3'"),
-        ("train.loss_agg_mode=sum", "train.loss_agg_mode: Input should be 'token-mean'"),
-        ("train.judge_model=nowhere", "train.judge_model: no Hugging Face model folder (config.json) at nowhere"),
+        ("train.rewards.weights={}", "train.rewards.weights: Value error, needs at least one reward function".replace("Value error, ", "")),
+        ("train.rewards.weights={length: 1}", "train.rewards.weights: unknown reward 'length'"),
+        ("train.loss.kl_estimator=k4", "train.loss.kl_estimator: Input should be 'k1', 'k2' or 'k3'"),
+        ("train.loss.loss_agg_mode=sum", "train.loss.loss_agg_mode: Input should be 'token-mean'"),
+        ("train.rewards.judge_model=nowhere", "train.rewards.judge_model: no Hugging Face model folder (config.json) at nowhere"),
         ("train.num_processes=3", "train: prompts_per_step (4) must divide evenly across num_processes (3)"),
         (["train.deepspeed.offload_optimizer=true", "train.deepspeed.zero_stage=0"],
          "train.deepspeed: offload_optimizer needs zero_stage 1, 2 or 3"),
         (["train.gradient_checkpointing=true", *SAME_BATCH], "train: gradient_checkpointing cannot be combined with tracin.use_tracin"),
-        ("train.overlong_buffer_len=24", "train: overlong_buffer_len (24) must be below max_new_tokens (24)"),
-        ("train.policy_loss=ppo", "train.policy_loss: Input should be 'ppo_clip', 'gspo' or 'cispo'"),
-        ("train.advantage_estimator=remax", "train.advantage_estimator: Input should be 'grpo', 'rloo' or 'opo'"),
-        ("train.gspo_clip_high=0.001", "train: gspo_clip_high: a knob of policy_loss `gspo`, not of `ppo_clip`"),
-        (["train.policy_loss=cispo", "train.clip_eps_high=0.28"], "train: clip_eps_high: a knob of policy_loss `ppo_clip`, not of `cispo`"),
-        ("train.max_rollout_batches=8", "train: max_rollout_batches: a knob of dynamic_sampling, which is off"),
-        ("train.overlong_penalty_factor=0.5", "train: overlong_penalty_factor: a knob of the overlong punishment, which overlong_buffer_len 0"),
+        (["train.rewards.overlong_buffer.enable=true", "train.rewards.overlong_buffer.len=24"],
+         "train: rewards.overlong_buffer.len (24) must be below max_new_tokens (24)"),
+        ("train.loss.policy.name=ppo", "train.loss.policy: name: 'ppo' is none of 'ppo_clip', 'gspo', 'cispo'"),
+        ("train.loss.advantage_estimator=remax", "train.loss.advantage_estimator: Input should be 'grpo', 'rloo' or 'opo'"),
+        ("train.gspo_clip_high=0.001", "train.gspo_clip_high=0.001: moved to train.loss.policy.clip_high (with train.loss.policy.name: gspo)"),
+        ("train.dynamic_sampling.max_rollout_batches=8", "train.dynamic_sampling.max_rollout_batches: not a knob of `enable: false`"),
+        ("train.rewards.overlong_buffer.penalty_factor=0.5", "train.rewards.overlong_buffer.penalty_factor: not a knob of `enable: false`"),
     ],
 )
 def test_bad_train_params_are_rejected_before_work(trainer, override, message):
@@ -210,8 +210,8 @@ def _rewrite_weights(weight) -> None:
 
 
 def test_mia_weighted_loss_logs_its_weights_and_falls_back_to_plain_grpo(trainer, tmp_path):
-    on = ["-S", "train.steps=4", "-S", "train.use_mia_weighted_loss=true", "-S", "train.mia_weighting_mode=quadratic",
-          "-S", "train.mia_invert_weights=true"]
+    on = ["-S", "train.steps=4", "-S", "train.mia_weighting.use_mia_weighted_loss=true", "-S", "train.mia_weighting.mia_weighting_mode=quadratic",
+          "-S", "train.mia_weighting.mia_invert_weights=true"]
     proc = grpolab("stage", "train", *on, cwd=trainer)
     raw = torch.tensor([x["mia_weight"] for x in pd.read_parquet("data/train_weighted.parquet")["extra_info"]], dtype=torch.float64)
     w = (1 - raw) ** 2
@@ -227,17 +227,17 @@ def test_mia_weighted_loss_logs_its_weights_and_falls_back_to_plain_grpo(trainer
     # Weights of 1 (linear) train exactly like plain GRPO; no weights at all: plain GRPO and a warning.
     plain_dir = tmp_path / "plain"
     shutil.copytree(trainer, plain_dir)
-    grpolab("stage", "train", "-S", "train.use_mia_weighted_loss=false", cwd=plain_dir)  # -S persists in params.yaml
+    grpolab("stage", "train", "-S", "train.mia_weighting.use_mia_weighted_loss=false", cwd=plain_dir)  # -S persists in params.yaml
     plain = load_model(plain_dir / TRAINED_DIR).state_dict()
     assert any(not torch.equal(plain[k], v) for k, v in weighted.items())
     _rewrite_weights(1.0)
-    grpolab("stage", "train", *on[:4], "-S", "train.mia_weighting_mode=linear", "-S", "train.mia_invert_weights=false", cwd=trainer)
+    grpolab("stage", "train", *on[:4], "-S", "train.mia_weighting.mia_weighting_mode=linear", "-S", "train.mia_weighting.mia_invert_weights=false", cwd=trainer)
     assert all(torch.equal(plain[k], v) for k, v in trained_weights().items())
     # Rescaled to mean 1 over each batch, weights of 0.5 everywhere are weights of 1 (without: a smaller step).
     _rewrite_weights(0.5)
-    grpolab("stage", "train", "-S", "train.mia_normalize_weights=true", cwd=trainer)
+    grpolab("stage", "train", "-S", "train.mia_weighting.mia_normalize_weights=true", cwd=trainer)
     assert all(torch.equal(plain[k], v) for k, v in trained_weights().items())
-    grpolab("stage", "train", "-S", "train.mia_normalize_weights=false", cwd=trainer)
+    grpolab("stage", "train", "-S", "train.mia_weighting.mia_normalize_weights=false", cwd=trainer)
     assert any(not torch.equal(plain[k], v) for k, v in trained_weights().items())
     _rewrite_weights(None)
     proc = grpolab("stage", "train", *on, cwd=trainer)
@@ -247,7 +247,7 @@ def test_mia_weighted_loss_logs_its_weights_and_falls_back_to_plain_grpo(trainer
 
 @pytest.mark.parametrize("mitigation", list(MITIGATIONS))
 def test_every_mitigation_trains_and_logs_credit(trainer, mitigation):
-    params = config.apply_overrides(["train.steps=2", f"train.mitigation.name={mitigation}", "train.credit_log_every=2"])
+    params = config.apply_overrides(["train.steps=2", f"train.mitigation.name={mitigation}", "train.log.credit_log_every=2"])
     run_stage("train", params)
     client = mlflow_client()
     run = train_runs(client)[0]
@@ -287,8 +287,8 @@ def test_attention_credit_reads_the_policy_in_eval_mode_from_step_2(trainer, mon
 
     monkeypatch.setattr(LossWeighting, "loss_weights", spy)
     run_stage("train", config.apply_overrides(["train.steps=2", "train.mitigation.name=attention_credit", "model.lora.r=4",
-                                               "model.lora.alpha=8", "model.lora.dropout=0.5", "train.learning_rate=0.01",
-                                               "train.warmup_steps=0"]))  # step 1 moves the adapters: dropout then matters
+                                               "model.lora.alpha=8", "model.lora.dropout=0.5", "train.optim.learning_rate=0.01",
+                                               "train.optim.warmup_steps=0"]))  # step 1 moves the adapters: dropout then matters
     assert len(seen) == 2 and (seen[1][1] != 1).any()  # answer tokens drew attention: weights that dropout would move
     for weights, in_eval, from_train in seen:
         assert torch.equal(weights, in_eval) and torch.equal(from_train, in_eval)
@@ -298,7 +298,7 @@ def test_analyze_credit_compares_runs_in_mlflow(trainer):
     run_ids = []
     client = mlflow_client()
     for mitigation in ("none", "entropy_masking"):
-        run_stage("train", config.apply_overrides(["train.steps=2", f"train.mitigation.name={mitigation}", "train.credit_log_every=1"]))
+        run_stage("train", config.apply_overrides(["train.steps=2", f"train.mitigation.name={mitigation}", "train.log.credit_log_every=1"]))
         runs = train_runs(client, order_by=["attributes.start_time DESC"])
         run_ids.append(runs[0].info.run_id)
     proc = grpolab("analyze-credit", *run_ids, "--out", "reports/credit", cwd=trainer)
@@ -346,7 +346,7 @@ def test_tracin_logs_its_diagnostics_and_influence_log(trainer, mode, capsys):
 def test_tracin_composes_with_mia_weights_credit_mitigation_and_ppo_epochs(trainer, tmp_path):
     plain = tmp_path / "plain"
     shutil.copytree(trainer, plain)
-    common = ["train.steps=4", "train.ppo_epochs=2", "train.use_mia_weighted_loss=true", "train.mitigation.name=entropy_weighted"]
+    common = ["train.steps=4", "train.ppo_epochs=2", "train.mia_weighting.use_mia_weighted_loss=true", "train.mitigation.name=entropy_weighted"]
     grpolab("stage", "train", *[f"-S{o}" for o in common], cwd=plain)
     run_stage("train", config.apply_overrides([*common, *SAME_BATCH, "train.tracin.selection_unit=prompt"]))
     client = mlflow_client()
@@ -425,18 +425,18 @@ def test_tracin_off_is_plain_grpo_bit_for_bit(trainer, tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["train.tracin.val_selection=top"], "train.tracin: val_selection: a knob of validation `separate`, not of `same_batch`"),
-        (["train.tracin.validation=separate", "train.tracin.val_selection=top", "train.tracin.val_pool_size=64"],
+        (["train.tracin.validation.val_selection=top"], "train.tracin.validation.val_selection: not a knob of `name: same_batch`"),
+        (["train.tracin.validation.name=separate", "train.tracin.validation.val_selection=top", "train.tracin.validation.val_pool_size=64"],
          "val_selection: `top` picks val_batch_size (64) out of val_pool_size (64), which keeps them all"),
-        (["train.tracin.validation=separate", "train.tracin.val_batch_size=32", "train.tracin.val_pool_size=16"],
+        (["train.tracin.validation.name=separate", "train.tracin.validation.val_batch_size=32", "train.tracin.validation.val_pool_size=16"],
          "val_pool_size (16) must be at least val_batch_size (32)"),
-        (["train.tracin.use_tracin=true", "train.tracin.validation=separate"],
-         "train.tracin.val_pool_size: 64 validation prompts per influence step, but data.num_val is 16"),
+        (["train.tracin.use_tracin=true", "train.tracin.validation.name=separate"],
+         "train.tracin.validation.val_pool_size: 64 validation prompts per influence step, but data.num_val is 16"),
         (["train.tracin.fallback_top_fraction=0"], "train.tracin.fallback_top_fraction: Input should be greater than 0"),
         (["train.tracin.every=0"], "train.tracin.every: Input should be greater than or equal to 1"),
-        (["train.tracin.val_loss=mse"], "train.tracin.val_loss: Input should be 'seqloss-lastadv', 'seqloss-reward' or 'contrastive'"),
-        (["train.tracin.validation=separate", "train.tracin.val_pool_size=15", "train.tracin.val_batch_size=8",
-          "train.tracin.use_tracin=true", "train.num_processes=2"], "tracin.val_pool_size (15) must divide evenly across num_processes (2)"),
+        (["train.tracin.validation.name=separate", "train.tracin.validation.val_loss=mse"], "train.tracin.validation.val_loss: Input should be 'seqloss-lastadv', 'seqloss-reward' or 'contrastive'"),
+        (["train.tracin.validation.name=separate", "train.tracin.validation.val_pool_size=15", "train.tracin.validation.val_batch_size=8",
+          "train.tracin.use_tracin=true", "train.num_processes=2"], "tracin.validation.val_pool_size (15) must divide evenly across num_processes (2)"),
     ],
 )
 def test_bad_tracin_params_are_rejected_before_work(trainer, overrides, message):
@@ -472,7 +472,7 @@ def test_bad_inputs_are_named_before_any_output(trainer):
          "exceed the model's 64 positions"),
         ("evaluate", ["eval.max_new_tokens=62"], "eval.max_new_tokens: data/eval.parquet: row", "exceed the model's 64 positions"),
         ("prepare", [f"model.name_or_path={no_eos}"], f"model.name_or_path: the tokenizer in {no_eos} has no EOS token", ""),
-        ("train", ["train.judge_model=models/base"], "train.judge_model: models/base has no trained classification head",
+        ("train", ["train.rewards.judge_model=models/base"], "train.rewards.judge_model: models/base has no trained classification head",
          "score.weight"),
         ("mia", ["mia.method=reference", f"mia.reference_model={trainer / 'other_ref'}"],
          f"mia.reference_model: the tokenizer in {trainer / 'other_ref'} differs from the base model's", ""),
@@ -525,7 +525,7 @@ def test_mia_reference_and_precomputed_weights_end_to_end(trainer, tmp_path):
     train.to_parquet("data/train.parquet")
     for stage in ("mia", "train"):
         summary = run_stage(stage, config.apply_overrides(["mia.method=precomputed", "mia.reference_model=null",
-                                                           "eval.mia_methods=[loss]", "train.use_mia_weighted_loss=true"]))
+                                                           "eval.mia_methods=[loss]", "train.mia_weighting.use_mia_weighted_loss=true"]))
     weighted = pd.read_parquet(WEIGHTED_TRAIN_FILE)
     assert [x["mia_weight"] for x in weighted["extra_info"]] == mine.tolist()
     assert {x["mia_method"] for x in weighted["extra_info"]} == {"precomputed"}
@@ -549,8 +549,8 @@ def test_lora_trains_adapters_against_the_disabled_adapter_reference_and_saves_a
     monkeypatch.setattr(grpolab.stages.train, "load_model", lambda path, dtype: loads.append(path) or load_model(path, dtype))
     probe = grpolab.trainer.tracin.GradientProbe
     monkeypatch.setattr(grpolab.trainer.tracin, "GradientProbe", lambda model: probes.append(probe(model)) or probes[-1])
-    params = config.apply_overrides(["train.steps=3", "train.kl_beta=0.1", "model.lora.r=4", "model.lora.alpha=8",
-                                     "model.lora.target_modules=[q_proj, v_proj, up_proj]", "train.learning_rate=0.01",
+    params = config.apply_overrides(["train.steps=3", "train.loss.kl_beta=0.1", "model.lora.r=4", "model.lora.alpha=8",
+                                     "model.lora.target_modules=[q_proj, v_proj, up_proj]", "train.optim.learning_rate=0.01",
                                      "train.mitigation.name=entropy_weighted", *SAME_BATCH])
     run_stage("train", params)
     assert loads == [BASE_DIR]
@@ -574,10 +574,10 @@ def test_lora_trains_adapters_against_the_disabled_adapter_reference_and_saves_a
 
 
 @pytest.mark.parametrize("variant", [
-    pytest.param(["train.policy_loss=gspo", "train.ppo_epochs=2", "train.use_mia_weighted_loss=true",
+    pytest.param(["train.loss.policy.name=gspo", "train.ppo_epochs=2", "train.mia_weighting.use_mia_weighted_loss=true",
                   "train.mitigation.name=entropy_weighted"], id="gspo-mia-credit-ppo_epochs"),
-    pytest.param(["train.policy_loss=cispo", "train.advantage_estimator=rloo", "train.entropy_coef=0.01", *SAME_BATCH], id="cispo-rloo-entropy-tracin"),
-    pytest.param(["train.advantage_estimator=opo", "train.overlong_buffer_len=8", "train.mask_truncated_completions=true",
+    pytest.param(["train.loss.policy.name=cispo", "train.loss.advantage_estimator=rloo", "train.loss.entropy_coef=0.01", *SAME_BATCH], id="cispo-rloo-entropy-tracin"),
+    pytest.param(["train.loss.advantage_estimator=opo", "train.rewards.overlong_buffer.enable=true", "train.rewards.overlong_buffer.len=8", "train.loss.mask_truncated_completions=true",
                   "model.lora.r=4", "model.lora.alpha=8"], id="opo-overlong-truncation-lora"),
 ])
 def test_the_grpo_family_composes_with_mia_credit_tracin_lora_and_ppo_epochs(trainer, variant):
@@ -586,9 +586,9 @@ def test_the_grpo_family_composes_with_mia_credit_tracin_lora_and_ppo_epochs(tra
     run = train_runs(client)[0]
     curve = pd.read_csv(CURVE_FILE)
     assert curve["step"].tolist() == [1, 2] and np.isfinite(curve["train/loss"]).all()
-    if "train.policy_loss=gspo" in variant:  # on-policy at step 1 every sequence ratio is exactly 1: nothing clipped
+    if "train.loss.policy.name=gspo" in variant:  # on-policy at step 1 every sequence ratio is exactly 1: nothing clipped
         assert client.get_metric_history(run.info.run_id, "train/clip_ratio")[0].value == 0
-    if "train.overlong_buffer_len=8" in variant:
+    if "train.rewards.overlong_buffer.len=8" in variant:
         penalties = [m.value for m in client.get_metric_history(run.info.run_id, "train/reward/overlong")]
         assert len(penalties) == 2 and all(-1 <= p <= 0 for p in penalties)
     if SAME_BATCH[0] in variant:
@@ -600,8 +600,8 @@ def test_dynamic_sampling_drops_tied_groups_and_samples_more_batches(trainer):
     from grpolab.paths import WEIGHTED_TRAIN_FILE
     from grpolab.stages.train import EXTRA_BATCHES, step_prompts
 
-    params = config.apply_overrides(["train.steps=2", *tied_reward(Path(".")), "train.dynamic_sampling=true", "train.max_rollout_batches=6",
-                                     "train.log_completions_every=1"])
+    params = config.apply_overrides(["train.steps=2", *tied_reward(Path(".")), "train.dynamic_sampling.enable=true", "train.dynamic_sampling.max_rollout_batches=6",
+                                     "train.log.log_completions_every=1"])
     run_stage("train", params)
     client = mlflow_client()
     run = train_runs(client)[0]

@@ -28,9 +28,9 @@ from training import (SAME_BATCH, SEPARATE, STEP_METRICS, TIMINGS, kill_after_a_
 # resumed into a new run.
 @pytest.mark.parametrize("case", ["dynamic_sampling_cispo_tracin_ppo_epochs", "eval_changed_run_deleted"])
 def test_resume_after_a_kill_gives_an_uninterrupted_runs_outputs(trainer, tmp_path, case):
-    variant = [*SAME_BATCH, "train.ppo_epochs=2", "train.dynamic_sampling=true", "train.policy_loss=cispo", *tied_reward(trainer)] \
+    variant = [*SAME_BATCH, "train.ppo_epochs=2", "train.dynamic_sampling.enable=true", "train.loss.policy.name=cispo", *tied_reward(trainer)] \
         if case != "eval_changed_run_deleted" else []
-    overrides = ["train.steps=12", "train.save_every=3", "train.credit_log_every=1", "train.log_completions_every=1", *variant]
+    overrides = ["train.steps=12", "train.save_every=3", "train.log.credit_log_every=1", "train.log.log_completions_every=1", *variant]
     reference = tmp_path / "reference"  # the same params trained in one go, in another copy
     shutil.copytree(trainer, reference)
     grpolab("stage", "train", *[f"-S{o}" for o in overrides], cwd=reference)
@@ -88,7 +88,7 @@ def test_the_checkpoint_fingerprint_covers_train_params_seed_base_model_and_trai
     inputs = train_inputs(params)
     same = fingerprint(params, inputs)
     assert fingerprint(config.apply_overrides(["eval.num_samples=7", "mia.k=0.3", "tracking.run_name=x"]), inputs) == same
-    for change in ("train.learning_rate=0.5", "seed=3", "train.mitigation.name=entropy_masking", "model.dtype=bfloat16",
+    for change in ("train.optim.learning_rate=0.5", "seed=3", "train.mitigation.name=entropy_masking", "model.dtype=bfloat16",
                    "model.lora.r=4"):
         assert fingerprint(config.overridden([change])[1], inputs) != same, change
     weights = Path("models/base/model.safetensors")
@@ -219,10 +219,10 @@ def test_two_processes_and_two_nodes_follow_one_process_trajectory(trainer, tmp_
 @pytest.mark.parametrize("mode", ["same_batch", "separate", "zero3"])
 def test_tracin_and_the_grpo_family_two_processes_give_one_process_keep_masks(trainer, tmp_path, mode):
     overrides = {
-        "same_batch": [*SAME_BATCH, "train.policy_loss=cispo", "train.advantage_estimator=rloo", "train.entropy_coef=0.01"],
-        "separate": [*SEPARATE, "train.policy_loss=gspo", "train.dynamic_sampling=true", *tied_reward(trainer),
-                     "train.overlong_buffer_len=8", "train.mask_truncated_completions=true"],
-        "zero3": [*SAME_BATCH, "train.kl_beta=0.05", "model.logit_chunk_tokens=16", "train.max_new_tokens=56"],
+        "same_batch": [*SAME_BATCH, "train.loss.policy.name=cispo", "train.loss.advantage_estimator=rloo", "train.loss.entropy_coef=0.01"],
+        "separate": [*SEPARATE, "train.loss.policy.name=gspo", "train.dynamic_sampling.enable=true", *tied_reward(trainer),
+                     "train.rewards.overlong_buffer.enable=true", "train.rewards.overlong_buffer.len=8", "train.loss.mask_truncated_completions=true"],
+        "zero3": [*SAME_BATCH, "train.loss.kl_beta=0.05", "model.logit_chunk_tokens=16", "train.max_new_tokens=56"],
     }[mode]
     processes = ["train.num_processes=2", "train.micro_batch_size=4"] + (
         ["train.deepspeed.zero_stage=3", "train.deepspeed.stage3_param_persistence_threshold=0"] if mode == "zero3" else [])
@@ -267,9 +267,9 @@ def test_a_user_error_in_one_of_two_processes_is_one_line_named_by_either_launch
     """A reward file that raises in rank 1 only: grpolab's launcher prints the named error once, as its last line,
     with no traceback of any rank, exit 2; torchrun's own summary names it too."""
     (trainer / "bad_reward.py").write_text(RANK1_RAISES)
-    overrides = ["train.reward_file=bad_reward.py", "train.rewards={reward_file: 1.0}", "train.judge_model=null",
+    overrides = ["train.rewards.reward_file=bad_reward.py", "train.rewards.weights={reward_file: 1.0}", "train.rewards.judge_model=null",
                  "train.num_processes=2", "train.micro_batch_size=4"]
-    named = "grpolab: error: train.reward_file: bad_reward.py: compute_score raised KeyError: 'nope' on data/train_weighted.parquet: row "
+    named = "grpolab: error: train.rewards.reward_file: bad_reward.py: compute_score raised KeyError: 'nope' on data/train_weighted.parquet: row "
     proc = grpolab("stage", "train", *[f"-S{o}" for o in overrides], cwd=trainer, check=False)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2 and proc.stderr.rstrip().splitlines()[-1].startswith(named), output[-3000:]

@@ -24,7 +24,7 @@ from training import kill_after_a_checkpoint_and_later_steps, mlflow_client, tra
 
 VLLM = ["train.rollout.backend=vllm", "train.rollout.vllm_kv_cache_gib=0.25"]
 # head size 32 (hidden 64 / 2 heads): one that vLLM's CPU attention takes
-SHAPE = ["model.hidden_size=64", "model.num_heads=2", "model.intermediate_size=128", "train.rewards={answer_match: 1.0}"]
+SHAPE = ["model.hidden_size=64", "model.num_heads=2", "model.intermediate_size=128", "train.rewards.weights={answer_match: 1.0}"]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def _watch_sync(monkeypatch) -> list[bool]:
                          ids=["full", "lora", "zero3"])
 def test_vllm_holds_the_policys_weights_before_every_batch(project, monkeypatch, setting):
     checks = _watch_sync(monkeypatch)
-    params = config.apply_overrides([*VLLM, "train.steps=4", "train.learning_rate=0.01", *setting])
+    params = config.apply_overrides([*VLLM, "train.steps=4", "train.optim.learning_rate=0.01", *setting])
     run_stage("train", params)
     assert checks == [True] * 4  # steps 1-4: the weights after 0, 1, 2 and 3 updates
     curve = pd.read_csv(CURVE_FILE)
@@ -192,11 +192,11 @@ def test_an_architecture_vllm_lacks_and_vllm_missing_are_named(project, monkeypa
 
 
 @pytest.mark.parametrize("variant", [
-    ["train.tracin.use_tracin=true", "train.ppo_epochs=2", "train.policy_loss=cispo", "train.mitigation.name=entropy_weighted",
+    ["train.tracin.use_tracin=true", "train.ppo_epochs=2", "train.loss.policy.name=cispo", "train.mitigation.name=entropy_weighted",
      "train.steps=4"],
-    ["train.tracin.use_tracin=true", "train.tracin.validation=separate", "train.tracin.val_batch_size=8",
-     "train.tracin.val_pool_size=16", "train.dynamic_sampling=true", "train.advantage_estimator=rloo",
-     "train.use_mia_weighted_loss=true", "train.rollout.vllm_importance_sampling_mode=sequence_mask", "train.steps=2"],
+    ["train.tracin.use_tracin=true", "train.tracin.validation.name=separate", "train.tracin.validation.val_batch_size=8",
+     "train.tracin.validation.val_pool_size=16", "train.dynamic_sampling.enable=true", "train.loss.advantage_estimator=rloo",
+     "train.mia_weighting.use_mia_weighted_loss=true", "train.rollout.vllm_importance_sampling_mode=sequence_mask", "train.steps=2"],
 ], ids=["same_batch-ppo_epochs-cispo-entropy", "separate-dynamic_sampling-rloo-mia"])
 def test_the_variants_train_on_vllm_rollouts(project, variant):
     run_stage("train", config.apply_overrides([*VLLM, *variant]))

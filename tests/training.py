@@ -24,8 +24,8 @@ from conftest import BIN, REPO, TINY, project_env
 
 TINY_TRAIN = [
     "train.steps=4", "train.prompts_per_step=4", "train.group_size=4", "train.micro_batch_size=8",
-    "train.max_new_tokens=24", "train.save_every=2", "train.log_completions_every=2", "train.warmup_steps=1",
-    "train.learning_rate=0.001", "train.judge_model=judge", "train.rewards={answer_match: 1.0, format: 0.1, judge: 1.0}",
+    "train.max_new_tokens=24", "train.save_every=2", "train.log.log_completions_every=2", "train.optim.warmup_steps=1",
+    "train.optim.learning_rate=0.001", "train.rewards.judge_model=judge", "train.rewards.weights={answer_match: 1.0, format: 0.1, judge: 1.0}",
 ]
 STEP_METRICS = [
     "train/loss", "train/pg_loss", "train/kl", "train/reward_mean", "train/reward_std", "train/reward/answer_match",
@@ -38,11 +38,11 @@ TRACIN_KEYS = [
     "tracin/positive_ratio", "tracin/negative_ratio", "tracin/zero_ratio", "tracin/min_ip", "tracin/max_ip", "tracin/mean_ip",
     "tracin/std_ip", "tracin/selected_ratio", "tracin/fallback", "tracin/val_grad_norm",
 ]
-SEPARATE = ["train.tracin.use_tracin=true", "train.tracin.validation=separate", "train.tracin.val_batch_size=8",
-            "train.tracin.val_pool_size=16", "train.tracin.val_selection=top", "train.tracin.val_loss=contrastive"]
-SAME_BATCH = ["train.tracin.use_tracin=true", "train.tracin.validation=same_batch"]
+SEPARATE = ["train.tracin.use_tracin=true", "train.tracin.validation.name=separate", "train.tracin.validation.val_batch_size=8",
+            "train.tracin.validation.val_pool_size=16", "train.tracin.validation.val_selection=top", "train.tracin.validation.val_loss=contrastive"]
+SAME_BATCH = ["train.tracin.use_tracin=true", "train.tracin.validation.name=same_batch"]
 TIMINGS = ["train/step_time"]  # the curve's one wall-clock column
-ZERO_RUN = ["train.steps=2", "train.kl_beta=0", *SAME_BATCH]  # with TracIn: its influence pass runs on gathered parameters
+ZERO_RUN = ["train.steps=2", "train.loss.kl_beta=0", *SAME_BATCH]  # with TracIn: its influence pass runs on gathered parameters
 
 
 TIED_REWARD = """def compute_score(data_source, completion, ground_truth, extra_info):
@@ -55,7 +55,7 @@ def tied_reward(project: Path) -> list[str]:
     """The overrides of a reward (saved in `project`) under which about half the groups are tied: what
     dynamic sampling drops."""
     (project / "tied.py").write_text(TIED_REWARD)
-    return ["train.reward_file=tied.py", "train.rewards={reward_file: 1.0}", "train.judge_model=null"]
+    return ["train.rewards.reward_file=tied.py", "train.rewards.weights={reward_file: 1.0}", "train.rewards.judge_model=null"]
 
 
 def save_judge(path: Path) -> None:
@@ -81,7 +81,7 @@ def base_project(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        params = config.apply_overrides([*TINY, "train.judge_model=null", "train.rewards={answer_match: 1.0}", *TINY_TRAIN[:-2]])
+        params = config.apply_overrides([*TINY, "train.rewards.judge_model=null", "train.rewards.weights={answer_match: 1.0}", *TINY_TRAIN[:-2]])
         run_stage("prepare", params)
         save_judge(root / "judge")
         params = config.apply_overrides(TINY_TRAIN[-2:])

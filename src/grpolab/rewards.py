@@ -1,12 +1,12 @@
-"""Reward functions, picked by name from REWARDS and summed with the weights of `train.rewards`.
+"""Reward functions, picked by name from REWARDS and summed with the weights of `train.rewards.weights`.
 
 A reward function takes a RewardBatch and returns one float per completion. Adding one is a
 function here plus a line in REWARDS.
 
 `auto` scores each row by its `data_source`, as verl's default scoring does: SOURCES routes a source
-to one of the SCORERS, `(completion, ground_truth) -> float` (`train.reward_sources` adds or changes
+to one of the SCORERS, `(completion, ground_truth) -> float` (`train.rewards.reward_sources` adds or changes
 routes). `reward_file` calls the user's own function
-(`train.reward_file`, `train.reward_function`), with verl's signature
+(`train.rewards.reward_file`, `train.rewards.reward_function`), with verl's signature
 `(data_source, completion, ground_truth, extra_info) -> float`.
 """
 
@@ -123,8 +123,8 @@ def check_sources(rows: list[dict], routes: dict[str, str], what: str) -> None:
         if row["data_source"] not in routes:
             raise RewardError(
                 f"{row_name(row, what)}: data_source {row['data_source']!r} has no scorer for the `auto` reward "
-                f"(known: {', '.join(routes)}); route it with train.reward_sources (scorers: {', '.join(SCORERS)}), "
-                "or score it with your own train.reward_file"
+                f"(known: {', '.join(routes)}); route it with train.rewards.reward_sources (scorers: {', '.join(SCORERS)}), "
+                "or score it with your own train.rewards.reward_file"
             )
 
 
@@ -140,7 +140,7 @@ class RewardFile:
     """The user's reward function `function` in the Python file `path`, loaded once; every error names the file."""
 
     def __init__(self, path: str, function: str):
-        self.where = f"train.reward_file: {path}"
+        self.where = f"train.rewards.reward_file: {path}"
         spec = importlib.util.spec_from_file_location(f"grpolab_reward_file_{Path(path).stem}", path)
         module = importlib.util.module_from_spec(spec)
         try:
@@ -149,7 +149,7 @@ class RewardFile:
             raise RewardError(f"{self.where}: loading it raised {type(exc).__name__}: {exc}") from exc
         self.function = getattr(module, function, None)
         if not callable(self.function):
-            raise RewardError(f"{self.where}: no function {function!r} in it (train.reward_function)")
+            raise RewardError(f"{self.where}: no function {function!r} in it (train.rewards.reward_function)")
         try:
             inspect.signature(self.function).bind("source", "completion", "truth", {})
         except TypeError:
@@ -205,7 +205,7 @@ class Judge:
         model, loading = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, dtype=dtype)
         if loading["missing_keys"]:  # transformers would start them at random, and the judge would score noise
             raise ConfigError(
-                f"train.judge_model: {path} has no trained classification head ({', '.join(sorted(loading['missing_keys']))} "
+                f"train.rewards.judge_model: {path} has no trained classification head ({', '.join(sorted(loading['missing_keys']))} "
                 "missing): give a sequence-classification checkpoint (AutoModelForSequenceClassification.save_pretrained)"
             )
         self.model = model.eval().requires_grad_(False).to(device())  # this process's own GPU on a multi-GPU node
@@ -246,7 +246,7 @@ def format_batch_reward(batch: RewardBatch) -> list[float]:
 
 def judge_reward(batch: RewardBatch) -> list[float]:
     if batch.judge is None:
-        raise ValueError("train.rewards: the judge reward needs train.judge_model")
+        raise ValueError("train.rewards.weights: the judge reward needs train.rewards.judge_model")
     return batch.judge([p + c for p, c in zip(batch.prompts, batch.completions)])
 
 
@@ -257,7 +257,7 @@ def auto_reward(batch: RewardBatch) -> list[float]:
 
 def reward_file_reward(batch: RewardBatch) -> list[float]:
     if batch.reward_file is None:
-        raise ValueError("train.rewards: the reward_file reward needs train.reward_file")
+        raise ValueError("train.rewards.weights: the reward_file reward needs train.rewards.reward_file")
     return [batch.reward_file(r, c, batch.what) for r, c in zip(batch.rows, batch.completions)]
 
 
@@ -278,16 +278,16 @@ def score(batch: RewardBatch, weights: dict[str, float]) -> tuple[torch.Tensor, 
 
 
 class Rewarder:
-    """The rewards of `train.rewards` with what they need (the judge, the user's reward file, `auto`'s routes),
+    """The rewards of `train.rewards.weights` with what they need (the judge, the user's reward file, `auto`'s routes),
     loaded once per stage."""
 
     def __init__(self, params, judge: bool = True):
         t = params.train
-        self.weights = t.rewards
-        self.routes = {**SOURCES, **t.reward_sources}
-        self.judge = (Judge(t.judge_model, working_dtype(params.model.dtype), t.judge_batch_size or t.rollout_batch_size)
+        self.weights = t.rewards.weights
+        self.routes = {**SOURCES, **t.rewards.reward_sources}
+        self.judge = (Judge(t.rewards.judge_model, working_dtype(params.model.dtype), t.rewards.judge_batch_size or t.rollout_batch_size)
                       if judge and "judge" in self.weights else None)
-        self.reward_file = RewardFile(t.reward_file, t.reward_function) if t.reward_file else None
+        self.reward_file = RewardFile(t.rewards.reward_file, t.rewards.reward_function) if t.rewards.reward_file else None
 
     def check(self, rows: list[dict], what: str) -> None:
         """Before any work: every row can be scored (`auto` knows its data_source)."""

@@ -27,14 +27,14 @@ def opo_baseline(grouped: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return grouped - baseline
 
 
-# train.advantage_estimator: (grouped rewards [n, G], completion lengths [n, G]) -> centred rewards [n, G]
+# train.loss.advantage_estimator: (grouped rewards [n, G], completion lengths [n, G]) -> centred rewards [n, G]
 ADVANTAGE_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "grpo": grpo_baseline,
     "rloo": rloo_baseline,
     "opo": opo_baseline,
 }
 
-# train.scale_rewards: (centred [n, G], grouped rewards [n, G], rewards [B], eps) -> scaled [n, G]
+# train.loss.scale_rewards: (centred [n, G], grouped rewards [n, G], rewards [B], eps) -> scaled [n, G]
 ADVANTAGE_SCALES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
     "group": lambda centred, grouped, rewards, eps: centred / (grouped.std(dim=1, keepdim=True) + eps),  # GRPO
     "batch": lambda centred, grouped, rewards, eps: centred / (rewards.std() + eps),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -128,10 +128,10 @@ class TokenInputs:
 
 @dataclass(frozen=True)
 class Mitigation:
-    """A credit-assignment mitigation: `weights(inputs, **knobs) -> [B, T]`, and its knobs with their defaults."""
+    """A credit-assignment mitigation: `weights(inputs, **knobs) -> [B, T]`; its knobs, with their defaults, are the
+    fields of its params section (`train.mitigation: {name: ..., <knob>: ...}`)."""
 
     weights: Callable[..., torch.Tensor]
-    knobs: dict[str, float] = field(default_factory=dict)
     needs_attention: bool = False  # the policy's attention, computed a micro-batch at a time by the trainer
     needs_entropy: bool = False  # the tokens' entropies (a sampler that returns none: the trainer computes them)
 
@@ -139,15 +139,14 @@ class Mitigation:
 # name -> mitigation (seed 002's names and knobs); `none` is plain GRPO
 MITIGATIONS: dict[str, Mitigation] = {
     "none": Mitigation(lambda x: torch.ones_like(x.mask, dtype=torch.float32)),
-    "outcome_conditional": Mitigation(lambda x, think_discount: outcome_conditional(x.classes, x.mask, think_discount),
-                                      {"think_discount": 0.5}),
-    "inverse_logprob": Mitigation(lambda x, epsilon: inverse_logprob(x.logp, x.mask, epsilon), {"epsilon": 0.1}),
+    "outcome_conditional": Mitigation(lambda x, think_discount: outcome_conditional(x.classes, x.mask, think_discount)),
+    "inverse_logprob": Mitigation(lambda x, epsilon: inverse_logprob(x.logp, x.mask, epsilon)),
     "attention_credit": Mitigation(lambda x, credit_scale: attention_credit(x.attention, x.classes, x.mask, credit_scale),
-                                   {"credit_scale": 2.0}, needs_attention=True),
+                                   needs_attention=True),
     "entropy_weighted": Mitigation(lambda x, entropy_temp: entropy_weighted(x.entropy, x.mask, entropy_temp),
-                                   {"entropy_temp": 1.0}, needs_entropy=True),
+                                   needs_entropy=True),
     "entropy_masking": Mitigation(lambda x, mask_percentile: entropy_masking(x.entropy, x.mask, mask_percentile),
-                                  {"mask_percentile": 80.0}, needs_entropy=True),
+                                  needs_entropy=True),
 }
 
 

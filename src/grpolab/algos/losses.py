@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -83,20 +82,12 @@ def cispo_policy_loss(
     return -(weight * advantages.unsqueeze(-1) * logp), weight != ratio
 
 
-@dataclass(frozen=True)
-class PolicyLoss:
-    """A policy-gradient loss: `loss(logp, old_logp, advantages, mask, clip_low, clip_high)`, and the
-    `train.*` params that hold its clip bounds."""
-
-    loss: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    clip: tuple[str, str]
-
-
-# train.policy_loss -> its loss
-POLICY_LOSSES: dict[str, PolicyLoss] = {
-    "ppo_clip": PolicyLoss(clipped_policy_loss, ("clip_eps_low", "clip_eps_high")),  # GRPO, DAPO (verl's "vanilla")
-    "gspo": PolicyLoss(gspo_policy_loss, ("gspo_clip_low", "gspo_clip_high")),
-    "cispo": PolicyLoss(cispo_policy_loss, ("cispo_clip_low", "cispo_clip_high")),
+# train.loss.policy.name -> its loss: `loss(logp, old_logp, advantages, mask, clip_low, clip_high) -> (loss [B, T], clipped
+# [B, T])`, its clip bounds the knobs of its params section (verl's PolicyLossFn: one signature for every loss)
+POLICY_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
+    "ppo_clip": clipped_policy_loss,  # GRPO, DAPO (verl's "vanilla")
+    "gspo": gspo_policy_loss,
+    "cispo": cispo_policy_loss,
 }
 
 

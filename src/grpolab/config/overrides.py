@@ -9,7 +9,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from grpolab.config.schema import PARAMS_FILE, Params, validate
+from grpolab.config.schema import PARAMS_FILE, Params, moved_key, option_sections, validate
 from grpolab.errors import ConfigError
 from grpolab.runtime.fsutil import atomic_write_text
 
@@ -98,14 +98,51 @@ def _set_path(raw: dict, keys: list[str], value: Any, delete: bool = False) -> N
         node[keys[-1]] = _flow(value)  # an unchanged value keeps its text (`1.0e-4` stays, `1e-4` = 0.0001 is not rewritten)
 
 
+def _get(raw: Any, keys: list[str], default: Any = None) -> Any:
+    for key in keys:
+        if not isinstance(raw, dict) or key not in raw:
+            return default
+        raw = raw[key]
+    return raw
+
+
+def expand_overrides(overrides: list[str], raw: Any) -> list[str]:
+    """The overrides as they apply to `raw` (params.yaml's data, changed in place): an old key is refused with its
+    new name, and switching an option (`train.loss.policy.name=gspo`, `train.rollout.backend=vllm`) first deletes
+    the knobs the file holds for the option it had (`~train.loss.policy.clip_low`): they were that option's, and a
+    knob both share (clip_low) would otherwise keep the old option's value. The switches come first, so a knob
+    given beside one applies to the new option whatever the order. Returns what `dvc exp run -S` gets for the same
+    result (a study cell's overrides)."""
+    options = option_sections()
+    parsed = [(text, *parse_override(text)) for text in overrides]
+    for text, keys, value, _ in parsed:
+        why = moved_key(".".join(keys), value)
+        if why:
+            raise ConfigError(f"-S {text}: {why.split(': ', 1)[1]}")
+    switches = [p for p in parsed if ".".join(p[1][:-1]) in options and p[1][-1] == options[".".join(p[1][:-1])]]
+    out = []
+    for text, keys, value, delete in [*switches, *(p for p in parsed if p not in switches)]:
+        section = _get(raw, keys[:-1])
+        if (text, keys, value, delete) in switches and isinstance(section, dict) and section.get(keys[-1], _UNSET) != value:
+            for knob in [k for k in section if k != keys[-1]]:
+                _set_path(raw, [*keys[:-1], knob], None, delete=True)
+                out.append(f"~{'.'.join([*keys[:-1], knob])}")
+        _set_path(raw, keys, value, delete)
+        out.append(text)
+    return out
+
+
 def overridden(overrides: list[str], path: str | Path = PARAMS_FILE) -> tuple[Any, Params]:
     """(the file's round-trip data with the overrides applied, their validated params); writes nothing."""
     path = Path(path)
     raw = _read_raw(path)
-    for text in overrides:
-        keys, value, delete = parse_override(text)
-        _set_path(raw, keys, value, delete)
+    expand_overrides(overrides, raw)
     return raw, validate(raw, f"{path} with -S overrides" if overrides else str(path))
+
+
+def expanded(overrides: list[str], path: str | Path = PARAMS_FILE) -> list[str]:
+    """`overrides` as `dvc exp run -S` must get them to change `path` as `overridden` does (`expand_overrides`)."""
+    return expand_overrides(overrides, _read_raw(Path(path)))
 
 
 def load(path: str | Path = PARAMS_FILE) -> Params:

@@ -8,47 +8,39 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from grpolab.algos.advantages import ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES
-from grpolab.algos.credit import MITIGATIONS
-from grpolab.algos.losses import AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
-from grpolab.algos.mia_weights import MIA_WEIGHT_TRANSFORMS, SCORE_NORMALIZATIONS
-from grpolab.algos.tracin import KEEP_RULES, VAL_LOSS_COEFFICIENTS, VAL_SELECTIONS
+from grpolab.config.base import Section, existing_model, existing_paths, option_members
+from grpolab.config.train import (
+    DEFAULT_REWARDS,
+    RENAMED_SCORERS,
+    DeepSpeedParams,
+    LossParams,
+    MitigationParams,
+    OptimParams,
+    RewardsParams,
+    RolloutParams,
+    SeparateValidation,
+    TracInParams,
+    TrainParams,
+)
 from grpolab.data.tasks import problem_space
 from grpolab.errors import ConfigError
 from grpolab.mia.scores import MIA_METHODS
-from grpolab.algos.rollout_correction import CORRECTION_MODES
-from grpolab.samplers import SAMPLERS
+from grpolab.algos.mia_weights import SCORE_NORMALIZATIONS
 
 PARAMS_FILE = "params.yaml"
-
-
-class Section(BaseModel):
-    # allow_inf_nan=False: no knob means anything at inf or nan, and YAML's .inf/.nan would otherwise pass as floats
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-def _existing_paths(paths: list[str]) -> list[str]:
-    for path in paths:
-        if not Path(path).is_file():
-            raise ValueError(f"file not found: {path}")
-    return paths
-
-
-def _existing_model(value: str | None) -> str | None:
-    if value is not None and not (Path(value) / "config.json").is_file():
-        raise ValueError(f"no Hugging Face model folder (config.json) at {value}")
-    return value
+__all__ = [  # the train sections (grpolab.config.train) are the schema's too
+    "DEFAULT_REWARDS", "MOVED_KEYS", "PARAMS_FILE", "RENAMED_SCORERS", "DataParams", "DeepSpeedParams", "EvalParams",
+    "LossParams", "MiaParams", "MitigationParams", "ModelParams", "OptimParams", "Params", "RewardsParams",
+    "RolloutParams", "SFTParams", "Section", "TracInParams", "TrackingParams", "TrainParams", "flatten", "format_validation_error",
+    "moved_key", "option_sections", "params_hash", "validate",
+]
 
 
 DEFAULT_NUM_VAL = 200
-RENAMED_SCORERS = {"answer_tag": "answer_match"}  # old spelling -> name (refused, not aliased)
-# train.rewards when params.yaml leaves it empty: with a reward file, with the user's data files, for the generated task
-DEFAULT_REWARDS = {"reward_file": {"reward_file": 1.0}, "auto": {"auto": 1.0}, "task": {"answer_match": 1.0, "format": 0.1}}
 
 
 class DataParams(Section):
@@ -99,7 +91,7 @@ class DataParams(Section):
         "`filter_overlong_prompts` does. Empty: keep every prompt.",
     )
 
-    _check_files = field_validator("train_files", "eval_files", "sft_files", "val_files")(_existing_paths)
+    _check_files = field_validator("train_files", "eval_files", "sft_files", "val_files")(existing_paths)
 
     @property
     def validation_size(self) -> int | None:
@@ -171,7 +163,7 @@ class ModelParams(Section):
         "is the same model with its adapters disabled, and models/trained holds the adapter and the merged model.",
     )
 
-    _check_model = field_validator("name_or_path")(_existing_model)
+    _check_model = field_validator("name_or_path")(existing_model)
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelParams:
@@ -228,463 +220,12 @@ class MiaParams(Section):
     max_new_tokens: int = Field(48, ge=1, description="Length of the greedy completion whose tokens are scored.")
     batch_size: int = Field(256, ge=1, description="Prompts scored together.")
 
-    _check_reference = field_validator("reference_model")(_existing_model)
+    _check_reference = field_validator("reference_model")(existing_model)
 
     @model_validator(mode="after")
     def _reference_needs_model(self) -> MiaParams:
         if self.method == "reference" and self.reference_model is None:
             raise ValueError("method: `reference` needs mia.reference_model")
-        return self
-
-
-class MitigationParams(Section):
-    name: Literal[tuple(MITIGATIONS)] = Field(
-        "none",
-        description="Credit-assignment mitigation: a detached per-token weight on the policy-gradient term "
-        "(docs: concepts/credit.md). `none`: plain GRPO.",
-    )
-    think_discount: float | None = Field(
-        None, ge=0, description="`outcome_conditional` (default 0.5): weight of think-section tokens; answer tokens get 1."
-    )
-    epsilon: float | None = Field(None, gt=0, description="`inverse_logprob` (default 0.1): weight 1 / (abs(log p) + epsilon).")
-    credit_scale: float | None = Field(
-        None, ge=0, description="`attention_credit` (default 2.0): how strongly the answer's attention shifts the weights."
-    )
-    entropy_temp: float | None = Field(
-        None, gt=0, description="`entropy_weighted` (default 1.0): softmax temperature over token entropies."
-    )
-    mask_percentile: float | None = Field(
-        None, ge=0, le=100,
-        description="`entropy_masking` (default 80): tokens below this percentile of the batch's entropy lose the "
-        "policy-gradient term.",
-    )
-
-    @model_validator(mode="after")
-    def _own_knobs_only(self) -> MitigationParams:
-        for knob in sorted({k for m in MITIGATIONS.values() for k in m.knobs}):
-            if getattr(self, knob) is not None and knob not in MITIGATIONS[self.name].knobs:
-                owner = next(name for name, m in MITIGATIONS.items() if knob in m.knobs)
-                raise ValueError(f"{knob}: a knob of `{owner}`, not of `{self.name}`")
-        return self
-
-    def knob(self, knob: str) -> float:
-        """The value of one of this mitigation's knobs: as set, else its default."""
-        value = getattr(self, knob)
-        return MITIGATIONS[self.name].knobs[knob] if value is None else value
-
-    def knobs(self) -> dict[str, float]:
-        """This mitigation's knobs by name: as set, else their defaults."""
-        return {k: self.knob(k) for k in MITIGATIONS[self.name].knobs}
-
-
-# TracIn's knobs that only the `separate` validation mode reads, with their defaults (seeds 001/003).
-SEPARATE_VALIDATION_KNOBS: dict[str, Any] = {
-    "val_batch_size": 64,
-    "val_pool_size": None,  # resolved by TracInParams.pool_size
-    "val_selection": "random",
-    "val_loss": "seqloss-lastadv",
-}
-VAL_POOL_FACTOR = 4  # a top/bottom/balanced selection picks val_batch_size out of this many times as many
-
-
-class TracInParams(Section):
-    use_tracin: bool = Field(
-        False, description="TracIn sample selection (seeds 001/003): keep only completions whose influence "
-        "<grad L_i, grad L_val> is positive. Off: plain GRPO, bit for bit."
-    )
-    validation: Literal["same_batch", "separate"] = Field(
-        "same_batch",
-        description="What L_val is: `same_batch` the step's own policy-gradient loss (seed 003's fix), `separate` "
-        "a loss on fresh completions of validation prompts (data/val.parquet; the original design).",
-    )
-    val_batch_size: int | None = Field(
-        None, ge=2, description="`separate` (default 64; the seeds' `tracin_val_batch_size`): validation completions "
-        "that form L_val.",
-    )
-    val_pool_size: int | None = Field(
-        None, ge=2,
-        description="`separate`: validation prompts sampled (one completion each) per influence step, from which "
-        "`val_selection` picks `val_batch_size`. Default: val_batch_size for `random`, 4x it otherwise.",
-    )
-    val_selection: Literal[tuple(VAL_SELECTIONS)] | None = Field(
-        None, description="`separate` (default random): which pooled completions enter L_val: random, the top or "
-        "bottom by reward (`top` is the original top-k), or `balanced` half top, half bottom (seed 001).",
-    )
-    val_loss: Literal[tuple(VAL_LOSS_COEFFICIENTS)] | None = Field(
-        None, description="`separate` (default seqloss-lastadv), seed 003's losses over the selected completions: "
-        "mean of -log p(y) * advantage, mean of -log p(y) * reward, or -mean log p(good) + mean log p(bad) with "
-        "good/bad the top/bottom half by reward. log p(y) is the sum over the completion's tokens.",
-    )
-    fallback_min_positive: float = Field(
-        0.1, ge=0, le=1, description="If fewer than this share of the units have positive influence, keep the top "
-        "`fallback_top_fraction` by influence instead (seed 001).",
-    )
-    fallback_top_fraction: float = Field(
-        0.5, gt=0, le=1, description="Share of units kept by the fallback, highest influence first."
-    )
-    every: int = Field(
-        1, ge=1, description="Compute influence on every N-th batch of rollouts (= steps when ppo_epochs is 1); "
-        "the batches in between update with every completion, as plain GRPO.",
-    )
-    capture_tokens: int | None = Field(
-        None, ge=1, description="Positions (prompt + completion, padding included) the influence pass captures at "
-        "once: each hooked layer's input stays alive over them until its gradient arrives. Rows are taken longest "
-        "first until the next would pass this (a longer row alone). Smaller: less memory, more forward passes. "
-        "Empty: a train micro-batch at the batch's width (train.micro_batch_size rows).",
-    )
-    keep: Literal[tuple(KEEP_RULES)] = Field(
-        "influence", description="What is trained: `influence` the units TracIn selects, `random` (the control arm) "
-        "as many units drawn at random, seeded by the step: influence is still computed, for the size and the logs."
-    )
-    selection_unit: Literal["completion", "prompt"] = Field(
-        "completion", description="What is kept or dropped: each completion by its own influence (the seeds), or "
-        "each prompt's whole group by the sum of its completions' influences.",
-    )
-
-    @model_validator(mode="after")
-    def _separate_knobs(self) -> TracInParams:
-        if self.validation == "same_batch":
-            for knob in SEPARATE_VALIDATION_KNOBS:
-                if getattr(self, knob) is not None:
-                    raise ValueError(f"{knob}: a knob of validation `separate`, not of `same_batch`")
-            return self
-        if self.pool_size < self.batch_size:
-            raise ValueError(f"val_pool_size ({self.pool_size}) must be at least val_batch_size ({self.batch_size})")
-        if self.selection != "random" and self.pool_size == self.batch_size:
-            raise ValueError(
-                f"val_selection: `{self.selection}` picks val_batch_size ({self.batch_size}) out of val_pool_size "
-                f"({self.pool_size}), which keeps them all: set val_pool_size larger"
-            )
-        return self
-
-    def knob(self, knob: str) -> Any:
-        value = getattr(self, knob)
-        return SEPARATE_VALIDATION_KNOBS[knob] if value is None else value
-
-    @property
-    def batch_size(self) -> int:
-        return self.knob("val_batch_size")
-
-    @property
-    def selection(self) -> str:
-        return self.knob("val_selection")
-
-    @property
-    def loss(self) -> str:
-        return self.knob("val_loss")
-
-    @property
-    def pool_size(self) -> int:
-        if self.val_pool_size is not None:
-            return self.val_pool_size
-        return self.batch_size * (1 if self.selection == "random" else VAL_POOL_FACTOR)
-
-
-class DeepSpeedParams(Section):
-    zero_stage: Literal[0, 1, 2, 3] | None = Field(
-        None, description="ZeRO stage: 0 plain data parallel, 1 optimizer states, 2 + gradients, 3 + parameters "
-        "(gathered for generation). Empty: 1 when training in bf16 (DeepSpeed accumulates gradients in fp32 only "
-        "at ZeRO >= 1) or with `offload_optimizer`, else 0."
-    )
-    offload_optimizer: bool = Field(
-        False, description="ZeRO-Offload: keep the optimizer state in CPU memory and step it there with DeepSpeed's "
-        "CPU Adam (a C++ op compiled for the CPU that runs it: `make install` builds it, the CUDA image on first use). "
-        "Needs zero_stage >= 1."
-    )
-    stage3_param_persistence_threshold: int | None = Field(
-        None, ge=0, description="ZeRO-3: parameters with fewer elements than this stay whole on every process (DeepSpeed's "
-        "knob of this name; empty: DeepSpeed's default, 100,000). 0 partitions every parameter, as a 0.5B model's "
-        "matrices are anyway: what a multi-process test of a tiny model sets to exercise ZeRO-3's gathers."
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _bf16_moved(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "bf16" in data:
-            raise ValueError("bf16: replaced by model.dtype (auto: bf16 on a GPU; bfloat16; float32), which every stage follows")
-        return data
-
-    @model_validator(mode="after")
-    def _offload_needs_zero(self) -> DeepSpeedParams:
-        if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3 (ZeRO partitions the optimizer state it offloads)")
-        if self.stage3_param_persistence_threshold is not None and self.zero_stage != 3:
-            raise ValueError("stage3_param_persistence_threshold is a knob of zero_stage 3")
-        return self
-
-    def stage(self, bf16: bool) -> int:
-        """The ZeRO stage the engine runs: as set, else the lowest that accumulates bf16 gradients in fp32."""
-        if self.zero_stage is not None:
-            return self.zero_stage
-        return 1 if bf16 or self.offload_optimizer else 0
-
-
-class RolloutParams(Section):
-    backend: Literal[tuple(SAMPLERS)] = Field(
-        "hf", description="What generates the rollouts: `hf` grpolab's own decoder over the policy (the default; the "
-        "same completions as before this knob), `vllm` a vLLM engine in each training process that holds the policy's "
-        "weights, pushed in place before each batch of rollouts (`make install-vllm`). TracIn's validation rollouts, "
-        "the mia stage's and evaluate's completions follow it.",
-    )
-    vllm_gpu_memory_utilization: float = Field(
-        0.3, gt=0, lt=1, description="vLLM: the share of the device's memory the engine may take for its weights, "
-        "activations and KV cache (TRL's name and colocate default), beside the DeepSpeed engine on the same device. "
-        "On the CPU it is a share of the host's memory.",
-    )
-    vllm_kv_cache_gib: float | None = Field(
-        None, gt=0, description="vLLM: the KV cache's size in GiB (vLLM's `kv_cache_memory_bytes`), instead of what "
-        "vllm_gpu_memory_utilization leaves. Empty: that on a GPU, 1 GiB on the CPU. Refused before any work when it "
-        "holds less than one sequence of the model's positions.",
-    )
-    vllm_enforce_eager: bool = Field(
-        False, description="vLLM: no CUDA graphs (slower decoding, less memory and a faster start). Always eager on the CPU."
-    )
-    vllm_enable_sleep_mode: bool = Field(
-        False, description="vLLM: between batches of rollouts the engine sleeps (its weights offloaded to the host, its KV "
-        "cache freed: TRL's knob), so the update has the device's memory; woken before the next weight push. GPU only.",
-    )
-    vllm_importance_sampling_correction: bool = Field(
-        True, description="vLLM: multiply each token's policy-gradient term by the truncated or masked ratio "
-        "pi_old / pi_sampler of the trainer's and vLLM's log-probs (TRL's knob; verl's `rollout_is`), which corrects "
-        "for the two engines' numerical mismatch. The hf backend samples from the policy itself: no correction.",
-    )
-    vllm_importance_sampling_mode: Literal[tuple(CORRECTION_MODES)] = Field(
-        "token_truncate", description="vLLM: `token_*` a ratio per token, `sequence_*` one per completion (the "
-        "product of its tokens' ratios); `*_truncate` clamps the ratio into [clip_min, clip_max] (TIS), `*_mask` "
-        "drops the token or completion whose ratio lies outside (MIS; with both bounds, IcePop).",
-    )
-    vllm_importance_sampling_clip_min: float = Field(
-        0.0, ge=0, description="vLLM: the lower bound of the correction's ratio (0: none, as TRL and verl default)."
-    )
-    vllm_importance_sampling_clip_max: float = Field(
-        2.0, gt=0, description="vLLM: the upper bound of the correction's ratio (verl's `rollout_is_threshold` 2; TRL "
-        "uses 3)."
-    )
-
-    @model_validator(mode="after")
-    def _bounds(self) -> RolloutParams:
-        if self.vllm_importance_sampling_clip_min >= self.vllm_importance_sampling_clip_max:
-            raise ValueError(f"vllm_importance_sampling_clip_min ({self.vllm_importance_sampling_clip_min}) must be below "
-                             f"vllm_importance_sampling_clip_max ({self.vllm_importance_sampling_clip_max})")
-        if self.backend != "vllm":
-            for knob, field in type(self).model_fields.items():
-                if knob.startswith("vllm_") and getattr(self, knob) != field.default:
-                    raise ValueError(f"{knob}: a knob of backend `vllm`, not of `{self.backend}`")
-        return self
-
-
-class TrainParams(Section):
-    steps: int = Field(100, ge=0, description="Optimizer steps of GRPO.")
-    prompts_per_step: int = Field(16, ge=1, description="Prompts drawn per batch of rollouts (across all processes).")
-    group_size: int = Field(8, ge=2, description="Completions sampled per prompt; advantages are relative to this group.")
-    max_new_tokens: int = Field(48, ge=1, description="Longest completion sampled in rollouts.")
-    temperature: float = Field(1.0, gt=0, description="Rollout sampling temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Rollout nucleus sampling threshold.")
-    micro_batch_size: int = Field(
-        64, ge=1, description="Sequences per forward/backward on one process; gradients accumulate over the rest. "
-        "A step's rows are sorted by completion length and each micro-batch is cut to its own width."
-    )
-    rollout_batch_size: int = Field(
-        256, ge=1, description="Rows generated together on one process (rollouts and TracIn's validation rollouts): "
-        "bounds generation memory (KV cache, logits); a completion does not depend on it."
-    )
-    ppo_epochs: int = Field(1, ge=1, description="Optimizer steps per batch of rollouts (1 = on-policy).")
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute each layer's activations in the backward pass instead of keeping them "
-        "(transformers' gradient checkpointing): activation memory for about one more forward pass of compute."
-    )
-    deterministic: bool = Field(
-        False, description="Bit-for-bit repeatable runs on a GPU: torch's deterministic kernels "
-        "(`torch.use_deterministic_algorithms`, `CUBLAS_WORKSPACE_CONFIG=:4096:8`); an op that has none is named in a "
-        "warning. Slower on a GPU; on the CPU runs repeat without it. See concepts/trainer.md, Reproducibility."
-    )
-    learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate.")
-    warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps before the cosine decay.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    clip_eps_low: float = Field(0.2, ge=0, lt=1, description="Lower PPO clip: the ratio is kept above 1 - clip_eps_low.")
-    clip_eps_high: float = Field(0.2, ge=0, description="Upper PPO clip: the ratio is kept below 1 + clip_eps_high (DAPO's clip-higher).")
-    policy_loss: Literal[tuple(POLICY_LOSSES)] = Field(
-        "ppo_clip", description="The policy-gradient loss: `ppo_clip` PPO's clipped token ratio (GRPO, DAPO; verl's "
-        "`vanilla`), `gspo` GSPO's clipped sequence ratio (Zheng et al. 2025, in its GSPO-token form: token weights "
-        "still apply), `cispo` CISPO's clipped importance weight as a constant on A log p (MiniMax-M1)."
-    )
-    gspo_clip_low: float = Field(3e-4, ge=0, lt=1, description="GSPO: the sequence ratio is kept above 1 - gspo_clip_low (the paper's 3e-4).")
-    gspo_clip_high: float = Field(4e-4, ge=0, description="GSPO: the sequence ratio is kept below 1 + gspo_clip_high (the paper's 4e-4).")
-    cispo_clip_low: float = Field(
-        1.0, ge=0, le=1, description="CISPO: the importance weight is kept above 1 - cispo_clip_low (1: no lower bound, as in MiniMax-M1)."
-    )
-    cispo_clip_high: float = Field(
-        3.0, ge=0, description="CISPO: the importance weight is kept below 1 + cispo_clip_high (3: at most 4, ScaleRL's and Tinker's cap)."
-    )
-    advantage_estimator: Literal[tuple(ADVANTAGE_ESTIMATORS)] = Field(
-        "grpo", description="The baseline subtracted in each group: `grpo` its mean, `rloo` the mean of the other "
-        "completions (leave-one-out), `opo` its length-weighted mean (verl's `opo`); `scale_rewards` then divides."
-    )
-    entropy_coef: float = Field(
-        0.0, ge=0, description="Entropy bonus: the loss subtracts entropy_coef x each token's policy entropy, aggregated as the loss is."
-    )
-    overlong_buffer_len: int = Field(
-        0, ge=0, description="DAPO's soft overlong punishment: completions longer than max_new_tokens - overlong_buffer_len "
-        "lose reward linearly, up to overlong_penalty_factor at max_new_tokens (the reward part `overlong`; 0: off)."
-    )
-    overlong_penalty_factor: float = Field(1.0, ge=0, description="The most reward the overlong punishment takes (DAPO's 1.0).")
-    mask_truncated_completions: bool = Field(
-        False, description="A completion that reached max_new_tokens without a stop token contributes no policy-gradient "
-        "term (DAPO's overlong filtering); the KL and the entropy bonus still see it."
-    )
-    dynamic_sampling: bool = Field(
-        False, description="DAPO's dynamic sampling (verl's `filter_groups`): groups whose rewards are all equal are "
-        "dropped and more batches of prompts sampled until prompts_per_step groups with signal are gathered."
-    )
-    max_rollout_batches: int = Field(
-        4, ge=1, description="Dynamic sampling: the most batches of rollouts one step samples (verl's `max_num_gen_batches`); "
-        "past them the step trains the groups it has, topped up with groups without signal."
-    )
-    kl_beta: float = Field(0.04, ge=0, description="Weight of the KL penalty to the frozen reference; 0 loads no reference.")
-    kl_estimator: Literal[tuple(KL_ESTIMATORS)] = Field("k3", description="KL estimator: k1 log-ratio, k2 half squared log-ratio, k3 Schulman's.")
-    scale_rewards: Literal[tuple(ADVANTAGE_SCALES)] = Field(
-        "group", description="Advantage scaling: std of the group (GRPO), of the batch, or none (Dr. GRPO)."
-    )
-    loss_agg_mode: Literal[tuple(AGGREGATIONS)] = Field(
-        "token-mean", description="How token losses reduce to one number (verl's names)."
-    )
-    rewards: dict[str, float] | None = Field(
-        None, description="Reward functions by name and their weights; the reward is the weighted sum. Empty: "
-        "`{reward_file: 1}` with a `reward_file`, else `{auto: 1}` with your own data files (each row scored by its "
-        "`data_source`), else `{answer_match: 1, format: 0.1}` (the generated task).",
-    )
-    reward_sources: dict[str, str] = Field(
-        {}, description="Routes for the `auto` reward on top of the built-in ones: data_source -> scorer "
-        "(`answer_match`, `gsm8k`, `gsm8k_flexible`, `math`).",
-    )
-    reward_file: str | None = Field(
-        None, description="Your own reward: a Python file with a function `(data_source, completion, ground_truth, "
-        "extra_info) -> float` (verl's custom reward function), used by the `reward_file` reward.",
-    )
-    reward_function: str = Field("compute_score", min_length=1, description="The function's name in `reward_file`.")
-    judge_model: str | None = Field(
-        None, description="Local sequence-classification model folder used by the `judge` reward (frozen)."
-    )
-    judge_batch_size: int | None = Field(
-        None, ge=1, description="Texts the judge scores together (verl's `reward_model.micro_batch_size_per_gpu`): bounds "
-        "its activation memory. Default: `rollout_batch_size`. Each text is cut from the left to the judge's context, "
-        "so a long prompt cannot push the completion out.",
-    )
-    use_mia_weighted_loss: bool = Field(
-        False, description="Multiply each prompt's policy-gradient loss by its transformed `extra_info.mia_weight` "
-        "(seed 000); train data without weights falls back to plain GRPO with a warning."
-    )
-    mia_weighting_mode: Literal[tuple(MIA_WEIGHT_TRANSFORMS)] = Field(
-        "linear", description="Transform of the MIA weight w: w, w^2 or exp(w - 1)."
-    )
-    mia_invert_weights: bool = Field(False, description="Use 1 - w before the transform.")
-    mia_normalize_weights: bool = Field(
-        False, description="Rescale each batch's prompt weights to mean 1 (over every process's rows): the control "
-        "that separates which prompts a weighting favours from how much smaller it makes the step."
-    )
-    mitigation: MitigationParams = Field(
-        default_factory=MitigationParams, description="Credit-assignment mitigation (seed 002)."
-    )
-    credit_log_every: int = Field(
-        10, ge=0, description="Save per-token credit logs (parquet, MLflow) every this many steps (0: never)."
-    )
-    save_every: int = Field(20, ge=0, description="Checkpoint every this many steps (0: only at the end).")
-    log_completions_every: int = Field(10, ge=1, description="Log a table of sample completions every this many steps.")
-    num_processes: int = Field(
-        1, ge=1, description="Training processes in all. On one machine the train stage starts them itself; under an "
-        "external launcher (torchrun --nnodes, deepspeed --hostfile, srun) it must equal the job's WORLD_SIZE."
-    )
-    rollout: RolloutParams = Field(
-        default_factory=RolloutParams, description="The rollout engine (hf or vLLM) and vLLM's mismatch correction."
-    )
-    tracin: TracInParams = Field(default_factory=TracInParams, description="TracIn sample selection (seeds 001/003).")
-    deepspeed: DeepSpeedParams = Field(default_factory=DeepSpeedParams, description="DeepSpeed engine settings.")
-
-    @field_validator("rewards")
-    @classmethod
-    def _known_rewards(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        from grpolab.rewards import REWARDS
-
-        if value is None:
-            return value
-        if not value:
-            raise ValueError("needs at least one reward function")
-        for name in value:
-            if name not in REWARDS:
-                raise ValueError(f"unknown reward {name!r}; known: {', '.join(sorted(REWARDS))}")
-        return value
-
-    @field_validator("reward_sources")
-    @classmethod
-    def _known_scorers(cls, value: dict[str, str]) -> dict[str, str]:
-        from grpolab.rewards import SCORERS
-
-        for source, scorer in value.items():
-            if scorer in RENAMED_SCORERS:
-                raise ValueError(f"{source}: the scorer {scorer!r} is now {RENAMED_SCORERS[scorer]!r} (one name with the reward)")
-            if scorer not in SCORERS:
-                raise ValueError(f"{source}: unknown scorer {scorer!r}; scorers: {', '.join(SCORERS)}")
-        return value
-
-    @field_validator("reward_file")
-    @classmethod
-    def _python_file(cls, value: str | None) -> str | None:
-        if value is not None and not (Path(value).is_file() and value.endswith(".py")):
-            raise ValueError(f"no Python file (.py) at {value}")
-        return value
-
-    _check_judge = field_validator("judge_model")(_existing_model)
-
-    def _unused_knobs(self) -> None:
-        """A knob changed from its default that the chosen settings never read is a mistake: refused, naming
-        the key that turns it off."""
-        unread = {knob: f"a knob of policy_loss `{name}`, not of `{self.policy_loss}`"
-                  for name, loss in POLICY_LOSSES.items() if name != self.policy_loss for knob in loss.clip}
-        if not self.dynamic_sampling:
-            unread["max_rollout_batches"] = "a knob of dynamic_sampling, which is off"
-        if not self.use_mia_weighted_loss:
-            unread["mia_normalize_weights"] = "a knob of use_mia_weighted_loss, which is off"
-        if not self.overlong_buffer_len:
-            unread["overlong_penalty_factor"] = "a knob of the overlong punishment, which overlong_buffer_len 0 turns off"
-        for knob, why in unread.items():
-            if getattr(self, knob) != type(self).model_fields[knob].default:
-                raise ValueError(f"{knob}: {why}")
-
-    @model_validator(mode="after")
-    def _batch_divides(self) -> TrainParams:
-        batch = self.prompts_per_step * self.group_size
-        if self.prompts_per_step % self.num_processes:
-            raise ValueError(
-                f"prompts_per_step ({self.prompts_per_step}) must divide evenly across num_processes ({self.num_processes})"
-            )
-        per_process = batch // self.num_processes
-        if per_process % self.micro_batch_size:
-            raise ValueError(
-                f"micro_batch_size ({self.micro_batch_size}) must divide the per-process batch "
-                f"(prompts_per_step x group_size / num_processes = {per_process})"
-            )
-        self._unused_knobs()
-        if self.overlong_buffer_len >= self.max_new_tokens:
-            raise ValueError(f"overlong_buffer_len ({self.overlong_buffer_len}) must be below max_new_tokens "
-                             f"({self.max_new_tokens}): the punishment starts max_new_tokens - overlong_buffer_len tokens in")
-        rewards = self.rewards or {}
-        if "judge" in rewards and self.judge_model is None:
-            raise ValueError("rewards: the judge reward needs train.judge_model")
-        if "reward_file" in rewards and self.reward_file is None:
-            raise ValueError("rewards: the reward_file reward needs train.reward_file")
-        if self.reward_file is not None and self.rewards is not None and "reward_file" not in rewards:
-            raise ValueError("reward_file: is set but train.rewards does not use it (add `reward_file: 1.0`)")
-        if self.gradient_checkpointing and self.tracin.use_tracin:
-            # TracIn takes gradients at the layers' forward outputs; a checkpointed backward recomputes those
-            # outputs instead of reaching the ones the forward returned.
-            raise ValueError("gradient_checkpointing cannot be combined with tracin.use_tracin (TracIn needs the "
-                             "forward's own layer outputs, which checkpointing recomputes)")
-        tracin = self.tracin
-        if tracin.use_tracin and tracin.validation == "separate" and tracin.pool_size % self.num_processes:
-            raise ValueError(
-                f"tracin.val_pool_size ({tracin.pool_size}) must divide evenly across num_processes ({self.num_processes})"
-            )
         return self
 
 
@@ -728,8 +269,9 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _default_rewards(self) -> Params:
-        if self.train.rewards is None:
-            self.train.rewards = DEFAULT_REWARDS["reward_file" if self.train.reward_file else "auto" if self.data.train_files else "task"]
+        rewards = self.train.rewards
+        if rewards.weights is None:
+            rewards.weights = DEFAULT_REWARDS["reward_file" if rewards.reward_file else "auto" if self.data.train_files else "task"]
         return self
 
     @model_validator(mode="after")
@@ -741,7 +283,7 @@ class Params(Section):
     @model_validator(mode="after")
     def _tracin_has_validation(self) -> Params:
         tracin = self.train.tracin
-        if not (tracin.use_tracin and tracin.validation == "separate"):
+        if not (tracin.use_tracin and isinstance(tracin.validation, SeparateValidation)):
             return self
         size = self.data.validation_size
         if size == 0:
@@ -749,10 +291,10 @@ class Params(Section):
                 "train.tracin.validation: `separate` needs validation prompts: set data.val_files or data.num_val "
                 "(with your own train files none are held out by default)"
             )
-        if size is not None and tracin.pool_size > size:
+        if size is not None and tracin.validation.pool_size > size:
             raise ValueError(
-                f"train.tracin.val_pool_size: {tracin.pool_size} validation prompts per influence step, but "
-                f"data.num_val is {size}"
+                f"train.tracin.validation.val_pool_size: {tracin.validation.pool_size} validation prompts per influence "
+                f"step, but data.num_val is {size}"
             )
         return self
 
@@ -767,26 +309,154 @@ class Params(Section):
         return self
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+# Keys of params.yaml that moved (issue 32: the train params in sections), old -> new: an old key is refused with
+# its new name, never read. (Other code can apply it as a codemod: every `train.<old>` string becomes its new path.)
+MOVED_KEYS: dict[str, str] = {
+    **{f"train.{k}": f"train.optim.{k}" for k in ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm")},
+    "train.policy_loss": "train.loss.policy.name",
+    "train.clip_eps_low": "train.loss.policy.clip_low",
+    "train.clip_eps_high": "train.loss.policy.clip_high",
+    "train.gspo_clip_low": "train.loss.policy.clip_low",
+    "train.gspo_clip_high": "train.loss.policy.clip_high",
+    "train.cispo_clip_low": "train.loss.policy.clip_low",
+    "train.cispo_clip_high": "train.loss.policy.clip_high",
+    **{f"train.{k}": f"train.loss.{k}" for k in ("advantage_estimator", "scale_rewards", "kl_beta", "kl_estimator",
+                                                 "entropy_coef", "loss_agg_mode", "mask_truncated_completions")},
+    "train.rewards": "train.rewards.weights",
+    **{f"train.{k}": f"train.rewards.{k}" for k in ("reward_sources", "reward_file", "reward_function", "judge_model",
+                                                    "judge_batch_size")},
+    "train.overlong_buffer_len": "train.rewards.overlong_buffer.len",
+    "train.overlong_penalty_factor": "train.rewards.overlong_buffer.penalty_factor",
+    "train.dynamic_sampling": "train.dynamic_sampling.enable",
+    "train.max_rollout_batches": "train.dynamic_sampling.max_rollout_batches",
+    **{f"train.{k}": f"train.mia_weighting.{k}" for k in ("use_mia_weighted_loss", "mia_weighting_mode",
+                                                          "mia_invert_weights", "mia_normalize_weights")},
+    **{f"train.{k}": f"train.log.{k}" for k in ("credit_log_every", "log_completions_every")},
+    "train.tracin.validation": "train.tracin.validation.name",
+    **{f"train.tracin.{k}": f"train.tracin.validation.{k}" for k in ("val_batch_size", "val_pool_size", "val_selection",
+                                                                      "val_loss")},
+}
+# what else the new key needs, where the old one said it by its name or its value
+MOVE_NOTES = {
+    "train.gspo_clip_low": "with train.loss.policy.name: gspo", "train.gspo_clip_high": "with train.loss.policy.name: gspo",
+    "train.cispo_clip_low": "with train.loss.policy.name: cispo", "train.cispo_clip_high": "with train.loss.policy.name: cispo",
+    "train.clip_eps_low": "with train.loss.policy.name: ppo_clip", "train.clip_eps_high": "with train.loss.policy.name: ppo_clip",
+    "train.overlong_buffer_len": "with train.rewards.overlong_buffer.enable: true",
+    "train.overlong_penalty_factor": "with train.rewards.overlong_buffer.enable: true",
+    "train.max_rollout_batches": "with train.dynamic_sampling.enable: true",
+    "train.mia_weighting_mode": "with train.mia_weighting.use_mia_weighted_loss: true",
+    "train.mia_invert_weights": "with train.mia_weighting.use_mia_weighted_loss: true",
+    "train.mia_normalize_weights": "with train.mia_weighting.use_mia_weighted_loss: true",
+    "train.tracin.val_batch_size": "with train.tracin.validation.name: separate",
+    "train.tracin.val_pool_size": "with train.tracin.validation.name: separate",
+    "train.tracin.val_selection": "with train.tracin.validation.name: separate",
+    "train.tracin.val_loss": "with train.tracin.validation.name: separate",
+}
+
+
+def _section_fields(path: str) -> set[str] | None:
+    """The keys the section at dotted `path` takes now (every option's, for a choice); None: not a section."""
+    model: Any = Params
+    for key in path.split("."):
+        fields = {k: f.annotation for k, f in model.model_fields.items()} if model is not None else {}
+        if key not in fields:
+            return None
+        ann = fields[key]
+        members = option_members(ann)
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if members:
+            return {k for m in members.values() for k in m.model_fields}
+    return set(model.model_fields) if model is not None else None
+
+
+def moved_key(key: str, value: Any) -> str | None:
+    """Why `key` set to `value` is refused when it is an old key (`moved to ...`), else None. A key that is a section
+    now (`train.rewards`) is old when its value is not that section."""
+    if key not in MOVED_KEYS:
+        return None
+    fields = _section_fields(key)
+    if fields is not None and isinstance(value, dict) and set(value) <= fields:
+        return None
+    note = MOVE_NOTES.get(key)
+    return f"{key}: moved to {MOVED_KEYS[key]}" + (f" ({note})" if note else "")
+
+
+def _moved_keys(raw: Any, prefix: str = "") -> list[str]:
+    found = []
+    for key, value in raw.items() if isinstance(raw, dict) else ():
+        path = f"{prefix}{key}"
+        why = moved_key(path, value)
+        found += [why] if why else _moved_keys(value, f"{path}.")
+    return found
+
+
+def option_sections(model: type[BaseModel] = None, prefix: str = "") -> dict[str, str]:
+    """dotted path -> the key that picks the option, for every choice in the params (`train.loss.policy`: `name`)."""
+    found = {}
+    for name, field in (model or Params).model_fields.items():
+        members = option_members(field.annotation)
+        if members:
+            found[f"{prefix}{name}"] = next(iter(members.values())).KEY
+        elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            found.update(option_sections(field.annotation, f"{prefix}{name}."))
+    return found
+
+
+def format_validation_error(err: ValidationError, source: str, raw: Any = None) -> str:
     lines = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"])
+        loc, node, tag_left_out = [], raw, False
+        for part in e["loc"]:  # a choice's member tag follows its path in what pydantic gives: leave it out
+            if not tag_left_out and loc and _is_option(".".join(loc)) and not (isinstance(node, dict) and part in node):
+                tag_left_out = True
+                continue
+            loc.append(str(part))
+            node = node.get(part) if isinstance(node, dict) else None
+        path = ".".join(loc)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+            parent = ".".join(loc[:-1])
+            if _is_option(parent):
+                key = option_sections()[parent]
+                msg = f"not a knob of `{key}: {_chosen(raw, parent, key)}`"
+        elif e["type"] == "union_tag_invalid":
+            ctx = e.get("ctx", {})
+            msg = f"{option_sections()[path]}: {ctx.get('tag')!r} is none of {ctx.get('expected_tags')}"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         lines.append(f"{source}: {path}: {msg}" if path else f"{source}: {msg}")
     return "\n".join(lines)
 
 
+def _is_option(path: str) -> bool:
+    return path in option_sections()
+
+
+def _chosen(raw: Any, path: str, key: str) -> str:
+    """The option chosen at `path` in the raw params (the first one where the key is left out)."""
+    node = raw
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    model: Any = Params
+    for part in path.split("."):
+        field = model.model_fields[part]
+        model = field.annotation
+    default = next(iter(option_members(model))).lower()
+    chosen = node.get(key, default) if isinstance(node, dict) else default
+    return str(chosen).lower() if isinstance(chosen, bool) else str(chosen)
+
+
 def validate(raw: dict[str, Any], source: str = PARAMS_FILE) -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    moved = _moved_keys(raw)
+    if moved:
+        raise ConfigError("\n".join(f"{source}: {why}" for why in moved))
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, raw)) from None
 
 
 def flatten(params: Params) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The `inputs` stage: what DVC needs to know of the user's own files.
 
-`data.train_files`, `model.name_or_path`, `train.judge_model`, … are paths in params.yaml, and
+`data.train_files`, `model.name_or_path`, `train.rewards.judge_model`, … are paths in params.yaml, and
 `dvc.yaml` cannot list a param's paths as deps (its templating takes no lists, and they are often
 empty). So this first stage, which DVC runs every time (`always_changed`), writes each file's
 content digest to `data/inputs/<group>.json`, and each stage that reads a group lists that file
@@ -20,8 +20,8 @@ from grpolab.paths import INPUTS_DIR
 USER_FILES: dict[str, tuple[str, ...]] = {
     "data.json": ("data.train_files", "data.eval_files", "data.sft_files", "data.val_files"),  # prepare
     "model.json": ("model.name_or_path",),  # prepare (its tokenizer), sft (its weights)
-    "judge_model.json": ("train.judge_model",),  # train
-    "reward_file.json": ("train.reward_file",),  # train, evaluate
+    "judge_model.json": ("train.rewards.judge_model",),  # train
+    "reward_file.json": ("train.rewards.reward_file",),  # train, evaluate
     "reference_model.json": ("mia.reference_model",),  # mia, evaluate
 }
 

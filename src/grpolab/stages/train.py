@@ -111,11 +111,11 @@ def sample_scored(run: Training, cycle: int) -> tuple[Sampled, Rollout, dict[str
     sampling, batches are sampled until prompts_per_step groups have signal (or max_rollout_batches), and the
     groups chosen over every process (the same as one process keeps) are dealt out to the processes again."""
     t = run.params.train
-    if not t.dynamic_sampling:
+    if not t.dynamic_sampling.enable:
         rows, rollout = sample_rollouts(run, cycle)
         return score(run, rows, rollout), rollout, {}
     batches: list[tuple[Sampled, Rollout]] = []
-    for attempt in range(t.max_rollout_batches):
+    for attempt in range(t.dynamic_sampling.max_rollout_batches):
         rows, rollout = sample_rollouts(run, cycle + attempt * EXTRA_BATCHES)
         batches.append((score(run, rows, rollout), rollout))
         has_signal = torch.cat([~zero_std_groups(s.all_rewards, t.group_size) for s, _ in batches])
@@ -153,8 +153,9 @@ def score(run: Training, rows: list[dict], rollout: Rollout) -> Sampled:
     texts = decode(run.tokenizer, rollout)
     reward, parts = run.rewarder(rows, texts, str(WEIGHTED_TRAIN_FILE))
     lengths = rollout.completion_mask.sum(-1)
-    if t.overlong_buffer_len:
-        parts["overlong"] = overlong_penalty(lengths, t.max_new_tokens, t.overlong_buffer_len, t.overlong_penalty_factor)
+    overlong = t.rewards.overlong_buffer
+    if overlong.enable:
+        parts["overlong"] = overlong_penalty(lengths, t.max_new_tokens, overlong.len, overlong.penalty_factor)
         reward = reward + parts["overlong"]
     all_rewards = dist.all_gather_cat(reward)
     sources = dist.all_gather_objects([r["data_source"] for r in rows])  # aligned with all_rewards
@@ -167,22 +168,22 @@ def weigh(run: Training, sampled: Sampled, rollout: Rollout) -> Batch:
     params, engine, weighting = run.params, run.engine, run.weighting
     t = params.train
     offset = dist.rank() * len(sampled.rows)
-    advantages = group_advantages(sampled.all_rewards, t.group_size, t.scale_rewards, estimator=t.advantage_estimator,
+    advantages = group_advantages(sampled.all_rewards, t.group_size, t.loss.scale_rewards, estimator=t.loss.advantage_estimator,
                                   lengths=sampled.all_lengths)[offset : offset + len(sampled.rows)]
     classes = weighting.token_classes(rollout)
     engine.module.eval()  # every pass below reads the policy as it sampled: the update left it training (dropout)
     if rollout.token_entropy is None and MITIGATIONS[t.mitigation.name].needs_entropy:  # vLLM returns no entropies
         rollout.token_entropy = rollout_entropies(engine.module, rollout, t.micro_batch_size, t.temperature, params.model.logit_chunk_tokens)
     weights = weighting.loss_weights(rollout, sampled.rows, classes, engine.module, by_length(rollout.completion_mask, t.micro_batch_size))
-    if t.mia_normalize_weights:
+    if t.mia_weighting.use_mia_weighted_loss and t.mia_weighting.mia_normalize_weights:
         weights.prompt = mean_one(weights.prompt, dist.all_reduce_sum(weights.prompt.sum()).item(), len(sampled.all_rewards))
-    if t.mask_truncated_completions:
+    if t.loss.mask_truncated_completions:
         stops = stop_ids(engine.module, run.tokenizer)
         weights.keep = weights.keep * ~truncated(rollout.completion_ids, rollout.completion_mask, stops, t.max_new_tokens)
     batch = Batch(rollout, advantages, None, None, weights, classes)
     if t.ppo_epochs > 1:
         batch.old_logp = batch_logprobs(engine.module, batch, t.micro_batch_size, t.temperature, params.model.logit_chunk_tokens)
-    if t.kl_beta > 0:
+    if t.loss.kl_beta > 0:
         with reference_policy(engine.module, run.ref_model) as reference:
             batch.ref_logp = batch_logprobs(reference, batch, t.micro_batch_size, t.temperature, params.model.logit_chunk_tokens)
     return batch
@@ -235,10 +236,10 @@ def train_inputs(params: Params) -> list[Path]:
     inputs = [BASE_DIR, WEIGHTED_TRAIN_FILE]
     if t.tracin.use_tracin:
         inputs.append(VAL_FILE)
-    if "judge" in t.rewards and t.judge_model:
-        inputs.append(Path(t.judge_model))
-    if t.reward_file:
-        inputs.append(Path(t.reward_file))
+    if "judge" in t.rewards.weights and t.rewards.judge_model:
+        inputs.append(Path(t.rewards.judge_model))
+    if t.rewards.reward_file:
+        inputs.append(Path(t.rewards.reward_file))
     return inputs
 
 
@@ -272,10 +273,10 @@ def setup(params: Params, tracker: Tracker | None) -> Training:
     rewarder = Rewarder(params)
     rewarder.check(data.to_dict("records"), str(WEIGHTED_TRAIN_FILE))
     check_room(model.config, tokenizer, list(data["prompt"]), t.max_new_tokens, "train.max_new_tokens", str(WEIGHTED_TRAIN_FILE))
-    if t.tracin.use_tracin and t.tracin.validation == "separate":
+    if t.tracin.use_tracin and t.tracin.validation.name == "separate":
         check_room(model.config, tokenizer, list(pd.read_parquet(VAL_FILE)["prompt"]), t.max_new_tokens, "train.max_new_tokens", str(VAL_FILE))
     ref_model = None  # with LoRA the reference is the policy with its adapters disabled
-    if t.kl_beta > 0 and not params.model.lora.r:
+    if t.loss.kl_beta > 0 and not params.model.lora.r:
         ref_model = load_model(BASE_DIR, dtype).eval().requires_grad_(False)  # the policy's dtypes, buffers included
     # the rollout engine before the training engine: what it cannot run is refused before any work
     sampler = make_sampler(t.rollout.backend, model, tokenizer, batch_size=t.rollout_batch_size, settings=t.rollout,
@@ -286,7 +287,7 @@ def setup(params: Params, tracker: Tracker | None) -> Training:
     weighting = LossWeighting(params, data, tokenizer)
     tracin = TracIn(params, engine.module, tokenizer, rewarder, sampler) if t.tracin.use_tracin else None
     key = broadcast_fingerprint(params, train_inputs(params))
-    curve_keys = ((tracin.metric_keys if tracin else []) + (DYNAMIC_SAMPLING_KEYS if t.dynamic_sampling else [])
+    curve_keys = ((tracin.metric_keys if tracin else []) + (DYNAMIC_SAMPLING_KEYS if t.dynamic_sampling.enable else [])
                   + (SAMPLING_KEYS if t.rollout.backend != "hf" else []))
     record = Recorder(params, tracker, weighting, curve_keys)
     return Training(params, engine, tokenizer, data, rewarder, sampler, weighting, ref_model, tracin, record, key, bf16)

@@ -62,7 +62,7 @@ HEARTBEAT_GRACE_S = 15  # a cell's flow run is silent after 2 heartbeat interval
 HEARTBEAT_TAG = "grpolab-heartbeat:{}s"  # on every pool cell's flow run: the automation of its heartbeat interval watches it
 USER_PATHS = (  # params that name the user's files and checkpoints
     "data.train_files", "data.eval_files", "data.sft_files", "data.val_files", "model.name_or_path", "mia.reference_model",
-    "train.judge_model",
+    "train.rewards.judge_model",
 )
 
 

@@ -152,7 +152,8 @@ def load_study(path: str | Path, params_file: str | Path = config.PARAMS_FILE) -
             except ConfigError as exc:
                 message = str(exc).replace(f"{params_file} with -S overrides: ", "")
                 raise ConfigError(f"{path}: variants.{spec.variants.index(variant)} ({variant.name}): {message}") from None
-            cells.append(Cell(spec.name, variant.name, seed, tuple(_dvc_override(o) for o in overrides), params))
+            cells.append(Cell(spec.name, variant.name, seed, tuple(_dvc_override(o) for o in config.expanded(overrides, params_file)),
+                              params))
 
     seen: dict[str, str] = {}
     for cell in cells:

@@ -22,7 +22,7 @@ def deepspeed_config(params: Params, bf16: bool) -> dict:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": per_process // t.micro_batch_size,
         "train_batch_size": per_process * t.num_processes,
-        "gradient_clipping": t.max_grad_norm,
+        "gradient_clipping": t.optim.max_grad_norm,
         "zero_optimization": {"stage": stage}
         | ({"stage3_param_persistence_threshold": threshold} if (threshold := t.deepspeed.stage3_param_persistence_threshold) is not None else {})
         | ({"offload_optimizer": {"device": "cpu", "pin_memory": torch.cuda.is_available()}} if t.deepspeed.offload_optimizer else {}),
@@ -43,8 +43,8 @@ def make_optimizer(params: Params, model: torch.nn.Module) -> torch.optim.Optimi
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         dist.load_native_ops("CPUAdamBuilder")
-        return DeepSpeedCPUAdam(trainable, lr=t.learning_rate, weight_decay=t.weight_decay, adamw_mode=True)
-    return torch.optim.AdamW(trainable, lr=t.learning_rate, weight_decay=t.weight_decay)
+        return DeepSpeedCPUAdam(trainable, lr=t.optim.learning_rate, weight_decay=t.optim.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(trainable, lr=t.optim.learning_rate, weight_decay=t.optim.weight_decay)
 
 
 def build_engine(params: Params, model: torch.nn.Module, ds_config: dict):
@@ -57,7 +57,7 @@ def build_engine(params: Params, model: torch.nn.Module, ds_config: dict):
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = make_optimizer(params, model)
-    schedule = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, max(t.steps, 1))
+    schedule = get_cosine_schedule_with_warmup(optimizer, t.optim.warmup_steps, max(t.steps, 1))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     return engine
 

@@ -48,10 +48,10 @@ class LossWeighting:
         self._pieces = np.full(0, None, dtype=object)  # token id -> its decoded text, filled as tokens appear
         self._lengths = np.full(0, -1)  # token id -> its text's length, -1 until decoded
         t = params.train
-        self._raw_mia_weights = [_mia_weight(x) for x in data["extra_info"]] if t.use_mia_weighted_loss else []
-        self.mia_on = t.use_mia_weighted_loss and all(w is not None for w in self._raw_mia_weights)
-        if t.use_mia_weighted_loss and not self.mia_on:
-            warnings.warn("train.use_mia_weighted_loss is set but the train data has no extra_info.mia_weight: "
+        self._raw_mia_weights = [_mia_weight(x) for x in data["extra_info"]] if t.mia_weighting.use_mia_weighted_loss else []
+        self.mia_on = t.mia_weighting.use_mia_weighted_loss and all(w is not None for w in self._raw_mia_weights)
+        if t.mia_weighting.use_mia_weighted_loss and not self.mia_on:
+            warnings.warn("train.mia_weighting.use_mia_weighted_loss is set but the train data has no extra_info.mia_weight: "
                           "training plain GRPO", stacklevel=2)
 
     def start_metrics(self) -> dict[str, float]:
@@ -60,9 +60,9 @@ class LossWeighting:
             return {}
         t = self.params.train
         raw = torch.tensor(self._raw_mia_weights, dtype=torch.float64)
-        w = transform_mia_weights(raw, t.mia_weighting_mode, t.mia_invert_weights)
+        w = transform_mia_weights(raw, t.mia_weighting.mia_weighting_mode, t.mia_weighting.mia_invert_weights)
         stats = {"mean": w.mean().item(), "std": w.std().item() if len(w) > 1 else 0.0, "min": w.min().item(), "max": w.max().item()}
-        print(f"MIA-weighted loss enabled: mode={t.mia_weighting_mode}, invert={t.mia_invert_weights}, "
+        print(f"MIA-weighted loss enabled: mode={t.mia_weighting.mia_weighting_mode}, invert={t.mia_weighting.mia_invert_weights}, "
               + ", ".join(f"weight_{k}={v:.4f}" for k, v in stats.items()), flush=True)
         return {f"mia/weight_{k}": v for k, v in stats.items()}
 
@@ -100,7 +100,7 @@ class LossWeighting:
         prompt = torch.ones(batch)
         if self.mia_on:
             raw = torch.tensor([_mia_weight(r["extra_info"]) for r in rows], dtype=torch.float32)
-            prompt = transform_mia_weights(raw, t.mia_weighting_mode, t.mia_invert_weights)
+            prompt = transform_mia_weights(raw, t.mia_weighting.mia_weighting_mode, t.mia_weighting.mia_invert_weights)
         token = self._token_weights(rollout, classes, model, micro_batches)
         return LossWeights(token=token, prompt=prompt, keep=torch.ones(batch))
 

@@ -124,13 +124,13 @@ class Recorder:
         if tracker and step > self.logged.through:
             tracker.metrics(metrics, step=step)
         table = f"step_{step:06d}.json"
-        if tracker and step % t.log_completions_every == 0 and table not in self.logged.tables:
+        if tracker and step % t.log.log_completions_every == 0 and table not in self.logged.tables:
             frame = completions_table(sampled, batch.advantages)
             tracker.table(frame, f"completions/{table}")
             if t.save_every:  # in MLflow's format, for a resume whose run lacks it
                 text = frame.to_json(orient="split", index=False)
                 self._pending.append(self._writer.submit(atomic_write_text, KEPT_TABLES / table, text))
-        if dist.is_rank0() and t.credit_log_every and step % t.credit_log_every == 0:
+        if dist.is_rank0() and t.log.credit_log_every and step % t.log.credit_log_every == 0:
             self._step_log(credit_log(batch, self.weighting, step), CREDIT_DIR, step)
         if dist.is_rank0() and selection:
             self._step_log(selection.log, TRACIN_DIR, step)

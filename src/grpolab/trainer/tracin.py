@@ -217,20 +217,20 @@ class TracIn:
         self.rewarder = rewarder
         self.probe = GradientProbe(model)
         self.val = None
-        if self.cfg.validation == "separate":
+        if self.cfg.validation.name == "separate":
             if not VAL_FILE.is_file():
                 raise FileNotFoundError(f"{VAL_FILE}: no validation split (run the prepare stage first)")
             self.val = pd.read_parquet(VAL_FILE)
             rewarder.check(self.val.to_dict("records"), str(VAL_FILE))
-            if len(self.val) < self.cfg.pool_size:
+            if len(self.val) < self.cfg.validation.pool_size:
                 raise DataError(
-                    f"{VAL_FILE}: {len(self.val)} validation prompts, fewer than train.tracin.val_pool_size "
-                    f"({self.cfg.pool_size})"
+                    f"{VAL_FILE}: {len(self.val)} validation prompts, fewer than train.tracin.validation.val_pool_size "
+                    f"({self.cfg.validation.pool_size})"
                 )
 
     @property
     def metric_keys(self) -> list[str]:
-        return METRIC_KEYS + (SEPARATE_METRIC_KEYS if self.cfg.validation == "separate" else [])
+        return METRIC_KEYS + (SEPARATE_METRIC_KEYS if self.cfg.validation.name == "separate" else [])
 
     def due(self, rollout_index: int) -> bool:
         return rollout_index % self.cfg.every == 0
@@ -242,19 +242,19 @@ class TracIn:
         its prompt and token weights, the update's aggregation), on-policy (ratio 1), without KL."""
         t, mask = self.params.train, micro.rollout.completion_mask
         logp = completion_logprobs(model, micro.rollout, temperature=t.temperature, chunk_tokens=self.params.model.logit_chunk_tokens)[0]
-        policy_loss = POLICY_LOSSES[t.policy_loss]  # at ratio 1 all three give -A grad(log p) per token
-        pg, _ = policy_loss.loss(logp, logp.detach(), micro.advantages, mask, *[getattr(t, k) for k in policy_loss.clip])
+        policy = t.loss.policy  # at ratio 1 all three losses give -A grad(log p) per token
+        pg, _ = POLICY_LOSSES[policy.name](logp, logp.detach(), micro.advantages, mask, **policy.knobs())
         token_loss = compose_token_loss(pg, None, 0.0, micro.weights.token, micro.weights.prompt, torch.ones(len(pg)))
-        return aggregate(token_loss, mask, t.loss_agg_mode, t.max_new_tokens, units)
+        return aggregate(token_loss, mask, t.loss.loss_agg_mode, t.max_new_tokens, units)
 
     def _validation_gradient(self, model, rollout_index: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """grad L_val over fresh completions of validation prompts (seed 003's losses), summed over processes."""
         t, cfg = self.params.train, self.cfg
-        per_rank = cfg.pool_size // dist.world_size()
-        pool = np.random.default_rng([self.params.seed, rollout_index, VAL_STREAM]).choice(len(self.val), cfg.pool_size, replace=False)
+        per_rank = cfg.validation.pool_size // dist.world_size()
+        pool = np.random.default_rng([self.params.seed, rollout_index, VAL_STREAM]).choice(len(self.val), cfg.validation.pool_size, replace=False)
         first = dist.rank() * per_rank
         rows = self.val.take(pool[first : first + per_rank]).to_dict("records")
-        row_ids = [VAL_ROW_OFFSET + rollout_index * cfg.pool_size + first + j for j in range(per_rank)]
+        row_ids = [VAL_ROW_OFFSET + rollout_index * cfg.validation.pool_size + first + j for j in range(per_rank)]
         rollout = self.sampler.sample(
             [encode_prompt(self.tokenizer, r["prompt"]) for r in rows], max_new_tokens=t.max_new_tokens,
             temperature=t.temperature, top_p=t.top_p, keys=sample_keys(self.params.seed, row_ids),
@@ -262,10 +262,10 @@ class TracIn:
         texts = decode(self.tokenizer, rollout)
         reward, _ = self.rewarder(rows, texts, str(VAL_FILE))
         rewards = dist.all_gather_cat(reward)
-        chosen = VAL_SELECTIONS[cfg.selection](rewards, cfg.batch_size, torch.Generator().manual_seed(self.params.seed * 1_000_003 + rollout_index))
+        chosen = VAL_SELECTIONS[cfg.validation.val_selection](rewards, cfg.validation.val_batch_size, torch.Generator().manual_seed(self.params.seed * 1_000_003 + rollout_index))
         advantages = group_advantages(rewards[chosen], len(chosen), "group")  # (r - mean) / std over the validation batch
         coefficients = torch.zeros(len(rewards))
-        coefficients[chosen] = VAL_LOSS_COEFFICIENTS[cfg.loss](rewards[chosen], advantages)
+        coefficients[chosen] = VAL_LOSS_COEFFICIENTS[cfg.validation.val_loss](rewards[chosen], advantages)
         mine = coefficients[first : first + per_rank]
         v = self.probe.zeros()
         for index in self._chunks(rollout, mine.nonzero().squeeze(-1)):  # a 0 coefficient adds nothing
@@ -294,7 +294,7 @@ class TracIn:
         keep mask: positive influence, or the fallback's top share, chosen over the whole batch."""
         t, cfg = self.params.train, self.cfg
         model.train()
-        units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss_agg_mode))
+        units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss.loss_agg_mode))
         n = len(batch.advantages)
         chunks = self._chunks(batch.rollout, batch.advantages.nonzero().squeeze(-1))  # a 0 advantage has no gradient
 
@@ -304,7 +304,7 @@ class TracIn:
             self.probe.capture(lambda: self._pg_loss(model, micro, units), valid, consume, packed_row)
 
         metrics: dict[str, float] = {}
-        if cfg.validation == "separate":
+        if cfg.validation.name == "separate":
             v, metrics = self._validation_gradient(model, rollout_index)
         else:  # v is the whole batch's gradient, summed chunk by chunk, before any product
             v = self.probe.zeros()

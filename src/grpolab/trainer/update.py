@@ -21,6 +21,7 @@ from grpolab.algos.credit import ANSWER, CLASS_NAMES, THINK, gini, token_credit
 from grpolab.algos.losses import KL_ESTIMATORS, POLICY_LOSSES, aggregate, aggregation_units, compose_token_loss
 from grpolab.algos.rollout_correction import rollout_correction
 from grpolab.config import Params
+from grpolab.config.train import VllmRollout
 from grpolab.rewards import source_means
 from grpolab.logprobs import by_length, completion_logprobs
 from grpolab.samplers import Rollout
@@ -104,25 +105,25 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
     """Backward over micro-batches and one optimizer step. Returns sums for the step's metrics."""
     t = params.train
     engine.module.train()
-    units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss_agg_mode))
+    units = dist.all_reduce_sum(aggregation_units(batch.rollout.completion_mask.float(), t.loss.loss_agg_mode))
     # Summed as tensors and read once at the end: a read per micro-batch would wait for its backward each time.
     keys = ("pg", "kl", "entropy", "logp", "clipped", "tokens", *MISMATCH_SUMS)
     totals, loss_total = torch.zeros(len(keys), dtype=torch.float64), 0.0
     grad_norm = torch.tensor(math.nan)
     extremes = torch.tensor([math.inf, -math.inf, 0.0], dtype=torch.float64)  # ratio min, ratio max, max |logp diff|
-    r = t.rollout
+    # the hf sampler's log-probs are measured against pi_old too (logged, never applied), under vLLM's default bounds
+    r = t.rollout if t.rollout.backend == "vllm" else VllmRollout()
     correct = r.backend == "vllm" and r.vllm_importance_sampling_correction
     batch.credit, batch.entropy = torch.zeros(batch.rollout.completion_mask.shape), torch.zeros(batch.rollout.completion_mask.shape)
-    policy_loss = POLICY_LOSSES[t.policy_loss]
-    clip = [getattr(t, key) for key in policy_loss.clip]
+    policy = t.loss.policy
     for index in batch.micro_batches(t.micro_batch_size):
         micro = batch.take(index)
         mask, sampler_logp, w = micro.rollout.completion_mask, micro.rollout.token_logp, micro.weights
-        logp, (entropy, prob_sq) = completion_logprobs(engine, micro.rollout, entropy=True, entropy_grad=t.entropy_coef > 0,
+        logp, (entropy, prob_sq) = completion_logprobs(engine, micro.rollout, entropy=True, entropy_grad=t.loss.entropy_coef > 0,
                                                        temperature=t.temperature, chunk_tokens=params.model.logit_chunk_tokens)
         old = micro.old_logp if micro.old_logp is not None else logp.detach()
-        pg, clipped = policy_loss.loss(logp, old, micro.advantages, mask, *clip)
-        kl = KL_ESTIMATORS[t.kl_estimator](logp, micro.ref_logp) if micro.ref_logp is not None else None
+        pg, clipped = POLICY_LOSSES[policy.name](logp, old, micro.advantages, mask, **policy.knobs())
+        kl = KL_ESTIMATORS[t.loss.kl_estimator](logp, micro.ref_logp) if micro.ref_logp is not None else None
         w_is, mismatch = None, torch.zeros(len(MISMATCH_SUMS), dtype=torch.float64)
         if sampler_logp is not None:  # how far the sampler's log-probs are from the trainer's pi_old
             w_is, ratio, bounded = rollout_correction(old, sampler_logp, mask, r.vllm_importance_sampling_mode,
@@ -135,10 +136,10 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
                                         torch.maximum(extremes[2], diff.max().double())])
             mismatch = torch.stack([diff.sum().double(), ratio[valid].sum().double(), bounded.sum().double()])
             w_is = w_is if correct else None
-        token_loss = compose_token_loss(pg, kl, t.kl_beta, w.token, w.prompt, w.keep, entropy, t.entropy_coef, correction=w_is)
+        token_loss = compose_token_loss(pg, kl, t.loss.kl_beta, w.token, w.prompt, w.keep, entropy, t.loss.entropy_coef, correction=w_is)
         entropy = entropy.detach()
         # Each rank's share is scaled by the world size because DeepSpeed averages gradients over ranks.
-        loss = aggregate(token_loss, mask, t.loss_agg_mode, t.max_new_tokens, units) * dist.world_size()
+        loss = aggregate(token_loss, mask, t.loss.loss_agg_mode, t.max_new_tokens, units) * dist.world_size()
         engine.backward(loss, scale_wrt_gas=False)
         if engine.is_gradient_accumulation_boundary():
             # Averaged, unclipped gradients are complete here below ZeRO-2; above, DeepSpeed reports the norm.

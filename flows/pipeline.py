@@ -16,7 +16,6 @@ and the last line `grpolab run` prints. Such a failure is not retried; any other
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from prefect.states import Failed
 from grpolab import config
 from grpolab.runtime import failures
 from grpolab.errors import StageError
-from grpolab.runtime.procs import bound
+from grpolab.runtime.procs import dvc_env
 from grpolab.runtime.stage_log import run_relayed
 from grpolab.stages import STAGES
 from grpolab.stages.summary import summary_markdown
@@ -39,12 +38,9 @@ from grpolab.workspace import pipeline_lock
 
 
 def _env(error_file: Path) -> dict[str, str]:
-    # `dvc` runs `grpolab stage …` through a shell: put this interpreter's scripts first on PATH. The stages
-    # die with dvc, and dvc with this flow (`preexec_fn`): a killed flow leaves nothing running. Unbuffered:
-    # their lines reach the flow run's logs as they are printed, not in blocks.
-    bin_dir = str(Path(sys.executable).parent)
-    return bound({**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1",
-                  failures.ERROR_FILE_ENV: str(error_file)})
+    # Unbuffered: the stages' lines reach the flow run's logs as they are printed, not in blocks. A stage's own
+    # error goes to `error_file` (`failures`).
+    return dvc_env({"PYTHONUNBUFFERED": "1", failures.ERROR_FILE_ENV: str(error_file)})
 
 
 def _stage_logger(stage: str) -> logging.Logger:

@@ -17,7 +17,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from grpolab.errors import StudyError
 from grpolab.study.report import report_from_store
-from grpolab.study.run import CELL_FLOW, MAX_JOBS, StudyRun, run_pool_cell
+from grpolab.study.pool import CELL_FLOW, run_pool_cell
+from grpolab.study.run import MAX_JOBS, StudyRun, check_study_options
 from grpolab.study.spec import Cell, load_study
 
 
@@ -35,7 +36,8 @@ def report(run: StudyRun) -> str:
 
 @flow(name="grpolab-study", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=MAX_JOBS))
 def study(study_file: str, jobs: int | None = None, gpus_per_cell: int | None = None, pool: str | None = None) -> str:
-    run = StudyRun(load_study(study_file), jobs, gpus_per_cell=gpus_per_cell, pool=pool).open()
+    spec = load_study(study_file)
+    run = StudyRun(spec, check_study_options(spec, jobs, gpus_per_cell, pool)).open()
     ok = False
     try:
         wait(run.schedule(lambda cell: run_cell.submit(cell, run)))

@@ -129,3 +129,18 @@ def test_the_process_group_has_a_backend_per_device_type():
     dist.init()
     assert torch.distributed.get_backend_config() == "cpu:gloo"
     assert dist.all_gather_cat(torch.tensor([0.5])).tolist() == [0.5] and dist.all_gather_objects(["a"]) == ["a"]
+
+
+@pytest.mark.parametrize("listed, gpus", [("", []), ("-1", []), (" ", []), ("0,1", ["0", "1"]), ("GPU-a, GPU-b", ["GPU-a", "GPU-b"]),
+                                          (None, [str(i) for i in range(torch.cuda.device_count())])])
+def test_visible_gpus_reads_cuda_visible_devices_one_way_for_studies_and_stage_tags(monkeypatch, listed, gpus):
+    from grpolab.tracking import given_gpus
+
+    if listed is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", listed)
+    found, source = device.visible_gpus()
+    assert found == gpus
+    assert source == (f"CUDA_VISIBLE_DEVICES={listed}" if listed is not None else f"{len(gpus)} GPU{'s' if len(gpus) != 1 else ''} visible")
+    assert given_gpus() == (",".join(gpus) or "cpu")  # the tag of a stage's runs: what a study handed the cell

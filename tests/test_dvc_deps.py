@@ -95,7 +95,7 @@ def test_each_stage_reads_the_digests_of_the_user_files_it_reads():
         "evaluate": {"data/inputs/reference_model.json", "data/inputs/reward_file.json"},
         "summary": set(),
     }
-    from grpolab.stages.inputs import USER_FILES
+    from grpolab.paths import USER_FILES
 
     outs = {next(iter(o)) if isinstance(o, dict) else o for o in stages["inputs"]["outs"]}
     assert outs == {f"data/inputs/{name}" for name in USER_FILES}

@@ -94,7 +94,7 @@ def kill_a_worker_mid_train(workers: dict[str, subprocess.Popen], client: Mlflow
     """Once a cell's train stage is under way on a worker (its MLflow run RUNNING), kill -9 that worker's process
     alone, as a crash of it would; returns the worker's name, the cell's, its train run's id and the processes the
     worker had started."""
-    from grpolab.study.run import CELL_MARKER
+    from grpolab.study.experiments import CELL_MARKER
 
     deadline = time.monotonic() + 600
     while study.poll() is None and time.monotonic() < deadline:

@@ -20,7 +20,8 @@ from mlflow import MlflowClient
 
 from grpolab.errors import ConfigError
 from grpolab.study.report import TABLES, summary_table, welch_interval
-from grpolab.study.run import CELL_MARKER, Progress
+from grpolab.study.experiments import CELL_MARKER
+from grpolab.study.progress import Progress
 from grpolab.study.spec import StudySpec, load_study
 
 from conftest import BIN, MARKER, REPO, free_port, grpolab, make_project, marked_processes, project_env, run
@@ -123,7 +124,8 @@ def test_summary_table_gives_mean_std_seeds_and_difference():
 
 
 def test_each_running_cell_gets_its_own_gpus(tmp_path, monkeypatch):
-    from grpolab.study.run import StudyRun, gpus_needed
+    from grpolab.study.local import GpuShare, gpus_needed
+    from grpolab.study.run import check_study_options
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     study = load_study(write(tmp_path, STUDY.replace("      - train.mitigation.mask_percentile=50\n",
@@ -132,38 +134,62 @@ def test_each_running_cell_gets_its_own_gpus(tmp_path, monkeypatch):
     plain0, plain1, masked0, masked1 = study.cells
     assert [gpus_needed(c, None) for c in study.cells] == [1, 1, 4, 4] and gpus_needed(plain0, 2) == 2
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-b,GPU-c,GPU-d,GPU-e,GPU-f,GPU-g,GPU-h")  # UUIDs pass through as given
-    run = StudyRun(study, jobs=2, project=tmp_path)
-    run.take_gpus(masked0)
-    run.take_gpus(plain0)
-    assert run.cell_gpus == {masked0.name: ["GPU-a", "GPU-b", "GPU-c", "GPU-d"], plain0.name: ["GPU-e"]}
-    run._give_back_gpus(masked0)
-    run.take_gpus(plain1)
-    run.take_gpus(masked1)  # two at most at once here, but the pool never hands out a GPU twice
-    assert run.cell_gpus[plain1.name] == ["GPU-a"] and run.cell_gpus[masked1.name] == ["GPU-b", "GPU-c", "GPU-d", "GPU-f"]
+    options = check_study_options(study, jobs=2)
+    share = GpuShare(options.gpus, options.gpus_per_cell)
+    share.take(masked0)
+    share.take(plain0)
+    assert share.held == {masked0.name: ["GPU-a", "GPU-b", "GPU-c", "GPU-d"], plain0.name: ["GPU-e"]}
+    share.give_back(masked0)
+    share.take(plain1)
+    share.take(masked1)  # two at most at once here, but the share never hands out a GPU twice
+    assert share.held[plain1.name] == ["GPU-a"] and share.held[masked1.name] == ["GPU-b", "GPU-c", "GPU-d", "GPU-f"]
     with pytest.raises(ConfigError, match=r"--jobs 3 cells at once with 4 GPUs each need 12 GPUs, and 8 are visible \(CUDA_VISIBLE_DEVICES=GPU-a"):
-        StudyRun(study, jobs=3, project=tmp_path)
+        check_study_options(study, jobs=3)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert StudyRun(study, jobs=3, project=tmp_path).gpus == []  # no GPU: nothing to hand out, nothing refused
+    assert check_study_options(study, jobs=3).gpus == []  # no GPU: nothing to hand out, nothing refused
+    with pytest.raises(ConfigError, match=r"--jobs: 33 is not between 1 and 32"):
+        check_study_options(study, jobs=33)
 
 
 def test_a_study_for_a_pool_is_refused_before_any_cell_where_its_cells_could_not_run(tmp_path, monkeypatch):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from grpolab.study.run import StudyRun
+    from grpolab.study.run import check_study_options
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     study = load_study(write(tmp_path, STUDY), tmp_path / "params.yaml")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
-        run = StudyRun(study, project=tmp_path, pool="nodes")
-        assert run.jobs == 4 and run.gpus == []  # every cell in flight at once; a worker's GPUs are its own
+        options = check_study_options(study, None, pool="nodes")
+        assert options.jobs == 4 and options.gpus == []  # every cell in flight at once; a worker's GPUs are its own
         with pytest.raises(ConfigError, match=r"--gpus-per-cell 2 with --pool nodes: on a pool, a cell has the GPUs of the worker"):
-            StudyRun(study, project=tmp_path, pool="nodes", gpus_per_cell=2)
+            check_study_options(study, None, gpus_per_cell=2, pool="nodes")
         monkeypatch.delenv("MLFLOW_TRACKING_URI")
         with pytest.raises(ConfigError, match=r"--pool nodes: the tracking store is sqlite:///.*, a file on this machine"):
-            StudyRun(study, project=tmp_path, pool="nodes")
+            check_study_options(study, None, pool="nodes")
     with temporary_settings(restore_defaults={PREFECT_API_URL}), pytest.raises(ConfigError, match=r"--pool nodes: PREFECT_API_URL is not set"):
-        StudyRun(study, project=tmp_path, pool="nodes")
+        check_study_options(study, None, pool="nodes")
+
+
+def test_a_cell_gets_the_users_untracked_files_its_params_name(tmp_path, monkeypatch):
+    """A variant's `train.rewards.reward_file` (the data guide's my_reward.py, which git does not track) is copied into the
+    cell's workspace, as every param of USER_FILES is: a DVC experiment's copy holds tracked files only."""
+    from grpolab.paths import USER_FILES
+    from grpolab.study.experiments import USER_PATH_KEYS, untracked_paths
+
+    assert set(USER_PATH_KEYS) == {key for keys in USER_FILES.values() for key in keys} >= {"train.rewards.reward_file"}
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "tracked_reward.py").write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n    return 0.0\n")
+    run(["git", "init", "-q"], tmp_path)
+    run(["git", "add", "-A"], tmp_path)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "project"], tmp_path)
+    (tmp_path / "my_reward.py").write_text((tmp_path / "tracked_reward.py").read_text())
+    path = write(tmp_path, STUDY.replace("  - name: plain\n", "  - name: plain\n    overrides: [train.rewards.reward_file=tracked_reward.py]\n")
+                 .replace("      - train.mitigation.mask_percentile=50\n", "      - train.mitigation.mask_percentile=50\n      - train.rewards.reward_file=my_reward.py\n"))
+    monkeypatch.chdir(tmp_path)  # where the study runs: its params' relative paths are the project's
+    study = load_study(path, tmp_path / "params.yaml")
+    assert untracked_paths(tmp_path, study.cells) == ["my_reward.py"]  # the committed one is in every copy already
+    assert untracked_paths(tmp_path, study.cells[:2]) == []
 
 
 def test_progress_gates_a_seed_on_its_shared_stages_and_estimates_time_left(tmp_path):

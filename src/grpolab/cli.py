@@ -99,12 +99,12 @@ def cmd_run(args) -> None:
 def cmd_study(args) -> None:
     from grpolab.runtime.fsutil import output_folder
     from grpolab.study.report import REPORTS_DIR
-    from grpolab.study.run import StudyRun
+    from grpolab.study.run import check_study_options
     from grpolab.study.spec import load_study
     from grpolab.tracking import check_store
 
     study = load_study(args.file)  # every cell validated before Prefect starts
-    StudyRun(study, args.jobs, gpus_per_cell=args.gpus_per_cell, pool=args.pool)  # and the jobs and GPUs they would need
+    check_study_options(study, args.jobs, args.gpus_per_cell, args.pool)  # and the jobs and GPUs they would need
     check_store(study.cells[0].params)
     _check_prefect_api()
     name = study.name

@@ -6,6 +6,16 @@ from pathlib import Path
 
 # inputs: a content digest per group of the user's own files (see stages/inputs.py)
 INPUTS_DIR = Path("data/inputs")
+# The params that name the user's own files and checkpoints, by the digest file of INPUTS_DIR that covers them
+# (dvc.yaml's deps name the digest files, stage by stage); also what a study copies into each cell's workspace
+# where git does not track it.
+USER_FILES: dict[str, tuple[str, ...]] = {
+    "data.json": ("data.train_files", "data.eval_files", "data.sft_files", "data.val_files"),  # prepare
+    "model.json": ("model.name_or_path",),  # prepare (its tokenizer), sft (its weights)
+    "judge_model.json": ("train.rewards.judge_model",),  # train
+    "reward_file.json": ("train.rewards.reward_file",),  # train, evaluate
+    "reference_model.json": ("mia.reference_model",),  # mia, evaluate
+}
 
 # prepare
 TRAIN_FILE = Path("data/train.parquet")

@@ -15,7 +15,6 @@ import json
 import os
 import posixpath
 import sys
-import tempfile
 import time
 import urllib.request
 import warnings
@@ -190,14 +189,10 @@ def run_tags(params: Params) -> dict[str, str]:
 
 
 def given_gpus() -> str:
-    """The GPUs this process may use: CUDA_VISIBLE_DEVICES as its launcher set it, else every GPU torch
-    sees (`0,1,...`), else `cpu`."""
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if listed is not None:
-        return listed or "none"
-    import torch  # imported already by every stage that logs
+    """The GPUs this process may use (`visible_gpus`), as the tag GPUS_TAG records them: `0,1`, or `cpu` where it sees none."""
+    from grpolab.runtime.device import visible_gpus  # torch: imported already by every stage that logs
 
-    return ",".join(map(str, range(torch.cuda.device_count()))) or "cpu"
+    return ",".join(visible_gpus()[0]) or "cpu"
 
 
 def _description(params: Params) -> str:
@@ -346,7 +341,8 @@ def _runs_view() -> str:
     return json.dumps({"name": "grpolab: variants and headline metrics", "createdAt": now, "updatedAt": now, "state": json.dumps(state)})
 
 
-def _experiment_id(client: MlflowClient, params: Params) -> str:
+def open_experiment(client: MlflowClient, params: Params) -> str:
+    """The id of the experiment `tracking.experiment`, created if new; it shows grpolab's runs view (RUNS_VIEW)."""
     name = params.tracking.experiment
     experiment = client.get_experiment_by_name(name)
     view = f"mlflow.sharedViewState.{RUNS_VIEW}"
@@ -366,7 +362,7 @@ def _experiment_id(client: MlflowClient, params: Params) -> str:
 
 def pipeline_run_id(client: MlflowClient, params: Params) -> str:
     """The parent run of this params set: found by its hash tag, created (with all params) if new."""
-    experiment_id = _experiment_id(client, params)
+    experiment_id = open_experiment(client, params)
     key = params_hash(params)
     found = client.search_runs(
         [experiment_id],
@@ -448,94 +444,3 @@ def _open_runs(client: MlflowClient, params: Params, stage: str, run_id: str | N
         client.update_run(run, status="RUNNING")
         client.set_tag(run, GPUS_TAG, gpus)
     return run_id, parent_id
-
-
-def _find_experiment(client: MlflowClient, name: str) -> str | None:
-    experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else None
-
-
-def complete_pipelines(client: MlflowClient, experiment: str) -> dict[str, Any]:
-    """The experiment's parent runs that the summary stage completed, newest first, by params hash."""
-    experiment_id = _find_experiment(client, experiment)
-    if experiment_id is None:
-        return {}
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{STAGE_TAG}` = 'pipeline' and tags.`{COMPLETE_TAG}` = 'true'",
-        order_by=["attributes.start_time DESC"],
-        max_results=50000,
-    )
-    found: dict[str, Any] = {}
-    for run in runs:
-        found.setdefault(run.data.tags[PARAMS_HASH_TAG], run)
-    return found
-
-
-def pipeline_runs(client: MlflowClient, experiment: str, key: str) -> list:
-    """Every run (parent and stages) of one params hash in an experiment, newest first."""
-    experiment_id = _find_experiment(client, experiment)
-    if experiment_id is None:
-        return []
-    return client.search_runs(
-        [experiment_id], filter_string=f"tags.`{PARAMS_HASH_TAG}` = '{key}'", order_by=["attributes.start_time DESC"],
-        max_results=50000,
-    )
-
-
-def latest_stage(client: MlflowClient, experiment: str, key: str, since_ms: int) -> str | None:
-    """The stage of the newest stage run of this params hash started at `since_ms` or later (a cell that
-    runs elsewhere, seen from the store it logs to), or None."""
-    experiment_id = _find_experiment(client, experiment)
-    if experiment_id is None:
-        return None
-    runs = client.search_runs(
-        [experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
-        filter_string=f"tags.`{PARAMS_HASH_TAG}` = '{key}' and tags.`{STAGE_TAG}` != 'pipeline' and attributes.start_time >= {since_ms}",
-    )
-    return runs[0].data.tags.get(STAGE_TAG) if runs else None
-
-
-def end_unfinished(client: MlflowClient, experiment: str, key: str) -> None:
-    """Runs of this params hash left RUNNING by a killed process: KILLED."""
-    for run in pipeline_runs(client, experiment, key):
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, "KILLED")
-
-
-STUDY_RECORD = ("study.yaml", "cells.json")  # artifacts of a study's own run: its file and its cells
-
-
-def study_run_id(client: MlflowClient, experiment: str, study: str) -> str | None:
-    """The run `study-<name>` that holds a study's definition and report."""
-    experiment_id = _find_experiment(client, experiment)
-    if experiment_id is None:
-        return None
-    found = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{STAGE_TAG}` = 'study' and tags.`{STUDY_TAG}` = '{study}'", max_results=1
-    )
-    return found[0].info.run_id if found else None
-
-
-def record_study(client: MlflowClient, params: Params, source: Path, cells: list[dict], jobs: int) -> str:
-    """Create (or find) the study's own run and store its file and cells there, so that its report can
-    be rebuilt from the store alone (`grpolab report NAME`)."""
-    study = params.tracking.study
-    run_id = study_run_id(client, params.tracking.experiment, study)
-    if run_id is None:
-        experiment_id = _experiment_id(client, params)
-        run_id = client.create_run(experiment_id, run_name=f"study-{study}", tags={STAGE_TAG: "study", STUDY_TAG: study}).info.run_id
-    client.log_text(run_id, Path(source).read_text(), STUDY_RECORD[0])
-    client.log_dict(run_id, {"cells": cells}, STUDY_RECORD[1])
-    client.set_tag(run_id, "grpolab.jobs", str(jobs))
-    return run_id
-
-
-def read_study(client: MlflowClient, experiment: str, study: str) -> tuple[str, str, list[dict]] | None:
-    """(the study run's id, the study file's text, its cells) as the study's last run stored them."""
-    run_id = study_run_id(client, experiment, study)
-    if run_id is None:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        text, cells = (Path(client.download_artifacts(run_id, name, tmp)).read_text() for name in STUDY_RECORD)
-    return run_id, text, json.loads(cells)["cells"]

@@ -62,6 +62,18 @@ def processes_beyond_gpus(processes_on_node: int, gpus: int, key: str) -> str | 
             "grpolab runs one process per GPU")
 
 
+def visible_gpus() -> tuple[list[str], str]:
+    """The GPUs this process may use, and where the list comes from: the entries of CUDA_VISIBLE_DEVICES when it is
+    set (indices or UUIDs, passed on as given; `""` and `-1` hide every GPU, as CUDA reads them), else every GPU torch
+    sees. The one reading of CUDA_VISIBLE_DEVICES: what a study hands out to its cells, what a stage's runs are tagged with."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        gpus = [] if listed.strip() in ("", "-1") else [g.strip() for g in listed.split(",") if g.strip()]
+        return gpus, f"CUDA_VISIBLE_DEVICES={listed}"
+    count = torch.cuda.device_count()
+    return [str(i) for i in range(count)], f"{count} GPU{'s' if count != 1 else ''} visible"
+
+
 def check_processes_fit(processes_on_node: int, key: str) -> None:
     """One process per GPU: refuse, before any work, more processes on this node than it has GPUs (on CPU a
     process is a process)."""

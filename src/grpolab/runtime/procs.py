@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 GRACE_S = 10  # how long a child group gets to stop on SIGTERM before SIGKILL
 # Set by a driver in the environment of what it starts: every grpolab process below dies with its parent, so
@@ -32,6 +33,14 @@ def die_with_parent() -> None:
 def bound(env: dict[str, str]) -> dict[str, str]:
     """`env` for a driver's child: the grpolab processes it starts die with their parents (`bind_to_parent`)."""
     return {**env, BOUND_ENV: "1"}
+
+
+def dvc_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a `dvc` that a driver (`grpolab run`'s flow, a study) starts, and `extra`: this interpreter's
+    scripts first on PATH (dvc runs `grpolab stage …` through a shell), and every grpolab process below it dies with
+    its parent (`bound`): a killed driver leaves nothing running."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return bound({**os.environ, "PATH": path, **(extra or {})})
 
 
 def bind_to_parent() -> None:

@@ -14,16 +14,7 @@ import json
 
 from grpolab.config import Params, flatten
 from grpolab.runtime.fsutil import atomic_write_text, content_digest
-from grpolab.paths import INPUTS_DIR
-
-# digest file -> the params whose files it covers; dvc.yaml's deps name the files, stage by stage
-USER_FILES: dict[str, tuple[str, ...]] = {
-    "data.json": ("data.train_files", "data.eval_files", "data.sft_files", "data.val_files"),  # prepare
-    "model.json": ("model.name_or_path",),  # prepare (its tokenizer), sft (its weights)
-    "judge_model.json": ("train.rewards.judge_model",),  # train
-    "reward_file.json": ("train.rewards.reward_file",),  # train, evaluate
-    "reference_model.json": ("mia.reference_model",),  # mia, evaluate
-}
+from grpolab.paths import INPUTS_DIR, USER_FILES
 
 
 def inputs(params: Params, tracker=None) -> dict:

@@ -22,6 +22,7 @@ from grpolab.errors import ConfigError
 from grpolab.runtime.fsutil import atomic_output, atomic_write_text, output_folder
 from grpolab.mia import scores as mia_scores
 from grpolab.paths import ROC_DIR
+from grpolab.study import records
 from grpolab.study.spec import StudySpec
 
 REPORTS_DIR = Path("reports")
@@ -96,7 +97,7 @@ def collect(client: MlflowClient, experiment: str, cells: list[dict]) -> list[Ce
     stage's completion tag), its metrics, its reward curve and its ROC curves."""
     results = []
     for cell in cells:
-        parents = [r for r in tracking.pipeline_runs(client, experiment, cell["params_hash"]) if r.data.tags.get(tracking.STAGE_TAG) == "pipeline"]
+        parents = [r for r in records.pipeline_runs(client, experiment, cell["params_hash"]) if r.data.tags.get(tracking.STAGE_TAG) == "pipeline"]
         if not parents:
             results.append(CellResult(cell["variant"], cell["seed"], "not run"))
             continue
@@ -284,7 +285,7 @@ def build_report(client: MlflowClient, spec: StudySpec, cells: list[dict], study
 def report_from_store(client: MlflowClient, study: str, out: Path | None = None) -> str:
     """The report of study `study` (also its MLflow experiment) from what its last run stored: its file,
     its cells and every cell's runs."""
-    record = tracking.read_study(client, study, study)
+    record = records.read_study(client, study, study)
     if record is None:
         raise ConfigError(f"no study {study!r} in the MLflow store {client.tracking_uri} (run `grpolab study FILE` first)")
     run_id, text, cells = record

@@ -108,25 +108,25 @@ def _get(raw: Any, keys: list[str], default: Any = None) -> Any:
 
 def expand_overrides(overrides: list[str], raw: Any) -> list[str]:
     """The overrides as they apply to `raw` (params.yaml's data, changed in place): an old key is refused with its
-    new name, and switching an option (`train.loss.policy.name=gspo`, `train.rollout.backend=vllm`) first deletes
-    the knobs the file holds for the option it had (`~train.loss.policy.clip_low`): they were that option's, and a
-    knob both share (clip_low) would otherwise keep the old option's value. The switches come first, so a knob
-    given beside one applies to the new option whatever the order. Returns what `dvc exp run -S` gets for the same
-    result (a study cell's overrides)."""
+    new name, and switching an option (`train.loss.policy.name=gspo`, `train.rollout.backend=vllm`) deletes the
+    knobs the file holds for the option it had (`~train.loss.policy.clip_low`): they were that option's, and a knob
+    both share (clip_low) would otherwise keep the old option's value. A knob given beside the switch, before or
+    after it, applies to the new option. Returns the overrides in their order with those deletes before the switch:
+    what `dvc exp run -S` gets for the same result (a study cell's overrides)."""
     options = option_sections()
     parsed = [(text, *parse_override(text)) for text in overrides]
     for text, keys, value, _ in parsed:
         why = moved_key(".".join(keys), value)
         if why:
             raise ConfigError(f"-S {text}: {why.split(': ', 1)[1]}")
-    switches = [p for p in parsed if ".".join(p[1][:-1]) in options and p[1][-1] == options[".".join(p[1][:-1])]]
+    given = {".".join(keys) for _, keys, _, _ in parsed}
     out = []
-    for text, keys, value, delete in [*switches, *(p for p in parsed if p not in switches)]:
-        section = _get(raw, keys[:-1])
-        if (text, keys, value, delete) in switches and isinstance(section, dict) and section.get(keys[-1], _UNSET) != value:
-            for knob in [k for k in section if k != keys[-1]]:
+    for text, keys, value, delete in parsed:
+        section, path = _get(raw, keys[:-1]), ".".join(keys[:-1])
+        if options.get(path) == keys[-1] and isinstance(section, dict) and section.get(keys[-1], _UNSET) != value:
+            for knob in [k for k in section if k != keys[-1] and f"{path}.{k}" not in given]:
                 _set_path(raw, [*keys[:-1], knob], None, delete=True)
-                out.append(f"~{'.'.join([*keys[:-1], knob])}")
+                out.append(f"~{path}.{knob}")
         _set_path(raw, keys, value, delete)
         out.append(text)
     return out

@@ -15,11 +15,14 @@ PACKAGE = SRC / "grpolab"
 
 
 def read_here() -> list[Path]:
-    """The text a reader of the code or the manual reads: the code's docstrings and comments (src/, bench/,
-    flows/), the manual (docs/) and the front page; not the pages that record history."""
-    texts = [p for folder in ("src", "bench", "flows") for p in (REPO / folder).rglob("*.py")]
+    """The text a reader of the code or the manual reads: the code's docstrings and comments (src/, bench/, flows/,
+    tests/), the manual (docs/), the front page, the pipeline's, deployments' and images' files, the study files;
+    not the pages that record history, nor this file's examples of stale names."""
+    texts = [p for folder in ("src", "bench", "flows", "tests") for p in (REPO / folder).rglob("*.py")]
     texts += [p for p in (REPO / "docs").rglob("*.md") if p.relative_to(REPO / "docs").parts[0] != "studies" or p.name != "report.md"]
-    return [REPO / "README.md", *[p for p in texts if p != REPO / "docs/changelog.md"]]
+    texts += [p for p in (REPO / "docker").rglob("*") if p.is_file()] + sorted((REPO / "studies").glob("*.yaml"))
+    texts += [REPO / name for name in ("README.md", "Makefile", "dvc.yaml", "prefect.yaml")]
+    return [p for p in texts if p not in (REPO / "docs/changelog.md", Path(__file__))]
 
 
 # A path of this repo's with a folder in it (`src/grpolab/stages/train.py`, `algos/losses.py`, `tests/lab.py`): not
@@ -28,7 +31,7 @@ PATH = re.compile(r"(?<![\w./{}-])((?:[\w-]+/)+[\w-]+\.py)\b")
 # A file named alone in backticks or parentheses (`recorder.py`, (tracking.py)), as the docs and docstrings do.
 BARE = re.compile(r"(?<=[`(])([\w-]+\.py)(?=[`)])")
 # A dotted module name, with what it names in it when it goes on (`grpolab.runtime.failures.USER_ERRORS`).
-DOTTED = re.compile(r"(?<![\w.])grpolab(?:\.\w+)+")
+DOTTED = re.compile(r"(?<![\w.])grpolab(?:\.\w+)+(?![\w-])")  # not a file name (grpolab.egg-info)
 # A module's class or constant by the module's own name, in backticks (`tracin.TracIn`, `loss_weights.LossWeighting`).
 MEMBER = re.compile(r"`(\w+)\.([A-Z]\w*)")
 
@@ -128,4 +131,4 @@ def test_the_names_check_sees_a_renamed_module():
         "algos/influence.py", "src/grpolab/variants.py", "influence.py", "trainer.py", "grpolab.influence.TracIn", "tracin.Record"]
     assert unresolved("`grpolab.stage` tag; logger `grpolab.stage.train`; pandas/core/frame.py; /tmp/x/y.py; "
                       "`train.reward_file: my_reward.py`; `torch.Tensor`; `tracin.TracIn`; src/grpolab/trainer/update.py; "
-                      "grpolab.runtime.failures.USER_ERRORS; tests/lab.py; `recorder.py`") == []
+                      "grpolab.runtime.failures.USER_ERRORS; tests/lab.py; `recorder.py`; src/grpolab.egg-info") == []

@@ -113,7 +113,7 @@ def update(params: Params, engine, batch: Batch) -> dict[str, float]:
     extremes = torch.tensor([math.inf, -math.inf, 0.0], dtype=torch.float64)  # ratio min, ratio max, max |logp diff|
     # the hf sampler's log-probs are measured against pi_old too (logged, never applied), under vLLM's default bounds
     r = t.rollout if t.rollout.backend == "vllm" else VllmRollout()
-    correct = r.backend == "vllm" and r.vllm_importance_sampling_correction
+    correct = t.rollout.backend == "vllm" and r.vllm_importance_sampling_correction  # never for hf rollouts
     batch.credit, batch.entropy = torch.zeros(batch.rollout.completion_mask.shape), torch.zeros(batch.rollout.completion_mask.shape)
     policy = t.loss.policy
     for index in batch.micro_batches(t.micro_batch_size):

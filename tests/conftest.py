@@ -125,6 +125,16 @@ def in_tmp(tmp_path: Path, monkeypatch) -> Path:
     return tmp_path
 
 
+def _cmdline(proc) -> str:
+    """A process's command line; "" for one that has ended (a zombie child of pytest has none to read)."""
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def pytest_sessionfinish(session, exitstatus):
     """No process the suite started outlives it (a server, a stage, a worker): those still running a while
     after the last test are named, stopped, and fail the run."""
@@ -135,7 +145,7 @@ def pytest_sessionfinish(session, exitstatus):
     if hasattr(session.config, "workerinput"):  # an xdist worker: its controller checks once all have ended
         return
     me = psutil.Process()
-    ours = {me.pid} | {p.pid for p in me.children() if "sys.stdin.readline()" in " ".join(p.cmdline())}  # pytest, xdist's workers
+    ours = {me.pid} | {p.pid for p in me.children() if "sys.stdin.readline()" in _cmdline(p)}  # pytest, xdist's workers
     deadline = time.monotonic() + 30
     while (left := {pid: cmd for pid, cmd in marked_processes(os.environ[SESSION_MARKER], SESSION_MARKER).items()
                     if pid not in ours}) and time.monotonic() < deadline:

@@ -258,7 +258,7 @@ def _a_raising_reward_file_fails_the_flow_run_once(tmp_path: Path, a: Path, depl
                                   "--watch", "--watch-timeout", "600"], cwd=a, env=prefect_env, capture_output=True, text=True)
     [flow_run] = [r for r in prefect_api(prefect_env, "flow_runs/filter", {"deployments": {"id": {"any_": [deployment]}}})
                   if r["id"] not in before]
-    named = re.compile(r"^train\.reward_file: bad_reward\.py: compute_score raised KeyError: 'nope' on data/\w+\.parquet: row \d+$")
+    named = re.compile(r"^train\.rewards\.reward_file: bad_reward\.py: compute_score raised KeyError: 'nope' on data/\w+\.parquet: row \d+$")
     state = flow_run["state"]
     assert watched.returncode != 0 and state["type"] == "FAILED" and named.match(state["message"]), (state, worker.read_text()[-4000:])
     logs = flow_run_logs(prefect_env, flow_run["id"])

@@ -43,6 +43,16 @@ TINY = [
 ]
 
 
+def grpolab_modules() -> dict[str, Path]:
+    """grpolab's modules by dotted name (a package by its __init__.py)."""
+    src = REPO / "src"
+    found = {}
+    for path in (src / "grpolab").rglob("*.py"):
+        parts = list(path.relative_to(src).with_suffix("").parts)
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
 def free_port() -> int:
     """A port free now, for a server a test starts (which fails loudly if another process took it since)."""
     with socket.socket() as s:

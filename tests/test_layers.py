@@ -9,7 +9,7 @@ from ruamel.yaml import YAML
 from grpolab import paths
 from grpolab.stages import STAGES
 
-from conftest import REPO
+from conftest import REPO, grpolab_modules
 
 SRC = REPO / "src"
 # Top down; a module is in the layer of its longest matching prefix and imports only from its layer or below.
@@ -26,15 +26,7 @@ LAYERS = {
 RANK = {prefix: rank for rank, prefixes in enumerate(reversed(LAYERS.values())) for prefix in prefixes}
 
 
-def modules() -> dict[str, Path]:
-    found = {}
-    for path in SRC.rglob("*.py"):
-        parts = list(path.relative_to(SRC).with_suffix("").parts)
-        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return found
-
-
-MODULES = modules()
+MODULES = grpolab_modules()
 
 
 def imports(name: str) -> set[str]:

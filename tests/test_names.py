@@ -8,7 +8,7 @@ import re
 from functools import cache
 from pathlib import Path
 
-from conftest import REPO
+from conftest import REPO, grpolab_modules
 
 SRC = REPO / "src"
 PACKAGE = SRC / "grpolab"
@@ -36,16 +36,7 @@ DOTTED = re.compile(r"(?<![\w.])grpolab(?:\.\w+)+(?![\w-])")  # not a file name 
 MEMBER = re.compile(r"`(\w+)\.([A-Z]\w*)")
 
 
-def module_files() -> dict[str, Path]:
-    """grpolab's modules by dotted name (a package by its __init__.py)."""
-    found = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = list(path.relative_to(SRC).with_suffix("").parts)
-        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return found
-
-
-MODULES = module_files()
+MODULES = grpolab_modules()
 
 
 @cache

@@ -67,8 +67,8 @@ def dep_files(stage: dict) -> set[Path]:
 
 def _holds_code(path: Path) -> bool:
     """A package's __init__ with nothing or only its docstring holds no code: no dep."""
-    body = ast.parse(path.read_text()).body
-    return path.name != "__init__.py" or bool(body[1:] if body and ast.get_docstring(ast.Module(body=body, type_ignores=[])) else body)
+    module = ast.parse(path.read_text())
+    return path.name != "__init__.py" or bool(module.body[1:] if ast.get_docstring(module) else module.body)
 
 
 def test_every_module_a_stage_imports_is_among_its_deps():

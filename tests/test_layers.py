@@ -11,7 +11,6 @@ from grpolab.stages import STAGES
 
 from conftest import REPO, grpolab_modules
 
-SRC = REPO / "src"
 # Top down; a module is in the layer of its longest matching prefix and imports only from its layer or below.
 LAYERS = {
     "entry points": ["grpolab.cli", "grpolab.__main__", "grpolab.study", "grpolab.analyze_credit", "grpolab.ui",

@@ -121,3 +121,26 @@ def test_the_exchanged_files_are_the_outputs_dvc_yaml_names():
             assert str(path) in everything, f"grpolab.paths.{key} ({path}) is no output in dvc.yaml"
     for name, headline in paths.HEADLINES.items():
         assert str(headline) in outputs(stages[name]), f"{headline}: not among stages.{name}'s metrics"
+
+
+def test_the_processes_that_touch_no_tensor_import_no_torch():
+    """`grpolab.config` reads the algos' registries for the params' allowed values; their modules import torch
+    lazily (`runtime.lazy`; `rewards` and `runtime.device` likewise), so the processes that never touch a tensor skip its import: the `inputs` stage (which
+    DVC runs every time), `summary`, the pipeline flow, `grpolab run`, `study` and `report`. The registries still
+    hold torch's functions, which import it on their first call."""
+    import subprocess
+    import sys
+
+    code = ("import sys, grpolab.cli, grpolab.stages.inputs, grpolab.stages.summary, grpolab.study.run, grpolab.study.report\n"
+            "sys.path.insert(0, 'flows'); import pipeline\n"
+            "from grpolab import config\n"
+            "params = config.Params()\n"
+            "assert params.train.loss.policy.name in __import__('grpolab.algos.losses').algos.losses.POLICY_LOSSES\n"
+            "loaded = [m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'vllm')]\n"
+            "assert not loaded, loaded[:5]\n"
+            "from grpolab.algos.advantages import ADVANTAGE_ESTIMATORS\n"
+            "import torch\n"
+            "print(ADVANTAGE_ESTIMATORS['grpo'](torch.tensor([[1.0, 0.0]]), torch.tensor([[1, 1]])).tolist())\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[[0.5, -0.5]]"

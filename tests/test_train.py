@@ -209,15 +209,18 @@ def _rewrite_weights(weight) -> None:
     write_parquet(data, "data/train_weighted.parquet")
 
 
-def test_mia_weighted_loss_logs_its_weights_and_falls_back_to_plain_grpo(trainer, tmp_path):
-    on = ["-S", "train.steps=4", "-S", "train.mia_weighting.use_mia_weighted_loss=true", "-S", "train.mia_weighting.mia_weighting_mode=quadratic",
-          "-S", "train.mia_weighting.mia_invert_weights=true"]
-    proc = grpolab("stage", "train", *on, cwd=trainer)
+def test_mia_weighted_loss_logs_its_weights_and_falls_back_to_plain_grpo(trainer, tmp_path, capsys):
+    def train(*overrides: str) -> None:  # as `grpolab stage train -S ...` runs it: the overrides persist in params.yaml
+        run_stage("train", config.apply_overrides(list(overrides)))
+
+    on = ["train.steps=4", "train.mia_weighting.use_mia_weighted_loss=true", "train.mia_weighting.mia_weighting_mode=quadratic",
+          "train.mia_weighting.mia_invert_weights=true"]
+    train(*on)
     raw = torch.tensor([x["mia_weight"] for x in pd.read_parquet("data/train_weighted.parquet")["extra_info"]], dtype=torch.float64)
     w = (1 - raw) ** 2
     line = (f"MIA-weighted loss enabled: mode=quadratic, invert=True, weight_mean={w.mean():.4f}, weight_std={w.std():.4f}, "
             f"weight_min={w.min():.4f}, weight_max={w.max():.4f}")
-    assert line in proc.stdout
+    assert line in capsys.readouterr().out
     client = mlflow_client()
     run = train_runs(client)[0]
     assert run.data.metrics["mia/weight_mean"] == pytest.approx(w.mean().item())
@@ -227,21 +230,24 @@ def test_mia_weighted_loss_logs_its_weights_and_falls_back_to_plain_grpo(trainer
     # Weights of 1 (linear) train exactly like plain GRPO; no weights at all: plain GRPO and a warning.
     plain_dir = tmp_path / "plain"
     shutil.copytree(trainer, plain_dir)
-    grpolab("stage", "train", "-S", "train.mia_weighting.use_mia_weighted_loss=false", cwd=plain_dir)  # -S persists in params.yaml
+    with working_in(plain_dir):
+        train("train.mia_weighting.use_mia_weighted_loss=false")
     plain = load_model(plain_dir / TRAINED_DIR).state_dict()
     assert any(not torch.equal(plain[k], v) for k, v in weighted.items())
     _rewrite_weights(1.0)
-    grpolab("stage", "train", *on[:4], "-S", "train.mia_weighting.mia_weighting_mode=linear", "-S", "train.mia_weighting.mia_invert_weights=false", cwd=trainer)
+    train(*on[:2], "train.mia_weighting.mia_weighting_mode=linear", "train.mia_weighting.mia_invert_weights=false")
     assert all(torch.equal(plain[k], v) for k, v in trained_weights().items())
     # Rescaled to mean 1 over each batch, weights of 0.5 everywhere are weights of 1 (without: a smaller step).
     _rewrite_weights(0.5)
-    grpolab("stage", "train", "-S", "train.mia_weighting.mia_normalize_weights=true", cwd=trainer)
+    train("train.mia_weighting.mia_normalize_weights=true")
     assert all(torch.equal(plain[k], v) for k, v in trained_weights().items())
-    grpolab("stage", "train", "-S", "train.mia_weighting.mia_normalize_weights=false", cwd=trainer)
+    train("train.mia_weighting.mia_normalize_weights=false")
     assert any(not torch.equal(plain[k], v) for k, v in trained_weights().items())
     _rewrite_weights(None)
-    proc = grpolab("stage", "train", *on, cwd=trainer)
-    assert "no extra_info.mia_weight: training plain GRPO" in proc.stderr and "MIA-weighted loss enabled" not in proc.stdout
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="no extra_info.mia_weight: training plain GRPO"):
+        train(*on)
+    assert "MIA-weighted loss enabled" not in capsys.readouterr().out
     assert all(torch.equal(plain[k], v) for k, v in trained_weights().items())
 
 

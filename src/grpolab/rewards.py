@@ -20,10 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from grpolab.runtime.device import device, working_dtype
 from grpolab.errors import ConfigError, RewardError
+from grpolab.runtime.lazy import lazy_import
+
+torch = lazy_import("torch")  # config reads REWARDS' names in processes that need no torch
 
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 FORMAT_RE = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
@@ -199,10 +200,10 @@ class Judge:
     from the left to the judge's context: the completion, which the judge is there to score, is at the end.
     """
 
-    def __init__(self, path: str, dtype: torch.dtype = torch.float32, batch_size: int = 256):
+    def __init__(self, path: str, dtype: torch.dtype | None = None, batch_size: int = 256):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        model, loading = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, dtype=dtype)
+        model, loading = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True, dtype=dtype or torch.float32)
         if loading["missing_keys"]:  # transformers would start them at random, and the judge would score noise
             raise ConfigError(
                 f"train.rewards.judge_model: {path} has no trained classification head ({', '.join(sorted(loading['missing_keys']))} "
@@ -217,13 +218,13 @@ class Judge:
         self.max_length = context_length(self.model.config, self.tokenizer)
         self.batch_size = batch_size
 
-    @torch.inference_mode()
     def __call__(self, texts: list[str]) -> list[float]:
         scores = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[start : start + self.batch_size], return_tensors="pt", padding=True, truncation=True,
                                    max_length=self.max_length).to(self.model.device)
-            logits = self.model(**batch).logits.float()
+            with torch.inference_mode():
+                logits = self.model(**batch).logits.float()
             scores += (torch.sigmoid(logits[:, 0]) if logits.shape[-1] == 1 else torch.softmax(logits, -1)[:, -1]).tolist()
         return scores
 

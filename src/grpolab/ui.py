@@ -68,6 +68,10 @@ def create_app():
 
 
 AUTH_DATABASE_ENV = "GRPOLAB_MLFLOW_AUTH_DATABASE_URI"  # where MLflow's auth app keeps its users (else its ini's)
+# MLflow checks a basic-auth password by its PBKDF2 hash on every request (tens of ms of CPU each), and a training
+# logs on every step: a credential checked once is trusted for this long (MLflow's own cache; a password changed
+# through the API is dropped from it at once, on the worker that changed it).
+AUTH_CACHE_TTL_SECONDS = 60
 
 
 def create_auth_app():
@@ -75,8 +79,8 @@ def create_auth_app():
     user's password is the one configured now (MLFLOW_AUTH_ADMIN_PASSWORD): a restart with a new one rotates it."""
     import os
 
-    if os.environ.get(AUTH_DATABASE_ENV) and not os.environ.get("MLFLOW_AUTH_CONFIG_PATH"):
-        os.environ["MLFLOW_AUTH_CONFIG_PATH"] = _auth_config_file(os.environ[AUTH_DATABASE_ENV])
+    if not os.environ.get("MLFLOW_AUTH_CONFIG_PATH"):  # a file of the user's own is theirs as it is
+        os.environ["MLFLOW_AUTH_CONFIG_PATH"] = _auth_config_file(os.environ.get(AUTH_DATABASE_ENV))
     from mlflow.server import app
     from mlflow.server import auth  # reads its configuration on import
 
@@ -86,9 +90,10 @@ def create_auth_app():
     return served
 
 
-def _auth_config_file(database_uri: str) -> str:
-    """MLflow's auth settings (basic_auth.ini, the shipped defaults) with the users' database set: MLflow reads its
-    database from this file only. Private to this process's user: the URI may hold the database's password."""
+def _auth_config_file(database_uri: str | None) -> str:
+    """MLflow's auth settings (basic_auth.ini, the shipped defaults) with the credential cache on and the users'
+    database set where given: MLflow reads both from this file only. Private to this process's user: the URI may
+    hold the database's password."""
     import configparser
     import importlib.util
     import os
@@ -98,7 +103,9 @@ def _auth_config_file(database_uri: str) -> str:
     package = importlib.util.find_spec("mlflow.server.auth")  # not imported: it reads the file on import
     parser = configparser.ConfigParser()
     parser.read(Path(package.origin).with_name("basic_auth.ini"))
-    parser["mlflow"]["database_uri"] = database_uri
+    if database_uri:
+        parser["mlflow"]["database_uri"] = database_uri
+    parser["mlflow"]["auth_cache_ttl_seconds"] = str(AUTH_CACHE_TTL_SECONDS)
     fd, path = tempfile.mkstemp(prefix="grpolab-mlflow-auth-", suffix=".ini")  # mode 0600
     with os.fdopen(fd, "w") as f:
         parser.write(f)

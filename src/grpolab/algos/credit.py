@@ -16,7 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+
+from grpolab.runtime.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 # token classes, as stored in the credit logs
 OTHER, THINK, ANSWER, TAG = 0, 1, 2, 3

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
+from grpolab.runtime.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import torch
+from grpolab.runtime.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 
 def _minmax(s: torch.Tensor) -> torch.Tensor:

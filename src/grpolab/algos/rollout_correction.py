@@ -19,7 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
+from grpolab.runtime.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 
 def log_ratios(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:

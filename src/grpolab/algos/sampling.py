@@ -10,7 +10,9 @@ probabilities in float64 (fine enough that a token of probability 1e-12 keeps it
 
 from __future__ import annotations
 
-import torch
+from grpolab.runtime.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment (2^64 / golden ratio)
 MIX_1, MIX_2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB

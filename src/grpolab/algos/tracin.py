@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
+from grpolab.runtime.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 # ---- inner products, one kind of parameter use at a time ---------------------------------------
 # Token-level: x / ids and g hold the N valid positions of a batch, packed ([N, d], rows elsewhere

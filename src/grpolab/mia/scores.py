@@ -13,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
+from grpolab.runtime.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 SIGMA_FLOOR = 1e-6
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 
-import torch
-
 from grpolab.errors import ConfigError
+from grpolab.runtime.lazy import lazy_import
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+torch = lazy_import("torch")  # config reads DTYPE_CHOICES in processes that need no torch
+
+DTYPES = ("bfloat16", "float32")  # torch's dtypes of these names
 DTYPE_CHOICES = ("auto", *DTYPES)  # model.dtype's values
 
 
@@ -34,7 +35,7 @@ def working_dtype(setting: str) -> torch.dtype:
     """The dtype models work in for `model.dtype` = `setting`: `auto` is bf16 on a GPU, fp32 on the CPU."""
     if setting == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return DTYPES[setting]
+    return getattr(torch, setting)
 
 
 def use_deterministic(on: bool) -> None:

@@ -17,12 +17,18 @@ import pandas as pd
 import psutil
 import pytest
 from mlflow import MlflowClient
+from scipy.stats import ttest_rel
 
+from grpolab.cli import build_parser
 from grpolab.errors import ConfigError
-from grpolab.study.report import TABLES, summary_table, welch_interval
+from grpolab.study.power import detectable_effect, min_detectable_difference, paired_power, seeds_needed
+from grpolab.study.report import (
+    compare, comparison_metrics, log_comparisons, metric_name, paired_interval, paired_table, report_from_cells, summary_table,
+    welch_interval,
+)
 from grpolab.study.experiments import CELL_MARKER
 from grpolab.study.progress import Progress
-from grpolab.study.spec import StudySpec, load_study
+from grpolab.study.spec import StudySpec, load_study, read_spec
 
 from conftest import BIN, MARKER, REPO, free_port, grpolab, make_project, marked_processes, project_env, run
 from servers import http_ok
@@ -104,23 +110,126 @@ def test_welch_interval_matches_the_formula():
     assert math.isnan(welch_interval([0.5], [0.4, 0.6])[1])  # one seed: no interval
 
 
-def test_summary_table_gives_mean_std_seeds_and_difference():
+def test_paired_interval_matches_scipys_paired_t_test():
+    # The baselines study's trained greedy success, DAPO and GRPO on seeds 0, 1, 2 (differences +0.020, -0.010, +0.015)
+    grpo, dapo = [0.875, 0.730, 0.955], [0.895, 0.720, 0.970]
+    mean, low, high = paired_interval(np.subtract(dapo, grpo).tolist())
+    expected = ttest_rel(dapo, grpo).confidence_interval(0.95)
+    assert mean == pytest.approx(0.025 / 3) and (low, high) == pytest.approx((expected.low, expected.high))
+    assert (high - low) / 2 == pytest.approx(0.040, abs=1e-3)  # ± 0.04, where Welch's two samples give ± 0.28:
+    assert welch_interval(dapo, grpo)[1:] == pytest.approx((-0.268, +0.285), abs=1e-3)
+    # the MIA study's recommended arm against plain (trained loss AUC): the interval excludes 0
+    plain, weighted = [0.8023, 0.69695, 0.68805], [0.6719, 0.611, 0.586]
+    mean, low, high = paired_interval(np.subtract(weighted, plain).tolist())
+    expected = ttest_rel(weighted, plain).confidence_interval(0.95)
+    assert (mean, low, high) == pytest.approx((-0.106, expected.low, expected.high), abs=1e-3) and high < 0
+    assert paired_interval([0.0, 0.0, 0.0]) == (0.0, 0.0, 0.0)  # the same on every seed: no spread, the point
+    assert paired_interval([0.02, 0.02]) == pytest.approx((0.02, 0.02, 0.02))
+    assert math.isnan(paired_interval([0.3])[1])  # one seed: no interval
+
+
+def test_compare_pairs_over_the_shared_seeds_and_falls_back_to_welch_without_two():
+    arm = pd.Series({0: 0.80, 1: 0.95, 2: 0.70})
+    base = pd.Series({0: 0.50, 1: 0.60, 3: 0.90})
+    row = compare(arm, base)  # seeds 0 and 1 in common
+    expected = ttest_rel([0.80, 0.95], [0.50, 0.60]).confidence_interval(0.95)
+    assert (row["interval"], row["n"], row["diff"]) == ("paired", 2, pytest.approx(0.325))
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((expected.low, expected.high))
+    assert (row["diff_seed_0"], row["diff_seed_1"]) == pytest.approx((0.3, 0.35)) and "diff_seed_2" not in row
+    assert row["sd"] == pytest.approx(np.std([0.3, 0.35], ddof=1))
+    assert row["min_detectable"] == pytest.approx(row["sd"] * detectable_effect(2))
+    assert (row["welch_low"], row["welch_high"]) == pytest.approx(welch_interval(arm.tolist(), base.tolist())[1:])
+    apart = compare(pd.Series({2: 0.8, 3: 0.9}), pd.Series({0: 0.5, 1: 0.7, 4: math.nan}))  # no seed in common
+    assert apart["interval"] == "welch" and apart["n"] == 2
+    assert (apart["diff"], apart["ci_low"], apart["ci_high"]) == pytest.approx(welch_interval([0.8, 0.9], [0.5, 0.7]))
+    assert math.isnan(apart["min_detectable"])
+
+
+def test_power_of_the_paired_t_test_matches_the_textbook():
+    # G*Power's one-sample (paired) t-test, two-sided, alpha 0.05, power 0.8 (Cohen's d = mean difference / sd):
+    # d = 0.2 needs 199 pairs (actual power 0.8017), 0.5 needs 34 (0.8078), 0.8 needs 15 (0.8213), 1.0 needs 10 (0.8031)
+    for effect, n, achieved in ((0.2, 199, 0.8017), (0.5, 34, 0.8078), (0.8, 15, 0.8213), (1.0, 10, 0.8031)):
+        assert seeds_needed(effect, 1.0) == n and seeds_needed(-2 * effect, 2.0) == n
+        assert paired_power(effect, n) == pytest.approx(achieved, abs=1e-4) and paired_power(effect, n - 1) < 0.8
+    assert detectable_effect(10) == pytest.approx(0.9960, abs=1e-3)
+    # three seeds: the noncentral t needs 3.26 sd, where a normal approximation would claim (1.96 + 0.84) / sqrt(3) = 1.62
+    assert detectable_effect(3) == pytest.approx(3.264, abs=1e-3) and paired_power(detectable_effect(3), 3) == pytest.approx(0.8)
+    assert min_detectable_difference(0.022, 3) == pytest.approx(0.022 * 3.264, abs=1e-4)
+    assert min_detectable_difference(0.0, 3) == 0.0 and math.isnan(min_detectable_difference(0.1, 1))
+    assert seeds_needed(0.0, 0.1) == math.inf and seeds_needed(0.001, 1.0) == math.inf  # more than MAX_SEEDS
+    assert seeds_needed(0.05, 0.0) == 2 and math.isnan(seeds_needed(0.05, math.nan)) and math.isnan(paired_power(1.0, 1))
+
+
+def test_summary_table_gives_mean_std_seeds_and_the_paired_difference():
     spec = StudySpec(name="s", variants=[{"name": "a"}, {"name": "b"}], seeds=[0, 1, 2], baseline="a")
     label = "trained greedy success"
     cells = pd.DataFrame({
         "variant": ["a"] * 3 + ["b"] * 3, "seed": [0, 1, 2] * 2, "status": ["finished"] * 5 + ["failed"],
-        label: [0.5, 0.6, 0.7, 0.8, 0.9, math.nan],
+        label: [0.5, 0.6, 0.7, 0.8, 0.95, math.nan],
     })
-    for quantities in TABLES.values():
-        for other in quantities:
-            if other not in cells:
-                cells[other] = math.nan
-    summary = summary_table(cells, spec).set_index(["variant", "quantity"])
+    summary = summary_table(cells, spec).set_index(["variant", "quantity"])  # the other quantities' columns: NaN
     a, b = summary.loc[("a", label)], summary.loc[("b", label)]
     assert (a["n"], a["mean"], a["std"], a["seed_1"]) == (3, pytest.approx(0.6), pytest.approx(0.1), 0.6)
-    assert (b["n"], b["mean"], b["seed_0"], b["seed_1"]) == (2, pytest.approx(0.85), 0.8, 0.9) and math.isnan(b["seed_2"])
-    assert b["diff_to_baseline"] == pytest.approx(0.25) and b["ci_low"] < 0.25 < b["ci_high"]
+    assert (b["n"], b["mean"], b["seed_0"], b["seed_1"]) == (2, pytest.approx(0.875), 0.8, 0.95) and math.isnan(b["seed_2"])
+    # paired over seeds 0 and 1 (b's seed 2 failed): +0.3, +0.35, not the difference of the means (0.275)
+    expected = ttest_rel([0.8, 0.95], [0.5, 0.6]).confidence_interval(0.95)
+    assert (b["interval"], b["diff_to_baseline"]) == ("paired", pytest.approx(0.325))
+    assert (b["ci_low"], b["ci_high"]) == pytest.approx((expected.low, expected.high))
+    assert (b["diff_seed_0"], b["diff_seed_1"]) == pytest.approx((0.3, 0.35)) and math.isnan(b["diff_seed_2"])
     assert math.isnan(a["diff_to_baseline"])
+
+
+def test_a_report_rebuilt_from_its_cells_csv_pairs_the_seeds_and_states_its_power(tmp_path):
+    study = tmp_path / "s.yaml"
+    study.write_text(STUDY.replace("seeds: [0, 1]\n", "  - name: unrun\n    overrides: [train.mitigation.name=inverse_logprob]\nseeds: [0, 1, 2]\n"))
+    plain, masked = [0.8023, 0.69695, 0.68805], [0.6719, 0.611, 0.586]
+    cells = pd.DataFrame({
+        "variant": ["plain"] * 3 + ["masked"] * 3, "seed": [0, 1, 2] * 2, "status": "finished",
+        "run_id": [f"run{i}" for i in range(6)], "gpus": "cpu",
+        "trained loss": plain + masked, "trained greedy success": [0.87, 0.735, 0.885, 0.83, 0.675, 0.89],
+    })
+    cells.to_csv(tmp_path / "cells.csv", index=False)
+    proc = grpolab("report", str(study), "--cells", str(tmp_path / "cells.csv"), "--out", str(tmp_path / "out"),
+                   "--note", "Names of that time.", cwd=tmp_path)
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert proc.stdout.strip() == text.strip()
+    interval = ttest_rel(masked, plain).confidence_interval(0.95)
+    assert "| Δ vs `plain` | " in text and f"**-0.106 [{interval.low:+.3f}, {interval.high:+.3f}]** (-0.130, -0.086, -0.102)" in text
+    assert "left out: `unrun`" in text and "Names of that time." in text and "6 cells (2 variants × 3 seeds [0, 1, 2])" in text
+    assert "| `masked` | trained loss | 3 | 0.023 | -0.106 | 0.073 | 3 | 4 |" in text  # the power section
+    paired = pd.read_csv(tmp_path / "out" / "paired.csv").set_index(["variant", "quantity"])
+    assert paired.loc[("masked", "trained loss"), "ci_high"] == pytest.approx(interval.high)
+    assert set(pd.read_csv(tmp_path / "out" / "summary.csv")["variant"]) == {"plain", "masked"}
+    cells.drop(columns="status").to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(ConfigError, match=r"bad.csv: no column 'status'"):
+        report_from_cells(tmp_path / "bad.csv", read_spec(study), tmp_path / "out2")
+    args = build_parser().parse_args(["report", "s", "--cells", str(tmp_path / "cells.csv")])
+    with pytest.raises(ConfigError, match=r"cells.csv: name the study's file \(studies/NAME.yaml\), not 's'"):
+        args.func(args)
+
+
+def test_the_comparisons_become_mlflow_metrics_of_the_study_run(tmp_path):
+    assert metric_name("trained pass@k") == "trained_pass_k" and metric_name("step time (s)") == "step_time_s"
+    assert metric_name("trained min_k_plus_plus") == "trained_min_k_plus_plus"
+    spec = StudySpec(name="s", variants=[{"name": "plain"}, {"name": "q-inv"}, {"name": "apart"}], seeds=[0, 1, 2, 3], baseline="plain")
+    cells = pd.DataFrame({
+        "variant": ["plain"] * 3 + ["q-inv"] * 3 + ["apart"], "seed": [0, 1, 2] * 2 + [3], "status": "finished",
+        "trained loss": [0.80, 0.70, 0.69, 0.67, 0.61, 0.59, 0.5], "step time (s)": [1.0, 1.1, 1.2, 1.5, 1.4, 1.5, 1.0],
+    })
+    paired = paired_table(cells, spec)
+    metrics = comparison_metrics(paired)
+    row = compare(cells[cells["variant"] == "q-inv"].set_index("seed")["trained loss"], cells[cells["variant"] == "plain"].set_index("seed")["trained loss"])
+    assert metrics["paired/q-inv/trained_loss/mean"] == pytest.approx(row["diff"]) and metrics["paired/q-inv/trained_loss/n"] == 3
+    assert metrics["paired/q-inv/trained_loss/low"] == pytest.approx(row["ci_low"])
+    assert metrics["power/q-inv/trained_loss/min_detectable"] == pytest.approx(row["min_detectable"])
+    assert "paired/q-inv/step_time_s/high" in metrics and "power/q-inv/step_time_s/min_detectable" not in metrics  # not a headline
+    # one seed, none shared: a difference without an interval, under welch/
+    assert "welch/apart/trained_loss/mean" in metrics and "welch/apart/trained_loss/low" not in metrics
+    # names MLflow takes, read back from a real store as the comparison UI reads them
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("s"), run_name="study-s").info.run_id
+    assert log_comparisons(client, run_id, paired) == metrics
+    assert client.get_run(run_id).data.metrics == pytest.approx(metrics)
 
 
 def test_each_running_cell_gets_its_own_gpus(tmp_path, monkeypatch):
@@ -363,7 +472,7 @@ def test_smoke_study_resumed_only_the_cells_that_had_not_finished(smoke):
 def test_smoke_study_report_equals_what_mlflow_holds(smoke, tmp_path):
     client, project = smoke["client"], smoke["project"]
     out = project / "reports" / "smoke"
-    assert {"report.md", "cells.csv", "summary.csv", "reward_curves.png", "mia_roc.png"} <= {p.name for p in out.iterdir()}
+    assert {"report.md", "cells.csv", "summary.csv", "paired.csv", "reward_curves.png", "mia_roc.png"} <= {p.name for p in out.iterdir()}
     assert smoke["text"] == (out / "report.md").read_text()
     assert "| `outcome_conditional` |" in smoke["text"] and "| Δ vs `plain` |" in smoke["text"]
     cells = pd.read_csv(out / "cells.csv")
@@ -379,12 +488,37 @@ def test_smoke_study_report_equals_what_mlflow_holds(smoke, tmp_path):
     summary = pd.read_csv(out / "summary.csv").set_index(["variant", "quantity"])
     plain = cells[cells["variant"] == "plain"]["trained loss"]
     assert summary.loc[("plain", "trained loss"), "mean"] == pytest.approx(plain.mean())
+    # Δ: the two arms share seeds 0 and 1, so each is compared with plain seed by seed (scipy's paired t-interval)
+    paired = pd.read_csv(out / "paired.csv").set_index(["variant", "quantity"])
+    by_seed = cells.set_index(["variant", "seed"])
+    for label in ("trained greedy success", "trained loss", "step time (s)"):
+        differences = by_seed.loc["outcome_conditional"][label] - by_seed.loc["plain"][label]
+        row = paired.loc[("outcome_conditional", label)]
+        assert (row["interval"], row["n"], row["diff"]) == ("paired", 2, pytest.approx(differences.mean())), label
+        assert (row["diff_seed_0"], row["diff_seed_1"]) == pytest.approx((differences[0], differences[1]))
+        if differences.nunique() > 1:
+            expected = ttest_rel(by_seed.loc["outcome_conditional"][label], by_seed.loc["plain"][label]).confidence_interval(0.95)
+            assert (row["ci_low"], row["ci_high"]) == pytest.approx((expected.low, expected.high)), label
+        else:  # the same difference on both seeds (three tiny steps can leave greedy success as it was): the point
+            assert row["ci_low"] == row["ci_high"] == pytest.approx(row["diff"]), label
+        assert summary.loc[("outcome_conditional", label), "ci_low"] == pytest.approx(row["ci_low"])
+    assert "## Power" in smoke["text"] and "| `outcome_conditional` | trained loss | 2 |" in smoke["text"]
     # the study's own MLflow run holds its definition and the report; the report rebuilds from the store alone
     study_run = [r for r in client.search_runs([client.get_experiment_by_name("smoke").experiment_id]) if r.info.run_name == "study-smoke"]
     assert len(study_run) == 1 and study_run[0].info.status == "FINISHED"
-    assert {f.path for f in client.list_artifacts(study_run[0].info.run_id, "report")} >= {"report/report.md", "report/cells.csv"}
+    assert {f.path for f in client.list_artifacts(study_run[0].info.run_id, "report")} >= {"report/report.md", "report/cells.csv", "report/paired.csv"}
+    # and the paired differences as metrics, for the comparison UI
+    metrics = client.get_run(study_run[0].info.run_id).data.metrics
+    loss = paired.loc[("outcome_conditional", "trained loss")]
+    for end, column in (("mean", "diff"), ("low", "ci_low"), ("high", "ci_high"), ("n", "n")):
+        assert metrics[f"paired/outcome_conditional/trained_loss/{end}"] == pytest.approx(loss[column])
+    assert metrics["power/outcome_conditional/trained_loss/min_detectable"] == pytest.approx(loss["min_detectable"])
+    assert metrics["paired/outcome_conditional/step_time_s/mean"] == pytest.approx(paired.loc[("outcome_conditional", "step time (s)"), "diff"])
+    assert not [k for k in metrics if k.startswith(("paired/plain/", "welch/"))]
     grpolab("report", "smoke", "--out", str(tmp_path / "again"), cwd=project)
     assert pd.read_csv(tmp_path / "again" / "cells.csv").equals(cells)
+    assert pd.read_csv(tmp_path / "again" / "paired.csv").equals(pd.read_csv(out / "paired.csv"))
+    assert (tmp_path / "again" / "report.md").read_text() == smoke["text"]
     # the report is a Prefect artifact of the flow run
     assert any(a.key == "study-smoke" and "| `plain` |" in a.data for a in smoke["artifacts"])
 

@@ -116,12 +116,19 @@ def cmd_study(args) -> None:
 def cmd_report(args) -> None:
     from mlflow import MlflowClient
 
-    from grpolab.study.report import report_from_store
+    from grpolab.study.report import REPORTS_DIR, report_from_cells, report_from_store
     from grpolab.study.spec import read_spec
     from grpolab.tracking import tracking_uri
 
-    name = read_spec(Path(args.study)).name if args.study.endswith((".yaml", ".yml")) else args.study
+    is_file = args.study.endswith((".yaml", ".yml"))
     out = Path(args.out) if args.out else None
+    if args.cells:  # a shipped report's cells.csv: no store needed, the study file gives variants and baseline
+        if not is_file:
+            raise ConfigError(f"--cells {args.cells}: name the study's file (studies/NAME.yaml), not {args.study!r}")
+        spec = read_spec(Path(args.study))
+        print(report_from_cells(Path(args.cells), spec, out or REPORTS_DIR / spec.name, args.note))
+        return
+    name = read_spec(Path(args.study)).name if is_file else args.study
     print(report_from_store(MlflowClient(tracking_uri(config.load())), name, out))
 
 
@@ -204,9 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--pool", help="a Prefect work pool: each cell a flow run of its `cell` deployment, on whichever worker is free "
                        "(the project at this commit on every worker, one MLflow server, a shared DVC cache)")
     study.set_defaults(func=cmd_study)
-    report = sub.add_parser("report", help="rebuild a study's report from the MLflow store")
+    report = sub.add_parser("report", help="rebuild a study's report from the MLflow store (or its text from a report's cells.csv)")
     report.add_argument("study", help="the study's name or its file")
     report.add_argument("--out", help="folder for the report (default reports/<study>/)")
+    report.add_argument("--cells", help="rebuild the text from this cells.csv of an earlier report instead of the store "
+                        "(study: its file); writes report.md, summary.csv, paired.csv")
+    report.add_argument("--note", default="", help="with --cells: a sentence for the report about the run (e.g. its param names)")
     report.set_defaults(func=cmd_report)
     ui = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1")
     ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")

@@ -433,13 +433,8 @@ def build_report(client: MlflowClient, spec: StudySpec, cells: list[dict], study
     out = output_folder(out or REPORTS_DIR / spec.name, "--out")
     results = collect(client, spec.name, cells)
     table = cell_table(results)
-    paired = paired_table(table, spec)
-    summary = summary_table(table, spec, paired)
-    text = markdown(spec, table, summary, paired, client.tracking_uri)
-    atomic_write_text(out / "report.md", text)
+    text, paired = _write_tables(out, spec, table, client.tracking_uri)
     atomic_write_text(out / "cells.csv", table.to_csv(index=False))
-    atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
-    atomic_write_text(out / "paired.csv", paired.to_csv(index=False))
     for name, figure in (("reward_curves.png", reward_figure(spec, results)), ("mia_roc.png", roc_figure(spec, results))):
         with atomic_output(out / name) as tmp:
             figure.savefig(tmp, dpi=110)
@@ -484,11 +479,16 @@ def report_from_cells(cells_csv: Path, spec: StudySpec, out: Path, note: str = "
     rebuilt = (f"*Rebuilt {datetime.date.today().isoformat()} from this run's `cells.csv` with the paired analysis; "
                "the figures are the run's own.*" + (f" The study file's variants without a cell in this run, left out: "
                                                    f"{', '.join(f'`{v}`' for v in left_out)}." if left_out else ""))
-    out = output_folder(out, "--out")
+    return _write_tables(output_folder(out, "--out"), spec, cells, None, f"{rebuilt} {note}".strip())[0]
+
+
+def _write_tables(out: Path, spec: StudySpec, cells: pd.DataFrame, store: str | None, note: str = "") -> tuple[str, pd.DataFrame]:
+    """The report's text and tables from its cell table, written to `out` (report.md, summary.csv, paired.csv);
+    -> the text and the paired table."""
     paired = paired_table(cells, spec)
     summary = summary_table(cells, spec, paired)
-    text = markdown(spec, cells, summary, paired, None, f"{rebuilt} {note}".strip())
+    text = markdown(spec, cells, summary, paired, store, note)
     atomic_write_text(out / "report.md", text)
     atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
     atomic_write_text(out / "paired.csv", paired.to_csv(index=False))
-    return text
+    return text, paired

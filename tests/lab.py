@@ -16,6 +16,8 @@ from mlflow import MlflowClient
 from conftest import BIN
 from servers import mlflow_server, postgres, prefect_server
 
+POLL_EVERY_SECOND = {"PREFECT_WORKER_QUERY_SECONDS": "1"}  # a worker's look for flow runs (Prefect's default: every 10 s)
+
 
 def runs_stage(process: psutil.Process, stage: str) -> bool:
     try:

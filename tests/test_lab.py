@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import BIN, MARKER, REPO, make_project, marked_processes, project_env, run
-from lab import LAB_USER, MLFLOW_CREDENTIALS, assert_no_secret_logged, basic_auth, lab_auth, prefect, prefect_api, runs_stage
+from lab import LAB_USER, MLFLOW_CREDENTIALS, POLL_EVERY_SECOND, assert_no_secret_logged, basic_auth, lab_auth, prefect, prefect_api, runs_stage
 from servers import mlflow_server, postgres_bin, serving
 
 
@@ -139,7 +139,7 @@ def test_a_study_on_a_work_pool_with_two_workers_in_their_own_clones(tmp_path, s
         run([f"{BIN}/dvc", "cache", "dir", "--local", str(cache)], clone)  # .dvc/config.local: this clone's setting only
     before = {p: (p / "params.yaml").read_bytes() for p in (origin, *clones.values())}
 
-    env = {**prefect_env, "MLFLOW_TRACKING_URI": uri, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    env = {**prefect_env, "MLFLOW_TRACKING_URI": uri, **POLL_EVERY_SECOND}
     prefect("work-pool", "create", "nodes", "--type", "process", "--overwrite", env=env, cwd=clones["node-a"])
     prefect("--no-prompt", "deploy", "--name", "cell", "--pool", "nodes", env=env, cwd=clones["node-a"])
     marker = f"pool-{os.getpid()}"

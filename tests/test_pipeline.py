@@ -22,7 +22,7 @@ from grpolab import config
 from grpolab.runtime.fsutil import is_temporary
 
 from conftest import BIN, REPO, TINY, free_port, grpolab, make_project, project_env, run
-from lab import assert_no_secret_logged, flow_run_logs, prefect, prefect_api, runs_stage
+from lab import POLL_EVERY_SECOND, assert_no_secret_logged, flow_run_logs, prefect, prefect_api, runs_stage
 from servers import postgres_bin, serving
 
 EVAL_KEYS = {
@@ -88,9 +88,10 @@ def _pipeline_then_dvc(tmp_path: Path, a: Path, pg: str, uri: str, prefect_env: 
     AutoConfig.for_model("llama", hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8).save_pretrained(reference)
     overrides = [*TINY, *tracin, "train.mitigation.name=attention_credit", f"mia.reference_model={reference}", f"tracking.uri={uri}"]
     worker = tmp_path / "worker.log"
-    with serving([f"{BIN}/prefect", "worker", "start", "--pool", "grpolab", "--type", "process"], worker, lambda: True, "prefect worker", prefect_env):
+    with serving([f"{BIN}/prefect", "worker", "start", "--pool", "grpolab", "--type", "process"], worker, lambda: True, "prefect worker",
+                 {**prefect_env, **POLL_EVERY_SECOND}):
         prefect("deployment", "run", "grpolab-pipeline/pipeline", "--params", json.dumps({"overrides": overrides}),
-                "--watch", "--watch-timeout", "900", env=prefect_env, cwd=a)
+                "--watch", "--watch-interval", "1", "--watch-timeout", "900", env=prefect_env, cwd=a)
     [flow_run] = prefect_api(prefect_env, "flow_runs/filter", {"deployments": {"id": {"any_": [deployments["pipeline"]["id"]]}}})
     out = worker.read_text()
     assert flow_run["state"]["type"] == "COMPLETED", (flow_run["state"], out[-4000:])
@@ -253,9 +254,10 @@ def _a_raising_reward_file_fails_the_flow_run_once(tmp_path: Path, a: Path, depl
     bad = [*overrides, "train.rewards.reward_file=bad_reward.py", "train.rewards.weights={reward_file: 1.0}"]
     before = {r["id"] for r in prefect_api(prefect_env, "flow_runs/filter", {"deployments": {"id": {"any_": [deployment]}}})}
     worker = tmp_path / "worker-bad-reward.log"
-    with serving([f"{BIN}/prefect", "worker", "start", "--pool", "grpolab", "--type", "process"], worker, lambda: True, "prefect worker", prefect_env):
+    with serving([f"{BIN}/prefect", "worker", "start", "--pool", "grpolab", "--type", "process"], worker, lambda: True, "prefect worker",
+                 {**prefect_env, **POLL_EVERY_SECOND}):
         watched = subprocess.run([f"{BIN}/prefect", "deployment", "run", "grpolab-pipeline/pipeline", "--params", json.dumps({"overrides": bad}),
-                                  "--watch", "--watch-timeout", "600"], cwd=a, env=prefect_env, capture_output=True, text=True)
+                                  "--watch", "--watch-interval", "1", "--watch-timeout", "600"], cwd=a, env=prefect_env, capture_output=True, text=True)
     [flow_run] = [r for r in prefect_api(prefect_env, "flow_runs/filter", {"deployments": {"id": {"any_": [deployment]}}})
                   if r["id"] not in before]
     named = re.compile(r"^train\.rewards\.reward_file: bad_reward\.py: compute_score raised KeyError: 'nope' on data/\w+\.parquet: row \d+$")

@@ -147,6 +147,10 @@ def cmd_stage(args) -> None:
         params = config.apply_overrides(args.set) if ranks.is_rank0() else config.overridden(args.set)[1]
         print(f"==> grpolab stage {args.name}", flush=True)
         summary = run_stage(args.name, params)
+    if "torch.distributed" in sys.modules:  # a stage that joined a process group leaves it before the process ends
+        from grpolab.runtime import distributed
+
+        distributed.close()
     print("    " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
 
 

@@ -65,6 +65,16 @@ def init() -> None:
                                verbose=False)
 
 
+def close() -> None:
+    """Leave this process's process group, if it joined one, while the interpreter is still whole. Left to the
+    interpreter's exit, gloo's worker threads may still hold work whose tensors then abort the process ("terminate
+    called without an active exception", SIGABRT) after a training that succeeded, and the other ranks' launchers
+    wait out their exit barrier (torch issue 190489). For a stage that succeeded only: after a failure another rank
+    may be inside a collective, which the group's teardown would wait on."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def describe() -> str:
     """`N processes on <device>, process group <backend per device>`: what a run prints as it starts."""
     from grpolab.runtime.device import device
